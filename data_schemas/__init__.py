@@ -1,0 +1,41 @@
+"""Records, manifests and configs shared by every stage. Imports nothing of ours."""
+
+from data_schemas.config import BuildConfig, ConfigError, ImageLimits, SourceConfig, load_config
+from data_schemas.manifest import BUILD_MANIFEST_SCHEMA, COUNT_FIELDS, SHARD_ROW_SCHEMA, ShardRow, ShardStats
+from data_schemas.record import (
+    KEY_PATTERN,
+    PIPELINE_VERSION,
+    RLE,
+    BackgroundMask,
+    Caption,
+    ImageRecord,
+    Mask,
+    Region,
+    RegionCaption,
+    Tag,
+    sanitize_key,
+)
+
+__all__ = [
+    "BUILD_MANIFEST_SCHEMA",
+    "COUNT_FIELDS",
+    "KEY_PATTERN",
+    "PIPELINE_VERSION",
+    "RLE",
+    "SHARD_ROW_SCHEMA",
+    "BackgroundMask",
+    "BuildConfig",
+    "ConfigError",
+    "SourceConfig",
+    "Caption",
+    "ImageLimits",
+    "ImageRecord",
+    "Mask",
+    "Region",
+    "RegionCaption",
+    "ShardRow",
+    "ShardStats",
+    "Tag",
+    "load_config",
+    "sanitize_key",
+]

@@ -1,0 +1,91 @@
+"""Typed configs validated from YAML (``yaml.safe_load``); errors name the bad field and file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+SourceKind = Literal["auto", "folder", "img2dataset", "coco", "vg"]
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ImageLimits(_Config):
+    """Decode guards. ``max_pixels`` rejects decompression bombs before the pixels are decoded."""
+
+    max_pixels: int = Field(default=64_000_000, gt=0, description="width*height above this is an error row")
+    max_side: int = Field(default=16_384, gt=0, description="either side above this is an error row")
+    jpeg_quality: int = Field(default=95, ge=1, le=100, description="quality when an input must be re-encoded")
+
+
+class SourceConfig(_Config):
+    """Where inputs come from. ``path`` is a folder, a tar/parquet folder, or an annotation root."""
+
+    kind: SourceKind = "auto"
+    path: Path | None = None
+    annotations: Path | None = Field(default=None, description="COCO instances / VG region_descriptions JSON")
+    captions: Path | None = Field(default=None, description="COCO captions JSON (optional)")
+    image_dir: Path | None = Field(default=None, description="image folder for COCO / VG annotations")
+
+
+class BuildConfig(_Config):
+    """Everything a build needs besides the annotators (added by the annotation stage configs)."""
+
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    output: Path | None = None
+    shard_size: int = Field(default=256, gt=0, description="inputs per shard; fixes the deterministic plan")
+    images: ImageLimits = Field(default_factory=ImageLimits)
+
+
+class ConfigError(ValueError):
+    """A config file or override failed validation; the message names every bad field."""
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def _apply_override(tree: dict[str, Any], override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} is not of the form dotted.key=value")
+    dotted, raw = override.split("=", 1)
+    node = tree
+    parts = dotted.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {part!r} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, model: type[C] = BuildConfig) -> C:
+    """Read ``path`` (YAML, safe loader), apply ``a.b=value`` overrides, validate into ``model``.
+
+    Raises:
+        ConfigError: naming the file and each bad field (``images.max_pixels: ...``).
+    """
+    origin = str(path) if path is not None else "<defaults>"
+    tree: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file {origin} does not exist") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{origin}: not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{origin}: top level must be a mapping, got {type(loaded).__name__}")
+        tree = loaded or {}
+    for override in overrides or []:
+        _apply_override(tree, override)
+    try:
+        return model.model_validate(tree)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"{origin}: {problems}") from exc

@@ -1,0 +1,1 @@
+"""Sources, filters, stage chain, shard writer/reader and the sample-data generator."""

@@ -1,0 +1,78 @@
+"""The source protocol: a deterministic list of input refs, read back as ``SourceItem``s.
+
+A source lists its inputs as sorted, stable string refs (``list_refs``); the build plans input
+shards by slicing that list (``plan_shards``), so shard *i* always holds the same inputs and a
+rerun can skip finished shards. ``read(refs)`` yields exactly one ``SourceItem`` per ref, in order:
+an input that cannot be read (missing image, unreadable file) is yielded with ``error`` set instead
+of raising, so it becomes an error row and nothing else in the shard is lost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from data_schemas import BackgroundMask, Caption, Region, Tag
+
+
+@dataclass
+class KnownAnnotations:
+    """Annotations that came with the input (COCO boxes/masks/captions, VG regions, alt text).
+
+    Region ids are assigned by the source, unique per image. Pixel geometry refers to the image
+    as stored in the source file *before* EXIF rotation; ``pipeline.images`` maps it when it rotates.
+    """
+
+    tags: list[Tag] = field(default_factory=list)
+    captions: list[Caption] = field(default_factory=list)
+    regions: list[Region] = field(default_factory=list)
+    background: list[BackgroundMask] = field(default_factory=list)
+
+
+@dataclass
+class SourceItem:
+    """One input: ``key`` is already sanitised; ``image_bytes`` is None exactly when ``error`` is set."""
+
+    key: str
+    source_id: str
+    image_bytes: bytes | None
+    known: KnownAnnotations = field(default_factory=KnownAnnotations)
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class InputShard:
+    """A unit of work: shard ``shard_id`` holds ``refs`` (a slice of the source's sorted refs)."""
+
+    shard_id: int
+    refs: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.shard_id:05d}"
+
+
+@runtime_checkable
+class Source(Protocol):
+    """Contract every reader in ``pipeline.sources`` implements."""
+
+    kind: str
+
+    def list_refs(self) -> list[str]:
+        """Sorted, stable refs of every input (cheap: no image decoding)."""
+        ...
+
+    def read(self, refs: Sequence[str]) -> Iterator[SourceItem]:
+        """Yield exactly one item per ref, in the order given; failures become ``error`` items."""
+        ...
+
+
+def plan_shards(refs: Sequence[str], shard_size: int) -> list[InputShard]:
+    """Slice ``refs`` into consecutive shards of ``shard_size`` (the last may be shorter)."""
+    if shard_size <= 0:
+        raise ValueError(f"shard_size must be positive, got {shard_size}")
+    return [
+        InputShard(shard_id=i // shard_size, refs=tuple(refs[i : i + shard_size]))
+        for i in range(0, len(refs), shard_size)
+    ]
