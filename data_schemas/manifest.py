@@ -14,6 +14,7 @@ SHARD_ROW_SCHEMA = pa.schema(
         pa.field("source_id", pa.string(), nullable=False),
         pa.field("status", pa.string(), nullable=False),
         pa.field("error", pa.string()),
+        pa.field("notes", pa.string()),
         *[pa.field(name, pa.int32(), nullable=False) for name in COUNT_FIELDS],
     ]
 )
@@ -35,6 +36,7 @@ class ShardRow(BaseModel):
     source_id: str
     status: str = Field(pattern="^(ok|error)$")
     error: str | None = None
+    notes: str | None = Field(default=None, description="repairs applied to an ok input (clipped boxes ...)")
     n_tags: int = 0
     n_captions: int = 0
     n_captions_kept: int = 0
