@@ -22,12 +22,15 @@ class KnownAnnotations:
 
     Region ids are assigned by the source, unique per image. Pixel geometry refers to the image
     as stored in the source file *before* EXIF rotation; ``pipeline.images`` maps it when it rotates.
+    ``notes`` lists repairs/skips the source made (e.g. a zero-width box it dropped); they end up in
+    the shard row's ``notes`` column and never make the input an error.
     """
 
     tags: list[Tag] = field(default_factory=list)
     captions: list[Caption] = field(default_factory=list)
     regions: list[Region] = field(default_factory=list)
     background: list[BackgroundMask] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass

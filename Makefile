@@ -1,0 +1,35 @@
+# The two commands of the README: `make demo` (the main job on the bundled sample data) and `make test`.
+# Both create or reuse the project venv in .venv and install the project into it.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= out/demo
+PYTEST_ARGS ?=
+
+.PHONY: install test demo clean-demo
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --progress-bar off -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/python -c "import torch, torchvision, open_clip, prefect, ray, webdataset, pycocotools" \
+		|| { echo "install failed: see pip output above"; exit 1; }
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	rm -rf $(DEMO_DIR)
+	$(BIN)/umg sample --out $(DEMO_DIR)/raw --n 64 --seed 0
+	$(BIN)/umg build --input $(DEMO_DIR)/raw --output $(DEMO_DIR)/shards --set shard_size=16
+	$(BIN)/umg validate $(DEMO_DIR)/shards
+	$(BIN)/umg show $(DEMO_DIR)/shards train_000000 --png $(DEMO_DIR)/overlay_train_000000.png
+	@echo "demo done: images + COCO JSON in $(DEMO_DIR)/raw, shards in $(DEMO_DIR)/shards," \
+	      "overlay picture $(DEMO_DIR)/overlay_train_000000.png"

@@ -1,0 +1,123 @@
+"""The ``umg`` command line: thin wrappers over library functions (no format or model logic here)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="UMG-CLIP: build UMG-41M-style shards, train.")
+console = Console(stderr=True)
+
+
+@app.callback()
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False)],
+    )
+
+
+def _fail(message: str) -> None:
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code=2)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    )
+
+
+@app.command()
+def sample(
+    out: Annotated[Path, typer.Option(help="output directory")],
+    n: Annotated[int, typer.Option(help="number of images over all splits")] = 64,
+    seed: Annotated[int, typer.Option(help="random seed; same seed gives byte-identical files")] = 0,
+    shards: Annotated[bool, typer.Option("--shards", help="write ground-truth shards per split instead")] = False,
+    shard_size: Annotated[int, typer.Option(help="inputs per shard (with --shards)")] = 64,
+) -> None:
+    """Generate the "digit scenes" sample data: images + COCO JSON, or ground-truth shards."""
+    from pipeline.sample_data import generate_sample
+    from pipeline.sample_shards import write_sample_shards
+
+    if shards:
+        summary = write_sample_shards(out, n=n, seed=seed, shard_size=shard_size)
+    else:
+        summary = generate_sample(out, n=n, seed=seed).model_dump(mode="json")
+    typer.echo(json.dumps(summary, sort_keys=True, default=str))
+
+
+@app.command()
+def build(
+    input: Annotated[Path, typer.Option("--input", help="source path (folder, img2dataset dir, COCO/VG root)")],
+    output: Annotated[Path, typer.Option("--output", help="build directory for the shards")],
+    config: Annotated[Optional[Path], typer.Option(help="YAML BuildConfig")] = None,
+    source_kind: Annotated[str, typer.Option(help="auto|folder|img2dataset|coco|vg")] = "auto",
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override, e.g. shard_size=64")] = None,
+) -> None:
+    """Read a source and write shards in-process (resumes a killed build in the same OUTPUT)."""
+    from data_schemas import ConfigError, load_config
+    from pipeline.shard_build import build_shards
+    from pipeline.sources.registry import build_source
+
+    overrides = [f"source.path={input}", f"source.kind={source_kind}", *(set_ or [])]
+    try:
+        cfg = load_config(config, overrides)
+        source = build_source(cfg.source)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    with _progress() as bar:
+        task = bar.add_task("shards", total=None)
+        summary = build_shards(
+            source, output, cfg.shard_size, cfg.images, on_shard=lambda stats: bar.advance(task)
+        )
+    written = summary.written
+    typer.echo(json.dumps({
+        "build_dir": str(output), "planned": summary.planned, "skipped": len(summary.skipped),
+        "written": len(written), "inputs": summary.n_inputs,
+        "ok": sum(s.n_ok for s in written), "errors": sum(s.n_error for s in written),
+    }))
+
+
+@app.command()
+def validate(build_dir: Annotated[Path, typer.Argument(help="build directory")]) -> None:
+    """Schema-check every shard; prints counts as JSON last; exits 1 naming any broken shard."""
+    from pipeline.validate import validate_build
+
+    report = validate_build(build_dir)
+    for problem in report.problems:
+        console.print(f"[red]broken:[/red] {problem}")
+    typer.echo(json.dumps(report.summary()))
+    if not report.ok:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def show(
+    build_dir: Annotated[Path, typer.Argument(help="build directory")],
+    key: Annotated[str, typer.Argument(help="sample key")],
+    png: Annotated[Path, typer.Option("--png", help="where to write the picture")],
+) -> None:
+    """Draw one sample's boxes, masks, tags and captions into a PNG (paper Fig. 3 style)."""
+    from pipeline.overlay import render_overlay
+    from pipeline.shards import iter_samples
+
+    for sample in iter_samples(build_dir):
+        if sample.key == key:
+            png.parent.mkdir(parents=True, exist_ok=True)
+            render_overlay(sample.record(), sample.jpg).save(png)
+            typer.echo(str(png))
+            return
+    _fail(f"key {key!r} not found in {build_dir}")
+
+
+if __name__ == "__main__":
+    app()

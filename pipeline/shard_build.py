@@ -1,0 +1,128 @@
+"""Run a source through ingest (and optional annotation) into shards, one input shard at a time.
+
+``build_shards`` is the in-process engine behind ``umg build``; orchestrators call
+``process_shard`` per planned shard. Resume: finished shards are skipped, partial files are
+discarded, and ``_plan.json`` pins the plan so a rerun with another shard size or input list is
+refused instead of writing some inputs twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from data_schemas import ImageLimits, ShardStats
+from pipeline.images import ImageError
+from pipeline.ingest import IngestedItem, ingest_item
+from pipeline.shards import ShardError, ShardWriter, discard_partial, finished_shards, taken_keys, write_build_manifest
+from pipeline.sources.base import InputShard, Source, plan_shards
+
+log = logging.getLogger(__name__)
+
+PLAN_NAME = "_plan.json"
+
+#: Optional annotation step: takes the ingested items of one shard, returns them annotated (same order).
+Annotate = Callable[[list[IngestedItem]], list[IngestedItem]]
+
+
+@dataclass
+class BuildSummary:
+    build_dir: Path
+    planned: int
+    skipped: list[str] = field(default_factory=list)
+    written: list[ShardStats] = field(default_factory=list)
+
+    @property
+    def n_inputs(self) -> int:
+        return sum(s.n_inputs for s in self.written)
+
+
+def _plan_fingerprint(refs: Sequence[str], shard_size: int) -> dict:
+    digest = hashlib.sha256("\n".join(refs).encode("utf-8")).hexdigest()
+    return {"n_refs": len(refs), "shard_size": shard_size, "refs_sha256": digest}
+
+
+def pin_plan(build_dir: Path, source: Source, shard_size: int) -> list[InputShard]:
+    """Plan the shards; refuse to continue a build that was planned differently."""
+    refs = source.list_refs()
+    fingerprint = _plan_fingerprint(refs, shard_size)
+    plan_file = build_dir / PLAN_NAME
+    if plan_file.exists():
+        previous = json.loads(plan_file.read_text("utf-8"))
+        if previous != fingerprint:
+            raise ShardError(
+                f"{build_dir} was built with a different plan ({previous}) than now ({fingerprint}); "
+                "use a new output directory or the same inputs and shard_size"
+            )
+    else:
+        build_dir.mkdir(parents=True, exist_ok=True)
+        tmp = plan_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(fingerprint, sort_keys=True), encoding="utf-8")
+        tmp.replace(plan_file)
+    return plan_shards(refs, shard_size)
+
+
+def _error_reason(exc: Exception) -> str:
+    if isinstance(exc, (ImageError, ValueError)):
+        return str(exc)
+    return f"internal: {type(exc).__name__}: {exc}"
+
+
+def process_shard(
+    source: Source,
+    shard: InputShard,
+    build_dir: Path,
+    limits: ImageLimits,
+    keys_in_use: set[str],
+    annotate: Annotate | None = None,
+) -> ShardStats:
+    """Ingest (and annotate) every input of ``shard`` and commit it; one manifest row per input."""
+    with ShardWriter(build_dir, shard.name, taken_keys=keys_in_use) as writer:
+        ingested: list[IngestedItem] = []
+        n_items = 0
+        for item in source.read(shard.refs):
+            n_items += 1
+            try:
+                ingested.append(ingest_item(item, source.kind, limits))
+            except Exception as exc:  # noqa: BLE001 - every failure becomes an error row
+                log.info("shard %s: %s failed: %s", shard.name, item.source_id, exc)
+                writer.write_error(item.key, item.source_id, _error_reason(exc))
+        if n_items != len(shard.refs):
+            raise ShardError(f"source {source.kind} yielded {n_items} items for {len(shard.refs)} refs")
+        if annotate is not None and ingested:
+            ingested = annotate(ingested)
+        for done in ingested:
+            writer.write(done.record, done.decoded.jpg, notes="; ".join(done.notes) or None)
+        return writer.commit()
+
+
+def build_shards(
+    source: Source,
+    build_dir: str | Path,
+    shard_size: int,
+    limits: ImageLimits,
+    annotate: Annotate | None = None,
+    on_shard: Callable[[ShardStats], None] | None = None,
+) -> BuildSummary:
+    """Write every unfinished planned shard of ``source`` into ``build_dir`` and refresh the manifest."""
+    build_dir = Path(build_dir)
+    discard_partial(build_dir)
+    plan = pin_plan(build_dir, source, shard_size)
+    done = set(finished_shards(build_dir))
+    keys_in_use = taken_keys(build_dir)
+    summary = BuildSummary(build_dir=build_dir, planned=len(plan))
+    for shard in plan:
+        if shard.name in done:
+            summary.skipped.append(shard.name)
+            continue
+        stats = process_shard(source, shard, build_dir, limits, keys_in_use, annotate)
+        write_build_manifest(build_dir)
+        summary.written.append(stats)
+        if on_shard is not None:
+            on_shard(stats)
+    write_build_manifest(build_dir)
+    return summary

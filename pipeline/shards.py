@@ -1,0 +1,297 @@
+"""WebDataset shards with per-input manifests, written crash-safe and read back as records.
+
+A build directory holds, per finished shard ``NNNNN``::
+
+    NNNNN.tar          WebDataset samples: <key>.jpg, <key>.txt (best caption), <key>.json (ImageRecord)
+    NNNNN.parquet      one row per input (SHARD_ROW_SCHEMA): key, source_id, status ok|error, error, counts
+    NNNNN.stats.json   ShardStats
+    _manifest.parquet  one row per finished shard (BUILD_MANIFEST_SCHEMA)
+
+All three shard files are written under ``.tmp`` names and renamed when complete: parquet, then
+stats, then the tar last, so a stock WebDataset consumer globbing ``*.tar`` never sees a partial
+shard. A shard counts as finished only when all three exist; ``discard_partial`` removes leftovers
+of a killed writer so the next run rewrites that shard from scratch.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import tarfile
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data_schemas import (
+    BUILD_MANIFEST_SCHEMA,
+    COUNT_FIELDS,
+    KEY_PATTERN,
+    PIPELINE_VERSION,
+    SHARD_ROW_SCHEMA,
+    ImageRecord,
+    ShardRow,
+    ShardStats,
+)
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "_manifest.parquet"
+TMP_SUFFIX = ".tmp"
+SHARD_SUFFIXES = (".tar", ".parquet", ".stats.json")
+
+
+class ShardError(RuntimeError):
+    """A shard on disk is missing pieces or holds data that does not validate."""
+
+
+def shard_paths(build_dir: Path, name: str) -> dict[str, Path]:
+    """``{".tar": path, ".parquet": path, ".stats.json": path}`` of shard ``name`` in ``build_dir``."""
+    return {suffix: Path(build_dir) / f"{name}{suffix}" for suffix in SHARD_SUFFIXES}
+
+
+def _tar_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    # Fixed metadata so the same samples give byte-identical tars.
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    info.mode = 0o444
+    info.mtime = 0
+    tar.addfile(info, io.BytesIO(payload))
+
+
+class ShardWriter:
+    """Write one shard; use as a context manager so a failure discards the temp files.
+
+    ``write`` / ``write_error`` add one manifest row per input; ``commit`` makes the shard visible.
+    Keys must match ``[a-z0-9_-]`` and be unique within the shard and within ``taken_keys``
+    (keys already used by other shards of the build); a duplicate becomes an ``error`` row.
+    """
+
+    def __init__(self, build_dir: str | Path, name: str, taken_keys: set[str] | None = None) -> None:
+        self.build_dir = Path(build_dir)
+        self.build_dir.mkdir(parents=True, exist_ok=True)
+        self.name = name
+        self._final = shard_paths(self.build_dir, name)
+        self._tmp = {suffix: path.with_name(path.name + TMP_SUFFIX) for suffix, path in self._final.items()}
+        self._tar = tarfile.open(self._tmp[".tar"], "w", format=tarfile.USTAR_FORMAT)
+        self._rows: list[ShardRow] = []
+        self._keys: set[str] = set()
+        self._taken = taken_keys if taken_keys is not None else set()
+        self._started = time.perf_counter()
+        self._closed = False
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None or not self._closed:
+            self.abort()
+
+    def _claim(self, key: str, source_id: str) -> str | None:
+        """Return an error reason when ``key`` can't be used, else reserve it."""
+        if not KEY_PATTERN.match(key):
+            return f"bad_key: {key!r} is not path-safe ([a-z0-9_-])"
+        if key in self._keys or key in self._taken:
+            return f"duplicate_key: {key!r} already written (source_id {source_id!r} is a second input with it)"
+        self._keys.add(key)
+        return None
+
+    def write(self, record: ImageRecord, jpg: bytes, notes: str | None = None) -> bool:
+        """Add a sample; returns False (and writes an error row) when its key is bad or taken."""
+        reason = self._claim(record.key, record.source_id)
+        if reason:
+            self._rows.append(ShardRow(key=record.key, source_id=record.source_id, status="error", error=reason))
+            return False
+        _tar_member(self._tar, f"{record.key}.jpg", jpg)
+        _tar_member(self._tar, f"{record.key}.txt", record.best_caption().encode("utf-8"))
+        _tar_member(self._tar, f"{record.key}.json", record.model_dump_json().encode("utf-8"))
+        self._rows.append(
+            ShardRow(key=record.key, source_id=record.source_id, status="ok", notes=notes, **record.counts())
+        )
+        return True
+
+    def write_error(self, key: str, source_id: str, error: str) -> None:
+        """Record a failed input; nothing goes into the tar."""
+        self._rows.append(ShardRow(key=key, source_id=source_id, status="error", error=error))
+
+    @property
+    def rows(self) -> list[ShardRow]:
+        return list(self._rows)
+
+    def commit(self) -> ShardStats:
+        """Close the tar, write parquet + stats and rename all three into place (tar last)."""
+        self._tar.close()
+        table = pa.Table.from_pylist([row.model_dump() for row in self._rows], schema=SHARD_ROW_SCHEMA)
+        pq.write_table(table, self._tmp[".parquet"])
+        stats = self._stats()
+        self._tmp[".stats.json"].write_text(stats.model_dump_json(indent=1), encoding="utf-8")
+        for suffix in (".parquet", ".stats.json", ".tar"):
+            _fsync(self._tmp[suffix])
+            os.replace(self._tmp[suffix], self._final[suffix])
+        _fsync_dir(self.build_dir)
+        self._closed = True
+        self._taken.update(self._keys)
+        return stats
+
+    def abort(self) -> None:
+        """Discard the temp files of an unfinished shard."""
+        if not self._tar.closed:
+            self._tar.close()
+        for path in self._tmp.values():
+            path.unlink(missing_ok=True)
+        self._closed = True
+
+    def _stats(self) -> ShardStats:
+        ok = [r for r in self._rows if r.status == "ok"]
+        errors = Counter((r.error or "").split(":", 1)[0] for r in self._rows if r.status == "error")
+        return ShardStats(
+            shard=self.name,
+            n_inputs=len(self._rows),
+            n_ok=len(ok),
+            n_error=len(self._rows) - len(ok),
+            counts={field: sum(getattr(r, field) for r in ok) for field in COUNT_FIELDS},
+            errors=dict(sorted(errors.items())),
+            seconds=round(time.perf_counter() - self._started, 3),
+            pipeline_version=PIPELINE_VERSION,
+        )
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def finished_shards(build_dir: str | Path) -> list[str]:
+    """Sorted names of shards whose tar, parquet and stats all exist."""
+    build_dir = Path(build_dir)
+    if not build_dir.is_dir():
+        return []
+    names = [p.name[: -len(".stats.json")] for p in build_dir.glob("*.stats.json")]
+    return sorted(n for n in names if all(p.exists() for p in shard_paths(build_dir, n).values()))
+
+
+def discard_partial(build_dir: str | Path) -> list[Path]:
+    """Delete temp files and shard pieces without a complete set; return what was removed."""
+    build_dir = Path(build_dir)
+    if not build_dir.is_dir():
+        return []
+    done = set(finished_shards(build_dir))
+    removed = list(build_dir.glob(f"*{TMP_SUFFIX}"))
+    for suffix in SHARD_SUFFIXES:
+        removed += [p for p in build_dir.glob(f"*{suffix}") if p.name[: -len(suffix)] not in done]
+    for path in removed:
+        log.warning("discarding partial shard file %s", path)
+        path.unlink(missing_ok=True)
+    return removed
+
+
+def read_stats(build_dir: str | Path, name: str) -> ShardStats:
+    return ShardStats.model_validate_json(shard_paths(Path(build_dir), name)[".stats.json"].read_text("utf-8"))
+
+
+def write_build_manifest(build_dir: str | Path) -> Path:
+    """(Re)write ``_manifest.parquet`` from the finished shards' stats, atomically."""
+    build_dir = Path(build_dir)
+    rows = []
+    for name in finished_shards(build_dir):
+        stats = read_stats(build_dir, name)
+        rows.append({"shard": name, "n_inputs": stats.n_inputs, "n_ok": stats.n_ok, "n_error": stats.n_error,
+                     **{field: stats.counts.get(field, 0) for field in COUNT_FIELDS}})
+    target = build_dir / MANIFEST_NAME
+    tmp = target.with_name(target.name + TMP_SUFFIX)
+    pq.write_table(pa.Table.from_pylist(rows, schema=BUILD_MANIFEST_SCHEMA), tmp)
+    os.replace(tmp, target)
+    return target
+
+
+def read_shard_rows(build_dir: str | Path, name: str) -> list[dict]:
+    """The per-input manifest rows of one shard."""
+    return pq.read_table(shard_paths(Path(build_dir), name)[".parquet"]).to_pylist()
+
+
+def taken_keys(build_dir: str | Path) -> set[str]:
+    """Keys of ``ok`` samples in the finished shards (for duplicate detection across shards)."""
+    keys: set[str] = set()
+    for name in finished_shards(build_dir):
+        table = pq.read_table(shard_paths(Path(build_dir), name)[".parquet"], columns=["key", "status"])
+        keys.update(k for k, s in zip(table["key"].to_pylist(), table["status"].to_pylist()) if s == "ok")
+    return keys
+
+
+@dataclass
+class ShardSample:
+    """One sample read back from a tar: raw members by extension (``jpg``, ``txt``, ``json``)."""
+
+    key: str
+    members: dict[str, bytes]
+
+    @property
+    def jpg(self) -> bytes:
+        return self.members["jpg"]
+
+    def record(self) -> ImageRecord:
+        """Parse and validate the ``json`` member."""
+        return ImageRecord.model_validate_json(self.members["json"])
+
+
+def iter_tar_samples(tar_path: str | Path) -> Iterator[ShardSample]:
+    """Stream a WebDataset tar, grouping consecutive members by key (name up to the first dot)."""
+    key: str | None = None
+    members: dict[str, bytes] = {}
+    with tarfile.open(tar_path, "r|") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            base = info.name.rsplit("/", 1)[-1]
+            member_key, _, ext = base.partition(".")
+            if member_key != key:
+                if key is not None:
+                    yield ShardSample(key, members)
+                key, members = member_key, {}
+            members[ext] = tar.extractfile(info).read()
+    if key is not None:
+        yield ShardSample(key, members)
+
+
+def shard_tars(build_dir_or_tars: str | Path | Iterable[str | Path]) -> list[Path]:
+    """Tar paths of the finished shards of a build dir, or the given tar paths unchanged."""
+    if isinstance(build_dir_or_tars, (str, Path)) and Path(build_dir_or_tars).is_dir():
+        build_dir = Path(build_dir_or_tars)
+        return [shard_paths(build_dir, n)[".tar"] for n in finished_shards(build_dir)]
+    if isinstance(build_dir_or_tars, (str, Path)):
+        return [Path(build_dir_or_tars)]
+    return [Path(p) for p in build_dir_or_tars]
+
+
+def iter_samples(build_dir_or_tars: str | Path | Iterable[str | Path]) -> Iterator[ShardSample]:
+    """Raw samples of every finished shard, in shard order."""
+    for tar_path in shard_tars(build_dir_or_tars):
+        yield from iter_tar_samples(tar_path)
+
+
+def iter_records(build_dir_or_tars: str | Path | Iterable[str | Path]) -> Iterator[tuple[ImageRecord, bytes]]:
+    """Validated ``(record, jpg bytes)`` of every sample; raises ``ShardError`` naming a bad sample."""
+    for tar_path in shard_tars(build_dir_or_tars):
+        for sample in iter_tar_samples(tar_path):
+            missing = {"jpg", "json"} - sample.members.keys()
+            if missing:
+                raise ShardError(f"{tar_path}: sample {sample.key!r} lacks {sorted(missing)}")
+            try:
+                record = sample.record()
+            except ValueError as exc:
+                raise ShardError(f"{tar_path}: sample {sample.key!r} does not validate: {exc}") from exc
+            yield record, sample.jpg
+

@@ -1,0 +1,60 @@
+"""Shared fixtures: small valid records and JPEG bytes built in memory."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_schemas import Caption, ImageRecord, Region, RegionCaption, Tag
+
+
+def jpeg_bytes(width: int = 48, height: int = 32, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 255, size=(height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def make_record(key: str, jpg: bytes, n_regions: int = 2, width: int = 48, height: int = 32) -> ImageRecord:
+    regions = [
+        Region(
+            id=i,
+            box_xyxy=(1.0 + i, 2.0, 20.0 + i, 30.0),
+            label="three",
+            annotator="ground_truth",
+            captions=[RegionCaption(text=f"a three number {i}", annotator="ground_truth")],
+            tags=[Tag(name="three", annotator="ground_truth")],
+        )
+        for i in range(n_regions)
+    ]
+    return ImageRecord(
+        key=key,
+        source="test",
+        source_id=f"{key}.jpg",
+        width=width,
+        height=height,
+        sha256=hashlib.sha256(jpg).hexdigest(),
+        tags=[Tag(name="three", annotator="ground_truth")],
+        captions=[
+            Caption(text=f"low {key}", annotator="a", clip_score=0.1, kept=True),
+            Caption(text=f"best {key}", annotator="a", clip_score=0.3, kept=True),
+            Caption(text=f"dropped {key}", annotator="a", clip_score=0.9, kept=False),
+        ],
+        regions=regions,
+    )
+
+
+@pytest.fixture
+def record_factory():
+    """``record_factory(key, n_regions=2) -> (ImageRecord, jpg bytes)``."""
+
+    def build(key: str, n_regions: int = 2, seed: int = 0):
+        jpg = jpeg_bytes(seed=seed)
+        return make_record(key, jpg, n_regions=n_regions), jpg
+
+    return build
