@@ -162,9 +162,7 @@ def test_apply_caption_scores_returns_new_captions():
 def test_jitter_boxes_along_diagonal_plus_then_minus():
     jittered = jitter_boxes([10, 10, 20, 20], offsets=(1, 2))
     assert jittered.dtype == np.float32
-    np.testing.assert_array_equal(
-        jittered, [[11, 11, 21, 21], [9, 9, 19, 19], [12, 12, 22, 22], [8, 8, 18, 18]]
-    )
+    np.testing.assert_array_equal(jittered, [[11, 11, 21, 21], [9, 9, 19, 19], [12, 12, 22, 22], [8, 8, 18, 18]])
 
 
 def test_jitter_boxes_clipped_to_image():
