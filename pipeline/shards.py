@@ -183,15 +183,24 @@ def finished_shards(build_dir: str | Path) -> list[str]:
     return sorted(n for n in names if all(p.exists() for p in shard_paths(build_dir, n).values()))
 
 
+def stray_pieces(build_dir: str | Path) -> list[Path]:
+    """Shard files (``NNNNN.tar`` …) whose shard lacks one of its three files; build files (``_*``) excluded."""
+    build_dir = Path(build_dir)
+    done = set(finished_shards(build_dir))
+    return sorted(
+        path
+        for suffix in SHARD_SUFFIXES
+        for path in build_dir.glob(f"[!_]*{suffix}")
+        if path.name[: -len(suffix)] not in done
+    )
+
+
 def discard_partial(build_dir: str | Path) -> list[Path]:
     """Delete temp files and shard pieces without a complete set; return what was removed."""
     build_dir = Path(build_dir)
     if not build_dir.is_dir():
         return []
-    done = set(finished_shards(build_dir))
-    removed = list(build_dir.glob(f"*{TMP_SUFFIX}"))
-    for suffix in SHARD_SUFFIXES:
-        removed += [p for p in build_dir.glob(f"*{suffix}") if p.name[: -len(suffix)] not in done]
+    removed = list(build_dir.glob(f"*{TMP_SUFFIX}")) + stray_pieces(build_dir)
     for path in removed:
         log.warning("discarding partial shard file %s", path)
         path.unlink(missing_ok=True)

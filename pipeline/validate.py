@@ -9,13 +9,13 @@ from pathlib import Path
 from data_schemas import COUNT_FIELDS, ShardStats
 from pipeline.shards import (
     MANIFEST_NAME,
-    SHARD_SUFFIXES,
     TMP_SUFFIX,
     finished_shards,
     iter_tar_samples,
     read_shard_rows,
     read_stats,
     shard_paths,
+    stray_pieces,
 )
 
 
@@ -90,12 +90,7 @@ def validate_build(build_dir: str | Path) -> ValidationReport:
         report.problems.append(f"{build_dir}: not a directory")
         return report
     names = finished_shards(build_dir)
-    stray = sorted(
-        p.name
-        for suffix in SHARD_SUFFIXES
-        for p in build_dir.glob(f"*{suffix}")
-        if p.name[: -len(suffix)] not in names
-    )
+    stray = [p.name for p in stray_pieces(build_dir)]
     if stray:
         report.problems.append(f"incomplete shard files (no tar+parquet+stats set): {stray}")
     temps = sorted(p.name for p in build_dir.glob(f"*{TMP_SUFFIX}"))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -65,8 +65,11 @@ class SampleConfig(BaseModel):
     digit_aspect_jitter: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = Field(
         default=(0.85, 1.15), description="multiplies the digit's natural width/height ratio"
     )
+    upsample: Literal["nearest", "bilinear", "bicubic"] = Field(
+        default="bicubic", description="how the 8x8 digit is upscaled before thresholding"
+    )
     mask_threshold: float = Field(
-        default=0.35, gt=0, lt=1, description="upscaled intensity (0-1) at or above which a pixel is digit"
+        default=0.4, gt=0, lt=1, description="upscaled intensity (0-1) at or above which a pixel is digit"
     )
     palette: dict[str, tuple[Channel, Channel, Channel]] = Field(default_factory=lambda: dict(DEFAULT_PALETTE))
     backgrounds: tuple[str, ...] = Field(default=tuple(BACKGROUND_LOADERS))

@@ -67,33 +67,46 @@ def tight_crop(mask: np.ndarray) -> np.ndarray:
     return mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
 
 
-def digit_glyph(digit_image: np.ndarray, height: int, aspect_jitter: float, threshold: float, max_width: int) -> np.ndarray:
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+}
+
+
+def digit_glyph(
+    digit_image: np.ndarray, height: int, aspect_jitter: float, threshold: float, max_width: int,
+    upsample: str = "bicubic",
+) -> np.ndarray:
     """Upscale an 8×8 ``load_digits`` image to a crisp, tight glyph mask about ``height`` px tall.
 
-    The ink cells (intensity/16 >= ``threshold``) are cropped first, so the glyph keeps the digit's
-    own aspect ratio (a "one" is narrow), times ``aspect_jitter``; then bilinear upscaling and the
-    same threshold give smooth strokes.
+    The ink cells (intensity/16 >= ``threshold``) plus a one-cell zero margin are cut out, so the glyph
+    keeps the digit's own aspect ratio (a "one" is narrow), times ``aspect_jitter``, and strokes end
+    round instead of being clipped at the crop; upscaling and the same threshold give smooth strokes.
 
     Args:
         digit_image: (8, 8) float intensities in [0, 16].
-        height: target glyph height in px (>= 1).
+        height: target glyph height in px (>= 1): the ink rows are scaled to this height.
         aspect_jitter: multiplies the natural width/height ratio.
         threshold: intensity in (0, 1) at or above which a pixel is ink.
         max_width: the glyph is never wider than this.
+        upsample: "nearest", "bilinear" or "bicubic" (PIL resampling of the float image).
     Returns:
-        (h, w) bool, ``h <= height``, ``w <= max_width``, non-empty.
+        (h, w) bool, non-empty, ``w <= max_width``; ``h`` is within a few px of ``height``.
     """
-    norm = np.asarray(digit_image, dtype=np.float32) / 16.0
+    norm = np.pad(np.asarray(digit_image, dtype=np.float32) / 16.0, 1)
     threshold = min(threshold, float(norm.max()))
     ink = norm >= threshold
     rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
-    cells = norm[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-    width = int(np.clip(round(height * cells.shape[1] / cells.shape[0] * aspect_jitter), 1, max_width))
-    upscaled = np.asarray(Image.fromarray(np.ascontiguousarray(cells)).resize((width, height), Image.Resampling.BILINEAR))
+    cells = norm[rows[0] - 1 : rows[-1] + 2, cols[0] - 1 : cols[-1] + 2]
+    cell_h = height / (rows[-1] - rows[0] + 1)
+    cell_w = min(cell_h * aspect_jitter, max_width / (cols[-1] - cols[0] + 1))
+    out_h, out_w = max(1, round(cells.shape[0] * cell_h)), max(1, round(cells.shape[1] * cell_w))
+    upscaled = np.asarray(Image.fromarray(np.ascontiguousarray(cells)).resize((out_w, out_h), _RESAMPLE[upsample]))
     glyph = upscaled >= threshold
     if not glyph.any():  # a faint digit whose peak falls between pixel centres
         glyph = upscaled >= upscaled.max()
-    return tight_crop(glyph)
+    return tight_crop(glyph)[:, :max_width]
 
 
 def place_mask(glyph: np.ndarray, x: int, y: int, height: int, width: int) -> np.ndarray:
@@ -173,7 +186,8 @@ def plan_digits(
         sample = int(pool[int(rng.integers(len(pool)))])
         glyph_height = int(np.clip(round(rng.uniform(*cfg.digit_height_frac) * short), 4, height))
         glyph = digit_glyph(
-            bank.images[sample], glyph_height, rng.uniform(*cfg.digit_aspect_jitter), cfg.mask_threshold, width
+            bank.images[sample], glyph_height, rng.uniform(*cfg.digit_aspect_jitter), cfg.mask_threshold, width,
+            cfg.upsample,
         )
         position = _find_position(rng, cfg, glyph, placed, full, height, width)
         if position is None:

@@ -1,0 +1,117 @@
+"""Visual Genome region descriptions as known regions.
+
+Reads ``region_descriptions.json`` (a list of ``{"id": image_id, "regions": [{"region_id", "image_id",
+"phrase", "x", "y", "width", "height"}]}``; ``image_id`` is accepted in place of ``id``) and the images
+``<image_dir>/<image_id>.jpg``, also looked up in ``<image_dir>/VG_100K`` and ``<image_dir>/VG_100K_2`` as
+the official download unpacks them. ``image_data.json`` is not needed: the true size comes from decoding.
+
+* Refs are image ids zero-padded to 12 digits; the key is the id itself (``"1"``, as ``FolderSource``
+  keys ``1.jpg``), ``source_id`` the image file name.
+* Each region becomes a ``Region`` with ``id`` its index within the image, ``label`` the phrase and
+  ``captions == [phrase]`` (annotator ``ground_truth``): VG regions carry a free-text phrase and no
+  class, so the phrase doubles as the label. Regions with ``width``/``height`` <= 0, a non-finite
+  coordinate or an empty phrase are skipped with a line in ``known.notes``; boxes are not clipped.
+* Several entries for the same image id are merged (regions concatenated in file order).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from data_schemas import Region, RegionCaption
+from pipeline.sources.base import KnownAnnotations, SourceItem
+from pipeline.sources.coco import GROUND_TRUTH, image_ref, load_json
+from pipeline.sources.folder import item_key, read_file_item
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUBDIRS = ("", "VG_100K", "VG_100K_2")
+
+
+class VisualGenomeSource:
+    """Images of a VG ``region_descriptions.json`` with their phrase-labelled regions."""
+
+    kind = "vg"
+
+    def __init__(self, region_descriptions_json: str | Path, image_dir: str | Path) -> None:
+        self.region_descriptions_json = Path(region_descriptions_json)
+        self.image_dir = Path(image_dir)
+        self._images: dict[str, tuple[Any, list[dict[str, Any]]]] | None = None
+
+    def _index(self) -> dict[str, tuple[Any, list[dict[str, Any]]]]:
+        """ref -> (image id, regions), loaded once."""
+        if self._images is not None:
+            return self._images
+        data = load_json(self.region_descriptions_json)
+        if not isinstance(data, list):
+            raise ValueError(f"{self.region_descriptions_json}: expected a list of images with 'regions'")
+        images: dict[str, tuple[Any, list[dict[str, Any]]]] = {}
+        for entry in data:
+            image_id = entry.get("id", entry.get("image_id")) if isinstance(entry, dict) else None
+            if image_id is None:
+                log.warning("%s: entry without 'id' skipped", self.region_descriptions_json)
+                continue
+            ref = image_ref(image_id)
+            images.setdefault(ref, (image_id, []))[1].extend(entry.get("regions") or [])
+        self._images = images
+        return images
+
+    def list_refs(self) -> list[str]:
+        """Sorted zero-padded image ids (parses the JSON once; opens no image)."""
+        return sorted(self._index())
+
+    def read(self, refs: Sequence[str]) -> Iterator[SourceItem]:
+        """One item per ref in order: ``<image_id>.jpg`` bytes plus the image's regions."""
+        images = self._index()
+        for ref in refs:
+            if ref not in images:
+                yield SourceItem(item_key(f"vg-{ref}"), ref, None, error=f"bad_ref: image id {ref} not in annotations")
+                continue
+            image_id, raw_regions = images[ref]
+            name = f"{image_id}.jpg"
+            known = KnownAnnotations()
+            for index, raw in enumerate(raw_regions):
+                region = _region(index, raw, known.notes)
+                if region is not None:
+                    known.regions.append(region)
+            yield read_file_item(item_key(str(image_id)), name, self._image_path(name), known)
+
+    def _image_path(self, name: str) -> Path:
+        """The first existing candidate, else the plain ``image_dir/name`` (reported as missing)."""
+        for sub in IMAGE_SUBDIRS:
+            candidate = self.image_dir / sub / name
+            if candidate.is_file():
+                return candidate
+        return self.image_dir / name
+
+
+def _region(index: int, raw: Any, notes: list[str]) -> Region | None:
+    where = f"region {index} (region_id {raw.get('region_id') if isinstance(raw, dict) else None})"
+    try:
+        x, y, w, h = (float(raw[k]) for k in ("x", "y", "width", "height"))
+        phrase = str(raw.get("phrase") or "").strip()
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        notes.append(f"skipped {where}: malformed ({exc})")
+        return None
+    if not all(math.isfinite(v) for v in (x, y, w, h)):
+        notes.append(f"skipped {where}: box {[x, y, w, h]} is not finite")
+        return None
+    if w <= 0 or h <= 0:
+        notes.append(f"skipped {where}: box {[x, y, w, h]} has w<=0 or h<=0")
+        return None
+    if not phrase:
+        notes.append(f"skipped {where}: empty phrase")
+        return None
+    try:
+        return Region(id=index, box_xyxy=(x, y, x + w, y + h), label=phrase, score=1.0, annotator=GROUND_TRUTH,
+                      captions=[RegionCaption(text=phrase, annotator=GROUND_TRUTH)])
+    except ValidationError as exc:
+        notes.append(f"skipped {where}: {exc.errors()[0]['msg']}")
+        return None
+
