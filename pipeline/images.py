@@ -97,6 +97,8 @@ def decode_image(data: bytes, limits: ImageLimits) -> DecodedImage:
             im = _open(data)
             _check_size(im.size, limits)
             im.load()
+        except ImageError:
+            raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ImageError(_pil_bomb_reason(data, exc, limits)) from exc
         except _DECODE_ERRORS as exc:
@@ -128,12 +130,12 @@ def _check_size(size: tuple[int, int], limits: ImageLimits) -> None:
     width, height = size
     if width <= 0 or height <= 0:
         raise ImageError(f"corrupt: image size {width}x{height} is empty")
-    if max(width, height) > limits.max_side:
-        raise ImageError(f"too_large: side {max(width, height)} exceeds images.max_side={limits.max_side}")
     if width * height > limits.max_pixels:
         raise ImageError(
             f"too_large: {width}x{height} = {width * height} pixels exceeds images.max_pixels={limits.max_pixels}"
         )
+    if max(width, height) > limits.max_side:
+        raise ImageError(f"too_large: side {max(width, height)} exceeds images.max_side={limits.max_side}")
 
 
 def _pil_bomb_reason(data: bytes, exc: Exception, limits: ImageLimits) -> str:

@@ -39,7 +39,7 @@ def load_digit_bank() -> DigitBank:
     return DigitBank(images=images, labels=labels)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_background(label: str) -> np.ndarray:
     """The photo named ``label`` (a ``BACKGROUND_LOADERS`` key) as read-only RGB uint8 (H, W, 3)."""
     import skimage.data

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
-import shutil
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -86,17 +86,17 @@ def scene_for(seed: int, split: str, index: int, config: SampleConfig | None = N
     return make_scene(scene_rng(seed, split, index), cfg, load_digit_bank(), pool)
 
 
-def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
-    ours = [out_dir / "summary.json", out_dir / "annotations", out_dir / "images"]
-    existing = [p for p in ours if p.exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"{out_dir} already holds sample data ({existing[0].name}); pass overwrite=True")
+def _prepare_out_dir(out_dir: Path) -> None:
+    """Create the layout and delete an earlier generation's files (only names this generator writes)."""
     (out_dir / "summary.json").unlink(missing_ok=True)  # removed first: its absence marks an unfinished write
     for split in SPLITS:
-        shutil.rmtree(out_dir / "images" / split, ignore_errors=True)
+        image_dir = out_dir / "images" / split
+        image_dir.mkdir(parents=True, exist_ok=True)
+        for path in image_dir.glob(f"{split}_*.jpg"):
+            if re.fullmatch(rf"{split}_\d{{6}}\.jpg", path.name):
+                path.unlink()
         for kind in ("instances", "captions"):
             (out_dir / "annotations" / f"{kind}_{split}.json").unlink(missing_ok=True)
-        (out_dir / "images" / split).mkdir(parents=True, exist_ok=True)
     (out_dir / "annotations").mkdir(parents=True, exist_ok=True)
 
 
@@ -130,17 +130,15 @@ def _write_split(out_dir: Path, split: str, count: int, seed: int, cfg: SampleCo
     )
 
 
-def generate_sample(
-    out_dir: Path, n: int, seed: int, config: SampleConfig | None = None, *, overwrite: bool = False
-) -> SampleSummary:
+def generate_sample(out_dir: Path, n: int, seed: int, config: SampleConfig | None = None) -> SampleSummary:
     """Generate ``n`` digit scenes split train/val/test by ``config.split_fractions``.
 
     Args:
-        out_dir: output root (created); must not already hold sample data unless ``overwrite``.
+        out_dir: output root (created). An earlier generation there is replaced: files with the names this
+            generator writes are deleted first, other files are left alone.
         n: total number of images (>= 0), split by the largest-remainder rule.
         seed: fixes every byte of the output.
         config: sizes, counts, colours, splits; defaults to ``SampleConfig()``.
-        overwrite: replace an earlier generation's files in ``out_dir`` (other files are kept).
     Returns:
         the summary also written to ``out_dir/summary.json``.
     """
@@ -153,7 +151,7 @@ def generate_sample(
     for split, count in counts.items():
         if count and len(pools[split]) == 0:
             raise ValueError(f"split {split!r} gets {count} images but no held digit samples")
-    _prepare_out_dir(out_dir, overwrite)
+    _prepare_out_dir(out_dir)
     splits = {split: _write_split(out_dir, split, count, seed, cfg) for split, count in counts.items()}
     summary = SampleSummary(seed=seed, n=n, config=cfg, splits=splits)
     coco_writer.write_json(out_dir / "summary.json", summary.model_dump(mode="json"))

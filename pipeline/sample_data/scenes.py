@@ -75,8 +75,13 @@ _RESAMPLE = {
 
 
 def digit_glyph(
-    digit_image: np.ndarray, height: int, aspect_jitter: float, threshold: float, max_width: int,
+    digit_image: np.ndarray,
+    height: int,
+    aspect_jitter: float,
+    threshold: float,
+    max_width: int,
     upsample: str = "bicubic",
+    max_height: int | None = None,
 ) -> np.ndarray:
     """Upscale an 8×8 ``load_digits`` image to a crisp, tight glyph mask about ``height`` px tall.
 
@@ -90,9 +95,10 @@ def digit_glyph(
         aspect_jitter: multiplies the natural width/height ratio.
         threshold: intensity in (0, 1) at or above which a pixel is ink.
         max_width: the glyph is never wider than this.
+        max_height: nor taller than this (the interpolation halo can add a px or two to ``height``).
         upsample: "nearest", "bilinear" or "bicubic" (PIL resampling of the float image).
     Returns:
-        (h, w) bool, non-empty, ``w <= max_width``; ``h`` is within a few px of ``height``.
+        (h, w) bool, non-empty, ``w <= max_width``, ``h <= max_height``; ``h`` is within a few px of ``height``.
     """
     norm = np.pad(np.asarray(digit_image, dtype=np.float32) / 16.0, 1)
     threshold = min(threshold, float(norm.max()))
@@ -106,7 +112,7 @@ def digit_glyph(
     glyph = upscaled >= threshold
     if not glyph.any():  # a faint digit whose peak falls between pixel centres
         glyph = upscaled >= upscaled.max()
-    return tight_crop(glyph)[:, :max_width]
+    return tight_crop(tight_crop(glyph)[:max_height, :max_width])
 
 
 def place_mask(glyph: np.ndarray, x: int, y: int, height: int, width: int) -> np.ndarray:
@@ -139,8 +145,13 @@ def _boxes_overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -
 
 
 def _find_position(
-    rng: np.random.Generator, cfg: SampleConfig, glyph: np.ndarray, placed: list[Placement], full: list[np.ndarray],
-    height: int, width: int,
+    rng: np.random.Generator,
+    cfg: SampleConfig,
+    glyph: np.ndarray,
+    placed: list[Placement],
+    full: list[np.ndarray],
+    height: int,
+    width: int,
 ) -> tuple[int, int] | None:
     """Top-left for ``glyph``: clear of earlier boxes, or (occlusion) over one while every earlier digit keeps
     ``min_visible_frac`` of its pixels. None when ``placement_tries`` positions all fail."""
@@ -177,7 +188,7 @@ def plan_digits(
     """
     lo, hi = cfg.digits_per_image
     n_digits = int(rng.integers(lo, hi + 1))
-    names = list(cfg.palette)
+    names = sorted(cfg.palette)  # sorted: a config reloaded from summary.json (sorted keys) gives the same scenes
     color_ids = rng.choice(len(names), size=n_digits, replace=n_digits > len(names))
     short = min(height, width)
     placed: list[Placement] = []
@@ -186,8 +197,13 @@ def plan_digits(
         sample = int(pool[int(rng.integers(len(pool)))])
         glyph_height = int(np.clip(round(rng.uniform(*cfg.digit_height_frac) * short), 4, height))
         glyph = digit_glyph(
-            bank.images[sample], glyph_height, rng.uniform(*cfg.digit_aspect_jitter), cfg.mask_threshold, width,
+            bank.images[sample],
+            glyph_height,
+            rng.uniform(*cfg.digit_aspect_jitter),
+            cfg.mask_threshold,
+            width,
             cfg.upsample,
+            max_height=height,
         )
         position = _find_position(rng, cfg, glyph, placed, full, height, width)
         if position is None:

@@ -27,12 +27,13 @@ IMAGE_DIGIT_TEMPLATES: tuple[str, ...] = (
     "a {digit} on a {background} background",
 )
 
-# Image captions about the whole scene; digits are listed left to right.
+# Image captions about the whole scene; digits are listed left to right. The first one is the fullest
+# description and comes first in the caption list (an unscored record's ``txt`` is its first caption).
 IMAGE_SCENE_TEMPLATES: tuple[str, ...] = (
+    "{listing} on a {background} background",
+    "a photo of {listing}",
     "{count} {noun}: {listing}",
     "{count} {noun} on a {background} background",
-    "a photo of {listing}",
-    "{listing} on a {background} background",
     "a photo of {count} handwritten {noun} on a {background} background",
     "a {background} background",
 )
@@ -61,7 +62,7 @@ _A_BEFORE_VOWEL = re.compile(r"\b([Aa]) (?=(?!one\b)[aeiouAEIOU])")
 
 def fix_articles(text: str) -> str:
     """Use "an" before a vowel sound: "a eight" -> "an eight", "a orange one" -> "an orange one"."""
-    return _A_BEFORE_VOWEL.sub(lambda m: ("an " if m.group(1) == "a" else "An "), text)
+    return _A_BEFORE_VOWEL.sub(lambda m: "an " if m.group(1) == "a" else "An ", text)
 
 
 def digit_word(digit: int) -> str:
@@ -97,11 +98,8 @@ def image_captions(instances: Sequence[tuple[int, str]], background: str) -> lis
         instances: ``(digit, colour)`` of each digit in the image, ordered left to right.
         background: the background label, e.g. ``"coffee"``.
     Returns:
-        distinct captions, per-digit forms first, then the scene forms.
+        distinct captions, the scene forms first (fullest first), then the per-digit forms.
     """
-    texts: list[str] = []
-    for digit, color in instances:
-        texts += [t.format(digit=digit_word(digit), color=color, background=background) for t in IMAGE_DIGIT_TEMPLATES]
     listing = join_listing([f"a {color} {digit_word(digit)}" for digit, color in instances])
     scene = {
         "count": count_word(len(instances)),
@@ -109,7 +107,9 @@ def image_captions(instances: Sequence[tuple[int, str]], background: str) -> lis
         "listing": listing,
         "background": background,
     }
-    texts += [t.format(**scene) for t in IMAGE_SCENE_TEMPLATES if instances or "{listing}" not in t]
+    texts = [t.format(**scene) for t in IMAGE_SCENE_TEMPLATES if instances or "{listing}" not in t]
+    for digit, color in instances:
+        texts += [t.format(digit=digit_word(digit), color=color, background=background) for t in IMAGE_DIGIT_TEMPLATES]
     return _unique(texts)
 
 
@@ -128,4 +128,3 @@ def image_tags(instances: Sequence[tuple[int, str]], background: str) -> list[st
 def region_tags(digit: int, color: str) -> list[str]:
     """``[digit word, colour word]``."""
     return [digit_word(digit), color]
-

@@ -13,7 +13,9 @@
   compressed RLE (``counts`` a string); all become a compressed-string ``Mask``.
 * The sample-data generator's ``"umg"`` extension is read when present: on images ``tags`` ->
   ``known.tags`` and ``background`` -> ``known.background``; on annotations ``captions`` -> region
-  captions and ``tags`` -> region tags. Captions JSON entries become ``known.captions``.
+  captions and ``tags`` -> region tags (other fields such as ``color`` are ignored). Image captions come
+  from the captions JSON when one is given, else from the image's ``umg.captions`` (the generator
+  writes the same captions to both, so using one avoids duplicates).
 * JSON files are decoded as UTF-8 with invalid bytes replaced. Images without annotations still give items.
 """
 
@@ -140,7 +142,10 @@ class CocoSource:
         for ann in data.get("annotations", []):
             self._anns[ann.get("image_id")].append(ann)
         if self.captions_json is not None:
-            for entry in load_json(self.captions_json).get("annotations", []):
+            captions = load_json(self.captions_json)
+            if not isinstance(captions, dict):
+                raise ValueError(f"{self.captions_json}: not a COCO captions file (no 'annotations' list)")
+            for entry in captions.get("annotations", []):
                 self._captions[entry.get("image_id")].append(entry.get("caption"))
         images: dict[str, dict[str, Any]] = {}
         for image in data["images"]:
@@ -161,16 +166,13 @@ class CocoSource:
         images = self._index()
         for ref in refs:
             image = images.get(ref)
-            if image is None:
-                yield SourceItem(item_key(f"coco-{ref}"), ref, None, error=f"bad_ref: image id {ref} not in annotations")
+            file_name = image.get("file_name") if image is not None else None
+            if image is None or not isinstance(file_name, str) or not file_name:
+                problem = "bad_ref: image id not in annotations" if image is None else "bad_annotation: no file_name"
+                yield SourceItem(item_key(f"coco-{ref}"), ref, None, error=f"{problem} ({ref})")
                 continue
-            file_name = image.get("file_name")
-            if not isinstance(file_name, str) or not file_name:
-                yield SourceItem(item_key(f"coco-{ref}"), ref, None, error=f"bad_annotation: image {ref} has no file_name")
-                continue
-            known = self._known(image)
-            yield read_file_item(item_key(str(PurePosixPath(file_name).with_suffix(""))), file_name,
-                                 self.image_dir / file_name, known)
+            key = item_key(str(PurePosixPath(file_name).with_suffix("")))
+            yield read_file_item(key, file_name, self.image_dir / file_name, self._known(image))
 
     def _known(self, image: dict[str, Any]) -> KnownAnnotations:
         known = KnownAnnotations()
@@ -186,7 +188,9 @@ class CocoSource:
                 known.background.append(BackgroundMask(label=bg["label"], rle=rle, annotator=GROUND_TRUTH))
             except (ValidationError, ValueError, KeyError, TypeError) as exc:
                 known.notes.append(f"skipped background {i}: {_short(exc)}")
-        for text in self._captions.get(image.get("id"), []):
+        # The generator repeats image captions in umg.captions; the captions JSON wins when configured.
+        texts = self._captions.get(image.get("id"), []) if self.captions_json else extension.get("captions") or []
+        for text in texts:
             if isinstance(text, str) and text.strip():
                 known.captions.append(Caption(text=text.strip(), annotator=GROUND_TRUTH))
             else:

@@ -45,6 +45,7 @@ def test_image_captions_hold_bare_class_and_counting_forms():
     ]:
         assert expected in captions
     assert len(captions) == len(set(captions)) >= 7
+    assert captions[0] == "a red three and a blue seven on a coffee background"
 
 
 def test_single_digit_captions_are_many_distinct_and_grammatical():

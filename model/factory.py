@@ -1,0 +1,101 @@
+"""Model registry and construction: a UMG-CLIP variant is an open_clip JSON config.
+
+``model/configs/*.json`` (open_clip's config format) are registered with
+``open_clip.add_model_config`` on import, so ``create_umg_clip("umg-tiny-vit")`` and open_clip's own
+names (``"EVA02-B-16"``, ``"EVA02-L-14"``, ``"ViT-B-16"`` …) resolve the same way, as does
+``"local-dir:/path"``. Adding a model = adding a JSON file.
+
+Weights: ``pretrained`` is an open_clip tag or a local open_clip checkpoint file (``.safetensors``,
+or a torch file read with ``weights_only=True``); ``checkpoint`` is a UMG-CLIP state dict saved by
+:func:`save_umg_weights` or a trainer checkpoint holding one under ``"model"``/``"state_dict"``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import open_clip
+import torch
+
+from model.token_cluster import TokenClusterCfg
+from model.umg_clip import UMGCLIP
+
+CONFIG_DIR = Path(__file__).with_name("configs")
+open_clip.add_model_config(CONFIG_DIR)
+
+
+def list_models() -> list[str]:
+    """Names of the configs in ``model/configs`` (open_clip's built-ins work too)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def get_tokenizer(model_name: str):
+    """The open_clip tokenizer for a model name (context length from its config)."""
+    return open_clip.get_tokenizer(model_name)
+
+
+def create_umg_clip(
+    model_name: str,
+    pretrained: str | None = None,
+    *,
+    checkpoint: str | Path | None = None,
+    cluster: TokenClusterCfg | None = None,
+    region_output_size: int = 1,
+    precision: str = "fp32",
+    device: str | torch.device = "cpu",
+) -> UMGCLIP:
+    """Build a UMG-CLIP model.
+
+    Args:
+        model_name: registered open_clip config name (ours or built-in) or ``local-dir:`` path.
+        pretrained: open_clip tag or local open_clip checkpoint (initial CLIP weights, e.g. EVA-CLIP).
+        checkpoint: UMG-CLIP weights to load after construction (see :func:`load_umg_checkpoint`).
+        cluster: token clustering settings (None = off).
+        region_output_size: RoIAlign output side for region embeddings.
+        precision, device: as in ``open_clip.create_model``.
+
+    Returns:
+        :class:`UMGCLIP` on ``device``.
+    """
+    cfg = open_clip.get_model_config(model_name) or {}
+    vision_cfg = cfg.get("vision_cfg", {})
+    force_image_size = None
+    if vision_cfg.get("timm_model_name") and vision_cfg.get("image_size"):
+        # open_clip builds timm towers at the timm default size and only resizes on force_image_size.
+        force_image_size = vision_cfg["image_size"]
+    clip = open_clip.create_model(model_name, pretrained=pretrained, precision=precision, device=device,
+                                  force_image_size=force_image_size, weights_only=True)
+    model = UMGCLIP(clip, cluster=cluster, region_output_size=region_output_size)
+    if checkpoint is not None:
+        load_umg_checkpoint(model, checkpoint)
+    return model
+
+
+def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_umg_checkpoint(model: UMGCLIP, path: str | Path, strict: bool = True):
+    """Load UMG-CLIP weights (safetensors, or torch with ``weights_only=True``) into ``model``.
+
+    Returns:
+        ``load_state_dict``'s missing/unexpected keys.
+    """
+    return model.load_state_dict(_read_state_dict(path), strict=strict)
+
+
+def save_umg_weights(model: UMGCLIP, path: str | Path) -> None:
+    """Save the model's weights as safetensors (contiguous CPU copies)."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path))

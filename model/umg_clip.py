@@ -1,0 +1,255 @@
+"""UMG-CLIP: an open_clip model whose image tower also yields the visual token grid (paper §4.1).
+
+``UMGCLIP`` wraps any open_clip CLIP/CustomTextCLIP. A small *token adapter* per vision-tower
+family runs the tower so that it returns both the pooled image feature and the (B, h, w, D) grid of
+visual tokens, optionally with token clustering (``model.token_cluster``) after block k:
+
+- ``OpenClipViTTokens``: open_clip's own ``VisionTransformer`` (the tiny test configs, ViT-*).
+- ``TimmEvaTokens``: open_clip ``TimmModel`` towers whose trunk is timm's ``Eva`` (EVA02-*, the
+  paper's towers), including EVA02's rotary position embedding.
+
+Region embeddings reuse the image path's final norm + projection (``adapter.head``): the grid holds
+the tokens *before* whatever the image path applies after pooling, so a region covering the whole
+grid of an average-pooled tower gives exactly the image embedding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from open_clip.timm_model import TimmModel
+from open_clip.transformer import VisionTransformer
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from model.regions import as_rois, pool_region_features
+from model.token_cluster import TokenClusterCfg, run_blocks_with_clustering
+
+LOGIT_SCALE_MAX = 100.0
+
+
+def _run(block: nn.Module, checkpointed: bool, x: torch.Tensor, **kwargs) -> torch.Tensor:
+    if checkpointed and torch.is_grad_enabled():
+        return checkpoint(block, x, use_reentrant=False, **kwargs)
+    return block(x, **kwargs)
+
+
+class OpenClipViTTokens:
+    """Token adapter for ``open_clip.transformer.VisionTransformer`` (holds a reference, no parameters).
+
+    Mirrors ``VisionTransformer.forward`` (conv1 -> class + pos embed -> patch_dropout -> ln_pre ->
+    transformer -> ln_post/pool -> proj) with the blocks run through the clustering runner.
+    """
+
+    num_prefix = 1
+
+    def __init__(self, visual: VisionTransformer):
+        if visual.attn_pool is not None:
+            raise NotImplementedError("attentional pooling towers have no per-token projection for regions")
+        if visual.pool_type not in ("tok", "avg"):
+            raise NotImplementedError(f"pool_type {visual.pool_type!r}: need 'tok' or 'avg' for region pooling")
+        if not isinstance(visual.patch_dropout, nn.Identity):
+            raise NotImplementedError("patch_dropout drops grid positions; use token clustering instead")
+        if not visual.transformer.batch_first:
+            raise NotImplementedError("sequence-first transformer blocks are not supported")
+        self.visual = visual
+        # Average pooling normalises every token before pooling: the grid then holds normalised tokens.
+        self.norm_in_grid = visual.pool_type == "avg" and not visual.final_ln_after_pool
+        self.last_block_tokens: list[int] = []
+
+    def forward(self, images: torch.Tensor, cluster: TokenClusterCfg | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) -> pooled (B, E) (not normalised), token grid (B, h, w, D)."""
+        v = self.visual
+        x = v.conv1(images)  # (B, D, h, w)
+        b, d, h, w = x.shape
+        x = x.reshape(b, d, h * w).permute(0, 2, 1)
+        x = torch.cat([v.class_embedding.view(1, 1, -1).expand(b, -1, -1).to(x.dtype), x], dim=1)
+        x = x + v.positional_embedding.to(x.dtype)
+        x = v.ln_pre(v.patch_dropout(x))
+        ckpt = v.transformer.grad_checkpointing
+        runners = [lambda x, _centers, blk=blk: _run(blk, ckpt, x) for blk in v.transformer.resblocks]
+        x, self.last_block_tokens = run_blocks_with_clustering(runners, x, 1, (h, w), cluster)
+
+        if v.final_ln_after_pool:
+            pooled = x[:, 0] if v.pool_type == "tok" else x[:, 1:].mean(dim=1)
+            pooled, grid = v.ln_post(pooled), x[:, 1:]
+        else:
+            normed = v.ln_post(x)
+            pooled = normed[:, 0] if v.pool_type == "tok" else normed[:, 1:].mean(dim=1)
+            grid = normed[:, 1:] if self.norm_in_grid else x[:, 1:]
+        if v.proj is not None:
+            pooled = pooled @ v.proj
+        return pooled, grid.reshape(b, h, w, d)
+
+    def head(self, feats: torch.Tensor) -> torch.Tensor:
+        """Final norm + projection of the image path. (..., D) -> (..., E)."""
+        if not self.norm_in_grid:
+            feats = self.visual.ln_post(feats)
+        return feats @ self.visual.proj if self.visual.proj is not None else feats
+
+
+class TimmEvaTokens:
+    """Token adapter for open_clip ``TimmModel`` towers with a timm ``Eva`` trunk (EVA02 configs).
+
+    Mirrors ``Eva.forward_features`` + ``forward_head`` + the adapter head. After clustering, each
+    representative takes the rotary embedding of its cluster's centre token.
+    """
+
+    def __init__(self, visual: TimmModel):
+        from timm.models.eva import Eva
+
+        trunk = visual.trunk
+        if not isinstance(trunk, Eva):
+            raise NotImplementedError(
+                f"timm trunk {type(trunk).__name__}: token grids are implemented for timm Eva (EVA02) trunks only; "
+                "another family needs its own adapter (patch embed, prefix tokens, block call, head)")
+        if trunk.attn_pool is not None or trunk.global_pool not in ("token", "avg"):
+            raise NotImplementedError(f"timm global_pool {trunk.global_pool!r}: need 'token' or 'avg'")
+        if trunk.patch_drop is not None or trunk.dynamic_img_size:
+            raise NotImplementedError("patch dropout / dynamic image size change the token grid")
+        if "pool" in visual.head._modules:
+            raise NotImplementedError(f"timm_pool {type(visual.head.pool).__name__}: attention pools have no "
+                                      "per-token projection for regions")
+        self.visual = visual
+        self.trunk = trunk
+        self.num_prefix = trunk.num_prefix_tokens
+        self.norm_in_grid = trunk.global_pool == "avg"
+        self.last_block_tokens: list[int] = []
+
+    def _block(self, index: int, block: nn.Module, rope: Optional[torch.Tensor], x: torch.Tensor,
+               centers: Optional[torch.Tensor]) -> torch.Tensor:
+        if rope is not None and self.trunk.rope_mixed:
+            if centers is not None:
+                raise NotImplementedError("token clustering with per-depth ('mixed') RoPE")
+            rope = rope[index]
+        elif rope is not None and centers is not None:
+            rope = rope[centers].unsqueeze(1)  # (B, 1, K, dim): one position per representative
+        return _run(block, self.trunk.grad_checkpointing, x, rope=rope)
+
+    def forward(self, images: torch.Tensor, cluster: TokenClusterCfg | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) -> pooled (B, E) (not normalised), token grid (B, h, w, D)."""
+        t = self.trunk
+        h, w = t.patch_embed.grid_size
+        x = t.patch_embed(images)
+        x, rope = t._pos_embed(x)
+        x = t.norm_pre(x)
+        runners = [partial(self._block, i, blk, rope) for i, blk in enumerate(t.blocks)]
+        x, self.last_block_tokens = run_blocks_with_clustering(runners, x, self.num_prefix, (h, w), cluster)
+        normed = t.norm(x)
+        pooled = self.visual.head(t.forward_head(normed))
+        grid = (normed if self.norm_in_grid else x)[:, self.num_prefix:]
+        return pooled, grid.reshape(x.shape[0], h, w, -1)
+
+    def head(self, feats: torch.Tensor) -> torch.Tensor:
+        """Final norm + projection of the image path. (..., D) -> (..., E)."""
+        t = self.trunk
+        if not self.norm_in_grid:
+            feats = t.norm(feats)
+        return self.visual.head(t.head(t.head_drop(t.fc_norm(feats))))
+
+
+def make_token_adapter(visual: nn.Module) -> OpenClipViTTokens | TimmEvaTokens:
+    """Pick the token adapter for an open_clip vision tower."""
+    if isinstance(visual, VisionTransformer):
+        return OpenClipViTTokens(visual)
+    if isinstance(visual, TimmModel):
+        return TimmEvaTokens(visual)
+    raise NotImplementedError(f"no token-grid adapter for vision tower {type(visual).__name__}")
+
+
+class UMGCLIP(nn.Module):
+    """open_clip model + token grid, region embeddings and optional token clustering.
+
+    Args:
+        clip: an open_clip ``CLIP``/``CustomTextCLIP`` (``open_clip.create_model(...)``).
+        cluster: token clustering settings; None (or reduction 0) runs the plain tower.
+        region_output_size: RoIAlign output side (bins are averaged), see ``model.regions``.
+
+    The learnable temperature is the wrapped model's ``logit_scale`` (log scale, CLIP init
+    log(1/0.07)); :meth:`logit_scale_exp` clamps its exp at 100.
+    """
+
+    def __init__(self, clip: nn.Module, *, cluster: TokenClusterCfg | None = None, region_output_size: int = 1):
+        super().__init__()
+        self.clip = clip
+        self.cluster = cluster
+        self.region_output_size = region_output_size
+        self.tokens = make_token_adapter(clip.visual)  # plain object: parameters stay under clip.visual
+
+    def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) -> normalised image embeddings (B, E), visual token grid (B, h, w, D)."""
+        pooled, grid = self.tokens.forward(images, self.cluster)
+        return F.normalize(pooled, dim=-1), grid
+
+    def encode_regions(self, token_grid: torch.Tensor, boxes: torch.Tensor | Sequence[torch.Tensor],
+                       image_size: tuple[int, int]) -> torch.Tensor:
+        """Region embeddings from the token grid.
+
+        Args:
+            token_grid: (B, h, w, D) from :meth:`encode_image`.
+            boxes: (M, 5) rois ``[batch_idx, x1, y1, x2, y2]`` in input pixels, or a list of B
+                (N_i, 4) xyxy pixel boxes.
+            image_size: (H, W) of the input images.
+
+        Returns:
+            (M, E) normalised region embeddings (M may be 0).
+        """
+        feats = pool_region_features(token_grid, as_rois(boxes).to(token_grid.device), tuple(image_size),
+                                     output_size=self.region_output_size)
+        return F.normalize(self.tokens.head(feats), dim=-1)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(T, L) token ids -> (T, E) normalised text embeddings."""
+        return self.clip.encode_text(tokens, normalize=True)
+
+    def logit_scale_exp(self) -> torch.Tensor:
+        """exp(logit_scale) clamped at 100 (scalar)."""
+        return self.clip.logit_scale.exp().clamp(max=LOGIT_SCALE_MAX)
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """Clamp the log temperature to [0, log 100] in place (call after each optimizer step)."""
+        self.clip.logit_scale.clamp_(0, torch.log(torch.tensor(LOGIT_SCALE_MAX)).item())
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        caption_tokens: torch.Tensor,
+        rois: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        region_caption_tokens: torch.Tensor | None = None,
+        image_tag_tokens: torch.Tensor | None = None,
+        region_tag_tokens: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor | None]:
+        """Everything the UMG loss needs, in one forward (so DDP sees a single call).
+
+        Args:
+            images: (B, 3, H, W).
+            caption_tokens: (B, L) one image caption per image.
+            rois: (M, 5) rois or per-image box lists (see :meth:`encode_regions`).
+            region_caption_tokens: (M, L) one caption per region.
+            image_tag_tokens: (T, L) the batch's image-tag vocabulary.
+            region_tag_tokens: (T_r, L) the batch's region-tag vocabulary.
+
+        Returns:
+            dict with ``image_emb`` (B, E), ``caption_emb`` (B, E), ``region_emb`` (M, E),
+            ``region_caption_emb`` (M, E), ``image_tag_emb`` (T, E), ``region_tag_emb`` (T_r, E)
+            (None where the input was None) and ``logit_scale`` (scalar, exp'd and clamped). All
+            embeddings are L2-normalised; the keys match ``UMGLoss``'s arguments.
+        """
+        image_emb, grid = self.encode_image(images)
+        region_emb = self.encode_regions(grid, rois, images.shape[-2:]) if rois is not None else None
+        texts = {"caption_emb": caption_tokens, "region_caption_emb": region_caption_tokens,
+                 "image_tag_emb": image_tag_tokens, "region_tag_emb": region_tag_tokens}
+        present = {k: v for k, v in texts.items() if v is not None}
+        # One text-tower pass for all kinds of text.
+        text_emb = self.encode_text(torch.cat(list(present.values()), dim=0))
+        out: dict[str, torch.Tensor | None] = dict.fromkeys(texts)
+        out.update(zip(present, text_emb.split([v.shape[0] for v in present.values()])))
+        out.update(image_emb=image_emb, region_emb=region_emb, logit_scale=self.logit_scale_exp())
+        return out

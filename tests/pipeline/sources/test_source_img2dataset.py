@@ -1,0 +1,140 @@
+"""pipeline.sources.img2dataset.Img2DatasetSource: tars, parquet, single scan, broken containers."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+
+from pipeline.sources.base import Source
+from pipeline.sources.img2dataset import Img2DatasetSource
+
+
+def write_tar(path, samples: list[dict]) -> None:
+    with wds.TarWriter(str(path)) as sink:
+        for sample in samples:
+            sink.write(sample)
+
+
+@pytest.fixture
+def i2d_root(tmp_path, image_bytes):
+    """00000.tar (3 samples + a text-only one), its metadata parquet, and 00001.parquet with images."""
+    jpgs = {k: image_bytes(color=(i * 40, 0, 0)) for i, k in enumerate(["000000000", "000000001", "000000002"])}
+    write_tar(
+        tmp_path / "00000.tar",
+        [
+            {"__key__": "000000000", "jpg": jpgs["000000000"], "txt": "a red square", "json": b'{"caption": "x"}'},
+            {"__key__": "000000001", "jpg": jpgs["000000001"], "txt": b"caf\xe9 noir"},
+            {"__key__": "000000002", "jpg": jpgs["000000002"], "json": json.dumps({"caption": "from json"}).encode()},
+            {"__key__": "000000003", "txt": "caption but no image"},
+        ],
+    )
+    pq.write_table(pa.table({"key": ["000000000"], "status": ["success"]}), tmp_path / "00000.parquet")
+    png = image_bytes("PNG")
+    pq.write_table(
+        pa.table(
+            {
+                "key": ["000010001", "000010000"],
+                "url": ["http://x/1", "http://x/0"],
+                "caption": ["failed one", "a parquet picture"],
+                "status": ["failed_to_download", "success"],
+                "error_message": ["timeout", None],
+                "jpg": pa.array([None, png], type=pa.binary()),
+            }
+        ),
+        tmp_path / "00001.parquet",
+    )
+    return tmp_path, {**jpgs, "000010000": png}
+
+
+def test_lists_tar_and_image_parquet_refs_sorted(i2d_root) -> None:
+    root, _ = i2d_root
+    source = Img2DatasetSource(root)
+    assert isinstance(source, Source) and source.kind == "img2dataset"
+    assert source.containers() == ["00000.tar", "00001.parquet"]  # 00000.parquet is metadata only
+    refs = source.list_refs()
+    assert refs == [
+        "00000.tar/000000000",
+        "00000.tar/000000001",
+        "00000.tar/000000002",
+        "00000.tar/000000003",
+        "00001.parquet/000010000",
+        "00001.parquet/000010001",
+    ]
+    assert Img2DatasetSource(root).list_refs() == refs
+
+
+def test_reads_items_in_ref_order_with_captions(i2d_root) -> None:
+    root, jpgs = i2d_root
+    refs = ["00001.parquet/000010000", "00000.tar/000000002", "00000.tar/000000000", "00000.tar/000000001"]
+    items = list(Img2DatasetSource(root).read(refs))
+    assert [i.source_id for i in items] == refs
+    assert [i.key for i in items] == ["000010000", "000000002", "000000000", "000000001"]
+    assert [i.image_bytes for i in items] == [jpgs["000010000"], jpgs["000000002"], jpgs["000000000"], jpgs["000000001"]]
+    captions = [[(c.text, c.annotator) for c in i.known.captions] for i in items]
+    assert captions == [
+        [("a parquet picture", "alt_text")],
+        [("from json", "alt_text")],
+        [("a red square", "alt_text")],  # txt wins over json
+        [("caf\ufffd noir", "alt_text")],
+    ]
+    assert items[3].known.notes == ["not_utf8: 00000.tar/000000001.txt: invalid bytes replaced"]
+
+
+def test_missing_images_become_error_items(i2d_root) -> None:
+    root, _ = i2d_root
+    refs = ["00000.tar/000000003", "00001.parquet/000010001", "00000.tar/999", "nope.tar/1"]
+    items = list(Img2DatasetSource(root).read(refs))
+    assert [i.source_id for i in items] == refs
+    assert all(i.image_bytes is None for i in items)
+    assert items[0].error == "missing_image: 00000.tar/000000003"
+    assert items[0].known.captions[0].text == "caption but no image"
+    assert items[1].error == "missing_image: 00001.parquet/000010001 (status=failed_to_download: timeout)"
+    assert items[2].error == "missing_image: 00000.tar/999"
+    assert items[3].error == f"missing_image: {root / 'nope.tar'}"
+
+
+def test_each_tar_is_scanned_once_per_batch(i2d_root, monkeypatch) -> None:
+    root, _ = i2d_root
+    source = Img2DatasetSource(root)
+    refs = source.list_refs()
+    opened: list[str] = []
+    real_open = tarfile.open
+
+    def counting_open(name=None, *args, **kwargs):
+        opened.append(str(name))
+        return real_open(name, *args, **kwargs)
+
+    monkeypatch.setattr(tarfile, "open", counting_open)
+    interleaved = [refs[0], refs[4], refs[1], refs[5], refs[2]]
+    assert len(list(source.read(interleaved))) == 5
+    assert opened == [str(root / "00000.tar")]
+
+
+def test_corrupt_and_truncated_tars_surface_as_error_items(tmp_path, image_bytes) -> None:
+    (tmp_path / "00000.tar").write_bytes(b"this is not a tar archive at all" * 40)
+    big = [{"__key__": f"{i:03d}", "jpg": image_bytes(size=(64, 64)) + bytes(4000)} for i in range(3)]
+    write_tar(tmp_path / "00001.tar", big)
+    whole = (tmp_path / "00001.tar").read_bytes()
+    (tmp_path / "00001.tar").write_bytes(whole[: len(whole) // 2])
+    source = Img2DatasetSource(tmp_path)
+    refs = source.list_refs()
+    assert "00000.tar/" in refs and "00001.tar/" in refs and "00001.tar/000" in refs
+    items = {i.source_id: i for i in Img2DatasetSource(tmp_path).read(refs)}
+    assert len(items) == len(refs)
+    assert items["00000.tar/"].error.startswith("unreadable: 00000.tar: ")
+    assert items["00001.tar/"].error.startswith("unreadable: 00001.tar: ")
+    assert items["00001.tar/000"].error is None and items["00001.tar/000"].image_bytes == big[0]["jpg"]
+    assert all(i.key and i.key.replace("_", "").replace("-", "").isalnum() for i in items.values())
+
+
+def test_parquet_without_image_column_and_without_tar_is_reported(tmp_path) -> None:
+    pq.write_table(pa.table({"key": ["1"], "caption": ["x"]}), tmp_path / "meta.parquet")
+    source = Img2DatasetSource(tmp_path)
+    assert source.list_refs() == ["meta.parquet/"]
+    (item,) = source.read(["meta.parquet/"])
+    assert item.error == "unreadable: meta.parquet: no image column (looked for jpg, jpeg, png, webp)"
