@@ -1,0 +1,15 @@
+"""Annotation model backends, one module per kind, resolved from config by ``annotators.build``."""
+
+from annotators.base import AnnotatorError, DetectorOutput, MissingDependencyError, SegmentOutput, StuffSegment
+from annotators.registry import backends, build, register
+
+__all__ = [
+    "AnnotatorError",
+    "DetectorOutput",
+    "MissingDependencyError",
+    "SegmentOutput",
+    "StuffSegment",
+    "backends",
+    "build",
+    "register",
+]

@@ -194,7 +194,7 @@ class UMGLoss(nn.Module):
         world, _ = _world(self.group)
         if world > 1:
             region_emb, region_caption_emb, image_tag_emb, region_tag_emb, image_emb, caption_emb = (
-                None if t is None else _ScaleGrad.apply(t, 1.0)
+                None if t is None else _ScaleGrad.apply(t, float(world))
                 for t in (region_emb, region_caption_emb, image_tag_emb, region_tag_emb, image_emb, caption_emb))
         if region_emb is None:
             region_emb = region_caption_emb = image_emb.new_zeros(0, image_emb.shape[1])

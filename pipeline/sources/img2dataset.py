@@ -75,7 +75,7 @@ class Img2DatasetSource:
         refs: set[str] = set()
         for name in self.containers():
             try:
-                keys = self._tar_keys(name) if name.endswith(".tar") else self._parquet_keys(name)
+                keys = self._keys(name)
             except _ListingError as exc:
                 keys = exc.keys
                 self._listing_errors[name] = exc.reason
@@ -113,6 +113,11 @@ class Img2DatasetSource:
             return found, f"missing_image: {path}"
         except (OSError, tarfile.TarError, EOFError, ValueError) as exc:  # pyarrow errors are OSError/ValueError
             return found, f"unreadable: {container}: {exc}"
+        if "" in keys and container not in self._listing_errors:  # a container ref read by a fresh instance
+            try:
+                self._keys(container)
+            except _ListingError as exc:
+                self._listing_errors[container] = exc.reason
         return found, self._listing_errors.get(container)
 
     def _item(self, ref: str, key: str, members: _Members | None, scan_error: str | None) -> SourceItem:
@@ -133,6 +138,10 @@ class Img2DatasetSource:
             detail = f" (status={_as_text(status)}: {_as_text(members.get('error_message'))})" if status else ""
             return SourceItem(item_id, ref, None, known, error=f"missing_image: {ref}{detail}")
         return SourceItem(item_id, ref, bytes(image), known)
+
+    def _keys(self, container: str) -> list[str]:
+        """Sample keys of one container; raises ``_ListingError`` (with the keys read so far) when broken."""
+        return self._tar_keys(container) if container.endswith(".tar") else self._parquet_keys(container)
 
     # --- tar -------------------------------------------------------------------------------------
 

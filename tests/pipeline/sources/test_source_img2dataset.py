@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
+from data_schemas import KEY_PATTERN
 from pipeline.sources.base import Source
 from pipeline.sources.img2dataset import Img2DatasetSource
 
@@ -129,12 +130,12 @@ def test_corrupt_and_truncated_tars_surface_as_error_items(tmp_path, image_bytes
     assert items["00000.tar/"].error.startswith("unreadable: 00000.tar: ")
     assert items["00001.tar/"].error.startswith("unreadable: 00001.tar: ")
     assert items["00001.tar/000"].error is None and items["00001.tar/000"].image_bytes == big[0]["jpg"]
-    assert all(i.key and i.key.replace("_", "").replace("-", "").isalnum() for i in items.values())
+    assert all(KEY_PATTERN.match(i.key) for i in items.values())
 
 
 def test_parquet_without_image_column_and_without_tar_is_reported(tmp_path) -> None:
     pq.write_table(pa.table({"key": ["1"], "caption": ["x"]}), tmp_path / "meta.parquet")
-    source = Img2DatasetSource(tmp_path)
-    assert source.list_refs() == ["meta.parquet/"]
-    (item,) = source.read(["meta.parquet/"])
+    assert Img2DatasetSource(tmp_path).list_refs() == ["meta.parquet/"]
+    (item,) = Img2DatasetSource(tmp_path).read(["meta.parquet/"])  # a fresh reader, as on a worker
     assert item.error == "unreadable: meta.parquet: no image column (looked for jpg, jpeg, png, webp)"
+    assert KEY_PATTERN.match(item.key)

@@ -1,0 +1,118 @@
+"""The annotator contract shared by every kind (tagger, captioner, scorer, detector, ...).
+
+Every backend is a class that:
+
+- is built from a plain config mapping by ``from_config(cfg)`` (keyword-only ``__init__`` otherwise);
+- loads its model once in ``load()`` (called by the worker that owns it, never at import or init);
+- annotates a *batch* in ``__call__`` and returns one result per input, in order;
+- names itself: ``name`` (the registry backend name) and ``version`` (what produced the output:
+  model path or hub id and revision), recorded as ``provenance[stage] = f"{name}@{version}"``;
+- provides ``create_tiny(out_dir) -> dict`` (a classmethod) that writes a tiny random-initialised
+  model with the library's own config classes and returns the config that loads it — used by tests
+  and by ``configs/smoke.yaml``; never used to fake a real model.
+
+Annotators import only ``data_schemas`` (and their model libraries, lazily inside ``load``).
+Images are PIL RGB images; boxes are ``float32`` arrays ``(N, 4)`` xyxy in pixels of that image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import numpy as np
+from PIL import Image
+
+
+class AnnotatorError(RuntimeError):
+    """A backend cannot be built or loaded (bad config, missing files, missing optional package)."""
+
+
+class MissingDependencyError(AnnotatorError):
+    """An optional backend's package is not installed; the message names the extra / docker image."""
+
+
+@dataclass
+class DetectorOutput:
+    """Detections for one image: ``boxes_xyxy`` (N, 4) float32 pixels, ``scores`` (N,), ``labels`` (N)."""
+
+    boxes_xyxy: np.ndarray
+    scores: np.ndarray
+    labels: list[str]
+
+    def __post_init__(self) -> None:
+        self.boxes_xyxy = np.asarray(self.boxes_xyxy, dtype=np.float32).reshape(-1, 4)
+        self.scores = np.asarray(self.scores, dtype=np.float32).reshape(-1)
+        if not (len(self.boxes_xyxy) == len(self.scores) == len(self.labels)):
+            raise ValueError(
+                f"detector output lengths differ: boxes {len(self.boxes_xyxy)}, scores {len(self.scores)}, "
+                f"labels {len(self.labels)}"
+            )
+
+
+@dataclass
+class SegmentOutput:
+    """Masks for one image: ``masks`` (N, H, W) bool, ``scores`` (N,) float32 (model's own quality score)."""
+
+    masks: np.ndarray
+    scores: np.ndarray
+
+
+@dataclass
+class StuffSegment:
+    """One background segment: ``mask`` (H, W) bool with its class ``label`` and ``score``."""
+
+    label: str
+    mask: np.ndarray
+    score: float = 1.0
+
+
+@dataclass
+class BackendInfo:
+    name: str
+    version: str
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Annotator(Protocol):
+    """What every backend offers; per-kind call signatures are in ``annotators.kinds``."""
+
+    kind: ClassVar[str]
+    name: ClassVar[str]
+
+    @property
+    def version(self) -> str: ...
+
+    def load(self) -> None: ...
+
+    def __call__(self, *batch: Sequence[Any]) -> list[Any]: ...
+
+
+# Per-kind batched call signatures (documentation + runtime checks in tests):
+#   tagger(images)                      -> list[list[data_schemas.Tag]]
+#   captioner(images)                   -> list[list[data_schemas.Caption]]        (kept=True, clip_score=None)
+#   scorer(images, texts_per_image)     -> list[np.ndarray (T_i,)]                 (image-text cosine similarity)
+#   detector(images)                    -> list[DetectorOutput]
+#   region_captioner(images, boxes)     -> list[list[list[data_schemas.RegionCaption]]]   (per image, per box)
+#   segmenter(images, boxes)            -> list[SegmentOutput]                     (one mask per box)
+#   background(images)                  -> list[list[StuffSegment]]
+KINDS = ("tagger", "captioner", "scorer", "detector", "region_captioner", "segmenter", "background")
+
+
+def check_batch(images: Sequence[Image.Image], *others: Sequence[Any]) -> None:
+    """Raise ``ValueError`` unless every per-image argument has one entry per image."""
+    for other in others:
+        if len(other) != len(images):
+            raise ValueError(f"batch has {len(images)} images but {len(other)} entries of a per-image argument")
+
+
+def require(module: str, extra: str):
+    """Import ``module`` or raise ``MissingDependencyError`` telling how to get it (``extra``)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingDependencyError(f"{module} is not installed: {extra}") from exc
