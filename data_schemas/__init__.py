@@ -1,6 +1,15 @@
 """Records, manifests and configs shared by every stage. Imports nothing of ours."""
 
-from data_schemas.config import BuildConfig, ConfigError, ImageLimits, SourceConfig, load_config
+from data_schemas.config import (
+    AnnotateConfig,
+    BuildConfig,
+    ConfigError,
+    ImageLimits,
+    MergeConfig,
+    SourceConfig,
+    StabilityConfig,
+    load_config,
+)
 from data_schemas.manifest import BUILD_MANIFEST_SCHEMA, COUNT_FIELDS, SHARD_ROW_SCHEMA, ShardRow, ShardStats
 from data_schemas.record import (
     KEY_PATTERN,
@@ -17,6 +26,9 @@ from data_schemas.record import (
 )
 
 __all__ = [
+    "AnnotateConfig",
+    "MergeConfig",
+    "StabilityConfig",
     "BUILD_MANIFEST_SCHEMA",
     "COUNT_FIELDS",
     "KEY_PATTERN",

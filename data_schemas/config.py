@@ -33,13 +33,57 @@ class SourceConfig(_Config):
     image_dir: Path | None = Field(default=None, description="image folder for COCO / VG annotations")
 
 
+BackendConfig = dict[str, Any]
+"""One annotator backend: ``{"backend": name, ...backend keys}``; the backend's ``from_config`` validates it."""
+
+
+class MergeConfig(_Config):
+    """Paper §3: drop boxes under ``score_threshold`` (0.3), then NMS across both detectors."""
+
+    score_threshold: float = Field(default=0.3, ge=0.0, le=1.0)
+    iou_threshold: float = Field(default=0.5, gt=0.0, le=1.0, description="not given in the paper")
+    class_aware: bool = True
+    max_regions: int = Field(default=50, gt=0, description="highest-scoring boxes kept per image")
+    min_box_side: float = Field(default=2.0, ge=0.0, description="pixels; smaller boxes are dropped")
+
+
+class CaptionFilterConfig(_Config):
+    """CLIP-score caption filter; the paper gives no threshold."""
+
+    threshold: float = Field(default=0.2, ge=-1.0, le=1.0, description="cosine similarity; below -> kept: false")
+
+
+class StabilityConfig(_Config):
+    """Box-jitter mask stability (paper App. C); offsets and threshold are not given in the paper."""
+
+    offsets: list[float] = Field(default_factory=lambda: [2.0, 4.0, 8.0], min_length=1)
+    threshold: float = Field(default=0.8, ge=0.0, le=1.0)
+
+
+class AnnotateConfig(_Config):
+    """The annotation stage chain; a stage whose backend is absent (null / empty) is skipped."""
+
+    tagger: BackendConfig | None = None
+    captioners: dict[str, BackendConfig] = Field(default_factory=dict, description="name -> backend config")
+    scorer: BackendConfig | None = None
+    caption_filter: CaptionFilterConfig = Field(default_factory=CaptionFilterConfig)
+    detectors: dict[str, BackendConfig] = Field(default_factory=dict, description="name -> backend config")
+    merge: MergeConfig = Field(default_factory=MergeConfig)
+    region_captioners: dict[str, BackendConfig] = Field(default_factory=dict)
+    segmenter: BackendConfig | None = None
+    stability: StabilityConfig | None = Field(default_factory=StabilityConfig, description="null skips jitter")
+    background: BackendConfig | None = None
+    keep_known: bool = Field(default=True, description="keep annotations that came with the input")
+
+
 class BuildConfig(_Config):
-    """Everything a build needs besides the annotators (added by the annotation stage configs)."""
+    """Everything a build needs: where inputs come from, how they are sharded, and the annotators."""
 
     source: SourceConfig = Field(default_factory=SourceConfig)
     output: Path | None = None
     shard_size: int = Field(default=256, gt=0, description="inputs per shard; fixes the deterministic plan")
     images: ImageLimits = Field(default_factory=ImageLimits)
+    annotate: AnnotateConfig | None = Field(default=None, description="null: ground truth only (no models)")
 
 
 class ConfigError(ValueError):

@@ -64,16 +64,20 @@ def pool_region_features(
     Returns:
         (M, D) pooled region features (the token grid's dtype).
     """
-    b, h, w, d = token_grid.shape
+    b, h, w = token_grid.shape[:3]
     if rois.numel() and (rois[:, 0].min() < 0 or rois[:, 0].max() >= b):
         raise ValueError(f"roi batch indices must lie in [0, {b}), got {rois[:, 0].unique().tolist()}")
     img_h, img_w = image_size
-    # Per-axis scale (roi_align's spatial_scale is one number; grids need not be square).
-    scale = rois.new_tensor([1.0, w / img_w, h / img_h, w / img_w, h / img_h])
+    # Per-axis (roi_align's spatial_scale is one number; grids need not be square), and x * w / W rather than
+    # x * (w / W): the latter is off by an ulp for e.g. 14 * (8 / 112), and adaptive sampling then takes
+    # ceil(1 + ε) = 2 samples per cell instead of 1.
+    rois = rois.float()
+    grid_wh, image_wh = rois.new_tensor([w, h, w, h]), rois.new_tensor([img_w, img_h, img_w, img_h])
+    grid_rois = torch.cat([rois[:, :1], rois[:, 1:] * grid_wh / image_wh], dim=1)
     # float32 like torchvision's autocast rule for roi_align: bf16 box coordinates would snap to 1/4 cell.
     feats = token_grid.permute(0, 3, 1, 2).float()  # (B, D, h, w)
     pooled = roi_align(
-        feats, rois.float() * scale.float(), output_size=output_size, spatial_scale=1.0,
+        feats, grid_rois, output_size=output_size, spatial_scale=1.0,
         sampling_ratio=sampling_ratio, aligned=True,
     )  # (M, D, s, s)
     return pooled.mean(dim=(2, 3)).to(token_grid.dtype)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 # A block runner gets the current sequence (B, P + n, D) and, once clustering has happened, the grid
 # index of each representative's centre token (B, K) (None before), so position-dependent blocks
 # (e.g. EVA02's rotary embedding) can look up the representative's position.
-BlockRunner = Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+BlockRunner = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 @dataclass(frozen=True)

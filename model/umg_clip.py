@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -121,8 +120,8 @@ class TimmEvaTokens:
         self.norm_in_grid = trunk.global_pool == "avg"
         self.last_block_tokens: list[int] = []
 
-    def _block(self, index: int, block: nn.Module, rope: Optional[torch.Tensor], x: torch.Tensor,
-               centers: Optional[torch.Tensor]) -> torch.Tensor:
+    def _block(self, index: int, block: nn.Module, rope: torch.Tensor | None, x: torch.Tensor,
+               centers: torch.Tensor | None) -> torch.Tensor:
         if rope is not None and self.trunk.rope_mixed:
             if centers is not None:
                 raise NotImplementedError("token clustering with per-depth ('mixed') RoPE")

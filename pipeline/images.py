@@ -15,7 +15,6 @@ left-right, 3 rotate 180, 4 mirror top-bottom, 5 transpose, 6 rotate 90 clockwis
 from __future__ import annotations
 
 import io
-import logging
 import struct
 import warnings
 from collections.abc import Callable
@@ -24,12 +23,10 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from pycocotools import mask as mask_utils
 
 from data_schemas import RLE, ImageLimits
+from pipeline.masks import decode_mask, encode_mask
 from pipeline.sources.base import KnownAnnotations
-
-log = logging.getLogger(__name__)
 
 REASON_TAGS = ("empty", "not_an_image", "truncated", "too_large", "corrupt", "unsupported_mode")
 EXIF_ORIENTATION_TAG = 0x0112
@@ -44,8 +41,9 @@ _TRANSPOSE = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
-# Magic numbers of formats we read: an unidentifiable file starting with one of these was cut short.
-_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+# Unambiguous magic numbers (JPEG, PNG, GIF, TIFF; WebP is checked at offset 8): an unidentifiable file
+# starting with one was cut inside its header. BMP's 2-byte "BM" is left out: plain text can start so.
+_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*")
 # Exceptions PIL plugins raise on malformed data (besides OSError); anything else is a real bug.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, TypeError, ZeroDivisionError)
 
@@ -302,10 +300,7 @@ def transform_rle_for_orientation(rle: RLE, orientation: int) -> RLE:
     """Same as ``transform_mask_for_orientation`` for a COCO RLE (``size`` = [h, w])."""
     if orientation == 1:
         return rle
-    mask = mask_utils.decode({"size": list(rle.size), "counts": rle.counts.encode("ascii")})
-    moved = transform_mask_for_orientation(mask, orientation)
-    encoded = mask_utils.encode(np.asfortranarray(moved.astype(np.uint8)))
-    return RLE(size=(int(encoded["size"][0]), int(encoded["size"][1])), counts=encoded["counts"].decode("ascii"))
+    return encode_mask(transform_mask_for_orientation(decode_mask(rle), orientation))
 
 
 def transform_known_for_orientation(

@@ -13,38 +13,36 @@ become an ``error`` row in the shard.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from data_schemas import ImageLimits, ImageRecord, Mask, Region
+from data_schemas import ImageLimits, ImageRecord, Region
 from pipeline.filters import clip_boxes_to_image
-from pipeline.images import DecodedImage, decode_image, transform_boxes_for_orientation, transform_mask_for_orientation
-from pipeline.masks import decode_mask, encode_mask
+from pipeline.images import DecodedImage, decode_image, transform_known_for_orientation
 from pipeline.sources.base import KnownAnnotations, SourceItem
 
 
 @dataclass
 class IngestedItem:
-    """A decoded input ready for annotation: the RGB image, the bytes to store and the record so far."""
+    """A decoded input ready for annotation: the RGB image, the bytes to store and the record so far.
+
+    ``error`` is set when an annotation stage failed on this image (it then becomes an error row);
+    ``scratch`` carries intermediate stage outputs (raw detections, unfiltered masks) between stages.
+    """
 
     decoded: DecodedImage
     record: ImageRecord
     notes: list[str]
-
-
-def _reorient_mask(mask: Mask, decoded: DecodedImage) -> Mask:
-    pixels = transform_mask_for_orientation(decode_mask(mask.rle), decoded.orientation)
-    return mask.model_copy(update={"rle": encode_mask(pixels)})
+    error: str | None = None
+    scratch: dict = field(default_factory=dict)
 
 
 def _fit_regions(regions: list[Region], decoded: DecodedImage, notes: list[str]) -> list[Region]:
-    """Rotate with EXIF, clip to the image, drop empty boxes and wrongly sized masks."""
+    """Clip upright boxes to the image, drop empty boxes and wrongly sized masks."""
     if not regions:
         return []
     boxes = np.array([r.box_xyxy for r in regions], dtype=np.float64).reshape(-1, 4)
-    if decoded.orientation != 1:
-        boxes = transform_boxes_for_orientation(boxes, decoded.orientation, decoded.original_size)
     clipped, valid = clip_boxes_to_image(boxes, decoded.width, decoded.height)
     fitted = []
     for region, box, raw, ok in zip(regions, np.asarray(clipped), boxes, np.asarray(valid)):
@@ -55,8 +53,6 @@ def _fit_regions(regions: list[Region], decoded: DecodedImage, notes: list[str])
             notes.append(f"clipped region {region.id} box {np.round(raw, 2).tolist()} to the image")
         update: dict = {"box_xyxy": tuple(float(v) for v in box)}
         mask = region.mask
-        if mask is not None and decoded.orientation != 1:
-            mask = _reorient_mask(mask, decoded)
         if mask is not None and tuple(mask.rle.size) != (decoded.height, decoded.width):
             notes.append(f"dropped mask of region {region.id}: size {list(mask.rle.size)} != image")
             mask = None
@@ -68,9 +64,6 @@ def _fit_regions(regions: list[Region], decoded: DecodedImage, notes: list[str])
 def _fit_background(known: KnownAnnotations, decoded: DecodedImage, notes: list[str]) -> list:
     kept = []
     for bg in known.background:
-        if decoded.orientation != 1:
-            pixels = transform_mask_for_orientation(decode_mask(bg.rle), decoded.orientation)
-            bg = bg.model_copy(update={"rle": encode_mask(pixels)})
         if tuple(bg.rle.size) != (decoded.height, decoded.width):
             notes.append(f"dropped background {bg.label!r}: mask size {list(bg.rle.size)} != image")
             continue
@@ -88,7 +81,10 @@ def ingest_item(item: SourceItem, source_kind: str, limits: ImageLimits) -> Inge
     if item.error is not None or item.image_bytes is None:
         raise ValueError(item.error or "missing_image: source gave no bytes")
     decoded = decode_image(item.image_bytes, limits)
-    notes = list(getattr(item.known, "notes", []))
+    known = item.known
+    if decoded.orientation != 1:
+        known = transform_known_for_orientation(known, decoded.orientation, decoded.original_size)
+    notes = list(known.notes)
     record = ImageRecord(
         key=item.key,
         source=source_kind,
@@ -96,11 +92,11 @@ def ingest_item(item: SourceItem, source_kind: str, limits: ImageLimits) -> Inge
         width=decoded.width,
         height=decoded.height,
         sha256=hashlib.sha256(decoded.jpg).hexdigest(),
-        tags=item.known.tags,
-        captions=item.known.captions,
-        regions=_fit_regions(item.known.regions, decoded, notes),
-        background=_fit_background(item.known, decoded, notes),
-        provenance={"source": source_kind} if _has_annotations(item.known) else {},
+        tags=known.tags,
+        captions=known.captions,
+        regions=_fit_regions(known.regions, decoded, notes),
+        background=_fit_background(known, decoded, notes),
+        provenance={"source": source_kind} if _has_annotations(known) else {},
     )
     return IngestedItem(decoded=decoded, record=record, notes=notes)
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_schemas import ImageLimits, ShardStats
+from data_schemas import ImageLimits, ImageRecord, ShardStats
 from pipeline.images import ImageError
 from pipeline.ingest import IngestedItem, ingest_item
 from pipeline.shards import ShardError, ShardWriter, discard_partial, finished_shards, taken_keys, write_build_manifest
@@ -72,6 +72,15 @@ def _error_reason(exc: Exception) -> str:
     return f"internal: {type(exc).__name__}: {exc}"
 
 
+def _revalidate(item: IngestedItem) -> None:
+    """Stages assign record fields without validation; check the final record once before writing."""
+    if item.error is None:
+        try:
+            item.record = ImageRecord.model_validate(item.record.model_dump())
+        except ValueError as exc:
+            item.error = f"invalid_record: {exc}"
+
+
 def process_shard(
     source: Source,
     shard: InputShard,
@@ -95,8 +104,13 @@ def process_shard(
             raise ShardError(f"source {source.kind} yielded {n_items} items for {len(shard.refs)} refs")
         if annotate is not None and ingested:
             ingested = annotate(ingested)
+            for done in ingested:
+                _revalidate(done)
         for done in ingested:
-            writer.write(done.record, done.decoded.jpg, notes="; ".join(done.notes) or None)
+            if done.error is not None:
+                writer.write_error(done.record.key, done.record.source_id, done.error)
+            else:
+                writer.write(done.record, done.decoded.jpg, notes="; ".join(done.notes) or None)
         return writer.commit()
 
 

@@ -138,22 +138,24 @@ class CocoSource:
         data = load_json(self.annotations_json)
         if not isinstance(data, dict) or not isinstance(data.get("images"), list):
             raise ValueError(f"{self.annotations_json}: not a COCO instances file (no 'images' list)")
-        self._categories = {c.get("id"): str(c.get("name", "")) for c in data.get("categories", [])}
-        for ann in data.get("annotations", []):
-            self._anns[ann.get("image_id")].append(ann)
-        if self.captions_json is not None:
-            captions = load_json(self.captions_json)
-            if not isinstance(captions, dict):
-                raise ValueError(f"{self.captions_json}: not a COCO captions file (no 'annotations' list)")
+        captions = load_json(self.captions_json) if self.captions_json is not None else {"annotations": []}
+        if not isinstance(captions, dict):
+            raise ValueError(f"{self.captions_json}: not a COCO captions file (no 'annotations' list)")
+        images: dict[str, dict[str, Any]] = {}
+        try:
+            self._categories = {c.get("id"): str(c.get("name", "")) for c in data.get("categories", [])}
+            for ann in data.get("annotations", []):
+                self._anns[ann.get("image_id")].append(ann)
             for entry in captions.get("annotations", []):
                 self._captions[entry.get("image_id")].append(entry.get("caption"))
-        images: dict[str, dict[str, Any]] = {}
-        for image in data["images"]:
-            ref = image_ref(image.get("id"))
-            if ref in images:
-                log.warning("%s: duplicate image id %s; keeping the first entry", self.annotations_json, ref)
-                continue
-            images[ref] = image
+            for image in data["images"]:
+                ref = image_ref(image.get("id"))
+                if ref in images:
+                    log.warning("%s: duplicate image id %s; keeping the first entry", self.annotations_json, ref)
+                    continue
+                images[ref] = image
+        except (AttributeError, TypeError) as exc:  # an entry that is not an object
+            raise ValueError(f"{self.annotations_json}: malformed COCO entry: {exc}") from exc
         self._images = images
         return images
 
@@ -172,12 +174,17 @@ class CocoSource:
                 yield SourceItem(item_key(f"coco-{ref}"), ref, None, error=f"{problem} ({ref})")
                 continue
             key = item_key(str(PurePosixPath(file_name).with_suffix("")))
-            yield read_file_item(key, file_name, self.image_dir / file_name, self._known(image))
+            try:
+                known = self._known(image)
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:  # read() must not raise per input
+                yield SourceItem(key, file_name, None, error=f"bad_annotation: image {ref}: {_short(exc)}")
+                continue
+            yield read_file_item(key, file_name, self.image_dir / file_name, known)
 
     def _known(self, image: dict[str, Any]) -> KnownAnnotations:
         known = KnownAnnotations()
         height, width = image.get("height"), image.get("width")
-        extension = image.get("umg") or {}
+        extension = _extension(image)
         try:
             known.tags = _tags(extension.get("tags"))
         except (ValidationError, KeyError, TypeError, AttributeError) as exc:
@@ -219,7 +226,7 @@ class CocoSource:
                 mask = Mask(rle=rle, annotator=GROUND_TRUTH)
             except (ValidationError, ValueError, TypeError) as exc:
                 notes.append(f"{where}: mask dropped: {_short(exc)}")
-        extension = ann.get("umg") or {}
+        extension = _extension(ann)
         try:
             captions = [RegionCaption(text=t, annotator=GROUND_TRUTH) for t in extension.get("captions") or []]
             tags = _tags(extension.get("tags"))
@@ -228,6 +235,11 @@ class CocoSource:
         except (ValidationError, KeyError, TypeError, AttributeError) as exc:
             notes.append(f"skipped {where}: {_short(exc)}")
             return None
+
+
+def _extension(entry: dict[str, Any]) -> dict[str, Any]:
+    extension = entry.get("umg")
+    return extension if isinstance(extension, dict) else {}
 
 
 def image_ref(image_id: Any) -> str:
@@ -242,4 +254,6 @@ def _short(exc: Exception) -> str:
     if isinstance(exc, ValidationError):
         err = exc.errors()[0]
         return f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+    if isinstance(exc, KeyError):
+        return f"missing field {exc.args[0]!r}"
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -15,15 +15,12 @@ a caption with a few bad bytes is still worth keeping, and a non-UTF-8 sidecar n
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePosixPath
 
 from data_schemas import Caption, sanitize_key
 from pipeline.sources.base import KnownAnnotations, SourceItem
-
-log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 ALT_TEXT = "alt_text"

@@ -16,7 +16,8 @@ an image column for ``output_format=parquet``). A parquet file without an image 
   ``unreadable:`` error item, so the problem reaches the shard's error rows instead of vanishing.
 * Text is decoded as UTF-8 with invalid bytes replaced (noted in ``known.notes``).
 
-``read`` scans each container at most once per call, keeping only the members the batch asks for.
+``read`` opens each container at most once per call and keeps only the members the batch asks for; tars
+are read in random-access mode, so listing and reading seek over the members they do not need.
 """
 
 from __future__ import annotations
@@ -148,7 +149,7 @@ class Img2DatasetSource:
     def _tar_keys(self, name: str) -> list[str]:
         keys: list[str] = []
         try:
-            with tarfile.open(self.root / name, mode="r|*") as tar:
+            with tarfile.open(self.root / name, mode="r:*") as tar:
                 for member in tar:
                     split = _split_member(member.name) if member.isfile() else None
                     if split and (not keys or keys[-1] != split[0]):
@@ -159,7 +160,7 @@ class Img2DatasetSource:
 
     @staticmethod
     def _scan_tar(path: Path, keys: set[str], found: dict[str, _Members]) -> None:
-        with tarfile.open(path, mode="r|*") as tar:
+        with tarfile.open(path, mode="r:*") as tar:
             for member in tar:
                 split = _split_member(member.name) if member.isfile() else None
                 if split is None or split[0] not in keys:

@@ -42,7 +42,7 @@ def test_tag_loss_hand_computed_with_overlapping_tags():
 
 def test_umg_loss_names_lambdas_and_total():
     torch.manual_seed(0)
-    e = lambda n: F.normalize(torch.randn(n, 8), dim=-1)  # noqa: E731
+    e = lambda n: F.normalize(torch.randn(n, 8), dim=-1)
     img, cap, reg, regcap, tags, rtags = e(4), e(4), e(5), e(5), e(3), e(2)
     it, rt = torch.randint(0, 2, (4, 3)).float(), torch.randint(0, 2, (5, 2)).float()
     base = UMGLoss()(img, cap, reg, regcap, tags, it, rtags, rt, torch.tensor(10.0))
@@ -83,20 +83,32 @@ class _Towers(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def forward(self, batch):
-        img = lambda x: F.normalize(self.image(x), dim=-1)  # noqa: E731
-        txt = lambda x: F.normalize(self.text(x), dim=-1)  # noqa: E731
-        return dict(image_emb=img(batch["images"]), caption_emb=txt(batch["captions"]),
-                    region_emb=img(batch["regions"]), region_caption_emb=txt(batch["region_captions"]),
-                    image_tag_emb=txt(batch["tags"]), image_tag_targets=batch["image_tag_targets"],
-                    region_tag_emb=txt(batch["tags"][:2]), region_tag_targets=batch["region_tag_targets"],
-                    logit_scale=self.logit_scale.exp())
+        def img(x):
+            return F.normalize(self.image(x), dim=-1)
+
+        def txt(x):
+            return F.normalize(self.text(x), dim=-1)
+
+        return {
+            "image_emb": img(batch["images"]), "caption_emb": txt(batch["captions"]),
+            "region_emb": img(batch["regions"]), "region_caption_emb": txt(batch["region_captions"]),
+            "image_tag_emb": txt(batch["tags"]), "image_tag_targets": batch["image_tag_targets"],
+            "region_tag_emb": txt(batch["tags"][:2]), "region_tag_targets": batch["region_tag_targets"],
+            "logit_scale": self.logit_scale.exp(),
+        }
 
 
 def _global_batch(regions: int, b: int = 2):
     g = torch.Generator().manual_seed(regions)
-    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    return dict(images=r(2 * b, 6), captions=r(2 * b, 5), regions=r(regions, 6), region_captions=r(regions, 5),
-                tags=r(3, 5), image_tag_targets=(r(2 * b, 3) > 0).float(), region_tag_targets=(r(regions, 2) > 0).float())
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    return {
+        "images": r(2 * b, 6), "captions": r(2 * b, 5), "tags": r(3, 5),
+        "regions": r(regions, 6), "region_captions": r(regions, 5),
+        "image_tag_targets": (r(2 * b, 3) > 0).float(), "region_tag_targets": (r(regions, 2) > 0).float(),
+    }
 
 
 def _rank_batch(split, rank: int, b: int = 2):
@@ -104,9 +116,10 @@ def _rank_batch(split, rank: int, b: int = 2):
     lo = sum(split[:rank])
     regions = slice(lo, lo + split[rank])
     images = slice(rank * b, (rank + 1) * b)
-    return dict(images=full["images"][images], captions=full["captions"][images], tags=full["tags"],
-                image_tag_targets=full["image_tag_targets"][images], regions=full["regions"][regions],
-                region_captions=full["region_captions"][regions], region_tag_targets=full["region_tag_targets"][regions])
+    per_image = ("images", "captions", "image_tag_targets")
+    per_region = ("regions", "region_captions", "region_tag_targets")
+    return {"tags": full["tags"], **{k: full[k][images] for k in per_image},
+            **{k: full[k][regions] for k in per_region}}
 
 
 def _loss_and_grads(batch):

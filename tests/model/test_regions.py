@@ -32,6 +32,10 @@ def test_one_cell_box_gives_that_token_exactly():
     pooled = pool_region_features(grid, rois, (64, 96))
     expected = torch.stack([grid[0, 2, 1], grid[1, 0, 5], grid[1, 3, 0]])
     assert torch.equal(pooled, expected)
+    # patch 14 at 112 px: 14 * (8 / 112) is not exactly 1 in float32, 14 * 8 / 112 is
+    grid = torch.randn(1, 8, 8, 4)
+    pooled = pool_region_features(grid, torch.tensor([[0, 14.0, 28, 28, 42], [0, 98, 98, 112, 112]]), (112, 112))
+    assert torch.equal(pooled, torch.stack([grid[0, 2, 1], grid[0, 7, 7]]))
 
 
 def test_whole_cell_box_averages_covered_tokens():
@@ -64,9 +68,9 @@ def test_model_region_of_one_cell_is_that_tokens_projection(vit):
 
 def test_avg_pool_tower_whole_image_region_equals_image_embedding():
     torch.manual_seed(0)
-    clip = CLIP(embed_dim=32, vision_cfg=dict(image_size=64, layers=1, width=32, head_width=16, patch_size=16,
-                                              pool_type="avg"),
-                text_cfg=dict(context_length=8, vocab_size=100, width=32, heads=2, layers=1))
+    vision_cfg = {"image_size": 64, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16, "pool_type": "avg"}
+    text_cfg = {"context_length": 8, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1}
+    clip = CLIP(embed_dim=32, vision_cfg=vision_cfg, text_cfg=text_cfg)
     model = UMGCLIP(clip).eval()
     with torch.no_grad():
         emb, grid = model.encode_image(torch.randn(2, 3, 64, 64))
@@ -96,7 +100,7 @@ def test_resize_boxes_follow_the_drawn_rectangle():
     new, keep = resize_boxes(box, (60, 80), (90, 40))
     assert keep.tolist() == [True] and new.tolist() == [[5.0, 30.0, 25.0, 67.5]]
     _assert_bounds(new[0], out)
-    tiny, keep = resize_boxes(torch.tensor([[10.0, 20, 11, 21]]), (60, 80), (6, 8))  # shrinks below 1 px
+    _tiny, keep = resize_boxes(torch.tensor([[10.0, 20, 11, 21]]), (60, 80), (6, 8))  # shrinks below 1 px
     assert keep.tolist() == [False]
 
 

@@ -16,7 +16,7 @@ def test_cfg_validation_and_kept_count():
     assert TokenClusterCfg(reduction=0.75).num_kept(64) == 16
     assert TokenClusterCfg(reduction=0.0).num_kept(64) == 64
     assert TokenClusterCfg(reduction=0.9).num_kept(3) == 1
-    for bad in (dict(reduction=0.95), dict(reduction=-0.1), dict(layer=-1), dict(k_neighbors=0)):
+    for bad in ({"reduction": 0.95}, {"reduction": -0.1}, {"layer": -1}, {"k_neighbors": 0}):
         with pytest.raises(ValueError):
             TokenClusterCfg(**bad)
 

@@ -117,17 +117,16 @@ def test_checkpoint_round_trips(tmp_path, vit):
 def test_unsupported_towers_fail_loudly():
     with pytest.raises(NotImplementedError, match="Linear"):
         make_token_adapter(torch.nn.Linear(2, 2))
-    text_cfg = dict(context_length=8, vocab_size=100, width=32, heads=2, layers=1)
-    attn_pool = CLIP(embed_dim=32, vision_cfg=dict(image_size=32, layers=1, width=32, head_width=16, patch_size=16,
-                                                   attentional_pool=True, attn_pooler_queries=4,
-                                                   attn_pooler_heads=2), text_cfg=text_cfg)
+    text_cfg = {"context_length": 8, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1}
+    vit_cfg = {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16}
+    attn_pool = CLIP(embed_dim=32, text_cfg=text_cfg, vision_cfg={
+        **vit_cfg, "attentional_pool": True, "attn_pooler_queries": 4, "attn_pooler_heads": 2})
     with pytest.raises(NotImplementedError, match="attentional"):
         UMGCLIP(attn_pool)
-    dropout = CLIP(embed_dim=32, vision_cfg=dict(image_size=32, layers=1, width=32, head_width=16, patch_size=16,
-                                                 patch_dropout=0.5), text_cfg=text_cfg)
+    dropout = CLIP(embed_dim=32, vision_cfg={**vit_cfg, "patch_dropout": 0.5}, text_cfg=text_cfg)
     with pytest.raises(NotImplementedError, match="patch_dropout"):
         UMGCLIP(dropout)
-    convnext = CLIP(embed_dim=32, vision_cfg=dict(image_size=32, timm_model_name="resnet18", timm_pool="avg",
-                                                  timm_proj="linear"), text_cfg=text_cfg)
+    resnet = CLIP(embed_dim=32, text_cfg=text_cfg, vision_cfg={
+        "image_size": 32, "timm_model_name": "resnet18", "timm_pool": "avg", "timm_proj": "linear"})
     with pytest.raises(NotImplementedError, match="ResNet"):
-        UMGCLIP(convnext)
+        UMGCLIP(resnet)

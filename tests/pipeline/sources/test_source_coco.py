@@ -44,7 +44,10 @@ def test_full_image_with_umg_extension(train, coco_root) -> None:
     assert item.key == "train_000000" and item.source_id == "train_000000.jpg"
     assert item.image_bytes == (coco_root / "images" / "train" / "train_000000.jpg").read_bytes()
     known = item.known
-    assert [(t.name, t.score, t.annotator) for t in known.tags] == [("three", 1.0, "ground_truth"), ("red", 0.5, "ground_truth")]
+    assert [(t.name, t.score, t.annotator) for t in known.tags] == [
+        ("three", 1.0, "ground_truth"),
+        ("red", 0.5, "ground_truth"),
+    ]
     assert [(c.text, c.annotator) for c in known.captions] == [
         ("a red three and a seven", "ground_truth"),
         ("two digits", "ground_truth"),
@@ -162,3 +165,36 @@ def test_not_coco_json_is_a_clear_error(tmp_path) -> None:
     (tmp_path / "y.json").write_text("{not json")
     with pytest.raises(ValueError, match="y.json: not valid JSON"):
         load_json(tmp_path / "y.json")
+
+
+def test_malformed_entries_never_raise_from_read(tmp_path, image_bytes) -> None:
+    doc = {
+        "images": [
+            {"id": 1, "file_name": "a.jpg", "width": 8, "height": 6, "umg": ["not", "an", "object"]},
+            {"id": 2, "file_name": "b.jpg", "width": 8, "height": 6,
+             "umg": {"tags": [{"nope": 1}], "background": [{"label": "sky"}], "captions": [None, "ok"]}},
+            {"id": 3},
+        ],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": "abc"},
+            {"id": 2, "image_id": 2, "category_id": 1, "bbox": [0, 0, 2, 2], "umg": {"captions": [""]}},
+        ],
+        "categories": [{"id": 1, "name": "thing"}],
+    }
+    (tmp_path / "i.json").write_text(json.dumps(doc))
+    for name in ("a.jpg", "b.jpg"):
+        (tmp_path / name).write_bytes(image_bytes())
+    source = CocoSource(tmp_path / "i.json", tmp_path)
+    a, b, c = source.read(source.list_refs())
+    assert a.error is None and a.known.regions == [] and a.known.notes == [
+        "skipped annotation 0 (id 1): bbox 'abc' is not [x, y, w, h]"
+    ]
+    assert b.error is None and b.known.regions == [] and b.known.tags == []
+    assert [cap.text for cap in b.known.captions] == ["ok"]
+    assert b.known.notes == [
+        "skipped image tags: missing field 'name'",
+        "skipped background 0: missing field 'segmentation'",
+        "skipped empty caption None",
+        "skipped annotation 0 (id 2): text: String should have at least 1 character",
+    ]
+    assert c.error == "bad_annotation: no file_name (000000000003)" and c.image_bytes is None

@@ -75,7 +75,8 @@ def test_reads_items_in_ref_order_with_captions(i2d_root) -> None:
     items = list(Img2DatasetSource(root).read(refs))
     assert [i.source_id for i in items] == refs
     assert [i.key for i in items] == ["000010000", "000000002", "000000000", "000000001"]
-    assert [i.image_bytes for i in items] == [jpgs["000010000"], jpgs["000000002"], jpgs["000000000"], jpgs["000000001"]]
+    assert [i.image_bytes for i in items] == [jpgs[i.key] for i in items]
+    assert all(i.error is None for i in items)
     captions = [[(c.text, c.annotator) for c in i.known.captions] for i in items]
     assert captions == [
         [("a parquet picture", "alt_text")],

@@ -1,0 +1,291 @@
+"""The per-shard annotation chain: tag → caption → score → detect → merge → region caption →
+segment → jitter stability → background (DESIGN.md "Annotation stages", paper §3 / App. C).
+
+A ``Stage`` splits its work in two so orchestrators can move the model call elsewhere (a Ray actor):
+``arguments(items)`` gathers the per-image inputs of one batched annotator call (plain, picklable
+data), the annotator runs on them, and ``apply(item, output)`` writes the result into the record.
+``run_stage`` calls the annotator on the whole batch; when it raises, the batch is split in halves
+and retried down to single images, and an image that still fails gets ``item.error`` (an error row)
+while the rest of the shard goes on. Stages are independent of Prefect and Ray.
+
+Provenance keys: single-instance stages use their kind (``tagger``, ``scorer``, ``segmenter``,
+``stability``, ``background``, ``merge``); named instances use ``<kind>_<name>`` (``captioner_blip2``,
+``detector_bigdet``, ``region_captioner_vlm``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+import annotators
+from data_schemas import AnnotateConfig, BackgroundMask, Mask, MergeConfig, Region, StabilityConfig
+from pipeline.filters import (
+    Detections,
+    apply_caption_scores,
+    clip_boxes_to_image,
+    jitter_boxes,
+    mask_stability,
+    stability_filter,
+    threshold_and_merge,
+)
+from pipeline.ingest import IngestedItem
+from pipeline.masks import encode_mask
+
+log = logging.getLogger(__name__)
+
+
+def backend_tag(annotator: Any) -> str:
+    return f"{annotator.name}@{annotator.version}"
+
+
+@dataclass
+class Stage:
+    """One step of the chain. ``annotator`` is None for pure stages (merge)."""
+
+    name: str
+    annotator: Any = None
+
+    def arguments(self, items: Sequence[IngestedItem]) -> tuple[list, ...]:
+        """Per-image argument lists of the batched annotator call (default: the images)."""
+        return ([item.decoded.image for item in items],)
+
+    def apply(self, item: IngestedItem, output: Any) -> None:
+        raise NotImplementedError
+
+    def record_provenance(self, item: IngestedItem) -> None:
+        if self.annotator is not None:
+            item.record.provenance[self.name] = backend_tag(self.annotator)
+
+
+class TagStage(Stage):
+    def apply(self, item, output):
+        item.record.tags = [*item.record.tags, *output]
+
+
+class CaptionStage(Stage):
+    def apply(self, item, output):
+        item.record.captions = [*item.record.captions, *output]
+
+
+@dataclass
+class ScoreStage(Stage):
+    threshold: float = 0.2
+
+    def arguments(self, items):
+        return [item.decoded.image for item in items], [[c.text for c in item.record.captions] for item in items]
+
+    def apply(self, item, output):
+        item.record.captions = apply_caption_scores(item.record.captions, output, self.threshold)
+
+
+@dataclass
+class DetectStage(Stage):
+    source: str = ""
+
+    def apply(self, item, output):
+        found = Detections.from_detector(output.boxes_xyxy, output.scores, output.labels, source=self.source)
+        item.scratch.setdefault("detections", []).append(found)
+
+
+@dataclass
+class MergeStage(Stage):
+    """Threshold + class-aware NMS across detectors, clip to the image, keep the top ``max_regions``."""
+
+    config: MergeConfig = field(default_factory=MergeConfig)
+
+    def apply(self, item, output):
+        parts = item.scratch.pop("detections", [])
+        if not parts:
+            return
+        cfg = self.config
+        merged = threshold_and_merge(parts, cfg.score_threshold, cfg.iou_threshold, cfg.class_aware)
+        boxes, valid = clip_boxes_to_image(merged.boxes, item.record.width, item.record.height, cfg.min_box_side)
+        next_id = max((r.id for r in item.record.regions), default=-1) + 1
+        new_regions = []
+        for box, score, label, source, ok in zip(boxes.tolist(), merged.scores.tolist(), merged.labels,
+                                                 merged.sources, valid.tolist()):
+            if not ok or len(new_regions) == cfg.max_regions:
+                continue
+            new_regions.append(Region(id=next_id + len(new_regions), box_xyxy=tuple(box), label=label,
+                                      score=min(max(score, 0.0), 1.0), annotator=f"detector_{source}"))
+        item.record.regions = [*item.record.regions, *new_regions]
+        item.record.provenance[self.name] = f"nms@iou{cfg.iou_threshold}_score{cfg.score_threshold}"
+
+
+def _region_boxes(item: IngestedItem, regions: Sequence[Region]) -> np.ndarray:
+    return np.array([r.box_xyxy for r in regions], dtype=np.float32).reshape(-1, 4)
+
+
+class RegionCaptionStage(Stage):
+    def arguments(self, items):
+        return [it.decoded.image for it in items], [_region_boxes(it, it.record.regions) for it in items]
+
+    def apply(self, item, output):
+        if len(output) != len(item.record.regions):
+            raise ValueError(f"{len(output)} caption lists for {len(item.record.regions)} regions")
+        item.record.regions = [
+            region.model_copy(update={"captions": [*region.captions, *captions]})
+            for region, captions in zip(item.record.regions, output)
+        ]
+
+
+def _unmasked(item: IngestedItem) -> list[int]:
+    return [i for i, region in enumerate(item.record.regions) if region.mask is None]
+
+
+class SegmentStage(Stage):
+    """SAM masks for every region without a mask; remembers which regions it segmented for jitter."""
+
+    def arguments(self, items):
+        boxes = [_region_boxes(it, [it.record.regions[i] for i in _unmasked(it)]) for it in items]
+        return [it.decoded.image for it in items], boxes
+
+    def apply(self, item, output):
+        indices = _unmasked(item)
+        if len(output.masks) != len(indices):
+            raise ValueError(f"{len(output.masks)} masks for {len(indices)} boxes")
+        regions = list(item.record.regions)
+        for index, mask in zip(indices, output.masks):
+            rle = encode_mask(np.asarray(mask, dtype=bool))
+            regions[index] = regions[index].model_copy(
+                update={"mask": Mask(rle=rle, annotator=f"segmenter_{self.annotator.name}")}
+            )
+        item.record.regions = regions
+        item.scratch["segmented"] = (indices, np.asarray(output.masks, dtype=bool))
+
+
+@dataclass
+class StabilityStage(Stage):
+    """Re-segment each SAM box shifted along its diagonal; drop masks whose mean IoU is under threshold."""
+
+    config: StabilityConfig = field(default_factory=StabilityConfig)
+
+    def arguments(self, items):
+        jittered = []
+        for it in items:
+            indices, _ = it.scratch.get("segmented", ([], None))
+            boxes = _region_boxes(it, [it.record.regions[i] for i in indices])
+            per_box = [jitter_boxes(box, self.config.offsets, it.record.width, it.record.height) for box in boxes]
+            jittered.append(np.concatenate(per_box) if per_box else np.zeros((0, 4), np.float32))
+        return [it.decoded.image for it in items], jittered
+
+    def apply(self, item, output):
+        indices, masks = item.scratch.pop("segmented", ([], None))
+        if not indices:
+            return
+        boxes = _region_boxes(item, [item.record.regions[i] for i in indices])
+        stability = mask_stability(item.decoded.image, boxes, masks, lambda _image, _boxes: output.masks,
+                                   self.config.offsets)
+        keep = stability_filter(stability, self.config.threshold)
+        regions = list(item.record.regions)
+        for index, score, kept in zip(indices, stability.tolist(), keep.tolist()):
+            mask = regions[index].mask.model_copy(update={"stability": round(score, 4)}) if kept else None
+            regions[index] = regions[index].model_copy(update={"mask": mask})
+        item.record.regions = regions
+
+
+class BackgroundStage(Stage):
+    def apply(self, item, output):
+        found = [
+            BackgroundMask(label=seg.label, rle=encode_mask(np.asarray(seg.mask, dtype=bool)),
+                           score=min(max(float(seg.score), 0.0), 1.0), annotator=f"background_{self.annotator.name}")
+            for seg in output
+        ]
+        item.record.background = [*item.record.background, *found]
+
+
+def build_chain(cfg: AnnotateConfig) -> list[Stage]:
+    """Stages in paper order; stages without a configured backend are left out."""
+    build = annotators.build
+    stages: list[Stage] = []
+    if cfg.tagger:
+        stages.append(TagStage("tagger", build("tagger", cfg.tagger)))
+    stages += [CaptionStage(f"captioner_{n}", build("captioner", c)) for n, c in cfg.captioners.items()]
+    if cfg.scorer:
+        stages.append(ScoreStage("scorer", build("scorer", cfg.scorer), threshold=cfg.caption_filter.threshold))
+    stages += [DetectStage(f"detector_{n}", build("detector", c), source=n) for n, c in cfg.detectors.items()]
+    if cfg.detectors:
+        stages.append(MergeStage("merge", config=cfg.merge))
+    stages += [
+        RegionCaptionStage(f"region_captioner_{n}", build("region_captioner", c))
+        for n, c in cfg.region_captioners.items()
+    ]
+    if cfg.segmenter:
+        segmenter = build("segmenter", cfg.segmenter)
+        stages.append(SegmentStage("segmenter", segmenter))
+        if cfg.stability is not None:
+            stages.append(StabilityStage("stability", segmenter, config=cfg.stability))
+    if cfg.background:
+        stages.append(BackgroundStage("background", build("background", cfg.background)))
+    return stages
+
+
+def call_annotator(stage: Stage, items: Sequence[IngestedItem]) -> list[Any]:
+    """One batched call for ``items``; on failure split in halves down to single images.
+
+    Returns one output per item (None for items that failed; their ``error`` is set).
+    """
+    if stage.annotator is None:
+        return [None] * len(items)
+    try:
+        outputs = list(stage.annotator(*stage.arguments(items)))
+        if len(outputs) != len(items):
+            raise ValueError(f"{stage.name} returned {len(outputs)} outputs for {len(items)} images")
+        return outputs
+    except Exception as exc:  # noqa: BLE001 - an annotator failure must not stop the shard
+        if len(items) == 1:
+            items[0].error = f"annotator_failed: {stage.name}: {type(exc).__name__}: {exc}"
+            log.warning("%s failed on %s: %s", stage.name, items[0].record.key, exc)
+            return [None]
+        half = len(items) // 2
+        log.info("%s failed on a batch of %d (%s); retrying in halves", stage.name, len(items), exc)
+        return call_annotator(stage, items[:half]) + call_annotator(stage, items[half:])
+
+
+def run_stage(stage: Stage, items: Sequence[IngestedItem]) -> None:
+    """Run one stage over the items that have not failed yet."""
+    live = [item for item in items if item.error is None]
+    if not live:
+        return
+    for item, output in zip(live, call_annotator(stage, live)):
+        if item.error is not None:
+            continue
+        try:
+            stage.apply(item, output)
+            stage.record_provenance(item)
+        except Exception as exc:  # noqa: BLE001 - a malformed output fails this image only
+            item.error = f"annotator_output: {stage.name}: {type(exc).__name__}: {exc}"
+
+
+@dataclass
+class Chain:
+    """The configured stages; ``load()`` once per worker, then call on each shard's items."""
+
+    stages: list[Stage]
+    keep_known: bool = True
+
+    @classmethod
+    def from_config(cls, cfg: AnnotateConfig) -> Chain:
+        return cls(build_chain(cfg), keep_known=cfg.keep_known)
+
+    def load(self) -> None:
+        loaded: set[int] = set()
+        for stage in self.stages:
+            if stage.annotator is not None and id(stage.annotator) not in loaded:
+                stage.annotator.load()
+                loaded.add(id(stage.annotator))
+
+    def __call__(self, items: list[IngestedItem]) -> list[IngestedItem]:
+        if not self.keep_known:
+            for item in items:
+                record = item.record
+                record.tags, record.captions, record.regions, record.background = [], [], [], []
+                record.provenance = {}
+        for stage in self.stages:
+            run_stage(stage, items)
+        return items
