@@ -1,6 +1,6 @@
 """Annotation model backends, one module per kind, resolved from config by ``annotators.build``."""
 
-from annotators.base import AnnotatorError, DetectorOutput, MissingDependencyError, SegmentOutput, StuffSegment
+from annotators.base import AnnotatorError, DetectorOutput, MissingDependencyError, SegmentOutput, StuffSegment, WorkerLost
 from annotators.registry import backends, build, register
 
 __all__ = [
@@ -9,6 +9,7 @@ __all__ = [
     "MissingDependencyError",
     "SegmentOutput",
     "StuffSegment",
+    "WorkerLost",
     "backends",
     "build",
     "register",

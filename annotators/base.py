@@ -33,6 +33,11 @@ class MissingDependencyError(AnnotatorError):
     """An optional backend's package is not installed; the message names the extra / docker image."""
 
 
+class WorkerLost(RuntimeError):
+    """The process running a backend died (Ray actor killed, node lost). Not the image's fault:
+    the stage chain re-raises it instead of turning it into error rows, so the shard is retried."""
+
+
 @dataclass
 class DetectorOutput:
     """Detections for one image: ``boxes_xyxy`` (N, 4) float32 pixels, ``scores`` (N,), ``labels`` (N)."""

@@ -237,6 +237,8 @@ def call_annotator(stage: Stage, items: Sequence[IngestedItem]) -> list[Any]:
         if len(outputs) != len(items):
             raise ValueError(f"{stage.name} returned {len(outputs)} outputs for {len(items)} images")
         return outputs
+    except annotators.WorkerLost:
+        raise  # the worker died, not the image: let the orchestrator retry the shard
     except Exception as exc:  # noqa: BLE001 - an annotator failure must not stop the shard
         if len(items) == 1:
             items[0].error = f"annotator_failed: {stage.name}: {type(exc).__name__}: {exc}"

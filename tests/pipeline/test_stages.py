@@ -182,3 +182,16 @@ def test_background_segments_become_rle():
     (segment,) = items[0].record.background
     assert (segment.label, segment.score, segment.annotator) == ("sky", 0.7, "background_test")
     assert decode_mask(segment.rle).all()
+
+
+def test_lost_worker_is_not_turned_into_error_rows():
+    from annotators import WorkerLost
+
+    class Dying(Backend):
+        def __call__(self, images, *rest):
+            raise WorkerLost("actor died")
+
+    items = _items()
+    with pytest.raises(WorkerLost):
+        run_stage(TagStage("tagger", Dying(None)), items)
+    assert all(item.error is None for item in items)
