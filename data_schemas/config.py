@@ -106,8 +106,18 @@ def _apply_override(tree: dict[str, Any], override: str) -> None:
     node[parts[-1]] = yaml.safe_load(raw)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, model: type[C] = BuildConfig) -> C:
-    """Read ``path`` (YAML, safe loader), apply ``a.b=value`` overrides, validate into ``model``.
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    model: type[C] = BuildConfig,
+    section: str | None = "build",
+) -> C:
+    """Read ``path`` (YAML, safe loader), take its ``section`` (``build:``, ``train:`` …), apply
+    ``a.b=value`` overrides to that section, and validate it into ``model``.
+
+    A project config file holds one top-level key per section (``configs/smoke.yaml``); a file
+    without that key is taken whole, so a plain ``BuildConfig`` file works too. ``section=None``
+    always takes the whole file.
 
     Raises:
         ConfigError: naming the file and each bad field (``images.max_pixels: ...``).
@@ -124,6 +134,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{origin}: top level must be a mapping, got {type(loaded).__name__}")
         tree = loaded or {}
+        if section is not None and section in tree:
+            tree = tree[section] if tree[section] is not None else {}
+            if not isinstance(tree, dict):
+                raise ConfigError(f"{origin}: section {section!r} must be a mapping")
+            origin = f"{origin} [{section}]"
     for override in overrides or []:
         _apply_override(tree, override)
     try:

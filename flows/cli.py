@@ -119,5 +119,11 @@ def show(
     _fail(f"key {key!r} not found in {build_dir}")
 
 
+# --- training commands (umg train …; model/) ---
+
+
+# --- orchestration commands (umg export-coco, umg serve …; flows/) ---
+
+
 if __name__ == "__main__":
     app()

@@ -43,3 +43,11 @@ def test_missing_file_and_malformed_override():
         load_config("/nonexistent/x.yaml")
     with pytest.raises(ConfigError, match="dotted.key=value"):
         load_config(None, ["shard_size"])
+
+
+def test_sections_of_a_project_config(tmp_path):
+    path = tmp_path / "project.yaml"
+    path.write_text("build:\n  shard_size: 8\ntrain:\n  steps: 3\n")
+    assert load_config(path).shard_size == 8
+    with pytest.raises(ConfigError, match=r"project.yaml \[build\]: shard_size: Input should be greater"):
+        load_config(path, ["shard_size=0"])
