@@ -174,7 +174,7 @@ class OpenClipScorer:
 
     @classmethod
     def create_tiny(cls, out_dir: str | Path) -> dict[str, Any]:
-        return {"backend": cls.name, **write_tiny_open_clip(out_dir), "device": "cpu"}
+        return {"backend": cls.name, **write_tiny_open_clip(out_dir)}
 
     @property
     def version(self) -> str:

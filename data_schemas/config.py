@@ -74,6 +74,9 @@ class AnnotateConfig(_Config):
     stability: StabilityConfig | None = Field(default_factory=StabilityConfig, description="null skips jitter")
     background: BackendConfig | None = None
     keep_known: bool = Field(default=True, description="keep annotations that came with the input")
+    tiny_models_dir: Path = Field(
+        default=Path(".cache/umg-tiny-models"), description="where `tiny: true` backends are created (smoke runs)"
+    )
 
 
 class BuildConfig(_Config):

@@ -67,6 +67,7 @@ def build(
     from data_schemas import ConfigError, load_config
     from pipeline.shard_build import build_shards
     from pipeline.sources.registry import build_source
+    from pipeline.tiny_models import prepare_chain
 
     overrides = [f"source.path={input}", f"source.kind={source_kind}", *(set_ or [])]
     try:
@@ -74,10 +75,13 @@ def build(
         source = build_source(cfg.source)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
+    chain = prepare_chain(cfg.annotate)
     with _progress() as bar:
         task = bar.add_task("shards", total=None)
         summary = build_shards(
-            source, output, cfg.shard_size, cfg.images, on_shard=lambda stats: bar.advance(task)
+            source, output, cfg.shard_size, cfg.images, annotate=chain,
+            on_shard=lambda stats: bar.advance(task),
+            on_plan=lambda planned, finished: bar.update(task, total=planned, completed=finished),
         )
     written = summary.written
     typer.echo(json.dumps({

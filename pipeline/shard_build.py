@@ -121,12 +121,18 @@ def build_shards(
     limits: ImageLimits,
     annotate: Annotate | None = None,
     on_shard: Callable[[ShardStats], None] | None = None,
+    on_plan: Callable[[int, int], None] | None = None,
 ) -> BuildSummary:
-    """Write every unfinished planned shard of ``source`` into ``build_dir`` and refresh the manifest."""
+    """Write every unfinished planned shard of ``source`` into ``build_dir`` and refresh the manifest.
+
+    ``on_plan(n_planned, n_finished)`` is called once after planning, ``on_shard(stats)`` per written shard.
+    """
     build_dir = Path(build_dir)
     discard_partial(build_dir)
     plan = pin_plan(build_dir, source, shard_size)
     done = set(finished_shards(build_dir))
+    if on_plan is not None:
+        on_plan(len(plan), len(done & {s.name for s in plan}))
     keys_in_use = taken_keys(build_dir)
     summary = BuildSummary(build_dir=build_dir, planned=len(plan))
     for shard in plan:

@@ -1,0 +1,346 @@
+"""Background ("stuff") masks (stage 6, paper §3): ``background(images) -> list[list[StuffSegment]]``.
+
+A panoptic model segments the image; only segments of *stuff* classes (sky, grass, wall, ...) are kept,
+each as a :class:`StuffSegment` with an ``(H, W)`` bool mask at the original image size. Segments of the
+same stuff class are fused into one (``label_ids_to_fuse``), so each stuff label appears at most once.
+
+Backends:
+
+* ``mask2former`` (:class:`Mask2FormerBackground`): transformers ``Mask2FormerForUniversalSegmentation``.
+  The HF config carries no thing/stuff flags, so the stuff classes are configured: ``stuff_classes``
+  (names or ids) or, when absent, every id ``>= first_stuff_id``. The default 80 is the COCO-panoptic
+  convention of the HF COCO checkpoints (ids 0-79 things, 80-132 stuff); ADE20K and other label spaces
+  need an explicit ``stuff_classes``.
+* ``maskdino`` (:class:`MaskDinoBackground`): the paper's Mask DINO through detectron2 + the ``maskdino``
+  package (not on PyPI; ``docker/Dockerfile.cuda``). Its panoptic output flags ``isthing`` per segment.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from PIL import Image
+
+from annotators._devices import check_keys, existing_path, looks_like_local_path, read_names, resolve_device, resolve_dtype
+from annotators.base import AnnotatorError, StuffSegment, require
+from annotators.detector import DETECTRON2_HINT, detectron2_augment, detectron2_inputs
+
+log = logging.getLogger(__name__)
+
+MASKDINO_HINT = (
+    "Mask DINO needs detectron2 and the maskdino package (IDEA-Research/MaskDINO, with its compiled "
+    "MultiScaleDeformableAttention op), neither on PyPI; use the CUDA worker image built from docker/Dockerfile.cuda"
+)
+
+
+def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    return [items[start : start + size] for start in range(0, len(items), size)]
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def segments_from_panoptic(
+    segmentation: np.ndarray, segments_info: Sequence[Mapping[str, Any]], is_stuff: Any, label_of: Any
+) -> list[StuffSegment]:
+    """Stuff segments of one panoptic map.
+
+    Args:
+        segmentation: ``(H, W)`` int segment ids.
+        segments_info: dicts with ``id``, ``label_id`` (or ``category_id``) and optionally ``score``/``isthing``;
+            fused segments may be listed once per query: one segment per ``id``, the highest score kept.
+        is_stuff: ``info -> bool``.
+        label_of: ``class id -> name``.
+
+    Returns:
+        One :class:`StuffSegment` per stuff segment id with a non-empty mask, in first-seen order.
+    """
+    by_id: dict[int, tuple[int, float]] = {}
+    for info in segments_info:
+        if not is_stuff(info):
+            continue
+        segment_id = int(info["id"])
+        label_id = int(info.get("label_id", info.get("category_id")))
+        score = float(info.get("score", 1.0))
+        if segment_id not in by_id or score > by_id[segment_id][1]:
+            by_id[segment_id] = (label_id, score)
+    segments = []
+    for segment_id, (label_id, score) in by_id.items():
+        mask = segmentation == segment_id
+        if mask.any():
+            segments.append(StuffSegment(label=label_of(label_id), mask=mask, score=score))
+    return segments
+
+
+class Mask2FormerBackground:
+    """Mask2Former panoptic segmentation, stuff segments only.
+
+    Args:
+        model: local model folder or hub id (e.g. ``facebook/mask2former-swin-large-coco-panoptic``).
+        stuff_classes: stuff class names or ids; default: ids ``>= first_stuff_id``.
+        first_stuff_id: used when ``stuff_classes`` is absent (COCO panoptic: 80).
+        score_threshold: query class-probability threshold (detectron2 Mask2Former panoptic default 0.8).
+        mask_threshold: mask probability threshold (0.5).
+        overlap_threshold: keep a query's segment only when this fraction of its mask survives the overlap
+            resolution (detectron2 default 0.8).
+        device, dtype, batch_size: as the other backends.
+    """
+
+    kind: ClassVar[str] = "background"
+    name: ClassVar[str] = "mask2former"
+    REQUIRED: ClassVar[tuple[str, ...]] = ("model",)
+    OPTIONAL: ClassVar[tuple[str, ...]] = (
+        "stuff_classes", "first_stuff_id", "score_threshold", "mask_threshold", "overlap_threshold",
+        "device", "dtype", "batch_size",
+    )
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        stuff_classes: Sequence[str | int] | str | None = None,
+        first_stuff_id: int = 80,
+        score_threshold: float = 0.8,
+        mask_threshold: float = 0.5,
+        overlap_threshold: float = 0.8,
+        device: str = "auto",
+        dtype: str = "float32",
+        batch_size: int = 4,
+    ) -> None:
+        if int(batch_size) < 1:
+            raise AnnotatorError(f"background batch_size must be >= 1, got {batch_size}")
+        self.model_id = str(model)
+        self.stuff_classes_source, self.first_stuff_id = stuff_classes, int(first_stuff_id)
+        self.score_threshold, self.mask_threshold = float(score_threshold), float(mask_threshold)
+        self.overlap_threshold = float(overlap_threshold)
+        self.device_spec, self.dtype_spec, self.batch_size = device, dtype, int(batch_size)
+        self.stuff_ids: set[int] = set()
+        self._model = self._processor = None
+        self._revision: str | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> Mask2FormerBackground:
+        return cls(**check_keys(cfg, required=cls.REQUIRED, optional=cls.OPTIONAL, where="background/mask2former"))
+
+    @property
+    def version(self) -> str:
+        return f"{self.model_id}:{self._revision[:12]}" if self._revision else self.model_id
+
+    def load(self) -> None:
+        if self._model is not None:
+            return
+        from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
+
+        self._device = resolve_device(self.device_spec)
+        self._dtype = resolve_dtype(self.dtype_spec, self._device)
+        if looks_like_local_path(self.model_id):
+            existing_path(self.model_id, "Mask2Former model directory")
+        try:
+            self._processor = AutoImageProcessor.from_pretrained(self.model_id)
+            model = Mask2FormerForUniversalSegmentation.from_pretrained(self.model_id, dtype=self._dtype)
+        except (OSError, ValueError, KeyError) as exc:
+            raise AnnotatorError(f"cannot load Mask2Former {self.model_id!r}: {exc}") from exc
+        self.stuff_ids = self._resolve_stuff_ids(model.config.id2label)
+        self._model = model.to(self._device).eval()
+        self._revision = getattr(model.config, "_commit_hash", None)
+        log.info("loaded Mask2Former %s on %s, %d stuff classes", self.version, self._device, len(self.stuff_ids))
+
+    def _resolve_stuff_ids(self, id2label: Mapping[int, str]) -> set[int]:
+        id2label = {int(i): str(name) for i, name in id2label.items()}
+        if self.stuff_classes_source is None:
+            return {i for i in id2label if i >= self.first_stuff_id}
+        source = self.stuff_classes_source
+        entries = read_names(source, "stuff_classes") if isinstance(source, (str, Path)) else list(source)
+        name2id = {name: i for i, name in id2label.items()}
+        unknown = [e for e in entries if (e not in id2label if isinstance(e, int) else e not in name2id)]
+        if unknown:
+            raise AnnotatorError(f"stuff_classes not in the model's id2label: {unknown}")
+        return {e if isinstance(e, int) else name2id[e] for e in entries}
+
+    def __call__(self, images: Sequence[Image.Image]) -> list[list[StuffSegment]]:
+        """Stuff segments per image; every mask is ``(H_i, W_i)`` bool at image ``i``'s size."""
+        if self._model is None:
+            raise AnnotatorError("background model is not loaded: call load() first")
+        results: list[list[StuffSegment]] = []
+        for chunk in _chunks(list(images), self.batch_size):
+            results.extend(self._segment_batch([_rgb(image) for image in chunk]))
+        return results
+
+    def _segment_batch(self, images: list[Image.Image]) -> list[list[StuffSegment]]:
+        inputs = self._processor(images=images, return_tensors="pt").to(device=self._device, dtype=self._dtype)
+        with torch.inference_mode():
+            outputs = self._model(pixel_values=inputs["pixel_values"], pixel_mask=inputs.get("pixel_mask"))
+        class_logits = outputs.class_queries_logits.float()  # (B, Q, num_labels + 1)
+        mask_logits = outputs.masks_queries_logits.float()  # (B, Q, h, w) at 1/4 of the padded input
+        label_of = self._model.config.id2label
+        results = []
+        for i, image in enumerate(images):
+            valid = self._crop_padding(mask_logits[i], inputs.get("pixel_mask"), i)
+            single = type(outputs)(class_queries_logits=class_logits[i : i + 1], masks_queries_logits=valid[None])
+            panoptic = self._processor.post_process_panoptic_segmentation(
+                single, threshold=self.score_threshold, mask_threshold=self.mask_threshold,
+                overlap_mask_area_threshold=self.overlap_threshold, label_ids_to_fuse=self.stuff_ids,
+                target_sizes=[(image.height, image.width)],
+            )[0]
+            segmentation = panoptic["segmentation"].cpu().numpy().astype(np.int32)
+            results.append(segments_from_panoptic(
+                segmentation, panoptic["segments_info"], lambda info: int(info["label_id"]) in self.stuff_ids,
+                lambda label_id: str(label_of.get(label_id, label_id)),
+            ))
+        return results
+
+    @staticmethod
+    def _crop_padding(mask_logits: torch.Tensor, pixel_mask: torch.Tensor | None, index: int) -> torch.Tensor:
+        """``(Q, h, w)`` logits without the batch padding (the processor pads bottom/right to the batch max).
+
+        HF's post-processing resizes the whole padded map to the target size, which shifts and stretches
+        masks of every image smaller than the batch max; detectron2 crops first (``sem_seg_postprocess``).
+        """
+        if pixel_mask is None:
+            return mask_logits
+        valid = pixel_mask[index].bool()
+        padded_h, padded_w = valid.shape
+        valid_h, valid_w = int(valid.any(dim=1).sum()), int(valid.any(dim=0).sum())
+        h, w = mask_logits.shape[-2:]
+        return mask_logits[:, : math.ceil(valid_h * h / padded_h), : math.ceil(valid_w * w / padded_w)]
+
+    @classmethod
+    def create_tiny(cls, out_dir: str | Path) -> dict[str, Any]:
+        """Tiny random Mask2Former (Swin backbone, 8 queries, 6 classes; ids 3-5 stuff) saved to ``out_dir``.
+
+        A random model's masks overlap everywhere, so the returned config lowers the score and overlap
+        thresholds to 0 to let segments through (tests and the smoke run exercise the whole path).
+        """
+        from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor
+        from transformers import SwinConfig
+
+        out_dir = Path(out_dir)
+        backbone = SwinConfig(
+            image_size=64, patch_size=4, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4,
+            out_features=["stage1", "stage2", "stage3", "stage4"],
+        )
+        labels = {i: name for i, name in enumerate(["person", "car", "dog", "sky", "grass", "wall"])}
+        config = Mask2FormerConfig(
+            backbone_config=backbone, feature_size=32, mask_feature_size=32, hidden_dim=32,  # GroupNorm(32, .)
+            encoder_feedforward_dim=32, encoder_layers=1, decoder_layers=2, num_attention_heads=2,
+            dim_feedforward=32, num_queries=8, id2label=labels, label2id={v: k for k, v in labels.items()},
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            Mask2FormerForUniversalSegmentation(config).eval().save_pretrained(out_dir)
+        Mask2FormerImageProcessor(size={"shortest_edge": 64, "longest_edge": 96}).save_pretrained(out_dir)
+        return {"backend": cls.name, "model": str(out_dir), "device": "cpu", "first_stuff_id": 3,
+                "score_threshold": 0.0, "overlap_threshold": 0.0}
+
+
+class MaskDinoBackground:
+    """Mask DINO panoptic (detectron2 yacs config + ``maskdino``), stuff segments only.
+
+    Args:
+        config_file: Mask DINO yaml (e.g. ``configs/coco/panoptic-segmentation/swin/...yaml``).
+        checkpoint: weights for ``DetectionCheckpointer``.
+        class_names: contiguous class names (list or file); default: ``stuff_classes`` of the metadata of
+            ``cfg.DATASETS.TRAIN[0]`` (Mask DINO's panoptic datasets list all classes there).
+        overrides: ``["KEY", "VALUE", ...]`` for ``cfg.merge_from_list``.
+        dtype: float16/bfloat16 run under ``torch.autocast`` (weights stay float32).
+
+    Mask DINO's panoptic output has no per-segment score: every segment gets ``score = 1.0``.
+    """
+
+    kind: ClassVar[str] = "background"
+    name: ClassVar[str] = "maskdino"
+    REQUIRED: ClassVar[tuple[str, ...]] = ("config_file", "checkpoint")
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("class_names", "overrides", "device", "dtype", "batch_size")
+
+    def __init__(
+        self,
+        *,
+        config_file: str,
+        checkpoint: str,
+        class_names: Sequence[str] | str | None = None,
+        overrides: Sequence[str] = (),
+        device: str = "auto",
+        dtype: str = "float32",
+        batch_size: int = 2,
+    ) -> None:
+        if int(batch_size) < 1:
+            raise AnnotatorError(f"background batch_size must be >= 1, got {batch_size}")
+        self.config_file, self.checkpoint = str(config_file), str(checkpoint)
+        self.class_names_source, self.overrides = class_names, list(overrides)
+        self.device_spec, self.dtype_spec, self.batch_size = device, dtype, int(batch_size)
+        self.class_names: list[str] = []
+        self._model = self._augment = None
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> MaskDinoBackground:
+        return cls(**check_keys(cfg, required=cls.REQUIRED, optional=cls.OPTIONAL, where="background/maskdino"))
+
+    @property
+    def version(self) -> str:
+        return f"{Path(self.config_file).name}:{Path(self.checkpoint).name}"
+
+    def load(self) -> None:
+        if self._model is not None:
+            return
+        require("detectron2", DETECTRON2_HINT)
+        require("maskdino", MASKDINO_HINT)
+        from detectron2.checkpoint import DetectionCheckpointer
+        from detectron2.config import get_cfg
+        from detectron2.data import MetadataCatalog
+        from detectron2.data import transforms as T
+        from detectron2.modeling import build_model
+        from detectron2.projects.deeplab import add_deeplab_config
+        from maskdino import add_maskdino_config
+
+        self._device = resolve_device(self.device_spec)
+        self._dtype = resolve_dtype(self.dtype_spec, self._device)
+        cfg = get_cfg()
+        add_deeplab_config(cfg)
+        add_maskdino_config(cfg)
+        cfg.merge_from_file(str(existing_path(self.config_file, "Mask DINO config file")))
+        cfg.merge_from_list(self.overrides + ["MODEL.DEVICE", str(self._device)])
+        cfg.MODEL.MaskDINO.TEST.PANOPTIC_ON = True
+        cfg.freeze()
+        model = build_model(cfg).eval()
+        DetectionCheckpointer(model).load(str(existing_path(self.checkpoint, "Mask DINO checkpoint")))
+        self._augment = detectron2_augment(
+            [T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)]
+        )
+        self._input_format = cfg.INPUT.FORMAT
+        if self.class_names_source is not None:
+            self.class_names = read_names(self.class_names_source, "Mask DINO class_names")
+        else:
+            self.class_names = list(MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get("stuff_classes", []))
+        if not self.class_names:
+            raise AnnotatorError(f"Mask DINO {self.config_file}: no stuff_classes metadata; set class_names")
+        self._model = model
+        log.info("loaded Mask DINO %s on %s", self.version, self._device)
+
+    def __call__(self, images: Sequence[Image.Image]) -> list[list[StuffSegment]]:
+        if self._model is None:
+            raise AnnotatorError("background model is not loaded: call load() first")
+        autocast = self._device.type == "cuda" and self._dtype != torch.float32
+        results: list[list[StuffSegment]] = []
+        for chunk in _chunks(list(images), self.batch_size):
+            batch = detectron2_inputs(chunk, self._augment, self._input_format)
+            with torch.inference_mode(), torch.autocast(self._device.type, dtype=self._dtype, enabled=autocast):
+                predictions = self._model(batch)
+            for prediction in predictions:
+                panoptic, segments_info = prediction["panoptic_seg"]
+                results.append(segments_from_panoptic(
+                    panoptic.cpu().numpy().astype(np.int32), segments_info, lambda info: not info["isthing"],
+                    lambda label_id: self.class_names[label_id],
+                ))
+        return results
+
+    @classmethod
+    def create_tiny(cls, out_dir: str | Path) -> dict[str, Any]:
+        """Not offered: a tiny Mask DINO needs detectron2 + maskdino (docker image); use ``mask2former``."""
+        raise AnnotatorError(f"background/maskdino has no tiny model here ({MASKDINO_HINT}); use 'mask2former'")

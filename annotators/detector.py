@@ -1,0 +1,390 @@
+"""Box detectors (stage 3, paper §3): ``detector(images) -> list[DetectorOutput]``, one per image.
+
+Backends:
+
+* ``hf`` (:class:`HfDetector`): any transformers object detector. Closed vocabulary (DETR family,
+  RT-DETR, ...) through ``AutoModelForObjectDetection`` + ``AutoImageProcessor``; open vocabulary
+  (OWLv2, OWL-ViT, Grounding DINO) when a ``vocabulary`` is configured, through
+  ``AutoModelForZeroShotObjectDetection`` + ``AutoProcessor``.
+* ``vitdet`` (:class:`ViTDetDetector`): the paper's ViTDet (trained on BigDetection / V3Det) through
+  detectron2's LazyConfig; detectron2 is not on PyPI and ships in ``docker/Dockerfile.cuda``.
+
+``threshold`` is only a model-side pre-filter (default 0.05); the paper's 0.3 cut and the NMS merge of the
+two detectors happen later in ``pipeline.filters.threshold_and_merge``. Boxes are clipped to the image.
+Config ``name`` names the instance (e.g. ``"bigdet"``, ``"v3det"``) and is exposed as ``instance_name``;
+the class attribute ``name`` stays the registry backend name.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from PIL import Image
+
+from annotators._devices import check_keys, existing_path, looks_like_local_path, read_names, resolve_device, resolve_dtype
+from annotators.base import AnnotatorError, DetectorOutput, require
+
+log = logging.getLogger(__name__)
+
+DETECTRON2_HINT = (
+    "detectron2 is not on PyPI; use the CUDA worker image built from docker/Dockerfile.cuda "
+    "(or pip install 'git+https://github.com/facebookresearch/detectron2.git')"
+)
+
+
+def clip_to_image(boxes_xyxy: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``(N, 4)`` boxes clipped to ``[0, width] x [0, height]`` (float32)."""
+    boxes = np.asarray(boxes_xyxy, dtype=np.float32).reshape(-1, 4).copy()
+    boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
+    return boxes
+
+
+def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    return [items[start : start + size] for start in range(0, len(items), size)]
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+class HfDetector:
+    """transformers object detector, closed- or open-vocabulary, batched.
+
+    Args:
+        model: local model folder (``save_pretrained`` layout) or hub id.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:<k>"``.
+        dtype: ``"float32"``, ``"float16"`` (CUDA only), ``"bfloat16"``.
+        batch_size: images per forward pass.
+        threshold: score pre-filter passed to the processor's post-processing.
+        vocabulary: class prompts (list, or path to a ``.json`` list / text file with one per line); switches to
+            the zero-shot model classes. Every image is prompted with the full vocabulary.
+        text_threshold: token threshold of Grounding-DINO-style post-processing (ignored by OWL models).
+        name: instance name, e.g. ``"bigdet"``; defaults to the backend name.
+    """
+
+    kind: ClassVar[str] = "detector"
+    name: ClassVar[str] = "hf"
+    REQUIRED: ClassVar[tuple[str, ...]] = ("model",)
+    OPTIONAL: ClassVar[tuple[str, ...]] = (
+        "device", "dtype", "batch_size", "threshold", "vocabulary", "text_threshold", "name",
+    )
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        device: str = "auto",
+        dtype: str = "float32",
+        batch_size: int = 8,
+        threshold: float = 0.05,
+        vocabulary: Sequence[str] | str | None = None,
+        text_threshold: float = 0.25,
+        name: str | None = None,
+    ) -> None:
+        if int(batch_size) < 1:
+            raise AnnotatorError(f"detector batch_size must be >= 1, got {batch_size}")
+        self.model_id = str(model)
+        self.device_spec, self.dtype_spec = device, dtype
+        self.batch_size = int(batch_size)
+        self.threshold = float(threshold)
+        self.vocabulary_source = vocabulary
+        self.text_threshold = float(text_threshold)
+        self.instance_name = name or self.name
+        self.vocabulary: list[str] | None = None
+        self._model = self._processor = None
+        self._device: torch.device | None = None
+        self._dtype: torch.dtype | None = None
+        self._revision: str | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> HfDetector:
+        return cls(**check_keys(cfg, required=cls.REQUIRED, optional=cls.OPTIONAL, where="detector/hf"))
+
+    @property
+    def version(self) -> str:
+        return f"{self.model_id}:{self._revision[:12]}" if self._revision else self.model_id
+
+    @property
+    def open_vocabulary(self) -> bool:
+        return self.vocabulary_source is not None
+
+    def load(self) -> None:
+        """Resolve device/dtype, read the vocabulary, load model + processor (once)."""
+        if self._model is not None:
+            return
+        import transformers
+
+        self._device = resolve_device(self.device_spec)
+        self._dtype = resolve_dtype(self.dtype_spec, self._device)
+        if self.open_vocabulary:
+            self.vocabulary = read_names(self.vocabulary_source, "detector vocabulary")
+            model_cls, processor_cls = transformers.AutoModelForZeroShotObjectDetection, transformers.AutoProcessor
+        else:
+            model_cls, processor_cls = transformers.AutoModelForObjectDetection, transformers.AutoImageProcessor
+        if looks_like_local_path(self.model_id):
+            existing_path(self.model_id, "detector model directory")
+        try:
+            self._processor = processor_cls.from_pretrained(self.model_id)
+            model = model_cls.from_pretrained(self.model_id, dtype=self._dtype)
+        except (OSError, ValueError, KeyError) as exc:
+            raise AnnotatorError(f"cannot load detector {self.model_id!r} with {model_cls.__name__}: {exc}") from exc
+        self._model = model.to(self._device).eval()
+        self._revision = getattr(model.config, "_commit_hash", None)
+        log.info("loaded detector %s (%s) on %s %s", self.instance_name, self.version, self._device, self._dtype)
+
+    def __call__(self, images: Sequence[Image.Image]) -> list[DetectorOutput]:
+        """Detect in ``images``; returns one :class:`DetectorOutput` per image, boxes in that image's pixels."""
+        if self._model is None:
+            raise AnnotatorError("detector is not loaded: call load() first")
+        outputs: list[DetectorOutput] = []
+        for chunk in _chunks(list(images), self.batch_size):
+            outputs.extend(self._detect_batch([_rgb(image) for image in chunk]))
+        return outputs
+
+    def _detect_batch(self, images: list[Image.Image]) -> list[DetectorOutput]:
+        sizes = [(image.height, image.width) for image in images]
+        if self.vocabulary is not None:
+            inputs = self._processor(images=images, text=[self.vocabulary] * len(images), return_tensors="pt")
+        else:
+            inputs = self._processor(images=images, return_tensors="pt")
+        inputs = inputs.to(device=self._device, dtype=self._dtype)
+        with torch.inference_mode():
+            raw = self._model(**inputs)
+        for key, value in raw.items():  # post-process in float32 whatever the model dtype
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                raw[key] = value.float()
+        results = self._post_process(raw, inputs, sizes)
+        return [self._to_output(result, height, width) for result, (height, width) in zip(results, sizes, strict=True)]
+
+    def _post_process(self, raw: Any, inputs: Mapping[str, Any], sizes: list[tuple[int, int]]) -> list[dict]:
+        if self.vocabulary is None:
+            return self._processor.post_process_object_detection(raw, threshold=self.threshold, target_sizes=sizes)
+        post = self._processor.post_process_grounded_object_detection
+        accepted = inspect.signature(post).parameters
+        kwargs: dict[str, Any] = {"threshold": self.threshold, "target_sizes": sizes}
+        if "text_labels" in accepted:
+            kwargs["text_labels"] = [self.vocabulary] * len(sizes)
+        if "input_ids" in accepted and "input_ids" in inputs:
+            kwargs["input_ids"] = inputs["input_ids"]
+        if "text_threshold" in accepted:
+            kwargs["text_threshold"] = self.text_threshold
+        return post(raw, **kwargs)
+
+    def _to_output(self, result: Mapping[str, Any], height: int, width: int) -> DetectorOutput:
+        boxes = result["boxes"].detach().float().cpu().numpy()
+        scores = result["scores"].detach().float().cpu().numpy()
+        if self.vocabulary is not None and result.get("text_labels") is not None:
+            labels = [str(label) for label in result["text_labels"]]
+        elif self.vocabulary is not None:
+            labels = [self.vocabulary[int(i)] for i in result["labels"]]
+        else:
+            id2label = self._model.config.id2label
+            labels = [str(id2label.get(int(i), int(i))) for i in result["labels"]]
+        return DetectorOutput(boxes_xyxy=clip_to_image(boxes, height, width), scores=scores, labels=labels)
+
+    @classmethod
+    def create_tiny(cls, out_dir: str | Path, *, open_vocabulary: bool = False) -> dict[str, Any]:
+        """Write a tiny random detector to ``out_dir``; closed: DETR + ResNet, open: OWLv2 + a byte-level tokenizer."""
+        out_dir = Path(out_dir)
+        cfg = {"backend": cls.name, "model": str(out_dir), "device": "cpu", "threshold": 0.0}
+        if open_vocabulary:
+            _save_tiny_owlv2(out_dir)
+            return cfg | {"vocabulary": list(TINY_VOCABULARY), "name": "tiny-owlv2"}
+        _save_tiny_detr(out_dir)
+        return cfg | {"name": "tiny-detr"}
+
+
+TINY_VOCABULARY = ("cat", "dog", "traffic light")
+
+
+def _save_tiny_detr(out_dir: Path) -> None:
+    """DETR with a 4-stage basic ResNet (no timm, no download), 10 queries, 5 classes; shortest-edge 64 resize."""
+    from transformers import DetrConfig, DetrForObjectDetection, DetrImageProcessor, ResNetConfig
+
+    backbone = ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16, 16, 16], depths=[1, 1, 1, 1], layer_type="basic", out_features=["stage4"]
+    )
+    config = DetrConfig(
+        backbone_config=backbone, use_timm_backbone=False, num_queries=10, d_model=16,
+        encoder_layers=1, decoder_layers=1, encoder_ffn_dim=32, decoder_ffn_dim=32,
+        encoder_attention_heads=2, decoder_attention_heads=2, id2label={i: f"class{i}" for i in range(5)},
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        DetrForObjectDetection(config).eval().save_pretrained(out_dir)
+    DetrImageProcessor(size={"shortest_edge": 64, "longest_edge": 96}).save_pretrained(out_dir)
+
+
+def _save_tiny_owlv2(out_dir: Path) -> None:
+    """OWLv2 (32 px input, patch 8) with a CLIP tokenizer whose BPE vocabulary is the 256 byte symbols, no merges."""
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer, Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
+
+    symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {token: i for i, token in enumerate(symbols + [s + "</w>" for s in symbols])}
+    bos, eos = len(vocab), len(vocab) + 1
+    vocab |= {"<|startoftext|>": bos, "<|endoftext|>": eos}
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16)
+    text = dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=16, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    config = Owlv2Config(text_config=text, vision_config=vision, projection_dim=16)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        Owlv2ForObjectDetection(config).eval().save_pretrained(out_dir)
+    processor = Owlv2Processor(image_processor=Owlv2ImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer)
+    processor.save_pretrained(out_dir)
+
+
+def detectron2_inputs(
+    images: Sequence[Image.Image], augment: Callable[[np.ndarray], np.ndarray], input_format: str
+) -> list[dict[str, Any]]:
+    """detectron2 model inputs, as ``DefaultPredictor`` builds them: resized ``(3, h, w)`` float32 + original size."""
+    batch = []
+    for image in images:
+        pixels = np.asarray(_rgb(image))
+        if input_format == "BGR":
+            pixels = pixels[:, :, ::-1]
+        resized = augment(np.ascontiguousarray(pixels))
+        tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)).astype(np.float32))
+        batch.append({"image": tensor, "height": image.height, "width": image.width})
+    return batch
+
+
+def detectron2_augment(augmentations: Sequence[Any]) -> Callable[[np.ndarray], np.ndarray]:
+    """``pixels (H, W, 3) uint8 -> resized`` through detectron2 ``AugmentationList`` (test-time transforms)."""
+    from detectron2.data import transforms as T
+
+    chain = T.AugmentationList(list(augmentations))
+
+    def augment(pixels: np.ndarray) -> np.ndarray:
+        aug_input = T.AugInput(pixels)
+        chain(aug_input)
+        return aug_input.image
+
+    return augment
+
+
+class ViTDetDetector:
+    """ViTDet via detectron2 LazyConfig + ``DetectionCheckpointer``; batched ``DefaultPredictor``-style inference.
+
+    Args:
+        config_file: LazyConfig python file (e.g. ``projects/ViTDet/configs/...``) defining ``model`` and,
+            optionally, ``dataloader.test.mapping.augmentations`` (the test-time resize).
+        checkpoint: weights file for ``DetectionCheckpointer``.
+        class_names: names of the contiguous class ids (list or file); default: the metadata of the config's
+            test dataset, when detectron2 knows it (BigDetection / V3Det are not registered there: give names).
+        overrides: LazyConfig overrides, ``["model.roi_heads.box_predictor.test_score_thresh=0.05", ...]``.
+        test_size: shortest/longest edge when the config has no test augmentations (ViTDet uses 1024).
+        dtype: float16/bfloat16 run under ``torch.autocast`` (weights stay float32).
+    """
+
+    kind: ClassVar[str] = "detector"
+    name: ClassVar[str] = "vitdet"
+    REQUIRED: ClassVar[tuple[str, ...]] = ("config_file", "checkpoint")
+    OPTIONAL: ClassVar[tuple[str, ...]] = (
+        "class_names", "overrides", "test_size", "device", "dtype", "batch_size", "threshold", "name",
+    )
+
+    def __init__(
+        self,
+        *,
+        config_file: str,
+        checkpoint: str,
+        class_names: Sequence[str] | str | None = None,
+        overrides: Sequence[str] = (),
+        test_size: int = 1024,
+        device: str = "auto",
+        dtype: str = "float32",
+        batch_size: int = 4,
+        threshold: float = 0.05,
+        name: str | None = None,
+    ) -> None:
+        if int(batch_size) < 1:
+            raise AnnotatorError(f"detector batch_size must be >= 1, got {batch_size}")
+        self.config_file, self.checkpoint = str(config_file), str(checkpoint)
+        self.class_names_source, self.overrides = class_names, list(overrides)
+        self.test_size, self.batch_size, self.threshold = int(test_size), int(batch_size), float(threshold)
+        self.device_spec, self.dtype_spec = device, dtype
+        self.instance_name = name or self.name
+        self.class_names: list[str] = []
+        self._model = self._augment = None
+        self._input_format = "BGR"
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> ViTDetDetector:
+        return cls(**check_keys(cfg, required=cls.REQUIRED, optional=cls.OPTIONAL, where="detector/vitdet"))
+
+    @property
+    def version(self) -> str:
+        return f"{Path(self.config_file).name}:{Path(self.checkpoint).name}"
+
+    def load(self) -> None:
+        if self._model is not None:
+            return
+        require("detectron2", DETECTRON2_HINT)
+        from detectron2.checkpoint import DetectionCheckpointer
+        from detectron2.config import LazyConfig, instantiate
+        from detectron2.data import transforms as T
+
+        self._device = resolve_device(self.device_spec)
+        self._dtype = resolve_dtype(self.dtype_spec, self._device)
+        config_file = existing_path(self.config_file, "ViTDet config file")
+        checkpoint = existing_path(self.checkpoint, "ViTDet checkpoint")
+        cfg = LazyConfig.apply_overrides(LazyConfig.load(str(config_file)), self.overrides)
+        model = instantiate(cfg.model).to(self._device).eval()
+        DetectionCheckpointer(model).load(str(checkpoint))
+        test_mapping = cfg.get("dataloader", {}).get("test", {}).get("mapping", {})
+        if "augmentations" in test_mapping:
+            augmentations = instantiate(test_mapping.augmentations)
+        else:
+            augmentations = [T.ResizeShortestEdge(short_edge_length=self.test_size, max_size=self.test_size)]
+        self._augment = detectron2_augment(augmentations)
+        self._input_format = getattr(model, "input_format", "BGR")
+        self.class_names = self._resolve_class_names(cfg)
+        self._model = model
+        log.info("loaded ViTDet %s (%s) on %s", self.instance_name, self.version, self._device)
+
+    def _resolve_class_names(self, cfg: Any) -> list[str]:
+        if self.class_names_source is not None:
+            return read_names(self.class_names_source, "ViTDet class_names")
+        from detectron2.data import MetadataCatalog
+
+        dataset = cfg.get("dataloader", {}).get("test", {}).get("dataset", {}).get("names")
+        names = MetadataCatalog.get(dataset).get("thing_classes") if isinstance(dataset, str) else None
+        if not names:
+            raise AnnotatorError(f"ViTDet {self.config_file}: no thing_classes for dataset {dataset!r}; set class_names")
+        return list(names)
+
+    def __call__(self, images: Sequence[Image.Image]) -> list[DetectorOutput]:
+        if self._model is None:
+            raise AnnotatorError("detector is not loaded: call load() first")
+        outputs: list[DetectorOutput] = []
+        autocast = self._device.type == "cuda" and self._dtype != torch.float32
+        for chunk in _chunks(list(images), self.batch_size):
+            batch = detectron2_inputs(chunk, self._augment, self._input_format)
+            with torch.inference_mode(), torch.autocast(self._device.type, dtype=self._dtype, enabled=autocast):
+                predictions = self._model(batch)
+            for image, prediction in zip(chunk, predictions, strict=True):
+                outputs.append(self._to_output(prediction["instances"].to("cpu"), image.height, image.width))
+        return outputs
+
+    def _to_output(self, instances: Any, height: int, width: int) -> DetectorOutput:
+        scores = instances.scores.float().numpy()
+        keep = scores >= self.threshold
+        boxes = instances.pred_boxes.tensor.float().numpy()[keep]
+        labels = [self.class_names[int(i)] for i in instances.pred_classes.numpy()[keep]]
+        return DetectorOutput(boxes_xyxy=clip_to_image(boxes, height, width), scores=scores[keep], labels=labels)
+
+    @classmethod
+    def create_tiny(cls, out_dir: str | Path) -> dict[str, Any]:
+        """Not offered: a tiny ViTDet needs detectron2 (docker image); the ``hf`` backend has a tiny detector."""
+        raise AnnotatorError(f"detector/vitdet has no tiny model here ({DETECTRON2_HINT}); use backend 'hf'")

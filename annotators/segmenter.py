@@ -1,0 +1,253 @@
+"""Box-prompted foreground masks (stage 5, paper §3): ``segmenter(images, boxes) -> list[SegmentOutput]``.
+
+Backend ``sam`` (:class:`SamSegmenter`): ``segment_anything.SamPredictor``. Per image: ``set_image`` once
+(the expensive image encoder), then ALL its boxes in ONE batched ``predict_torch`` call (the light mask
+decoder, one prompt per box). ``segment_boxes(image, boxes)`` is the single-image form that
+``pipeline.filters.mask_stability`` takes as its ``segment`` callable; it reuses the embedding when called
+again with the same image object, so the jittered boxes cost decoder calls only.
+
+Model types: ``SAM_BUILDERS`` holds segment_anything's ``vit_h`` / ``vit_l`` / ``vit_b`` (same names as
+``segment_anything.sam_model_registry``) plus ``vit_tiny``, a small model for tests and smoke runs built by
+:func:`build_sam_sized`, which mirrors ``segment_anything.build_sam._build_sam`` with every size a parameter.
+Checkpoints load with ``torch.load(weights_only=True)`` (or safetensors), never by unpickling code:
+segment_anything's own builders call ``torch.load`` without ``weights_only``, so they are used with
+``checkpoint=None`` and the state dict is loaded here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from PIL import Image
+
+from annotators._devices import check_keys, existing_path, resolve_device, resolve_dtype
+from annotators.base import AnnotatorError, SegmentOutput, check_batch
+
+log = logging.getLogger(__name__)
+
+
+def build_sam_sized(
+    *,
+    encoder_embed_dim: int,
+    encoder_depth: int,
+    encoder_num_heads: int,
+    encoder_global_attn_indexes: Sequence[int],
+    image_size: int = 1024,
+    patch_size: int = 16,
+    window_size: int = 14,
+    prompt_embed_dim: int = 256,
+    mask_in_chans: int = 16,
+    decoder_depth: int = 2,
+    decoder_mlp_dim: int = 2048,
+    decoder_num_heads: int = 8,
+    iou_head_depth: int = 3,
+    iou_head_hidden_dim: int = 256,
+) -> Any:
+    """A random-initialised ``segment_anything.modeling.Sam`` in eval mode; defaults are SAM's own sizes.
+
+    The image embedding is ``(prompt_embed_dim, image_size / patch_size, image_size / patch_size)``; low-res
+    masks are 4x that grid. ``prompt_embed_dim`` must be divisible by 8 (mask decoder upscaling).
+    """
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    embedding_size = image_size // patch_size
+    sam = Sam(
+        image_encoder=ImageEncoderViT(
+            depth=encoder_depth,
+            embed_dim=encoder_embed_dim,
+            img_size=image_size,
+            mlp_ratio=4,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            num_heads=encoder_num_heads,
+            patch_size=patch_size,
+            qkv_bias=True,
+            use_rel_pos=True,
+            global_attn_indexes=tuple(encoder_global_attn_indexes),
+            window_size=window_size,
+            out_chans=prompt_embed_dim,
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=prompt_embed_dim,
+            image_embedding_size=(embedding_size, embedding_size),
+            input_image_size=(image_size, image_size),
+            mask_in_chans=mask_in_chans,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(
+                depth=decoder_depth, embedding_dim=prompt_embed_dim, mlp_dim=decoder_mlp_dim,
+                num_heads=decoder_num_heads,
+            ),
+            transformer_dim=prompt_embed_dim,
+            iou_head_depth=iou_head_depth,
+            iou_head_hidden_dim=iou_head_hidden_dim,
+        ),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    )
+    return sam.eval()
+
+
+def _segment_anything_builder(model_type: str) -> Callable[[], Any]:
+    def build() -> Any:
+        from segment_anything import sam_model_registry
+
+        return sam_model_registry[model_type](checkpoint=None)
+
+    return build
+
+
+SAM_BUILDERS: dict[str, Callable[[], Any]] = {
+    "vit_h": _segment_anything_builder("vit_h"),
+    "vit_l": _segment_anything_builder("vit_l"),
+    "vit_b": _segment_anything_builder("vit_b"),
+    # ~0.1 M parameters, 64 px input: tests, smoke config and the CPU benchmark only.
+    "vit_tiny": partial(
+        build_sam_sized, encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=(1,),
+        image_size=64, patch_size=8, window_size=4, prompt_embed_dim=32, mask_in_chans=4, decoder_depth=1,
+        decoder_mlp_dim=64, decoder_num_heads=2, iou_head_depth=2, iou_head_hidden_dim=32,
+    ),
+}
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors only: ``.safetensors`` via safetensors, anything else via ``torch.load(weights_only=True)``."""
+    path = existing_path(path, "SAM checkpoint")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling errors have no common base class
+        raise AnnotatorError(f"cannot read SAM checkpoint {path}: {exc}") from exc
+
+
+class SamSegmenter:
+    """SAM prompted with region boxes, one mask per box.
+
+    Args:
+        model_type: a key of ``SAM_BUILDERS`` (``vit_h``, ``vit_l``, ``vit_b``, ``vit_tiny``).
+        checkpoint: state-dict file matching ``model_type`` (e.g. ``sam_vit_h_4b8939.pth``).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:<k>"``.
+        dtype: ``"float32"``, ``"float16"`` (CUDA only), ``"bfloat16"``: the compute dtype, through ``torch.autocast``.
+            The weights stay float32: segment_anything's prompt encoder casts box coordinates to float32 before
+            its positional-encoding matmul, so a model cast to half precision fails there.
+        multimask: ask SAM for 3 masks per box and keep the one with the highest predicted IoU (default: one mask).
+    """
+
+    kind: ClassVar[str] = "segmenter"
+    name: ClassVar[str] = "sam"
+    REQUIRED: ClassVar[tuple[str, ...]] = ("model_type", "checkpoint")
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("device", "dtype", "multimask")
+
+    def __init__(
+        self, *, model_type: str, checkpoint: str, device: str = "auto", dtype: str = "float32", multimask: bool = False
+    ) -> None:
+        if model_type not in SAM_BUILDERS:
+            raise AnnotatorError(f"unknown SAM model_type {model_type!r}; known: {', '.join(sorted(SAM_BUILDERS))}")
+        self.model_type, self.checkpoint = model_type, str(checkpoint)
+        self.device_spec, self.dtype_spec, self.multimask = device, dtype, bool(multimask)
+        self.predictor: Any = None
+        self._dtype = torch.float32
+        self._image: Image.Image | None = None  # the image whose embedding the predictor holds
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> SamSegmenter:
+        return cls(**check_keys(cfg, required=cls.REQUIRED, optional=cls.OPTIONAL, where="segmenter/sam"))
+
+    @property
+    def version(self) -> str:
+        return f"{self.model_type}:{Path(self.checkpoint).name}"
+
+    def load(self) -> None:
+        """Build the model type, load the checkpoint (weights only), move to device/dtype, wrap in ``SamPredictor``."""
+        if self.predictor is not None:
+            return
+        from segment_anything import SamPredictor
+
+        device = resolve_device(self.device_spec)
+        dtype = resolve_dtype(self.dtype_spec, device)
+        state_dict = load_state_dict(self.checkpoint)
+        sam = SAM_BUILDERS[self.model_type]()
+        try:
+            sam.load_state_dict(state_dict)
+        except RuntimeError as exc:
+            raise AnnotatorError(
+                f"SAM checkpoint {self.checkpoint} does not match model_type {self.model_type!r}: {exc}"
+            ) from exc
+        self.predictor = SamPredictor(sam.to(device=device).eval())
+        self._dtype = dtype
+        log.info("loaded SAM %s on %s %s", self.version, device, dtype)
+
+    def __call__(self, images: Sequence[Image.Image], boxes: Sequence[np.ndarray]) -> list[SegmentOutput]:
+        """Masks for every box of every image.
+
+        Args:
+            images: ``B`` PIL images.
+            boxes: ``B`` arrays ``(N_i, 4)`` xyxy pixels of the matching image.
+
+        Returns:
+            ``B`` :class:`SegmentOutput`: ``masks (N_i, H_i, W_i)`` bool at the image's size, ``scores (N_i,)``
+            float32 SAM IoU predictions.
+        """
+        check_batch(images, boxes)
+        outputs = []
+        for image, image_boxes in zip(images, boxes, strict=True):
+            masks, scores = self._predict(image, image_boxes)
+            outputs.append(SegmentOutput(masks=masks, scores=scores))
+        return outputs
+
+    def segment_boxes(self, image: Image.Image, boxes_xyxy: np.ndarray) -> np.ndarray:
+        """``pipeline.filters.SegmentFn``: ``(M, 4)`` boxes of one image -> ``(M, H, W)`` bool masks."""
+        return self._predict(image, boxes_xyxy)[0]
+
+    def _predict(self, image: Image.Image, boxes_xyxy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.predictor is None:
+            raise AnnotatorError("segmenter is not loaded: call load() first")
+        boxes = np.asarray(boxes_xyxy, dtype=np.float32)
+        if boxes.size == 0:
+            return np.zeros((0, image.height, image.width), dtype=bool), np.zeros(0, dtype=np.float32)
+        if boxes.ndim != 2 or boxes.shape[1] != 4:
+            raise ValueError(f"boxes must be (N, 4) xyxy, got shape {boxes.shape}")
+        predictor = self.predictor
+        boxes_torch = torch.as_tensor(boxes, device=predictor.device)
+        transformed = predictor.transform.apply_boxes_torch(boxes_torch, (image.height, image.width))
+        with self._autocast():
+            self._set_image(image)
+            masks, iou_predictions, _ = predictor.predict_torch(
+                point_coords=None, point_labels=None, boxes=transformed, multimask_output=self.multimask
+            )
+        # masks (N, C, H, W) bool, iou_predictions (N, C); C = 3 with multimask, else 1
+        best = iou_predictions.argmax(dim=1)
+        rows = torch.arange(len(best), device=best.device)
+        return masks[rows, best].cpu().numpy(), iou_predictions[rows, best].float().cpu().numpy()
+
+    def _autocast(self) -> torch.autocast:
+        device_type = self.predictor.device.type
+        return torch.autocast(device_type, dtype=self._dtype, enabled=self._dtype != torch.float32)
+
+    def _set_image(self, image: Image.Image) -> None:
+        if image is self._image and self.predictor.is_image_set:
+            return
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        self.predictor.set_image(np.asarray(rgb), image_format="RGB")
+        self._image = image
+
+    @classmethod
+    def create_tiny(cls, out_dir: str | Path) -> dict[str, Any]:
+        """Save a random ``vit_tiny`` SAM state dict to ``out_dir/sam_vit_tiny.pth``; returns its CPU config."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            sam = SAM_BUILDERS["vit_tiny"]()
+        checkpoint = out_dir / "sam_vit_tiny.pth"
+        torch.save(sam.state_dict(), checkpoint)
+        return {"backend": cls.name, "model_type": "vit_tiny", "checkpoint": str(checkpoint), "device": "cpu"}
