@@ -215,8 +215,10 @@ class Mask2FormerBackground:
     def create_tiny(cls, out_dir: str | Path) -> dict[str, Any]:
         """Tiny random Mask2Former (Swin backbone, 8 queries, 6 classes; ids 3-5 stuff) saved to ``out_dir``.
 
-        A random model's masks overlap everywhere, so the returned config lowers the score and overlap
-        thresholds to 0 to let segments through (tests and the smoke run exercise the whole path).
+        A random model's class probabilities are about 1 / 7 and its masks overlap everywhere; HF's panoptic
+        post-processing compares score-weighted mask probabilities with ``mask_threshold``, so the returned
+        config sets the score, mask and overlap thresholds to 0 to let segments through (tests and the smoke
+        run exercise the whole path).
         """
         from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor
         from transformers import SwinConfig
@@ -237,7 +239,7 @@ class Mask2FormerBackground:
             Mask2FormerForUniversalSegmentation(config).eval().save_pretrained(out_dir)
         Mask2FormerImageProcessor(size={"shortest_edge": 64, "longest_edge": 96}).save_pretrained(out_dir)
         return {"backend": cls.name, "model": str(out_dir), "device": "cpu", "first_stuff_id": 3,
-                "score_threshold": 0.0, "overlap_threshold": 0.0}
+                "score_threshold": 0.0, "mask_threshold": 0.0, "overlap_threshold": 0.0}
 
 
 class MaskDinoBackground:
