@@ -2,7 +2,8 @@
 
 ``resolve_device("auto" | "cpu" | "cuda" | "cuda:1")`` and ``resolve_dtype("float32" | "float16" |
 "bfloat16", device)`` turn config strings into torch objects with errors that name the bad value;
-``check_keys`` validates a backend's config mapping; ``existing_path`` names a missing file or folder.
+``check_keys`` validates a backend's config mapping; ``existing_path`` names a missing file or folder;
+``move_inputs`` sends processor outputs to the model's device and dtype.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from annotators.base import AnnotatorError
 
@@ -104,3 +106,22 @@ def read_names(source: str | Path | Sequence[str], what: str) -> list[str]:
     if not names:
         raise AnnotatorError(f"{what} is empty")
     return names
+
+
+def move_inputs(inputs: Mapping[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """Tensors to ``device``; floating ones (pixel values) also to ``dtype``, integer ones (ids, masks) keep theirs."""
+    moved = {}
+    for key, value in inputs.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device=device)
+        moved[key] = value
+    return moved
+
+
+def chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    """``items`` in consecutive pieces of at most ``size``."""
+    return [items[start : start + size] for start in range(0, len(items), size)]
+
+
+def rgb(image: Image.Image) -> Image.Image:
+    return image if image.mode == "RGB" else image.convert("RGB")

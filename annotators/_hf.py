@@ -38,9 +38,7 @@ def config_kwargs(cls: type, cfg: Mapping[str, Any]) -> dict[str, Any]:
 
     Raises ``AnnotatorError`` naming unknown keys (with the allowed ones) and missing required keys.
     """
-    params = {
-        name: p for name, p in inspect.signature(cls.__init__).parameters.items() if p.kind is p.KEYWORD_ONLY
-    }
+    params = {name: p for name, p in inspect.signature(cls.__init__).parameters.items() if p.kind is p.KEYWORD_ONLY}
     given = {k: v for k, v in cfg.items() if k != "backend"}
     label = f"{getattr(cls, 'kind', '?')} backend {getattr(cls, 'name', cls.__name__)!r}"
     unknown = sorted(set(given) - set(params))

@@ -27,7 +27,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from annotators._devices import check_keys, existing_path, looks_like_local_path, read_names, resolve_device, resolve_dtype
+from annotators._devices import (
+    check_keys,
+    chunks,
+    existing_path,
+    looks_like_local_path,
+    move_inputs,
+    read_names,
+    resolve_device,
+    resolve_dtype,
+    rgb,
+)
 from annotators.base import AnnotatorError, StuffSegment, require
 from annotators.detector import DETECTRON2_HINT, detectron2_augment, detectron2_inputs
 
@@ -38,13 +48,6 @@ MASKDINO_HINT = (
     "MultiScaleDeformableAttention op), neither on PyPI; use the CUDA worker image built from docker/Dockerfile.cuda"
 )
 
-
-def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
-    return [items[start : start + size] for start in range(0, len(items), size)]
-
-
-def _rgb(image: Image.Image) -> Image.Image:
-    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def segments_from_panoptic(
@@ -169,12 +172,12 @@ class Mask2FormerBackground:
         if self._model is None:
             raise AnnotatorError("background model is not loaded: call load() first")
         results: list[list[StuffSegment]] = []
-        for chunk in _chunks(list(images), self.batch_size):
-            results.extend(self._segment_batch([_rgb(image) for image in chunk]))
+        for chunk in chunks(list(images), self.batch_size):
+            results.extend(self._segment_batch([rgb(image) for image in chunk]))
         return results
 
     def _segment_batch(self, images: list[Image.Image]) -> list[list[StuffSegment]]:
-        inputs = self._processor(images=images, return_tensors="pt").to(device=self._device, dtype=self._dtype)
+        inputs = move_inputs(self._processor(images=images, return_tensors="pt"), self._device, self._dtype)
         with torch.inference_mode():
             outputs = self._model(pixel_values=inputs["pixel_values"], pixel_mask=inputs.get("pixel_mask"))
         class_logits = outputs.class_queries_logits.float()  # (B, Q, num_labels + 1)
@@ -220,8 +223,12 @@ class Mask2FormerBackground:
         config sets the score, mask and overlap thresholds to 0 to let segments through (tests and the smoke
         run exercise the whole path).
         """
-        from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor
-        from transformers import SwinConfig
+        from transformers import (
+            Mask2FormerConfig,
+            Mask2FormerForUniversalSegmentation,
+            Mask2FormerImageProcessor,
+            SwinConfig,
+        )
 
         out_dir = Path(out_dir)
         backbone = SwinConfig(
@@ -330,7 +337,7 @@ class MaskDinoBackground:
             raise AnnotatorError("background model is not loaded: call load() first")
         autocast = self._device.type == "cuda" and self._dtype != torch.float32
         results: list[list[StuffSegment]] = []
-        for chunk in _chunks(list(images), self.batch_size):
+        for chunk in chunks(list(images), self.batch_size):
             batch = detectron2_inputs(chunk, self._augment, self._input_format)
             with torch.inference_mode(), torch.autocast(self._device.type, dtype=self._dtype, enabled=autocast):
                 predictions = self._model(batch)

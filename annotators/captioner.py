@@ -92,7 +92,13 @@ class Blip2Captioner:
     @classmethod
     def create_tiny(cls, out_dir: str | Path) -> dict[str, Any]:
         write_tiny_blip2(out_dir)
-        return {"backend": cls.name, "model": str(out_dir), "max_new_tokens": 6, "num_beams": 2, "num_return_sequences": 2}
+        return {
+            "backend": cls.name,
+            "model": str(out_dir),
+            "max_new_tokens": 6,
+            "num_beams": 2,
+            "num_return_sequences": 2,
+        }
 
     @property
     def version(self) -> str:
@@ -206,20 +212,31 @@ def write_tiny_blip2(out_dir: str | Path) -> None:
     tokenizer = build_tiny_tokenizer()
     # The processor adds the "<image>" placeholder token to the tokenizer; the LM vocab must include it.
     processor = Blip2Processor(
-        image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer,
+        image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
+        tokenizer=tokenizer,
         num_query_tokens=n_query,
     )
     small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
     vision = Blip2VisionConfig(**small, image_size=32, patch_size=8)
     qformer = Blip2QFormerConfig(**small, vocab_size=len(tokenizer), cross_attention_frequency=1)
     text = OPTConfig(
-        vocab_size=len(tokenizer), hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=128, word_embed_proj_dim=32, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=128,
+        word_embed_proj_dim=32,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     config = Blip2Config(
-        vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=text.to_dict(),
-        num_query_tokens=n_query, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_config=vision.to_dict(),
+        qformer_config=qformer.to_dict(),
+        text_config=text.to_dict(),
+        num_query_tokens=n_query,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
     )
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -247,20 +264,42 @@ def write_tiny_llava(out_dir: str | Path) -> None:
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     # 16 patches + CLS from the vision tower; the "default" strategy drops CLS -> 16 "<image>" tokens per image.
     processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
-        chat_template=TINY_CHAT_TEMPLATE, num_additional_image_tokens=1,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        chat_template=TINY_CHAT_TEMPLATE,
+        num_additional_image_tokens=1,
     )
+    # initializer_range 0.2 (not 0.02): outputs then depend visibly on image and prompt, so batching bugs show.
     vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        initializer_range=0.2,
     )
     text = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.2,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     config = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_select_strategy="default", vision_feature_layer=-1,
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
     )
     with torch.random.fork_rng():
         torch.manual_seed(0)

@@ -27,7 +27,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from annotators._devices import check_keys, existing_path, looks_like_local_path, read_names, resolve_device, resolve_dtype
+from annotators._devices import (
+    check_keys,
+    chunks,
+    existing_path,
+    looks_like_local_path,
+    move_inputs,
+    read_names,
+    resolve_device,
+    resolve_dtype,
+    rgb,
+)
 from annotators.base import AnnotatorError, DetectorOutput, require
 
 log = logging.getLogger(__name__)
@@ -44,14 +54,6 @@ def clip_to_image(boxes_xyxy: np.ndarray, height: int, width: int) -> np.ndarray
     boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
     boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
     return boxes
-
-
-def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
-    return [items[start : start + size] for start in range(0, len(items), size)]
-
-
-def _rgb(image: Image.Image) -> Image.Image:
-    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 class HfDetector:
@@ -144,8 +146,8 @@ class HfDetector:
         if self._model is None:
             raise AnnotatorError("detector is not loaded: call load() first")
         outputs: list[DetectorOutput] = []
-        for chunk in _chunks(list(images), self.batch_size):
-            outputs.extend(self._detect_batch([_rgb(image) for image in chunk]))
+        for chunk in chunks(list(images), self.batch_size):
+            outputs.extend(self._detect_batch([rgb(image) for image in chunk]))
         return outputs
 
     def _detect_batch(self, images: list[Image.Image]) -> list[DetectorOutput]:
@@ -154,7 +156,7 @@ class HfDetector:
             inputs = self._processor(images=images, text=[self.vocabulary] * len(images), return_tensors="pt")
         else:
             inputs = self._processor(images=images, return_tensors="pt")
-        inputs = inputs.to(device=self._device, dtype=self._dtype)
+        inputs = move_inputs(inputs, self._device, self._dtype)
         with torch.inference_mode():
             raw = self._model(**inputs)
         for key, value in raw.items():  # post-process in float32 whatever the model dtype
@@ -240,8 +242,8 @@ def _save_tiny_owlv2(out_dir: Path) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         Owlv2ForObjectDetection(config).eval().save_pretrained(out_dir)
-    processor = Owlv2Processor(image_processor=Owlv2ImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer)
-    processor.save_pretrained(out_dir)
+    image_processor = Owlv2ImageProcessor(size={"height": 32, "width": 32})
+    Owlv2Processor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out_dir)
 
 
 def detectron2_inputs(
@@ -250,7 +252,7 @@ def detectron2_inputs(
     """detectron2 model inputs, as ``DefaultPredictor`` builds them: resized ``(3, h, w)`` float32 + original size."""
     batch = []
     for image in images:
-        pixels = np.asarray(_rgb(image))
+        pixels = np.asarray(rgb(image))
         if input_format == "BGR":
             pixels = pixels[:, :, ::-1]
         resized = augment(np.ascontiguousarray(pixels))
@@ -361,7 +363,9 @@ class ViTDetDetector:
         dataset = cfg.get("dataloader", {}).get("test", {}).get("dataset", {}).get("names")
         names = MetadataCatalog.get(dataset).get("thing_classes") if isinstance(dataset, str) else None
         if not names:
-            raise AnnotatorError(f"ViTDet {self.config_file}: no thing_classes for dataset {dataset!r}; set class_names")
+            raise AnnotatorError(
+                f"ViTDet {self.config_file}: no thing_classes for dataset {dataset!r}; set class_names"
+            )
         return list(names)
 
     def __call__(self, images: Sequence[Image.Image]) -> list[DetectorOutput]:
@@ -369,7 +373,7 @@ class ViTDetDetector:
             raise AnnotatorError("detector is not loaded: call load() first")
         outputs: list[DetectorOutput] = []
         autocast = self._device.type == "cuda" and self._dtype != torch.float32
-        for chunk in _chunks(list(images), self.batch_size):
+        for chunk in chunks(list(images), self.batch_size):
             batch = detectron2_inputs(chunk, self._augment, self._input_format)
             with torch.inference_mode(), torch.autocast(self._device.type, dtype=self._dtype, enabled=autocast):
                 predictions = self._model(batch)

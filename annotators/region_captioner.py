@@ -233,5 +233,7 @@ class Gpt4RoiCaptioner:
             "use region_captioner backend 'vlm-box' or 'crop'"
         )
 
-    def __call__(self, images: Sequence[Image.Image], boxes_per_image: Sequence[Any]) -> list[list[list[RegionCaption]]]:
+    def __call__(
+        self, images: Sequence[Image.Image], boxes_per_image: Sequence[Any]
+    ) -> list[list[list[RegionCaption]]]:
         raise AnnotatorError("gpt4roi: call load() first (it is not runnable in this version, see load())")

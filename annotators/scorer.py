@@ -43,6 +43,7 @@ class OpenClipEncoder:
         self.model_name, self.pretrained, self.model_config = model, pretrained, model_config
         self.device_name, self.dtype_name = device, dtype
         self.model: Any = None
+        self.embed_dim = 0
 
     @property
     def version(self) -> str:
@@ -72,6 +73,7 @@ class OpenClipEncoder:
         self.model = model.eval()
         self.preprocess = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
         self.tokenizer = open_clip.get_tokenizer(self.model_name)
+        self.embed_dim = int(self.encode_texts(["a"], 1).shape[1])  # towers differ in where they keep it
         logger.info("loaded open_clip %s on %s (%s)", self.version, self.device, self.dtype)
 
     def encode_images(self, images: Sequence[Image.Image], batch_size: int):
@@ -84,7 +86,7 @@ class OpenClipEncoder:
             for batch in chunks(images, batch_size):
                 pixels = torch.stack([self.preprocess(im.convert("RGB")) for im in batch])
                 feats.append(self.model.encode_image(pixels.to(self.device, self.dtype)).float())
-        return _normalise(torch.cat(feats) if feats else torch.zeros(0, self._embed_dim(), device=self.device))
+        return _normalise(torch.cat(feats)) if feats else torch.zeros(0, self.embed_dim, device=self.device)
 
     def encode_texts(self, texts: Sequence[str], batch_size: int):
         """L2-normalised text embeddings, float32 tensor (T, D) on the model device."""
@@ -96,10 +98,7 @@ class OpenClipEncoder:
             for batch in chunks(texts, batch_size):
                 tokens = self.tokenizer(list(batch)).to(self.device)
                 feats.append(self.model.encode_text(tokens).float())
-        return _normalise(torch.cat(feats) if feats else torch.zeros(0, self._embed_dim(), device=self.device))
-
-    def _embed_dim(self) -> int:
-        return int(self.model.text_projection.shape[-1]) if hasattr(self.model, "text_projection") else 0
+        return _normalise(torch.cat(feats)) if feats else torch.zeros(0, self.embed_dim, device=self.device)
 
     def _check_loaded(self) -> None:
         if self.model is None:

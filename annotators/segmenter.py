@@ -2,9 +2,10 @@
 
 Backend ``sam`` (:class:`SamSegmenter`): ``segment_anything.SamPredictor``. Per image: ``set_image`` once
 (the expensive image encoder), then ALL its boxes in ONE batched ``predict_torch`` call (the light mask
-decoder, one prompt per box). ``segment_boxes(image, boxes)`` is the single-image form that
-``pipeline.filters.mask_stability`` takes as its ``segment`` callable; it reuses the embedding when called
-again with the same image object, so the jittered boxes cost decoder calls only.
+decoder, one prompt per box). Image embeddings are kept in a small LRU cache keyed by the image's
+pixels (a digest, not the object: Ray workers receive copies), so re-segmenting the same images with
+jittered boxes (the stability stage) costs decoder calls only. ``segment_boxes(image, boxes)`` is the
+single-image form that ``pipeline.filters.mask_stability`` takes as its ``segment`` callable.
 
 Model types: ``SAM_BUILDERS`` holds segment_anything's ``vit_h`` / ``vit_l`` / ``vit_b`` (same names as
 ``segment_anything.sam_model_registry``) plus ``vit_tiny``, a small model for tests and smoke runs built by
@@ -16,7 +17,10 @@ segment_anything's own builders call ``torch.load`` without ``weights_only``, so
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -26,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from annotators._devices import check_keys, existing_path, resolve_device, resolve_dtype
+from annotators._devices import check_keys, existing_path, resolve_device, resolve_dtype, rgb
 from annotators.base import AnnotatorError, SegmentOutput, check_batch
 
 log = logging.getLogger(__name__)
@@ -140,23 +144,34 @@ class SamSegmenter:
             The weights stay float32: segment_anything's prompt encoder casts box coordinates to float32 before
             its positional-encoding matmul, so a model cast to half precision fails there.
         multimask: ask SAM for 3 masks per box and keep the one with the highest predicted IoU (default: one mask).
+        embedding_cache: how many image embeddings to keep (vit_h: 4 MB each at float32); 0 disables the cache.
     """
 
     kind: ClassVar[str] = "segmenter"
     name: ClassVar[str] = "sam"
     REQUIRED: ClassVar[tuple[str, ...]] = ("model_type", "checkpoint")
-    OPTIONAL: ClassVar[tuple[str, ...]] = ("device", "dtype", "multimask")
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("device", "dtype", "multimask", "embedding_cache")
 
     def __init__(
-        self, *, model_type: str, checkpoint: str, device: str = "auto", dtype: str = "float32", multimask: bool = False
+        self,
+        *,
+        model_type: str,
+        checkpoint: str,
+        device: str = "auto",
+        dtype: str = "float32",
+        multimask: bool = False,
+        embedding_cache: int = 16,
     ) -> None:
         if model_type not in SAM_BUILDERS:
             raise AnnotatorError(f"unknown SAM model_type {model_type!r}; known: {', '.join(sorted(SAM_BUILDERS))}")
         self.model_type, self.checkpoint = model_type, str(checkpoint)
         self.device_spec, self.dtype_spec, self.multimask = device, dtype, bool(multimask)
+        self.embedding_cache = max(int(embedding_cache), 0)
         self.predictor: Any = None
         self._dtype = torch.float32
-        self._image: Image.Image | None = None  # the image whose embedding the predictor holds
+        # pixel digest -> (features (1, C, h, w), original_size, input_size)
+        self._embeddings: OrderedDict[tuple, tuple[torch.Tensor, tuple, tuple]] = OrderedDict()
+        self._current: tuple[tuple, torch.Tensor] | None = None  # (digest, features) the predictor holds
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> SamSegmenter:
@@ -229,16 +244,30 @@ class SamSegmenter:
         rows = torch.arange(len(best), device=best.device)
         return masks[rows, best].cpu().numpy(), iou_predictions[rows, best].float().cpu().numpy()
 
-    def _autocast(self) -> torch.autocast:
-        device_type = self.predictor.device.type
-        return torch.autocast(device_type, dtype=self._dtype, enabled=self._dtype != torch.float32)
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self._dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.predictor.device.type, dtype=self._dtype)
 
     def _set_image(self, image: Image.Image) -> None:
-        if image is self._image and self.predictor.is_image_set:
+        """Make the predictor hold ``image``'s embedding: from the cache, or by running the image encoder."""
+        pixels = np.ascontiguousarray(np.asarray(rgb(image)))
+        key = (pixels.shape, hashlib.blake2b(pixels.data, digest_size=16).digest())
+        predictor = self.predictor
+        if self._current is not None and self._current[0] == key and predictor.features is self._current[1]:
             return
-        rgb = image if image.mode == "RGB" else image.convert("RGB")
-        self.predictor.set_image(np.asarray(rgb), image_format="RGB")
-        self._image = image
+        cached = self._embeddings.get(key)
+        if cached is not None:
+            self._embeddings.move_to_end(key)
+            predictor.features, predictor.original_size, predictor.input_size = cached
+            predictor.is_image_set = True
+        else:
+            predictor.set_image(pixels, image_format="RGB")
+            if self.embedding_cache:
+                self._embeddings[key] = (predictor.features, predictor.original_size, predictor.input_size)
+                while len(self._embeddings) > self.embedding_cache:
+                    self._embeddings.popitem(last=False)
+        self._current = (key, predictor.features)
 
     @classmethod
     def create_tiny(cls, out_dir: str | Path) -> dict[str, Any]:

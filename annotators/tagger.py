@@ -196,4 +196,3 @@ class RamTagger:
         finally:
             hook.remove()
         return out
-

@@ -24,6 +24,7 @@ from data_schemas.record import (
     Tag,
     sanitize_key,
 )
+from data_schemas.train_config import TrainConfig
 
 __all__ = [
     "AnnotateConfig",
@@ -48,6 +49,7 @@ __all__ = [
     "ShardRow",
     "ShardStats",
     "Tag",
+    "TrainConfig",
     "load_config",
     "sanitize_key",
 ]

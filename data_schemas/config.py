@@ -79,6 +79,40 @@ class AnnotateConfig(_Config):
     )
 
 
+class StageResources(_Config):
+    """Ray actors for one annotator stage (``ray.resources[<stage name or kind>]``)."""
+
+    num_cpus: float = Field(default=0.25, ge=0.0, description="CPUs reserved per actor (fractions allowed)")
+    num_gpus: float = Field(default=0.0, ge=0.0, description="GPUs per actor; 0.5 packs two actors on one GPU")
+    pool_size: int = Field(default=1, gt=0, description="actors (model copies) in the stage's pool")
+    batch_size: int = Field(default=8, gt=0, description="images per actor call")
+
+
+class RayConfig(_Config):
+    """Where the annotator actors run and how a shard streams through them (docs/orchestration.md)."""
+
+    address: str | None = Field(default=None, description="null: start a local Ray; else ray.init(address=...)")
+    num_cpus: int | None = Field(default=None, gt=0, description="local Ray CPUs (null: all cores)")
+    num_gpus: int | None = Field(default=None, ge=0, description="local Ray GPUs (null: detected)")
+    loopback: bool = Field(default=True, description="local Ray listens on 127.0.0.1 only")
+    runtime_env: dict[str, Any] | None = Field(default=None, description="ray.init runtime_env (env_vars, ...)")
+    batch_size: int = Field(default=16, gt=0, description="images per batch streamed through the chain")
+    max_in_flight: int = Field(default=4, gt=0, description="batches of a shard in the chain at once")
+    actor_start_timeout_s: float = Field(default=300.0, gt=0.0, description="model load deadline per actor")
+    default: StageResources = Field(default_factory=StageResources)
+    resources: dict[str, StageResources] = Field(
+        default_factory=dict, description="per stage: key is a stage name (detector_bigdet) or a kind (detector)"
+    )
+
+
+class FlowConfig(_Config):
+    """Prefect settings of the ``build-umg41m`` flow."""
+
+    shard_retries: int = Field(default=2, ge=0, description="retries of a failed shard task")
+    retry_delay_s: list[float] = Field(default_factory=lambda: [2.0, 10.0, 30.0], description="backoff per retry")
+    overlays: int = Field(default=3, ge=0, description="overlay pictures in the QA report")
+
+
 class BuildConfig(_Config):
     """Everything a build needs: where inputs come from, how they are sharded, and the annotators."""
 
@@ -87,6 +121,8 @@ class BuildConfig(_Config):
     shard_size: int = Field(default=256, gt=0, description="inputs per shard; fixes the deterministic plan")
     images: ImageLimits = Field(default_factory=ImageLimits)
     annotate: AnnotateConfig | None = Field(default=None, description="null: ground truth only (no models)")
+    ray: RayConfig = Field(default_factory=RayConfig, description="annotator actor pools (flows/build.py)")
+    flow: FlowConfig = Field(default_factory=FlowConfig, description="retries and reports of the Prefect flow")
 
 
 class ConfigError(ValueError):

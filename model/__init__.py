@@ -22,6 +22,9 @@ _EXPORTS = {
     "list_models": "model.factory",
     "load_umg_checkpoint": "model.factory",
     "save_umg_weights": "model.factory",
+    "load_checkpoint": "model.checkpoint",
+    "TrainResult": "model.trainer",
+    "train": "model.trainer",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -65,6 +65,11 @@ def test_matches_open_clip_directly(tiny_cfg, scorer, images):
     np.testing.assert_allclose(scorer(images[:1], TEXTS[:1])[0], (text @ image[0]).numpy(), atol=1e-5)
 
 
+def test_empty_inputs(scorer, images):
+    assert scorer([], []) == []
+    assert [s.shape for s in scorer(images, [[], [], []])] == [(0,), (0,), (0,)]
+
+
 def test_wrong_per_image_lengths(scorer, images):
     with pytest.raises(ValueError, match="3 images but 2"):
         scorer(images, TEXTS[:2])

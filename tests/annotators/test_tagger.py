@@ -58,6 +58,10 @@ def test_tags_per_image_schema_and_order(tagger, images):
     assert tagger.version.startswith("umg-tiny-clip:") and tagger.kind == "tagger" and tagger.name == "clip-vocab"
 
 
+def test_empty_batch(tagger):
+    assert tagger([]) == []
+
+
 def test_batched_equals_one_by_one(tiny_cfg, tagger, images):
     one = _tagger(tiny_cfg, threshold=0.0, top_k=5, batch_size=1)
     batched, single = tagger(images), one(images)

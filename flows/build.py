@@ -1,0 +1,238 @@
+"""Prefect flow ``build-umg41m``: plan shards, run one task per unfinished shard, report, announce.
+
+The flow only adds orchestration to library calls (``pipeline.shard_build.process_shard``,
+``pipeline.ray_pool.build_ray_chain``, ``pipeline.validate.validate_build``):
+
+1. load the config (``build:`` section; ``input`` / ``output`` / ``overrides`` on top), pin the plan, skip
+   finished shards (resume), discard partial files of a killed run;
+2. with annotators configured: start (or join) Ray and one actor pool per model stage;
+3. one task per shard (``shard-NNNNN``, retried with backoff; a dead Ray actor fails the task);
+4. progress artifact (shards done / total), per-shard table artifact, markdown QA report with overlays
+   saved in ``<output>/_qa/``;
+5. only when every shard is finished and the build validates: emit ``umg.build.completed`` (payload:
+   the shard dir) — the ``train/local`` deployment triggers on it (``flows/serve.py``). A failed or partial
+   build raises, so the run ends Failed and training does not start.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import io
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
+from prefect.runtime import flow_run
+
+from data_schemas import ConfigError, ImageLimits, load_config
+from pipeline.overlay import render_overlay
+from pipeline.ray_pool import ChainMetrics, PipelinedChain, build_ray_chain, start_ray
+from pipeline.shard_build import pin_plan, process_shard
+from pipeline.shards import discard_partial, finished_shards, iter_samples, read_stats, taken_keys, write_build_manifest
+from pipeline.sources.base import InputShard, Source
+from pipeline.sources.registry import build_source
+from pipeline.validate import ValidationReport, validate_build
+
+COMPLETED_EVENT = "umg.build.completed"
+QA_DIR = "_qa"
+
+
+class BuildIncomplete(RuntimeError):
+    """Some shard failed after its retries, or the build does not validate; training must not start."""
+
+
+class _ShardJob:
+    """What every shard task shares. A plain object, so Prefect does not walk it (keys can be millions)."""
+
+    def __init__(self, source: Source, build_dir: Path, limits: ImageLimits, keys: set[str],
+                 chain: PipelinedChain | None) -> None:
+        self.source, self.build_dir, self.limits, self.keys, self.chain = source, build_dir, limits, keys, chain
+
+
+@task(cache_policy=NO_CACHE)
+def build_shard(job: _ShardJob, shard: InputShard) -> dict[str, Any]:
+    """Ingest, annotate (Ray pools) and commit one shard; returns its table row."""
+    logger = get_run_logger()
+    metrics = ChainMetrics()
+    annotate = None if job.chain is None else functools.partial(job.chain.run, metrics=metrics)
+    logger.info("shard=%s start inputs=%d", shard.name, len(shard.refs), extra={"shard": shard.name})
+    stats = process_shard(job.source, shard, job.build_dir, job.limits, job.keys, annotate)
+    row = _table_row(stats, metrics)
+    logger.info("shard=%s done inputs=%d ok=%d errors=%d regions=%d masks=%d seconds=%.2f", shard.name,
+                stats.n_inputs, stats.n_ok, stats.n_error, row["regions"], row["masks"], stats.seconds,
+                extra={"shard": shard.name})
+    return row
+
+
+def _table_row(stats, metrics: ChainMetrics | None = None, resumed: bool = False) -> dict[str, Any]:
+    counts = stats.counts
+    rates = metrics.pass_rates() if metrics is not None else {}
+    if rates.get("caption_pass") is None and counts.get("n_captions"):
+        rates["caption_pass"] = round(counts.get("n_captions_kept", 0) / counts["n_captions"], 4)
+    return {
+        "shard": stats.shard, "inputs": stats.n_inputs, "ok": stats.n_ok, "errors": stats.n_error,
+        "regions": counts.get("n_regions", 0), "masks": counts.get("n_masks", 0),
+        "captions": counts.get("n_captions", 0), "tags": counts.get("n_tags", 0),
+        "caption_pass": rates.get("caption_pass"), "box_pass": rates.get("box_pass"),
+        "mask_pass": rates.get("mask_pass"), "seconds": stats.seconds, "resumed": resumed,
+        "error_reasons": ", ".join(f"{k}: {v}" for k, v in stats.errors.items()),
+        "stage_seconds": {k: round(v, 3) for k, v in (metrics.stage_seconds if metrics else {}).items()},
+    }
+
+
+@flow(name="build-umg41m")
+def build_umg41m(config: str = "configs/smoke.yaml", input: str | None = None, output: str | None = None,
+                 overrides: list[str] | None = None) -> dict[str, Any]:
+    """Build UMG-41M-style shards from ``input`` into ``output`` (both default to the config's)."""
+    logger = get_run_logger()
+    cfg = load_config(config, [*(overrides or []), *([f"source.path={input}"] if input else [])])
+    if output is None and cfg.output is None:
+        raise ConfigError(f"{config}: no output directory (pass output= or set build.output)")
+    build_dir = Path(output if output is not None else cfg.output).resolve()
+    source = build_source(cfg.source)
+    discard_partial(build_dir)
+    plan = pin_plan(build_dir, source, cfg.shard_size)
+    done = set(finished_shards(build_dir))
+    todo = [shard for shard in plan if shard.name not in done]
+    logger.info("plan: %d shards, %d finished, %d to build into %s", len(plan), len(done), len(todo), build_dir)
+    progress = create_progress_artifact(_percent(len(done), len(plan)), key="umg41m-build-progress",
+                                        description=f"shards done / total in {build_dir}")
+    rows = [_table_row(read_stats(build_dir, name), resumed=True) for name in sorted(done)]
+    failed: list[str] = []
+    chain, owns_ray = None, False
+    try:
+        if cfg.annotate is not None and todo:
+            owns_ray = start_ray(cfg.ray)
+            chain = build_ray_chain(cfg.annotate, cfg.ray)
+        job = _ShardJob(source, build_dir, cfg.images, taken_keys(build_dir), chain)
+        shard_task = build_shard.with_options(retries=cfg.flow.shard_retries,
+                                              retry_delay_seconds=cfg.flow.retry_delay_s)
+        for shard in todo:
+            state = shard_task.with_options(task_run_name=f"shard-{shard.name}")(job, shard, return_state=True)
+            if state.is_completed():
+                rows.append(state.result())
+            else:
+                failed.append(shard.name)
+                logger.error("shard=%s failed after retries: %s", shard.name, state.message,
+                             extra={"shard": shard.name})
+            write_build_manifest(build_dir)
+            n_done = len(finished_shards(build_dir))
+            update_progress_artifact(progress, _percent(n_done, len(plan)),
+                                     description=f"{n_done} / {len(plan)} shards done in {build_dir}")
+    finally:
+        _stop_ray(chain, owns_ray)
+    write_build_manifest(build_dir)
+    report = validate_build(build_dir)
+    rows.sort(key=lambda row: row["shard"])
+    create_table_artifact(rows, key="umg41m-build-shards", description=f"per-shard results of {build_dir}")
+    pictures = _save_overlays(build_dir, cfg.flow.overlays)
+    create_markdown_artifact(_qa_markdown(build_dir, config, rows, report, pictures, failed, len(plan)),
+                             key="umg41m-build-qa", description=f"QA report of {build_dir}")
+    summary = {"build_dir": str(build_dir), "planned": len(plan), "skipped": len(done),
+               "written": len(todo) - len(failed), "failed": failed, **report.summary()}
+    if failed or not report.ok:
+        raise BuildIncomplete(f"build {build_dir} incomplete: failed shards {failed}, problems {report.problems}")
+    _announce(build_dir, config, summary)
+    return summary
+
+
+def _percent(done: int, total: int) -> float:
+    return round(100.0 * done / total, 2) if total else 100.0
+
+
+def _stop_ray(chain: PipelinedChain | None, owns_ray: bool) -> None:
+    if chain is not None:
+        chain.close()
+    if owns_ray:
+        import ray
+
+        ray.shutdown()
+
+
+def _announce(build_dir: Path, config: str, summary: dict[str, Any]) -> None:
+    """The event the ``train/local`` deployment triggers on (see ``flows/serve.py``)."""
+    run_id = flow_run.get_id()
+    emit_event(
+        event=COMPLETED_EVENT,
+        resource={"prefect.resource.id": f"umg.build.{run_id}", "prefect.resource.name": str(build_dir)},
+        related=[{"prefect.resource.id": f"prefect.flow-run.{run_id}", "prefect.resource.role": "flow-run"}],
+        payload={"shards": str(build_dir), "config": str(Path(config).resolve()),
+                 "upstream": f"prefect.flow-run.{run_id}", "samples": summary["samples"],
+                 "shards_total": summary["shards"]},
+    )
+
+
+def _save_overlays(build_dir: Path, n: int) -> list[tuple[str, Path, str]]:
+    """Draw up to ``n`` samples (most regions first among the first shard's) into ``<build>/_qa/``.
+
+    Returns ``(key, png path, data URI of a small JPEG thumbnail)``.
+    """
+    if n <= 0:
+        return []
+    candidates = []
+    for sample in iter_samples(build_dir):
+        candidates.append(sample)
+        if len(candidates) >= 8 * n:
+            break
+    picked = sorted(candidates, key=lambda s: -len(s.record().regions))[:n]
+    out_dir = build_dir / QA_DIR
+    out_dir.mkdir(exist_ok=True)
+    saved = []
+    for sample in picked:
+        picture = render_overlay(sample.record(), sample.jpg)
+        path = out_dir / f"overlay_{sample.key}.png"
+        picture.save(path)
+        thumb = picture.copy()
+        thumb.thumbnail((480, 480))
+        buffer = io.BytesIO()
+        thumb.save(buffer, format="JPEG", quality=70)
+        saved.append((sample.key, path, "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()))
+    return saved
+
+
+def _qa_markdown(build_dir: Path, config: str, rows: list[dict], report: ValidationReport,
+                 pictures: list[tuple[str, Path, str]], failed: list[str], planned: int) -> str:
+    total = Counter()
+    for row in rows:
+        total.update({k: row[k] for k in ("inputs", "ok", "errors", "regions", "masks", "captions", "tags")})
+    reasons = Counter()
+    for row in rows:
+        for part in filter(None, row["error_reasons"].split(", ")):
+            reason, _, count = part.rpartition(": ")
+            reasons[reason] += int(count)
+    status = "**complete**" if not failed and report.ok else "**INCOMPLETE — training not triggered**"
+    lines = [
+        f"# UMG-41M build QA — {status}", "",
+        f"- build dir: `{build_dir}`", f"- config: `{config}`",
+        f"- shards: {len(rows)} finished of {planned} planned" + (f"; failed: {', '.join(failed)}" if failed else ""),
+        f"- inputs {total['inputs']}, ok {total['ok']}, errors {total['errors']}"
+        + (" (" + ", ".join(f"{r}: {c}" for r, c in reasons.most_common(8)) + ")" if reasons else ""),
+        f"- regions {total['regions']}, masks kept {total['masks']}, captions {total['captions']}, "
+        f"tags {total['tags']}",
+        f"- filter pass rates (mean over shards): {_mean_rates(rows)}",
+        f"- validation: {'ok' if report.ok else 'PROBLEMS: ' + '; '.join(report.problems[:5])}",
+        "", "## Overlays", "",
+    ]
+    for key, path, thumb in pictures:
+        lines += [f"**{key}** — full size: [`{path}`](file://{path})", "", f"![{key}]({thumb})", ""]
+    if not pictures:
+        lines.append("(none: no samples)")
+    return "\n".join(lines)
+
+
+def _mean_rates(rows: list[dict]) -> str:
+    parts = []
+    for name in ("caption_pass", "box_pass", "mask_pass"):
+        values = [row[name] for row in rows if row.get(name) is not None]
+        parts.append(f"{name} {sum(values) / len(values):.3f}" if values else f"{name} n/a")
+    return ", ".join(parts)

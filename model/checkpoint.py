@@ -1,0 +1,210 @@
+"""Training checkpoints: safetensors weights + a ``weights_only``-loadable training state.
+
+A run directory (``train(..., out_dir)``) holds::
+
+    checkpoints/step_00000100/model.safetensors   UMG-CLIP weights (``save_umg_weights``)
+    checkpoints/step_00000100/train_state.pt      step, epoch, per-rank data position and RNG states,
+                                                  optimizer + scheduler state dicts (torch.save)
+    checkpoints/step_00000100/config.json         the TrainConfig of the run (rebuilds the architecture)
+    checkpoints/step_00000100/deepspeed/          DeepSpeed engine state (ZeRO partitions), DeepSpeed runs only
+    checkpoints/latest                            name of the newest complete checkpoint
+
+A checkpoint is written under ``step_N.tmp`` and renamed when complete, and ``latest`` is replaced
+atomically after that, so a killed run always resumes from a whole checkpoint. Everything in
+``train_state.pt`` is tensors, numbers, strings, lists and dicts (RNG states converted), so it loads
+with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_schemas.train_config import ModelSection, TrainConfig
+from model.factory import create_umg_clip, load_umg_checkpoint, save_umg_weights
+from model.token_cluster import TokenClusterCfg
+from model.umg_clip import UMGCLIP
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+WEIGHTS = "model.safetensors"
+STATE = "train_state.pt"
+CONFIG = "config.json"
+DEEPSPEED = "deepspeed"
+
+
+def cluster_cfg(section: ModelSection) -> TokenClusterCfg | None:
+    """The model's token clustering settings (None when off)."""
+    c = section.cluster
+    if c.reduction == 0:
+        return None
+    return TokenClusterCfg(reduction=c.reduction, layer=c.layer, k_neighbors=c.k_neighbors,
+                           spatial_weight=c.spatial_weight)
+
+
+def model_from_config(section: ModelSection, *, initial_weights: bool = True,
+                      device: str | torch.device = "cpu") -> UMGCLIP:
+    """Build the run's model; ``initial_weights`` loads ``pretrained`` / ``checkpoint`` (off when a
+    checkpoint's own weights follow anyway)."""
+    model = create_umg_clip(
+        section.name,
+        pretrained=section.pretrained if initial_weights else None,
+        checkpoint=section.checkpoint if initial_weights else None,
+        cluster=cluster_cfg(section),
+        region_output_size=section.region_output_size,
+        device=device,
+    )
+    if section.grad_checkpointing:
+        model.clip.set_grad_checkpointing(True)
+    return model
+
+
+def rng_state() -> dict:
+    """This process's torch / CUDA / python / numpy RNG states as tensors and plain values."""
+    version, internal, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` captured."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["internal"].tolist()), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["gauss"]))
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: UMGCLIP | None,
+    config: TrainConfig,
+    state: dict,
+    *,
+    is_main: bool = True,
+    barrier: Callable[[], None] = lambda: None,
+    engine=None,
+    keep_last: int = 2,
+) -> Path:
+    """Write checkpoint ``step`` of ``run_dir`` and point ``latest`` at it. Every rank calls this.
+
+    Args:
+        model: the unwrapped model (rank 0 saves its weights); None with a ZeRO-3 engine, whose
+            weights are consolidated from the engine checkpoint instead.
+        state: the training state for ``train_state.pt`` (see module docstring).
+        barrier: synchronises ranks (no-op in one process).
+        engine: a DeepSpeed engine; all ranks write their partitions under ``deepspeed/``.
+
+    Returns:
+        The final checkpoint directory.
+    """
+    root = Path(run_dir) / CHECKPOINTS
+    final = root / checkpoint_name(step)
+    tmp = final.with_name(final.name + ".tmp")
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    if engine is not None:
+        engine.save_checkpoint(str(tmp / DEEPSPEED), tag="state", save_latest=False)
+        barrier()
+    if is_main:
+        if model is None:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+            from safetensors.torch import save_file
+
+            weights = get_fp32_state_dict_from_zero_checkpoint(str(tmp / DEEPSPEED), tag="state")
+            save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS))
+        else:
+            save_umg_weights(model, tmp / WEIGHTS)
+        torch.save(state, tmp / STATE)
+        (tmp / CONFIG).write_text(config.model_dump_json(indent=1), encoding="utf-8")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _write_atomic(root / LATEST, final.name)
+        _prune(root, keep_last)
+        log.info("saved checkpoint %s", final)
+    barrier()
+    return final
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for old in done[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint directory of a run, or None."""
+    pointer = Path(run_dir) / CHECKPOINTS / LATEST
+    if not pointer.exists():
+        return None
+    path = pointer.parent / pointer.read_text(encoding="utf-8").strip()
+    return path if (path / WEIGHTS).exists() else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run dir, a checkpoint dir or its ``model.safetensors`` -> the checkpoint dir.
+
+    Raises:
+        FileNotFoundError: naming the path when it holds no checkpoint.
+    """
+    path = Path(path)
+    if path.is_file() and path.name == WEIGHTS:
+        path = path.parent
+    if (path / WEIGHTS).exists() and (path / CONFIG).exists():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise FileNotFoundError(f"{path}: no checkpoint ({WEIGHTS} + {CONFIG}, or a run dir with {CHECKPOINTS}/)")
+    return latest
+
+
+def read_config(checkpoint_dir: Path) -> TrainConfig:
+    return TrainConfig.model_validate_json((Path(checkpoint_dir) / CONFIG).read_text(encoding="utf-8"))
+
+
+def load_train_state(checkpoint_dir: Path) -> dict:
+    """``train_state.pt`` of a checkpoint, loaded with ``weights_only=True`` on the CPU."""
+    return torch.load(Path(checkpoint_dir) / STATE, map_location="cpu", weights_only=True)
+
+
+def load_checkpoint(path_or_run_dir: str | Path, device: str | torch.device = "cpu") -> UMGCLIP:
+    """Rebuild a trained UMG-CLIP from a run dir, a checkpoint dir or its ``model.safetensors``.
+
+    The architecture (model name, token clustering, RoIAlign size) comes from the checkpoint's
+    ``config.json``; no pretrained weights are fetched. Returns the model in eval mode on ``device``.
+    """
+    ckpt = resolve_checkpoint(path_or_run_dir)
+    model = model_from_config(read_config(ckpt).model, initial_weights=False, device=device)
+    load_umg_checkpoint(model, ckpt / WEIGHTS)
+    return model.eval()

@@ -1,0 +1,361 @@
+"""Ray actor pools for the annotation chain: one pool per model stage, each backend loaded once per actor.
+
+``build_ray_chain(annotate_cfg, ray_cfg)`` builds the usual ``Chain`` and swaps each stage's annotator for a
+``RemoteAnnotator``: same ``name`` / ``version``, and ``__call__(*batch)`` runs the batch on the stage's actors
+(split into chunks of the stage's ``batch_size``, each chunk sent to the least-busy actor, so one call can use
+every actor of the pool). ``Stage.arguments`` / ``apply`` and ``run_stage`` are unchanged, so a chain behaves
+the same in-process and on Ray: an annotator error is re-raised as the backend's own exception (the stage
+splits the batch down to per-image error rows), while a dead actor raises ``annotators.WorkerLost`` — the
+shard fails, the orchestrator retries it, and the pool has already started a replacement actor.
+
+``PipelinedChain`` streams a shard through a chain in batches of ``batch_size`` on ``max_in_flight`` threads:
+while one batch is in the detector pool the next is in the tagger pool (bounded, so memory stays bounded).
+Nothing here imports Prefect.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import annotators
+from data_schemas import AnnotateConfig
+from data_schemas.config import RayConfig, StageResources
+from pipeline.ingest import IngestedItem
+from pipeline.stages import Chain, MergeStage, ScoreStage, Stage, StabilityStage, run_stage
+
+log = logging.getLogger(__name__)
+
+#: Ray reads this at import: "0" makes a local node use the loopback address for every server it starts.
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+# ----------------------------------------------------------------------------------------------------- runtime
+def start_ray(cfg: RayConfig) -> bool:
+    """Connect to ``cfg.address`` or start a local Ray (loopback only unless ``cfg.loopback`` is False).
+
+    Returns True when this call initialised Ray (the caller then owns ``ray.shutdown()``), False when this
+    process was already connected.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    common = {"runtime_env": cfg.runtime_env, "ignore_reinit_error": True, "log_to_driver": True}
+    if cfg.address:
+        ray.init(address=cfg.address, **common)
+        return True
+    if cfg.loopback:
+        _force_loopback()
+    ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False, **common)
+    return True
+
+
+def _force_loopback() -> None:
+    # Ray resolves a local node's IP through ENABLE_RAY_CLUSTER (False on macOS/Windows -> 127.0.0.1); with it
+    # off, gcs, raylet, workers and agents all bind 127.0.0.1 instead of every interface. The env var reaches
+    # the child processes; the module attribute covers a ``ray`` imported before this call.
+    os.environ[LOOPBACK_ENV] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+# ----------------------------------------------------------------------------------------------------- actors
+class AnnotatorActor:
+    """Holds one backend; ``load()`` runs once when the actor starts."""
+
+    def __init__(self, backend_cls: type, cfg: dict[str, Any]) -> None:
+        self.backend = backend_cls.from_config(cfg)
+        self.backend.load()
+
+    def info(self) -> tuple[str, str, int]:
+        return self.backend.name, self.backend.version, os.getpid()
+
+    def call(self, *batch: Sequence[Any]) -> list[Any]:
+        return list(self.backend(*batch))
+
+
+def _lost_errors() -> tuple[type[BaseException], ...]:
+    from ray import exceptions as rex
+
+    return (rex.RayActorError, rex.WorkerCrashedError, rex.NodeDiedError, rex.LocalRayletDiedError,
+            rex.OutOfMemoryError, rex.ObjectLostError)
+
+
+class ActorPool:
+    """``size`` actors of one backend; ``call`` fans a batch out in chunks, replaces actors that die."""
+
+    def __init__(self, label: str, kind: str, cfg: dict[str, Any], resources: StageResources,
+                 start_timeout_s: float = 300.0) -> None:
+        import ray
+
+        self.label, self.kind, self.resources = label, kind, resources
+        self.start_timeout_s = start_timeout_s
+        backend_cls = annotators.registry.resolve(kind, cfg["backend"])  # raises naming known backends
+        self._remote = ray.remote(AnnotatorActor)
+        self._options = {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus}
+        self._args = (backend_cls, dict(cfg))
+        self._prefix = f"umg-{label}-{uuid.uuid4().hex[:6]}"  # actor names, e.g. for ray.get_actor in tests
+        self._spawned = 0
+        self._lock = threading.Lock()
+        self._busy: dict[Any, int] = {}  # actor handle -> calls in flight
+        self.replaced = 0
+        for _ in range(resources.pool_size):
+            self._busy[self._spawn()] = 0
+        self.name, self.version = "", ""
+
+    def _spawn(self):
+        self._spawned += 1
+        return self._remote.options(name=f"{self._prefix}-{self._spawned}", **self._options).remote(*self._args)
+
+    @property
+    def actors(self) -> list[Any]:
+        with self._lock:
+            return list(self._busy)
+
+    def wait_ready(self) -> None:
+        """Block until every actor has loaded its model; raise ``AnnotatorError`` naming a failed load."""
+        import ray
+
+        refs = [actor.info.remote() for actor in self.actors]
+        try:
+            infos = ray.get(refs, timeout=self.start_timeout_s)
+        except ray.exceptions.GetTimeoutError as exc:
+            raise annotators.AnnotatorError(
+                f"{self.label}: actors not ready after {self.start_timeout_s:.0f} s; is there room for "
+                f"{self.resources.pool_size} x (num_cpus={self.resources.num_cpus}, "
+                f"num_gpus={self.resources.num_gpus})? cluster: {ray.cluster_resources()}") from exc
+        except ray.exceptions.RayError as exc:
+            raise annotators.AnnotatorError(f"{self.label}: the {self.kind} backend failed to load: {exc}") from exc
+        self.name, self.version = infos[0][0], infos[0][1]
+        log.info("pool %s: %d actors ready (%s@%s, pids %s)", self.label, len(infos), self.name, self.version,
+                 [i[2] for i in infos])
+
+    def _acquire(self):
+        with self._lock:
+            actor = min(self._busy, key=self._busy.__getitem__)
+            self._busy[actor] += 1
+            return actor
+
+    def _release(self, actor, dead: bool) -> None:
+        with self._lock:
+            if actor not in self._busy:
+                return  # already replaced by another caller
+            if dead:
+                del self._busy[actor]
+                self._busy[self._spawn()] = 0
+                self.replaced += 1
+                log.warning("pool %s: actor died; started a replacement (%d so far)", self.label, self.replaced)
+            else:
+                self._busy[actor] -= 1
+
+    def call(self, *batch: Sequence[Any]) -> list[Any]:
+        """Run the backend on ``batch`` (per-image argument lists); one output per image, in order."""
+        import ray
+
+        n = len(batch[0]) if batch else 0
+        step = self.resources.batch_size
+        pending = []
+        for start in range(0, n, step):
+            actor = self._acquire()
+            pending.append((actor, actor.call.remote(*(list(arg[start:start + step]) for arg in batch))))
+        outputs: list[Any] = []
+        failure: BaseException | None = None
+        for actor, ref in pending:  # wait for every chunk so no call outlives this one
+            try:
+                outputs.extend(ray.get(ref))
+                self._release(actor, dead=False)
+            except _lost_errors() as exc:
+                self._release(actor, dead=True)
+                failure = failure or annotators.WorkerLost(f"{self.label}: {type(exc).__name__}: {exc}")
+            except ray.exceptions.RayTaskError as exc:
+                self._release(actor, dead=False)
+                cause = exc.cause if isinstance(exc.cause, Exception) else exc
+                failure = failure if isinstance(failure, annotators.WorkerLost) else (failure or cause)
+        if failure is not None:
+            raise failure
+        return outputs
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        with self._lock:
+            self._busy.clear()
+
+
+class RemoteAnnotator:
+    """Stands in for a backend inside a ``Stage``: the backend's ``name`` / ``version``, calls go to a pool."""
+
+    def __init__(self, pool: ActorPool) -> None:
+        self.pool = pool
+
+    @property
+    def name(self) -> str:
+        return self.pool.name
+
+    @property
+    def version(self) -> str:
+        return self.pool.version
+
+    def load(self) -> None:
+        self.pool.wait_ready()
+
+    def __call__(self, *batch: Sequence[Any]) -> list[Any]:
+        return self.pool.call(*batch)
+
+
+# ------------------------------------------------------------------------------------------------- the chain
+def stage_backends(cfg: AnnotateConfig) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Stage name -> (annotator kind, backend config), named as ``pipeline.stages.build_chain`` names stages."""
+    named = {"tagger": ("tagger", cfg.tagger), "scorer": ("scorer", cfg.scorer),
+             "segmenter": ("segmenter", cfg.segmenter), "background": ("background", cfg.background)}
+    out = {stage: (kind, backend) for stage, (kind, backend) in named.items() if backend}
+    for kind, group in (("captioner", cfg.captioners), ("detector", cfg.detectors),
+                        ("region_captioner", cfg.region_captioners)):
+        out.update({f"{kind}_{name}": (kind, backend) for name, backend in group.items()})
+    return out
+
+
+def stage_resources(ray_cfg: RayConfig, stage: str, kind: str) -> StageResources:
+    """``ray.resources[stage]``, else ``ray.resources[kind]``, else ``ray.default``."""
+    return ray_cfg.resources.get(stage) or ray_cfg.resources.get(kind) or ray_cfg.default
+
+
+@dataclass
+class ChainMetrics:
+    """What a shard's pass through the chain did: per-stage seconds and the filters' pass counts."""
+
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    stage_failed: dict[str, int] = field(default_factory=dict)
+    captions_scored: int = 0
+    captions_kept: int = 0
+    boxes_detected: int = 0
+    boxes_kept: int = 0
+    masks_segmented: int = 0
+    masks_kept: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **counts: float) -> None:
+        with self._lock:
+            for name, value in counts.items():
+                setattr(self, name, getattr(self, name) + value)
+
+    def add_stage(self, stage: str, seconds: float, failed: int) -> None:
+        with self._lock:
+            self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
+            self.stage_failed[stage] = self.stage_failed.get(stage, 0) + failed
+
+    def pass_rates(self) -> dict[str, float | None]:
+        def rate(kept: int, total: int) -> float | None:
+            return round(kept / total, 4) if total else None
+
+        return {"caption_pass": rate(self.captions_kept, self.captions_scored),
+                "box_pass": rate(self.boxes_kept, self.boxes_detected),
+                "mask_pass": rate(self.masks_kept, self.masks_segmented)}
+
+
+def _n_masks(items: Sequence[IngestedItem]) -> int:
+    return sum(r.mask is not None for it in items if it.error is None for r in it.record.regions)
+
+
+def run_stage_measured(stage: Stage, items: Sequence[IngestedItem], metrics: ChainMetrics) -> None:
+    """``run_stage`` plus the counts around the filters (merge, caption score, mask stability)."""
+    live = [it for it in items if it.error is None]
+    started = time.perf_counter()
+    if isinstance(stage, MergeStage):
+        before = sum(len(d.boxes) for it in live for d in it.scratch.get("detections", []))
+        regions = sum(len(it.record.regions) for it in live)
+        run_stage(stage, items)
+        metrics.add(boxes_detected=before,
+                    boxes_kept=sum(len(it.record.regions) for it in live if it.error is None) - regions)
+    elif isinstance(stage, ScoreStage):
+        run_stage(stage, items)
+        scored = [c for it in live if it.error is None for c in it.record.captions if c.clip_score is not None]
+        metrics.add(captions_scored=len(scored), captions_kept=sum(c.kept for c in scored))
+    elif isinstance(stage, StabilityStage):
+        segmented = sum(len(it.scratch.get("segmented", ([], None))[0]) for it in live)
+        before = _n_masks(live)
+        run_stage(stage, items)
+        metrics.add(masks_segmented=segmented, masks_kept=_n_masks(live) - (before - segmented))
+    else:
+        run_stage(stage, items)
+    metrics.add_stage(stage.name, time.perf_counter() - started, sum(it.error is not None for it in live))
+
+
+class PipelinedChain:
+    """Run a ``Chain`` over a shard in batches, ``max_in_flight`` batches at once (one thread each)."""
+
+    def __init__(self, chain: Chain, batch_size: int = 16, max_in_flight: int = 4,
+                 pools: Sequence[ActorPool] = ()) -> None:
+        self.chain, self.batch_size, self.max_in_flight = chain, batch_size, max_in_flight
+        self.pools = list(pools)
+
+    def run(self, items: list[IngestedItem], metrics: ChainMetrics | None = None) -> list[IngestedItem]:
+        """Annotate ``items`` in place (same order); re-raises ``WorkerLost`` after the other batches end."""
+        metrics = metrics if metrics is not None else ChainMetrics()
+        batches = [items[i:i + self.batch_size] for i in range(0, len(items), self.batch_size)]
+        stop = threading.Event()  # set by the first failing batch: the others stop at their next stage
+        with ThreadPoolExecutor(max_workers=max(1, min(self.max_in_flight, len(batches))),
+                                thread_name_prefix="chain") as pool:
+            futures = [pool.submit(self._run_batch, batch, metrics, stop) for batch in batches]
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:
+            raise next((e for e in errors if isinstance(e, annotators.WorkerLost)), errors[0])
+        return items
+
+    __call__ = run
+
+    def _run_batch(self, batch: list[IngestedItem], metrics: ChainMetrics, stop: threading.Event) -> None:
+        Chain([], keep_known=self.chain.keep_known)(batch)  # the chain's known-annotation policy, no stages
+        try:
+            for stage in self.chain.stages:
+                if stop.is_set():
+                    return
+                run_stage_measured(stage, batch, metrics)
+        except BaseException:
+            stop.set()
+            raise
+
+    def close(self) -> None:
+        for pool in self.pools:
+            pool.close()
+
+
+def build_ray_chain(annotate_cfg: AnnotateConfig, ray_cfg: RayConfig) -> PipelinedChain:
+    """The configured chain with every annotator in a Ray actor pool (Ray must be initialised).
+
+    Stages sharing a backend (segmenter + stability) share its pool. Blocks until every actor has loaded.
+    """
+    chain = Chain.from_config(annotate_cfg)  # backends are built (not loaded) here: config errors surface early
+    backends = stage_backends(annotate_cfg)
+    proxies: dict[int, RemoteAnnotator] = {}
+    pools: list[ActorPool] = []
+    try:
+        for stage in chain.stages:
+            if stage.annotator is None:
+                continue
+            key = id(stage.annotator)
+            if key not in proxies:
+                kind, backend_cfg = backends[stage.name]
+                pool = ActorPool(stage.name, kind, backend_cfg, stage_resources(ray_cfg, stage.name, kind),
+                                 ray_cfg.actor_start_timeout_s)
+                pools.append(pool)
+                proxies[key] = RemoteAnnotator(pool)
+            stage.annotator = proxies[key]
+        for pool in pools:  # actors load in parallel; wait for all
+            pool.wait_ready()
+    except BaseException:
+        for pool in pools:
+            pool.close()
+        raise
+    return PipelinedChain(chain, ray_cfg.batch_size, ray_cfg.max_in_flight, pools)

@@ -1,0 +1,165 @@
+"""Region captioners ``vlm-box`` (tiny LLaVA) and ``crop`` (around a tiny BLIP-2); ``gpt4roi`` only its errors."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import annotators
+from annotators import AnnotatorError, MissingDependencyError
+from annotators.region_captioner import CropCaptioner, VlmBoxCaptioner, crop_box, shikra_box
+from data_schemas import RegionCaption
+
+SIZES = [(64, 48), (100, 100), (37, 81)]
+BOXES = [
+    np.array([[2.0, 3.0, 30.0, 40.0], [0.0, 0.0, 64.0, 48.0]], dtype=np.float32),
+    np.zeros((0, 4), dtype=np.float32),
+    [[5.0, 60.0, 12.0, 70.0]],
+]
+
+
+@pytest.fixture(scope="module")
+def images() -> list[Image.Image]:
+    rng = np.random.default_rng(3)
+    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in SIZES]
+
+
+@pytest.fixture(scope="module")
+def vlm_box_cfg(tmp_path_factory) -> dict:
+    return VlmBoxCaptioner.create_tiny(tmp_path_factory.mktemp("tiny_vlm"))
+
+
+@pytest.fixture(scope="module")
+def crop_cfg(tmp_path_factory) -> dict:
+    cfg = CropCaptioner.create_tiny(tmp_path_factory.mktemp("tiny_blip2"))
+    return {**cfg, "captioner": {**cfg["captioner"], "device": "cpu"}}
+
+
+def _build(cfg: dict, **overrides):
+    captioner = annotators.build("region_captioner", {**cfg, **overrides})
+    captioner.load()
+    return captioner
+
+
+def _check(out, n_boxes: list[int], max_per_box: int, annotator: str) -> None:
+    assert [len(per_image) for per_image in out] == n_boxes
+    assert any(caps for per_image in out for caps in per_image), "no captions at all"
+    for per_image in out:
+        for captions in per_image:
+            assert len(captions) <= max_per_box
+            assert len({c.text for c in captions}) == len(captions)
+            for c in captions:
+                assert isinstance(c, RegionCaption) and c.annotator == annotator and c.text == c.text.strip() != ""
+                RegionCaption.model_validate(c.model_dump())
+
+
+def _texts(out) -> list[list[list[str]]]:
+    return [[[c.text for c in caps] for caps in per_image] for per_image in out]
+
+
+def test_shikra_box_format():
+    assert shikra_box([10, 20, 50, 90], 100, 100) == "[0.100,0.200,0.500,0.900]"
+    assert shikra_box([-4, 0, 130, 25.5], 120, 51) == "[0.000,0.000,1.000,0.500]"
+
+
+def test_crop_box_pads_grows_and_clips():
+    image = Image.new("RGB", (100, 80))
+    assert crop_box(image, [20, 20, 40, 60], pad=0.1, min_size=1).size == (24, 48)  # 18..42 x 16..64
+    assert crop_box(image, [50, 50, 52, 52], pad=0.0, min_size=16).size == (16, 16)
+    assert crop_box(image, [50, 50, 52, 51], pad=0.0, min_size=16).size == (16, 17)  # 42.5..58.5 rounds outward
+    assert crop_box(image, [90, 70, 100, 80], pad=0.5, min_size=1).size == (15, 15)  # clipped at the border
+    assert crop_box(image, [99.5, 79.5, 100, 80], pad=0.0, min_size=1).size == (1, 1)
+
+
+def test_vlm_box_structure_batching_and_prompts(vlm_box_cfg, images):
+    captioner = _build(vlm_box_cfg, device="cpu", batch_size=3)
+    prompts: list[str] = []
+    generate = captioner.generator.generate
+
+    def spy(imgs, texts):
+        prompts.extend(texts)
+        return generate(imgs, texts)
+
+    captioner.generator.generate = spy
+    out = captioner(images, BOXES)
+    _check(out, [2, 0, 1], 1, "vlm-box")
+    assert prompts == [
+        "What is in the region [0.031,0.062,0.469,0.833]? Answer briefly.",
+        "What is in the region [0.000,0.000,1.000,1.000]? Answer briefly.",
+        "What is in the region [0.135,0.741,0.324,0.864]? Answer briefly.",
+    ]
+    one = _build(vlm_box_cfg, device="cpu", batch_size=1)
+    assert _texts(one(images, BOXES)) == _texts(out)
+    assert _texts(one(images[2:], BOXES[2:])) == _texts(out)[2:]
+    assert captioner.version == vlm_box_cfg["model"] and captioner.kind == "region_captioner"
+
+
+def test_vlm_box_beams(vlm_box_cfg, images):
+    captioner = _build(vlm_box_cfg, device="cpu", num_beams=2, num_return_sequences=2, prompt="Region {box}:")
+    _check(captioner(images, BOXES), [2, 0, 1], 2, "vlm-box")
+
+
+def test_crop_structure_batching_and_crop_sizes(crop_cfg, images):
+    captioner = _build(crop_cfg, captioner={**crop_cfg["captioner"], "batch_size": 3})
+    seen: list[tuple[int, int]] = []
+    inner_call = type(captioner.captioner).__call__
+
+    class Spy:
+        name, version = captioner.captioner.name, captioner.captioner.version
+
+        def __call__(self, crops):
+            seen.extend(c.size for c in crops)
+            return inner_call(inner, crops)
+
+    inner = captioner.captioner
+    captioner.captioner = Spy()
+    out = captioner(images, BOXES)
+    _check(out, [2, 0, 1], 2, "crop+blip2")
+    assert seen == [(33, 44), (64, 48), (17, 16)]  # padded by 10 %, clipped; the 7x10 box grown to >= 16 px
+    one = _build(crop_cfg, captioner={**crop_cfg["captioner"], "batch_size": 1})
+    assert _texts(one(images, BOXES)) == _texts(out)
+    assert captioner.version.startswith("blip2@")
+
+
+@pytest.mark.parametrize("fixture", ["vlm_box_cfg", "crop_cfg"])
+def test_empty_boxes_and_bad_inputs(request, fixture, images):
+    cfg = request.getfixturevalue(fixture)
+    captioner = _build(cfg, **({"device": "cpu"} if fixture == "vlm_box_cfg" else {}))
+    assert captioner(images, [[], np.zeros((0, 4)), []]) == [[], [], []]
+    assert captioner([], []) == []
+    with pytest.raises(ValueError, match="3 images but 2"):
+        captioner(images, BOXES[:2])
+    with pytest.raises(ValueError, match=r"shape \(N, 4\)"):
+        captioner(images, [[[1, 2, 3]], [], []])
+
+
+def test_config_errors(vlm_box_cfg, crop_cfg, tmp_path):
+    with pytest.raises(AnnotatorError, match=r"unknown config keys \['box_format'\]"):
+        annotators.build("region_captioner", {**vlm_box_cfg, "box_format": "xyxy"})
+    with pytest.raises(AnnotatorError, match="placeholder"):
+        annotators.build("region_captioner", {**vlm_box_cfg, "prompt": "What is this?"})
+    with pytest.raises(AnnotatorError, match=r"missing required config keys \['captioner'\]"):
+        annotators.build("region_captioner", {"backend": "crop"})
+    with pytest.raises(AnnotatorError, match="captioner config mapping"):
+        annotators.build("region_captioner", {"backend": "crop", "captioner": "blip2"})
+    with pytest.raises(AnnotatorError, match=r"unknown config keys \['beams'\]"):
+        annotators.build("region_captioner", {**crop_cfg, "captioner": {**crop_cfg["captioner"], "beams": 2}})
+    with pytest.raises(AnnotatorError, match="no captioner backend 'blip3'"):
+        annotators.build("region_captioner", {"backend": "crop", "captioner": {"backend": "blip3"}})
+    missing = tmp_path / "no_such_model"
+    with pytest.raises(AnnotatorError, match=str(missing)):
+        _build({"backend": "vlm-box", "model": str(missing)})
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gpt4roi") is not None, reason="gpt4roi is installed")
+def test_gpt4roi_missing_package_names_the_docker_image(tmp_path, images):
+    captioner = annotators.build("region_captioner", {"backend": "gpt4roi", "model": str(tmp_path)})
+    with pytest.raises(MissingDependencyError, match="docker/Dockerfile.cuda"):
+        captioner.load()
+    with pytest.raises(AnnotatorError):
+        captioner(images, BOXES)
+    with pytest.raises(AnnotatorError, match=r"unknown config keys \['prompt'\]"):
+        annotators.build("region_captioner", {"backend": "gpt4roi", "model": "x", "prompt": "p"})

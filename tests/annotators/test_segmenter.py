@@ -1,0 +1,250 @@
+"""SAM segmenter with a tiny random ``Sam`` saved as a checkpoint and loaded through the real path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import annotators
+from annotators import AnnotatorError, SegmentOutput
+from annotators.segmenter import SAM_BUILDERS, SamSegmenter
+
+SIZES = [(64, 48), (100, 100), (37, 81)]  # (width, height)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def make_images(sizes=SIZES, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)) for w, h in sizes]
+
+
+def make_boxes(images, counts=(3, 5, 2), seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    boxes = []
+    for image, n in zip(images, counts, strict=True):
+        xy = rng.uniform(0, 0.5, size=(n, 2)) * (image.width, image.height)
+        wh = rng.uniform(0.2, 0.5, size=(n, 2)) * (image.width, image.height)
+        boxes.append(np.concatenate([xy, xy + wh], axis=1).astype(np.float32))
+    return boxes
+
+
+class PredictorSpy:
+    """Counts ``set_image`` / ``predict_torch`` calls on a loaded segmenter's predictor."""
+
+    def __init__(self, segmenter, monkeypatch):
+        self.set_image_calls, self.box_batches = 0, []
+        predictor = segmenter.predictor
+        set_image, predict_torch = predictor.set_image, predictor.predict_torch
+
+        def spy_set_image(*args, **kwargs):
+            self.set_image_calls += 1
+            return set_image(*args, **kwargs)
+
+        def spy_predict_torch(*args, **kwargs):
+            self.box_batches.append(tuple(kwargs["boxes"].shape))
+            return predict_torch(*args, **kwargs)
+
+        monkeypatch.setattr(predictor, "set_image", spy_set_image)
+        monkeypatch.setattr(predictor, "predict_torch", spy_predict_torch)
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg(tmp_path_factory) -> dict:
+    return SamSegmenter.create_tiny(tmp_path_factory.mktemp("tiny_sam"))
+
+
+@pytest.fixture(scope="module")
+def segmenter(tiny_cfg):
+    seg = annotators.build("segmenter", tiny_cfg)
+    seg.load()
+    return seg
+
+
+@pytest.fixture
+def fresh(tiny_cfg):
+    """A loaded segmenter with an empty embedding cache (for counting encoder calls)."""
+    seg = annotators.build("segmenter", tiny_cfg)
+    seg.load()
+    return seg
+
+
+def check_outputs(outputs, images, boxes) -> None:
+    assert len(outputs) == len(images)
+    for output, image, image_boxes in zip(outputs, images, boxes, strict=True):
+        assert isinstance(output, SegmentOutput)
+        n = len(image_boxes)
+        assert output.masks.shape == (n, image.height, image.width) and output.masks.dtype == np.bool_
+        assert output.scores.shape == (n,) and output.scores.dtype == np.float32
+
+
+def test_build_and_version(segmenter, tiny_cfg):
+    assert isinstance(segmenter, SamSegmenter)
+    assert (segmenter.kind, segmenter.name) == ("segmenter", "sam")
+    assert segmenter.version == "vit_tiny:sam_vit_tiny.pth"
+    assert {"vit_h", "vit_l", "vit_b"} <= set(SAM_BUILDERS)
+
+
+def test_masks_at_each_image_size(segmenter):
+    images = make_images()
+    boxes = make_boxes(images)
+    check_outputs(segmenter(images, boxes), images, boxes)
+
+
+def test_one_set_image_and_one_predict_call_per_image(fresh, monkeypatch):
+    images = make_images()
+    boxes = make_boxes(images, counts=(4, 0, 7))
+    spy = PredictorSpy(fresh, monkeypatch)
+    outputs = fresh(images, boxes)
+    check_outputs(outputs, images, boxes)
+    assert spy.set_image_calls == 2  # the image without boxes is never encoded
+    assert spy.box_batches == [(4, 4), (7, 4)]
+
+
+def test_empty_boxes_do_not_call_the_model(fresh, monkeypatch):
+    images = make_images()
+    empty = [np.zeros((0, 4), dtype=np.float32)] * 3
+    spy = PredictorSpy(fresh, monkeypatch)
+    outputs = fresh(images, empty)
+    check_outputs(outputs, images, empty)
+    assert spy.set_image_calls == 0 and spy.box_batches == []
+    assert fresh.segment_boxes(images[0], np.zeros((0, 4))).shape == (0, 48, 64)
+
+
+def test_batching_equals_one_by_one(segmenter):
+    images = make_images(seed=1)
+    boxes = make_boxes(images, seed=1)
+    batched = segmenter(images, boxes)
+    for image, image_boxes, output in zip(images, boxes, batched, strict=True):
+        (single,) = segmenter([image], [image_boxes])
+        np.testing.assert_array_equal(single.masks, output.masks)
+        np.testing.assert_array_equal(single.scores, output.scores)
+        # one box per call: the decoder treats prompts independently (float noise may flip a border pixel)
+        per_box = [segmenter([image], [box[None]])[0] for box in image_boxes]
+        np.testing.assert_allclose(np.concatenate([o.scores for o in per_box]), output.scores, atol=1e-5)
+        assert np.mean(np.concatenate([o.masks for o in per_box]) != output.masks) < 1e-3
+
+
+def test_segment_boxes_reuses_the_embedding(fresh, monkeypatch):
+    image = make_images()[1]
+    boxes = make_boxes([image], counts=(6,))[0]
+    spy = PredictorSpy(fresh, monkeypatch)
+    first = fresh.segment_boxes(image, boxes)
+    second = fresh.segment_boxes(image.copy(), boxes[::-1].copy())  # same pixels, another object (a Ray copy)
+    assert spy.set_image_calls == 1 and len(spy.box_batches) == 2
+    assert first.shape == (6, 100, 100) and first.dtype == np.bool_
+    np.testing.assert_array_equal(first[::-1], second)
+    fresh.segment_boxes(make_images(seed=5)[1], boxes)  # other pixels are encoded
+    assert spy.set_image_calls == 2
+
+
+def test_embedding_cache_serves_a_repeated_batch(tiny_cfg, monkeypatch):
+    images = make_images()
+    boxes = make_boxes(images)
+    for capacity, expected_calls in [(3, 3), (2, 6), (0, 6)]:  # LRU of 2 < 3 images: every image is evicted
+        seg = annotators.build("segmenter", tiny_cfg | {"embedding_cache": capacity})
+        seg.load()
+        spy = PredictorSpy(seg, monkeypatch)
+        first = seg(images, boxes)
+        again = seg([image.copy() for image in images], boxes)
+        assert spy.set_image_calls == expected_calls, capacity
+        for a, b in zip(first, again, strict=True):
+            np.testing.assert_array_equal(a.masks, b.masks)
+            np.testing.assert_array_equal(a.scores, b.scores)
+
+
+def test_multimask_keeps_the_best_of_three(tiny_cfg):
+    seg = annotators.build("segmenter", tiny_cfg | {"multimask": True})
+    seg.load()
+    images = make_images()
+    boxes = make_boxes(images)
+    outputs = seg(images, boxes)
+    check_outputs(outputs, images, boxes)
+    predictor = seg.predictor
+    predictor.set_image(np.asarray(images[0]))
+    transformed = predictor.transform.apply_boxes_torch(torch.as_tensor(boxes[0]), (48, 64))
+    _, ious, _ = predictor.predict_torch(None, None, boxes=transformed, multimask_output=True)
+    np.testing.assert_allclose(outputs[0].scores, ious.max(dim=1).values.numpy(), atol=1e-6)
+
+
+def test_bfloat16_on_cpu(tiny_cfg):
+    seg = annotators.build("segmenter", tiny_cfg | {"dtype": "bfloat16"})
+    seg.load()
+    images = make_images()
+    boxes = make_boxes(images)
+    check_outputs(seg(images, boxes), images, boxes)
+
+
+def test_wrong_lengths_and_box_shapes(segmenter):
+    images = make_images()
+    with pytest.raises(ValueError, match="3 images but 2 entries"):
+        segmenter(images, make_boxes(images)[:2])
+    with pytest.raises(ValueError, match=r"\(N, 4\)"):
+        segmenter(images[:1], [np.zeros((2, 3), dtype=np.float32)])
+
+
+def test_config_errors(tiny_cfg):
+    with pytest.raises(AnnotatorError, match=r"unknown key\(s\) \['multimask_output'\]"):
+        annotators.build("segmenter", tiny_cfg | {"multimask_output": True})
+    with pytest.raises(AnnotatorError, match=r"missing key\(s\) \['checkpoint'\]"):
+        annotators.build("segmenter", {"backend": "sam", "model_type": "vit_h"})
+    with pytest.raises(AnnotatorError, match="unknown SAM model_type 'vit_x'"):
+        annotators.build("segmenter", tiny_cfg | {"model_type": "vit_x"})
+
+
+def test_missing_checkpoint_names_the_path(tiny_cfg, tmp_path):
+    missing = tmp_path / "sam_vit_h_4b8939.pth"
+    seg = annotators.build("segmenter", tiny_cfg | {"checkpoint": str(missing)})
+    with pytest.raises(AnnotatorError, match=str(missing)):
+        seg.load()
+
+
+def test_mismatched_checkpoint(tiny_cfg, tmp_path):
+    state = torch.load(tiny_cfg["checkpoint"], weights_only=True)
+    state.pop(next(iter(state)))
+    partial = tmp_path / "partial.pth"
+    torch.save(state, partial)
+    with pytest.raises(AnnotatorError, match="does not match model_type 'vit_tiny'"):
+        annotators.build("segmenter", tiny_cfg | {"checkpoint": str(partial)}).load()
+
+
+class NotATensor:
+    pass
+
+
+def test_checkpoint_is_loaded_weights_only(tiny_cfg, tmp_path):
+    pickled = tmp_path / "pickled.pth"
+    torch.save({"payload": NotATensor()}, pickled)
+    with pytest.raises(AnnotatorError, match="cannot read SAM checkpoint"):
+        annotators.build("segmenter", tiny_cfg | {"checkpoint": str(pickled)}).load()
+
+
+def test_safetensors_checkpoint(tiny_cfg, tmp_path):
+    from safetensors.torch import save_file
+
+    state = torch.load(tiny_cfg["checkpoint"], weights_only=True)
+    path = tmp_path / "sam_vit_tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    seg = annotators.build("segmenter", tiny_cfg | {"checkpoint": str(path)})
+    seg.load()
+    images = make_images()
+    boxes = make_boxes(images)
+    check_outputs(seg(images, boxes), images, boxes)
+
+
+def test_call_before_load_is_an_error(tiny_cfg):
+    images = make_images()
+    with pytest.raises(AnnotatorError, match="load"):
+        annotators.build("segmenter", tiny_cfg)(images, make_boxes(images))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_cuda(tiny_cfg, dtype):
+    seg = annotators.build("segmenter", tiny_cfg | {"device": "cuda", "dtype": dtype})
+    seg.load()
+    images = make_images()
+    boxes = make_boxes(images)
+    check_outputs(seg(images, boxes), images, boxes)

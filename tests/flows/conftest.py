@@ -1,0 +1,78 @@
+"""One local Prefect server (SQLite in a temp PREFECT_HOME, 127.0.0.1, free port) for the flow tests.
+
+The server is started by pid and stopped by that pid at the end of the session. Flows called in-process
+talk to it through ``temporary_settings``; subprocesses get ``prefect_env`` (PREFECT_API_URL set).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+import helpers_backends
+from flows import services
+
+helpers_backends.register_all()
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    server = services.start_server(home, log=home / "server.log")
+    try:
+        services.wait_healthy(server.url, pid=server.pid)
+        server.home = home
+        server.env = services.prefect_env(home, server.url)
+        with temporary_settings(updates={PREFECT_API_URL: server.url, PREFECT_HOME: str(home)}):
+            yield server
+            _drain_prefect_workers()
+    finally:
+        services.stop(server.pid)
+
+
+def _drain_prefect_workers() -> None:
+    """Send buffered logs / events before the server goes away (avoids 'Error logging to API')."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=5)
+    EventsWorker.drain_all(timeout=5)
+
+
+@pytest.fixture(scope="session")
+def sample_raw(tmp_path_factory) -> Path:
+    """16 digit-scene images with COCO ground truth (train/val/test splits)."""
+    from pipeline.sample_data import generate_sample
+
+    root = tmp_path_factory.mktemp("raw")
+    generate_sample(root, n=16, seed=0)
+    return root
+
+
+def write_config(path: Path, annotate: dict | None, shard_size: int = 4, **sections) -> Path:
+    """A ``build:`` config using the test backends (Ray workers import them via ``ray.runtime_env``)."""
+    build = {"shard_size": shard_size, "annotate": annotate,
+             "ray": {"num_cpus": 2, "runtime_env": helpers_backends.ray_env(), "batch_size": 2, "max_in_flight": 2,
+                     "default": {"num_cpus": 0.25, "batch_size": 2}},
+             "flow": {"shard_retries": 2, "retry_delay_s": [0.2], "overlays": 2}}
+    for key, value in sections.items():
+        build[key] = {**build.get(key, {}), **value} if isinstance(value, dict) else value
+    path.write_text(yaml.safe_dump({"build": build}), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def flow_env(prefect_server, monkeypatch):
+    """PREFECT_API_URL for code that reads the environment (subprocesses inherit it)."""
+    monkeypatch.setenv("PREFECT_API_URL", prefect_server.url)
+    monkeypatch.setenv("PREFECT_HOME", str(prefect_server.home))
+    return prefect_server
+
+
+def pythonpath_with_helpers() -> str:
+    return os.pathsep.join(filter(None, [str(helpers_backends.HERE), os.environ.get("PYTHONPATH")]))

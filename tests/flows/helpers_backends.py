@@ -1,0 +1,106 @@
+"""Small protocol-conforming annotator backends for the orchestration tests (no models).
+
+Ray workers import this module by name (``helpers_backends``): tests put this folder on the workers'
+``PYTHONPATH`` through ``ray.runtime_env`` (``ray_env()``). ``register_all()`` registers the backends
+under the ``test-*`` names in the driver.
+
+Behaviour is driven by config keys so one class covers every failure the tests need:
+
+- ``delay_s``: sleep per call (to kill something mid-shard);
+- ``log``: a file; every call appends ``"<pid> <n images> <first width>"`` (who ran what);
+- ``fail_width``: an image of this width raises ``ValueError`` (a bad image -> one error row);
+- ``oom_width`` / ``oom_max_batch``: a batch holding an image of that width, or more than ``oom_max_batch``
+  images, raises ``RuntimeError("CUDA out of memory ...")`` (the batch is split, then per-image errors);
+- ``exit_width``: a batch holding an image of that width ends the worker process (``os._exit``): a lost worker.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+import annotators
+from annotators import DetectorOutput
+from data_schemas import Tag
+
+HERE = Path(__file__).resolve().parent
+
+
+def ray_env() -> dict:
+    """``ray.runtime_env`` that lets Ray workers import this module."""
+    return {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}}
+
+
+class _Scripted:
+    kind = "tagger"
+    name = "test"
+
+    def __init__(self, **cfg) -> None:
+        self.cfg = cfg
+        self.loaded = False
+
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(**{k: v for k, v in cfg.items() if k != "backend"})
+
+    @property
+    def version(self) -> str:
+        return str(self.cfg.get("version", "1"))
+
+    def load(self) -> None:
+        self.loaded = True
+
+    def _before_call(self, images) -> None:
+        if not self.loaded:
+            raise RuntimeError("load() was not called")
+        cfg = self.cfg
+        if cfg.get("log"):
+            with open(cfg["log"], "a", encoding="utf-8") as handle:
+                handle.write(f"{os.getpid()} {len(images)} {images[0].width if images else 0}\n")
+        if cfg.get("delay_s"):
+            time.sleep(float(cfg["delay_s"]))
+        widths = [image.width for image in images]
+        if cfg.get("exit_width") in widths:
+            os._exit(3)
+        if cfg.get("oom_width") in widths or len(images) > int(cfg.get("oom_max_batch", 1 << 30)):
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        if cfg.get("fail_width") in widths:
+            raise ValueError(f"cannot tag an image of width {cfg['fail_width']} (simulated)")
+
+
+class ScriptedTagger(_Scripted):
+    """Tags every image ``"w<width>"`` with score 0.9."""
+
+    name = "test-tagger"
+
+    def __call__(self, images):
+        self._before_call(images)
+        return [[Tag(name=f"w{image.width}", score=0.9, annotator=self.name)] for image in images]
+
+
+class ScriptedDetector(_Scripted):
+    """Two boxes per image: one kept (score 0.9), one dropped by the 0.3 score threshold (0.1)."""
+
+    kind = "detector"
+    name = "test-detector"
+
+    def __call__(self, images):
+        self._before_call(images)
+        out = []
+        for image in images:
+            w, h = image.width, image.height
+            boxes = np.array([[0, 0, w / 2, h / 2], [w / 2, h / 2, w, h]], dtype=np.float32)
+            out.append(DetectorOutput(boxes, np.array([0.9, 0.1], np.float32), ["thing", "other"]))
+        return out
+
+
+BACKENDS = {"tagger": ("test-tagger", "helpers_backends:ScriptedTagger"),
+            "detector": ("test-detector", "helpers_backends:ScriptedDetector")}
+
+
+def register_all() -> None:
+    for kind, (name, target) in BACKENDS.items():
+        annotators.register(kind, name, target)

@@ -1,0 +1,242 @@
+"""The ``build-umg41m`` flow against a real local Prefect server and a real local Ray (no mocks).
+
+Reliability: a bad image and an OOM-like batch become error rows while the shard completes; a Ray actor
+killed mid-shard makes the shard task retry (no duplicates, no loss); ``kill -9`` of the whole build
+process and a rerun give every input exactly once with no partial shard visible; a shard whose worker
+keeps dying fails the flow and no ``umg.build.completed`` event (the train trigger) is emitted.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import pythonpath_with_helpers, write_config
+
+from flows.build import COMPLETED_EVENT, build_umg41m
+from flows.services import api
+from pipeline.shard_build import pin_plan
+from pipeline.shards import finished_shards, read_shard_rows, shard_paths, stray_pieces
+from pipeline.sources.registry import build_source
+from data_schemas import SourceConfig
+from pipeline.validate import validate_build
+
+
+def _rows(build_dir: Path) -> list[dict]:
+    return [row for name in finished_shards(build_dir) for row in read_shard_rows(build_dir, name)]
+
+
+def _assert_every_input_once(raw: Path, build_dir: Path) -> list[dict]:
+    refs = build_source(SourceConfig(path=raw)).list_refs()
+    rows = _rows(build_dir)
+    assert Counter(row["source_id"] for row in rows) == Counter(refs), "an input is missing or written twice"
+    assert len(finished_shards(build_dir)) == len(pin_plan(build_dir, build_source(SourceConfig(path=raw)), 4))
+    report = validate_build(build_dir)
+    assert report.ok, report.problems
+    return rows
+
+
+def _widths(raw: Path) -> dict[str, int]:
+    """source_id -> image width, for the images whose width no other image has."""
+    from PIL import Image
+
+    widths = {}
+    for path in sorted((raw / "images").rglob("*.jpg")):
+        with Image.open(path) as image:
+            widths[f"{path.parent.name}/{path.name}"] = image.width
+    counts = Counter(widths.values())
+    return {ref: w for ref, w in widths.items() if counts[w] == 1}
+
+
+def _run_id(state) -> str:
+    return str(state.state_details.flow_run_id)
+
+
+def _events(run_id: str, wait_s: float) -> list:
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    deadline = time.monotonic() + wait_s
+    with api(None) as client:
+        while True:
+            page = client.read_events(EventFilter(
+                event=EventNameFilter(name=[COMPLETED_EVENT]),
+                resource=EventResourceFilter(id=[f"umg.build.{run_id}"])))
+            if page.events or time.monotonic() > deadline:
+                return page.events
+            time.sleep(0.5)
+
+
+def _task_runs(run_id: str) -> dict[str, int]:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with api(None) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+    return {run.name: run.run_count for run in runs}
+
+
+def _artifact(key: str):
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with api(None) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    return sorted(found, key=lambda a: a.created)[-1]
+
+
+def test_bad_image_and_oom_batch_become_error_rows_and_reports_are_written(prefect_server, sample_raw, tmp_path):
+    unique = _widths(sample_raw)
+    (bad_ref, bad_w), (oom_ref, oom_w) = list(unique.items())[:2]
+    log = tmp_path / "tagger.log"
+    cfg = write_config(tmp_path / "c.yaml", {
+        "tagger": {"backend": "test-tagger", "fail_width": bad_w, "oom_width": oom_w, "log": str(log)},
+        "detectors": {"a": {"backend": "test-detector"}}})
+    out = tmp_path / "out"
+    state = build_umg41m(str(cfg), str(sample_raw), str(out), return_state=True)
+    assert state.is_completed(), state.message
+    rows = {row["source_id"]: row for row in _assert_every_input_once(sample_raw, out)}
+    assert rows[bad_ref]["error"].startswith("annotator_failed: tagger: ValueError: cannot tag")
+    assert rows[oom_ref]["error"].startswith("annotator_failed: tagger: RuntimeError: CUDA out of memory")
+    assert sum(row["status"] == "error" for row in rows.values()) == 2
+    assert all(row["n_tags"] >= 1 for ref, row in rows.items() if ref not in (bad_ref, oom_ref))
+    sizes = [int(line.split()[1]) for line in log.read_text().splitlines()]
+    assert sizes.count(1) >= 4, f"the failing batches were not split down to single images: {sizes}"
+
+    run_id = _run_id(state)
+    assert _events(run_id, wait_s=20), "no umg.build.completed event after a complete build"
+    progress = _artifact("umg41m-build-progress")
+    assert progress.data == 100.0
+    table = _artifact("umg41m-build-shards").data
+    assert "box_pass" in table and "00003" in table  # rows of every shard (JSON-encoded table)
+    assert '"box_pass": 0.5' in table  # test detector: one box of two passes the 0.3 threshold
+    qa = _artifact("umg41m-build-qa").data
+    assert "complete" in qa and "overlay_" in qa
+    overlays = sorted((out / "_qa").glob("overlay_*.png"))
+    assert len(overlays) == 2 and all(str(p) in qa for p in overlays)
+    assert set(_task_runs(run_id)) == {f"shard-{i:05d}" for i in range(4)}
+
+
+def test_ray_actor_killed_mid_shard_retries_the_shard(prefect_server, sample_raw, tmp_path):
+    import ray
+
+    log = tmp_path / "tagger.log"
+    cfg = write_config(tmp_path / "c.yaml", {"tagger": {"backend": "test-tagger", "delay_s": 0.4, "log": str(log)}})
+    out = tmp_path / "out"
+    killed: list[str] = []
+
+    def kill_tagger_during_shard_1():
+        deadline = time.monotonic() + 120
+        while not shard_paths(out, "00000")[".stats.json"].exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        calls = len(log.read_text().splitlines())
+        while len(log.read_text().splitlines()) <= calls and time.monotonic() < deadline:
+            time.sleep(0.02)  # a call of shard 00001 is now in flight (it sleeps 0.4 s)
+        name = next(n for n in ray.util.list_named_actors() if n.startswith("umg-tagger-"))
+        ray.kill(ray.get_actor(name))
+        killed.append(name)
+
+    killer = threading.Thread(target=kill_tagger_during_shard_1, daemon=True)
+    killer.start()
+    state = build_umg41m(str(cfg), str(sample_raw), str(out), return_state=True)
+    killer.join(timeout=5)
+    assert killed and state.is_completed(), state.message
+    rows = _assert_every_input_once(sample_raw, out)
+    assert all(row["status"] == "ok" for row in rows)
+    attempts = _task_runs(_run_id(state))
+    assert attempts["shard-00001"] == 2, attempts
+    assert all(count == 1 for name, count in attempts.items() if name != "shard-00001"), attempts
+    assert len({line.split()[0] for line in log.read_text().splitlines()}) == 2  # a second actor process
+
+
+KILLABLE = textwrap.dedent(
+    """
+    import sys
+    import helpers_backends
+    helpers_backends.register_all()
+    from flows.build import build_umg41m
+    build_umg41m(sys.argv[1], sys.argv[2], sys.argv[3])
+    """
+)
+
+
+def test_kill_9_of_the_whole_build_then_rerun_gives_every_input_once(flow_env, sample_raw, tmp_path):
+    log = tmp_path / "tagger.log"
+    cfg = write_config(tmp_path / "c.yaml", {"tagger": {"backend": "test-tagger", "delay_s": 0.3, "log": str(log)}})
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": pythonpath_with_helpers()}
+    proc = subprocess.Popen([sys.executable, "-c", KILLABLE, str(cfg), str(sample_raw), str(out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    family: set[int] = set()
+    try:
+        deadline = time.monotonic() + 150
+        while not shard_paths(out, "00001")[".stats.json"].exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "build ended or hung before shard 00001"
+            family |= {c.pid for c in psutil.Process(proc.pid).children(recursive=True)}
+            time.sleep(0.05)
+        calls = len(log.read_text().splitlines())
+        while len(log.read_text().splitlines()) <= calls + 1:  # shard 00002 is half way through its calls
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        family |= {c.pid for c in psutil.Process(proc.pid).children(recursive=True)}
+        os.killpg(proc.pid, signal.SIGKILL)  # the build process and everything in its session
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert 2 <= len(finished_shards(out)) < 4
+    assert stray_pieces(out) == []  # no partial shard visible (only *.tmp files may be left)
+    assert all(p.name.removesuffix(".tar") in finished_shards(out) for p in out.glob("*.tar"))
+    _wait_gone(family)  # Ray's processes shared the driver's fate
+
+    state = build_umg41m(str(cfg), str(sample_raw), str(out), return_state=True)
+    assert state.is_completed(), state.message
+    rows = _assert_every_input_once(sample_raw, out)
+    assert all(row["status"] == "ok" for row in rows)
+    assert not list(out.glob("*.tmp"))
+
+
+def _wait_gone(pids: set[int], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    alive = set(pids)
+    while alive and time.monotonic() < deadline:
+        alive = {pid for pid in alive if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"}
+        time.sleep(0.2)
+    for pid in alive:  # ours: started by the killed build; do not leak them into other tests
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, f"processes outlived the killed build: {sorted(alive)}"
+
+
+def test_shard_whose_worker_keeps_dying_fails_the_flow_without_the_train_event(prefect_server, sample_raw,
+                                                                              tmp_path):
+    poison_ref, poison_w = next(iter(_widths(sample_raw).items()))
+    cfg = write_config(tmp_path / "c.yaml", {"tagger": {"backend": "test-tagger", "exit_width": poison_w}},
+                       flow={"shard_retries": 1})
+    out = tmp_path / "out"
+    state = build_umg41m(str(cfg), str(sample_raw), str(out), return_state=True)
+    assert state.is_failed()
+    assert "incomplete" in state.message
+    done = finished_shards(out)
+    assert len(done) == 3  # the other shards are finished (a rerun builds only the failed one)
+    assert poison_ref not in {row["source_id"] for row in _rows(out)}
+    assert validate_build(out).ok
+    assert _events(_run_id(state), wait_s=3) == []
+    assert _artifact("umg41m-build-qa").data.count("INCOMPLETE") == 1
+
+
+def test_ground_truth_build_needs_no_ray(prefect_server, sample_raw, tmp_path):
+    import ray
+
+    cfg = write_config(tmp_path / "c.yaml", None)
+    state = build_umg41m(str(cfg), str(sample_raw), str(tmp_path / "out"), return_state=True)
+    assert state.is_completed() and not ray.is_initialized()
+    _assert_every_input_once(sample_raw, tmp_path / "out")
+    again = build_umg41m(str(cfg), str(sample_raw), str(tmp_path / "out"))  # resume: nothing left to do
+    assert again["skipped"] == 4 and again["written"] == 0
