@@ -86,7 +86,7 @@ def _table_row(stats, metrics: ChainMetrics | None = None, resumed: bool = False
         "caption_pass": rates.get("caption_pass"), "box_pass": rates.get("box_pass"),
         "mask_pass": rates.get("mask_pass"), "seconds": stats.seconds, "resumed": resumed,
         "error_reasons": ", ".join(f"{k}: {v}" for k, v in stats.errors.items()),
-        "stage_seconds": {k: round(v, 3) for k, v in (metrics.stage_seconds if metrics else {}).items()},
+        "stage_seconds": ", ".join(f"{k} {v:.2f}" for k, v in (metrics.stage_seconds if metrics else {}).items()),
     }
 
 

@@ -90,7 +90,9 @@ def init_distributed(section: DistributedSection, device: str = "auto", need_gro
         torch.cuda.set_device(ctx_device)
     dist.init_process_group(backend, init_method="env://", timeout=timedelta(seconds=section.timeout_s))
     log.info("process group: rank %d / %d, backend %s, device %s", dist.get_rank(), world, backend, ctx_device)
-    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, ctx_device, owns_group=True)
+    # A one-process group made for DeepSpeed stays for the process: DeepSpeed caches its groups, and a
+    # second engine in the same process (resume, tests) fails on a destroyed, re-created group.
+    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, ctx_device, owns_group=world > 1)
 
 
 def cleanup(ctx: DistContext) -> None:

@@ -323,7 +323,8 @@ class Trainer:
                                         load_lr_scheduler_states=False)
         else:
             self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        # The schedule's shape (warmup, total steps) comes from this run's config, its position from the checkpoint.
+        self.scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None]})
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         rank = self.ctx.rank
         if state["world_size"] == self.ctx.world_size:
