@@ -64,6 +64,7 @@ def build(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override, e.g. shard_size=64")] = None,
 ) -> None:
     """Read a source and write shards in-process (resumes a killed build in the same OUTPUT)."""
+    from annotators import AnnotatorError
     from data_schemas import ConfigError, load_config
     from pipeline.shard_build import build_shards
     from pipeline.sources.registry import build_source
@@ -75,7 +76,10 @@ def build(
         source = build_source(cfg.source)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
-    chain = prepare_chain(cfg.annotate)
+    try:
+        chain = prepare_chain(cfg.annotate)
+    except AnnotatorError as exc:
+        _fail(str(exc))
     with _progress() as bar:
         task = bar.add_task("shards", total=None)
         summary = build_shards(
@@ -124,6 +128,29 @@ def show(
 
 
 # --- training commands (umg train …; model/) ---
+
+
+@app.command()
+def train(
+    shards: Annotated[list[Path], typer.Option("--shards", help="shard build dir or tar (repeatable)")],
+    out: Annotated[Path, typer.Option(help="run dir: checkpoints/, metrics.csv, loss_curve.png; resumes")],
+    config: Annotated[Path, typer.Option(help="YAML with a train: section")] = Path("configs/smoke.yaml"),
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override, e.g. steps=50")] = None,
+) -> None:
+    """Train UMG-CLIP on shards (torchrun-aware); prints the result as JSON last."""
+    import os
+
+    from data_schemas import ConfigError, TrainConfig, load_config
+    from model.trainer import train as run_training
+
+    try:
+        cfg = load_config(config, set_, model=TrainConfig, section="train")
+        result = run_training(cfg, shards, out)
+    except (ConfigError, FileNotFoundError, RuntimeError) as exc:
+        _fail(str(exc))
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(json.dumps({"checkpoint": str(result.checkpoint), "steps": result.steps,
+                               "metrics_csv": str(result.metrics_csv), "final_losses": result.final_losses}))
 
 
 # --- orchestration commands (umg export-coco, umg serve …; flows/) ---

@@ -32,9 +32,11 @@ def progress_bar(enabled: bool):
     """A rich progress bar (steps done / total, time left), or a stand-in with the same methods."""
     if not enabled:
         return _NoBar()
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=Console(stderr=True))
 
 
 class MetricsLog:

@@ -83,6 +83,9 @@ def train(cfg: TrainConfig, shards: Path | str | Sequence[Path | str], out_dir: 
 def resolve_tars(shards: Path | str | Sequence[Path | str]) -> list[Path]:
     """Build dirs and/or tar paths -> the shard tars, in the given order."""
     items = [shards] if isinstance(shards, (str, Path)) else list(shards)
+    missing = [str(item) for item in items if not Path(item).exists()]
+    if missing:
+        raise FileNotFoundError(f"shards not found: {missing}")
     tars = [tar for item in items for tar in shard_tars(item)]
     if not tars:
         raise FileNotFoundError(f"no finished shard tars in {[str(i) for i in items]}")
@@ -325,6 +328,9 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
         # The schedule's shape (warmup, total steps) comes from this run's config, its position from the checkpoint.
         self.scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None]})
+        factor = self.scheduler.lr_lambdas[0]
+        for group, base_lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base_lr * factor(self.scheduler.last_epoch)
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         rank = self.ctx.rank
         if state["world_size"] == self.ctx.world_size:

@@ -28,6 +28,9 @@ SINGLE_KINDS = ("tagger", "scorer", "segmenter", "background")
 
 def materialize_backend(kind: str, name: str, cfg: dict[str, Any], root: Path) -> dict[str, Any]:
     """The config that loads a tiny model for ``cfg`` (unchanged when ``cfg`` has no ``tiny: true``)."""
+    nested = cfg.get("captioner")
+    if isinstance(nested, dict):  # the crop region captioner wraps a captioner config
+        cfg = {**cfg, "captioner": materialize_backend("captioner", f"{name}_inner", nested, root)}
     if not cfg.get("tiny"):
         return cfg
     target = root / f"{kind}_{name}"
@@ -42,9 +45,6 @@ def materialize_backend(kind: str, name: str, cfg: dict[str, Any], root: Path) -
         tmp.write_text(json.dumps(created, sort_keys=True, default=str), encoding="utf-8")
         tmp.replace(cache)
     user = {k: v for k, v in cfg.items() if k != "tiny"}
-    nested = user.get("captioner")
-    if isinstance(nested, dict):  # crop region captioner wraps a captioner config
-        user["captioner"] = materialize_backend("captioner", f"{name}_inner", nested, root)
     return {**created, **user}
 
 

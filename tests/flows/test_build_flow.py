@@ -36,23 +36,24 @@ def _rows(build_dir: Path) -> list[dict]:
 
 
 def _assert_every_input_once(raw: Path, build_dir: Path) -> list[dict]:
-    refs = build_source(SourceConfig(path=raw)).list_refs()
+    source = build_source(SourceConfig(path=raw))
+    keys = [item.key for item in source.read(source.list_refs())]
     rows = _rows(build_dir)
-    assert Counter(row["source_id"] for row in rows) == Counter(refs), "an input is missing or written twice"
-    assert len(finished_shards(build_dir)) == len(pin_plan(build_dir, build_source(SourceConfig(path=raw)), 4))
+    assert Counter(row["key"] for row in rows) == Counter(keys), "an input is missing or written twice"
+    assert len(finished_shards(build_dir)) == len(pin_plan(build_dir, source, 4))
     report = validate_build(build_dir)
     assert report.ok, report.problems
     return rows
 
 
 def _widths(raw: Path) -> dict[str, int]:
-    """source_id -> image width, for the images whose width no other image has."""
+    """sample key -> image width, for the images whose width no other image has."""
     from PIL import Image
 
     widths = {}
     for path in sorted((raw / "images").rglob("*.jpg")):
         with Image.open(path) as image:
-            widths[f"{path.parent.name}/{path.name}"] = image.width
+            widths[path.stem] = image.width
     counts = Counter(widths.values())
     return {ref: w for ref, w in widths.items() if counts[w] == 1}
 
@@ -69,7 +70,7 @@ def _events(run_id: str, wait_s: float) -> list:
         while True:
             page = client.read_events(EventFilter(
                 event=EventNameFilter(name=[COMPLETED_EVENT]),
-                resource=EventResourceFilter(id=[f"umg.build.{run_id}"])))
+                resource=EventResourceFilter(id=[f"umg.build.{run_id}"])), limit=50)
             if page.events or time.monotonic() > deadline:
                 return page.events
             time.sleep(0.5)
@@ -101,13 +102,14 @@ def test_bad_image_and_oom_batch_become_error_rows_and_reports_are_written(prefe
     out = tmp_path / "out"
     state = build_umg41m(str(cfg), str(sample_raw), str(out), return_state=True)
     assert state.is_completed(), state.message
-    rows = {row["source_id"]: row for row in _assert_every_input_once(sample_raw, out)}
+    rows = {row["key"]: row for row in _assert_every_input_once(sample_raw, out)}
     assert rows[bad_ref]["error"].startswith("annotator_failed: tagger: ValueError: cannot tag")
     assert rows[oom_ref]["error"].startswith("annotator_failed: tagger: RuntimeError: CUDA out of memory")
     assert sum(row["status"] == "error" for row in rows.values()) == 2
     assert all(row["n_tags"] >= 1 for ref, row in rows.items() if ref not in (bad_ref, oom_ref))
-    sizes = [int(line.split()[1]) for line in log.read_text().splitlines()]
-    assert sizes.count(1) >= 4, f"the failing batches were not split down to single images: {sizes}"
+    calls = [tuple(map(int, line.split()[1:])) for line in log.read_text().splitlines()]  # (n images, width)
+    assert (1, bad_w) in calls and (1, oom_w) in calls, f"failing batches not split down to one image: {calls}"
+    assert max(n for n, _ in calls) == 2  # stage batch_size
 
     run_id = _run_id(state)
     assert _events(run_id, wait_s=20), "no umg.build.completed event after a complete build"
@@ -225,7 +227,7 @@ def test_shard_whose_worker_keeps_dying_fails_the_flow_without_the_train_event(p
     assert "incomplete" in state.message
     done = finished_shards(out)
     assert len(done) == 3  # the other shards are finished (a rerun builds only the failed one)
-    assert poison_ref not in {row["source_id"] for row in _rows(out)}
+    assert poison_ref not in {row["key"] for row in _rows(out)}
     assert validate_build(out).ok
     assert _events(_run_id(state), wait_s=3) == []
     assert _artifact("umg41m-build-qa").data.count("INCOMPLETE") == 1
