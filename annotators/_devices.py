@@ -20,8 +20,12 @@ from annotators.base import AnnotatorError
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
+    "fp32": torch.float32,
     "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
     "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
 }
 
 
@@ -34,7 +38,7 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
         return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     try:
         device = torch.device(spec)
-    except RuntimeError as exc:
+    except (RuntimeError, TypeError) as exc:
         raise AnnotatorError(f"unknown device {spec!r}; use 'auto', 'cpu', 'cuda' or 'cuda:<index>'") from exc
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -47,13 +51,21 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
 
 
 def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """Model dtype from its config name; ``float16`` needs CUDA (CPU half kernels are missing or slow)."""
+    """Model dtype from its config name.
+
+    ``"auto"`` is bfloat16 on CUDA (float16 without bf16 support) and float32 on CPU. ``float16``
+    needs CUDA (CPU half kernels are missing or slow).
+    """
     if isinstance(name, torch.dtype):
         dtype = name
     else:
         key = str(name).strip().lower().removeprefix("torch.")
+        if key == "auto":
+            if device.type != "cuda":
+                return torch.float32
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         if key not in DTYPES:
-            raise AnnotatorError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
+            raise AnnotatorError(f"unknown dtype {name!r}; use 'auto' or one of {', '.join(DTYPES)}")
         dtype = DTYPES[key]
     if dtype == torch.float16 and device.type != "cuda":
         raise AnnotatorError("dtype float16 needs a CUDA device; use float32 or bfloat16 on CPU")
@@ -120,6 +132,8 @@ def move_inputs(inputs: Mapping[str, Any], device: torch.device, dtype: torch.dt
 
 def chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
     """``items`` in consecutive pieces of at most ``size``."""
+    if size < 1:
+        raise ValueError(f"batch size must be >= 1, got {size}")
     return [items[start : start + size] for start in range(0, len(items), size)]
 
 

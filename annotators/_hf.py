@@ -1,7 +1,7 @@
 """Helpers shared by the model-backed annotators (transformers and open_clip backends).
 
 - ``config_kwargs``: validate a backend config against its keyword-only ``__init__`` (unknown / missing keys).
-- ``resolve_device`` / ``resolve_dtype``: ``"auto" | "cpu" | "cuda[:i]"`` and ``"auto" | "float32" | ...``.
+- ``resolve_device`` / ``resolve_dtype`` / ``chunks``: re-exported from ``annotators._devices``.
 - ``check_model_path`` / ``from_pretrained``: clear ``AnnotatorError`` for a missing path or a non-model folder.
 - ``chunks``: fixed-size batches; ``clean_texts``: strip, drop empty, dedup (order kept).
 - ``ImageTextGenerator``: ``AutoModelForImageTextToText`` + ``AutoProcessor`` chat-prompted batched generation
@@ -12,25 +12,14 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
+from annotators._devices import chunks, resolve_device, resolve_dtype  # noqa: F401 - re-exported
 from annotators.base import AnnotatorError
 
 logger = logging.getLogger(__name__)
-
-T = TypeVar("T")
-
-_DTYPES = {
-    "float32": "float32",
-    "fp32": "float32",
-    "float16": "float16",
-    "fp16": "float16",
-    "half": "float16",
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-}
 
 
 def config_kwargs(cls: type, cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -48,34 +37,6 @@ def config_kwargs(cls: type, cfg: Mapping[str, Any]) -> dict[str, Any]:
     if missing:
         raise AnnotatorError(f"{label}: missing required config keys {missing}")
     return given
-
-
-def resolve_device(device: str = "auto"):
-    """``"auto"`` -> ``cuda`` when available else ``cpu``; an explicit ``cuda`` without a GPU is an error."""
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise AnnotatorError(f"bad device {device!r}; use 'auto', 'cpu' or 'cuda[:index]'") from exc
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise AnnotatorError(f"device {device!r} requested but CUDA is not available")
-    return resolved
-
-
-def resolve_dtype(dtype: str, device) -> Any:
-    """``"auto"`` -> bfloat16 (or float16 without bf16 support) on CUDA, float32 on CPU; else the named dtype."""
-    import torch
-
-    if dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    if dtype not in _DTYPES:
-        raise AnnotatorError(f"bad dtype {dtype!r}; use 'auto' or one of {sorted(_DTYPES)}")
-    return getattr(torch, _DTYPES[dtype])
 
 
 def check_model_path(path: str | Path, *, marker: str = "config.json") -> str:
@@ -100,14 +61,6 @@ def from_pretrained(loader: Any, path: str, **kwargs: Any) -> Any:
         return loader.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise AnnotatorError(f"cannot load {getattr(loader, '__name__', loader)} from {path}: {exc}") from exc
-
-
-def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
-    """Consecutive slices of ``items`` with at most ``size`` elements."""
-    if size < 1:
-        raise ValueError(f"batch size must be >= 1, got {size}")
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
 
 
 def clean_texts(texts: Sequence[str]) -> list[str]:

@@ -80,7 +80,7 @@ def test_config_errors(tiny_cfg, tmp_path):
         annotators.build("scorer", {**tiny_cfg, "precision": "fp16"})
     with pytest.raises(AnnotatorError, match="file stem"):
         annotators.build("scorer", {**tiny_cfg, "model": "ViT-B-32"})
-    with pytest.raises(AnnotatorError, match="bad dtype"):
+    with pytest.raises(AnnotatorError, match="unknown dtype .float8."):
         _scorer(tiny_cfg, dtype="float8")
     missing = tmp_path / "missing.json"
     with pytest.raises(AnnotatorError, match=str(missing)):
