@@ -2,14 +2,15 @@
 
 ``resolve_device("auto" | "cpu" | "cuda" | "cuda:1")`` and ``resolve_dtype("float32" | "float16" |
 "bfloat16", device)`` turn config strings into torch objects with errors that name the bad value;
-``check_keys`` validates a backend's config mapping; ``existing_path`` names a missing file or folder;
+``config_kwargs`` validates a backend's config against its keyword-only ``__init__``; ``existing_path`` names a missing file or folder;
 ``move_inputs`` sends processor outputs to the model's device and dtype.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,22 +75,23 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def check_keys(
-    cfg: Mapping[str, Any], *, required: Iterable[str], optional: Iterable[str], where: str
-) -> dict[str, Any]:
-    """The config without ``backend``; raises naming every unknown or missing key (``where`` = kind/backend)."""
-    required, optional = set(required), set(optional)
+def config_kwargs(cls: type, cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of ``cls.__init__`` taken from ``cfg`` (minus ``backend``), validated.
+
+    Raises ``AnnotatorError`` naming every unknown key (with the allowed ones) and missing required key.
+    """
+    params = {name: p for name, p in inspect.signature(cls.__init__).parameters.items() if p.kind is p.KEYWORD_ONLY}
     given = {key: value for key, value in cfg.items() if key != "backend"}
-    unknown = sorted(set(given) - required - optional)
-    missing = sorted(required - set(given))
+    label = f"{getattr(cls, 'kind', '?')} backend {getattr(cls, 'name', cls.__name__)!r}"
+    unknown = sorted(set(given) - set(params))
+    missing = sorted(name for name, p in params.items() if p.default is p.empty and name not in given)
     problems = []
     if unknown:
-        problems.append(f"unknown key(s) {unknown}")
+        problems.append(f"unknown config keys {unknown}")
     if missing:
-        problems.append(f"missing key(s) {missing}")
+        problems.append(f"missing required config keys {missing}")
     if problems:
-        allowed = ", ".join(sorted(required | optional))
-        raise AnnotatorError(f"{where} config: {'; '.join(problems)}; allowed keys: {allowed}")
+        raise AnnotatorError(f"{label}: {'; '.join(problems)}; allowed: {sorted(params)}")
     return given
 
 

@@ -1,7 +1,6 @@
 """Helpers shared by the model-backed annotators (transformers and open_clip backends).
 
-- ``config_kwargs``: validate a backend config against its keyword-only ``__init__`` (unknown / missing keys).
-- ``resolve_device`` / ``resolve_dtype`` / ``chunks``: re-exported from ``annotators._devices``.
+- ``config_kwargs`` / ``resolve_device`` / ``resolve_dtype`` / ``chunks``: re-exported from ``annotators._devices``.
 - ``check_model_path`` / ``from_pretrained``: clear ``AnnotatorError`` for a missing path or a non-model folder.
 - ``chunks``: fixed-size batches; ``clean_texts``: strip, drop empty, dedup (order kept).
 - ``ImageTextGenerator``: ``AutoModelForImageTextToText`` + ``AutoProcessor`` chat-prompted batched generation
@@ -10,33 +9,15 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from annotators._devices import chunks, resolve_device, resolve_dtype  # noqa: F401 - re-exported
+from annotators._devices import chunks, config_kwargs, resolve_device, resolve_dtype  # noqa: F401 - re-exported
 from annotators.base import AnnotatorError
 
 logger = logging.getLogger(__name__)
-
-
-def config_kwargs(cls: type, cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The keyword arguments of ``cls.__init__`` taken from ``cfg`` (minus ``backend``), validated.
-
-    Raises ``AnnotatorError`` naming unknown keys (with the allowed ones) and missing required keys.
-    """
-    params = {name: p for name, p in inspect.signature(cls.__init__).parameters.items() if p.kind is p.KEYWORD_ONLY}
-    given = {k: v for k, v in cfg.items() if k != "backend"}
-    label = f"{getattr(cls, 'kind', '?')} backend {getattr(cls, 'name', cls.__name__)!r}"
-    unknown = sorted(set(given) - set(params))
-    if unknown:
-        raise AnnotatorError(f"{label}: unknown config keys {unknown}; allowed: {sorted(params)}")
-    missing = sorted(n for n, p in params.items() if p.default is p.empty and n not in given)
-    if missing:
-        raise AnnotatorError(f"{label}: missing required config keys {missing}")
-    return given
 
 
 def check_model_path(path: str | Path, *, marker: str = "config.json") -> str:

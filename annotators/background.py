@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from annotators._devices import (
-    check_keys,
+    config_kwargs,
     chunks,
     existing_path,
     looks_like_local_path,
@@ -98,11 +98,6 @@ class Mask2FormerBackground:
 
     kind: ClassVar[str] = "background"
     name: ClassVar[str] = "mask2former"
-    REQUIRED: ClassVar[tuple[str, ...]] = ("model",)
-    OPTIONAL: ClassVar[tuple[str, ...]] = (
-        "stuff_classes", "first_stuff_id", "score_threshold", "mask_threshold", "overlap_threshold",
-        "device", "dtype", "batch_size",
-    )
 
     def __init__(
         self,
@@ -130,7 +125,7 @@ class Mask2FormerBackground:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> Mask2FormerBackground:
-        return cls(**check_keys(cfg, required=cls.REQUIRED, optional=cls.OPTIONAL, where="background/mask2former"))
+        return cls(**config_kwargs(cls, cfg))
 
     @property
     def version(self) -> str:
@@ -265,8 +260,6 @@ class MaskDinoBackground:
 
     kind: ClassVar[str] = "background"
     name: ClassVar[str] = "maskdino"
-    REQUIRED: ClassVar[tuple[str, ...]] = ("config_file", "checkpoint")
-    OPTIONAL: ClassVar[tuple[str, ...]] = ("class_names", "overrides", "device", "dtype", "batch_size")
 
     def __init__(
         self,
@@ -289,7 +282,7 @@ class MaskDinoBackground:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> MaskDinoBackground:
-        return cls(**check_keys(cfg, required=cls.REQUIRED, optional=cls.OPTIONAL, where="background/maskdino"))
+        return cls(**config_kwargs(cls, cfg))
 
     @property
     def version(self) -> str:

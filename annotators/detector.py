@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from annotators._devices import (
-    check_keys,
+    config_kwargs,
     chunks,
     existing_path,
     looks_like_local_path,
@@ -73,10 +73,6 @@ class HfDetector:
 
     kind: ClassVar[str] = "detector"
     name: ClassVar[str] = "hf"
-    REQUIRED: ClassVar[tuple[str, ...]] = ("model",)
-    OPTIONAL: ClassVar[tuple[str, ...]] = (
-        "device", "dtype", "batch_size", "threshold", "vocabulary", "text_threshold", "name",
-    )
 
     def __init__(
         self,
@@ -107,7 +103,7 @@ class HfDetector:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> HfDetector:
-        return cls(**check_keys(cfg, required=cls.REQUIRED, optional=cls.OPTIONAL, where="detector/hf"))
+        return cls(**config_kwargs(cls, cfg))
 
     @property
     def version(self) -> str:
@@ -291,10 +287,6 @@ class ViTDetDetector:
 
     kind: ClassVar[str] = "detector"
     name: ClassVar[str] = "vitdet"
-    REQUIRED: ClassVar[tuple[str, ...]] = ("config_file", "checkpoint")
-    OPTIONAL: ClassVar[tuple[str, ...]] = (
-        "class_names", "overrides", "test_size", "device", "dtype", "batch_size", "threshold", "name",
-    )
 
     def __init__(
         self,
@@ -323,7 +315,7 @@ class ViTDetDetector:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> ViTDetDetector:
-        return cls(**check_keys(cfg, required=cls.REQUIRED, optional=cls.OPTIONAL, where="detector/vitdet"))
+        return cls(**config_kwargs(cls, cfg))
 
     @property
     def version(self) -> str:

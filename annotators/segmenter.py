@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from annotators._devices import check_keys, existing_path, resolve_device, resolve_dtype, rgb
+from annotators._devices import config_kwargs, existing_path, resolve_device, resolve_dtype, rgb
 from annotators.base import AnnotatorError, SegmentOutput, check_batch
 
 log = logging.getLogger(__name__)
@@ -149,8 +149,6 @@ class SamSegmenter:
 
     kind: ClassVar[str] = "segmenter"
     name: ClassVar[str] = "sam"
-    REQUIRED: ClassVar[tuple[str, ...]] = ("model_type", "checkpoint")
-    OPTIONAL: ClassVar[tuple[str, ...]] = ("device", "dtype", "multimask", "embedding_cache")
 
     def __init__(
         self,
@@ -175,7 +173,7 @@ class SamSegmenter:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> SamSegmenter:
-        return cls(**check_keys(cfg, required=cls.REQUIRED, optional=cls.OPTIONAL, where="segmenter/sam"))
+        return cls(**config_kwargs(cls, cfg))
 
     @property
     def version(self) -> str:

@@ -144,9 +144,9 @@ def test_empty_vocabulary_is_an_error(open_cfg, tmp_path):
 
 
 def test_config_errors_name_the_keys(closed_cfg):
-    with pytest.raises(AnnotatorError, match=r"unknown key\(s\) \['thresh'\]"):
+    with pytest.raises(AnnotatorError, match=r"unknown config keys \['thresh'\]"):
         annotators.build("detector", closed_cfg | {"thresh": 0.3})
-    with pytest.raises(AnnotatorError, match=r"missing key\(s\) \['model'\]"):
+    with pytest.raises(AnnotatorError, match=r"missing required config keys \['model'\]"):
         annotators.build("detector", {"backend": "hf"})
     with pytest.raises(AnnotatorError, match="batch_size"):
         annotators.build("detector", closed_cfg | {"batch_size": 0})
@@ -188,9 +188,9 @@ def test_vitdet_missing_detectron2_names_the_image(tmp_path):
 
 
 def test_vitdet_config_errors():
-    with pytest.raises(AnnotatorError, match=r"missing key\(s\) \['checkpoint'\]"):
+    with pytest.raises(AnnotatorError, match=r"missing required config keys \['checkpoint'\]"):
         annotators.build("detector", {"backend": "vitdet", "config_file": "x.py"})
-    with pytest.raises(AnnotatorError, match=r"unknown key\(s\) \['model'\]"):
+    with pytest.raises(AnnotatorError, match=r"unknown config keys \['model'\]"):
         annotators.build("detector", {"backend": "vitdet", "config_file": "x.py", "checkpoint": "m", "model": "y"})
 
 

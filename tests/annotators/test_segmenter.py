@@ -185,9 +185,9 @@ def test_wrong_lengths_and_box_shapes(segmenter):
 
 
 def test_config_errors(tiny_cfg):
-    with pytest.raises(AnnotatorError, match=r"unknown key\(s\) \['multimask_output'\]"):
+    with pytest.raises(AnnotatorError, match=r"unknown config keys \['multimask_output'\]"):
         annotators.build("segmenter", tiny_cfg | {"multimask_output": True})
-    with pytest.raises(AnnotatorError, match=r"missing key\(s\) \['checkpoint'\]"):
+    with pytest.raises(AnnotatorError, match=r"missing required config keys \['checkpoint'\]"):
         annotators.build("segmenter", {"backend": "sam", "model_type": "vit_h"})
     with pytest.raises(AnnotatorError, match="unknown SAM model_type 'vit_x'"):
         annotators.build("segmenter", tiny_cfg | {"model_type": "vit_x"})
