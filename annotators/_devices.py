@@ -1,23 +1,24 @@
-"""Device, dtype and config plumbing shared by the vision backends (detector, segmenter, background).
+"""Device, dtype and batching plumbing shared by the model backends.
 
 ``resolve_device("auto" | "cpu" | "cuda" | "cuda:1")`` and ``resolve_dtype("float32" | "float16" |
 "bfloat16", device)`` turn config strings into torch objects with errors that name the bad value;
-``config_kwargs`` validates a backend's config against its keyword-only ``__init__``; ``existing_path`` names a missing file or folder;
-``move_inputs`` sends processor outputs to the model's device and dtype.
+``existing_path`` names a missing file or folder; ``move_inputs`` sends processor outputs to the model's
+device and dtype; ``seeded`` makes the random init of a tiny model reproducible. ``VisionBackend`` is the
+base of the batched image backends (``detector``, ``background``): device/dtype specs, ``batch_size``, load once.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from PIL import Image
 
-from annotators.base import AnnotatorError
+from annotators.base import AnnotatorError, Backend
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -75,26 +76,6 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def config_kwargs(cls: type, cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The keyword arguments of ``cls.__init__`` taken from ``cfg`` (minus ``backend``), validated.
-
-    Raises ``AnnotatorError`` naming every unknown key (with the allowed ones) and missing required key.
-    """
-    params = {name: p for name, p in inspect.signature(cls.__init__).parameters.items() if p.kind is p.KEYWORD_ONLY}
-    given = {key: value for key, value in cfg.items() if key != "backend"}
-    label = f"{getattr(cls, 'kind', '?')} backend {getattr(cls, 'name', cls.__name__)!r}"
-    unknown = sorted(set(given) - set(params))
-    missing = sorted(name for name, p in params.items() if p.default is p.empty and name not in given)
-    problems = []
-    if unknown:
-        problems.append(f"unknown config keys {unknown}")
-    if missing:
-        problems.append(f"missing required config keys {missing}")
-    if problems:
-        raise AnnotatorError(f"{label}: {'; '.join(problems)}; allowed: {sorted(params)}")
-    return given
-
-
 def existing_path(path: str | Path, what: str) -> Path:
     """``path`` as a ``Path``; raises ``AnnotatorError`` naming ``what`` and the path when it does not exist."""
     resolved = Path(path).expanduser()
@@ -141,3 +122,44 @@ def chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
 
 def rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+@contextmanager
+def seeded(seed: int = 0) -> Iterator[None]:
+    """Random init on the CPU inside the block starts from ``seed`` (tiny test models); the caller's RNG state is
+    left as it was (only the CPU generator is forked and seeded: CUDA is not initialised)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
+
+
+class VisionBackend(Backend):
+    """Base of the batched image backends: ``device`` / ``dtype`` config strings, ``batch_size`` images a pass.
+
+    A subclass passes those three keys on from its own keyword-only ``__init__``; its ``load()`` returns at
+    once when ``_model`` is set, calls ``_resolve_device()`` and sets ``_model`` last; its ``__call__`` is
+    ``_in_chunks(images, run)``. ``model_label`` names the model in the not-loaded error.
+    """
+
+    model_label: ClassVar[str]
+
+    def __init__(self, *, device: str, dtype: str, batch_size: int) -> None:
+        if int(batch_size) < 1:
+            raise AnnotatorError(f"{self.kind} batch_size must be >= 1, got {batch_size}")
+        self.device_spec, self.dtype_spec, self.batch_size = device, dtype, int(batch_size)
+        self._model: Any = None
+        self._device: torch.device | None = None
+        self._dtype: torch.dtype | None = None
+
+    def _resolve_device(self) -> None:
+        self._device = resolve_device(self.device_spec)
+        self._dtype = resolve_dtype(self.dtype_spec, self._device)
+
+    def _in_chunks(self, images: Sequence[Image.Image], run: Callable[[list[Image.Image]], list[Any]]) -> list[Any]:
+        """``run`` on consecutive RGB chunks of at most ``batch_size`` images; its outputs concatenated, in order."""
+        if self._model is None:
+            raise AnnotatorError(f"{self.model_label} is not loaded: call load() first")
+        outputs: list[Any] = []
+        for chunk in chunks(list(images), self.batch_size):
+            outputs.extend(run([rgb(image) for image in chunk]))
+        return outputs

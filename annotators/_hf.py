@@ -1,10 +1,12 @@
 """Helpers shared by the model-backed annotators (transformers and open_clip backends).
 
-- ``config_kwargs`` / ``resolve_device`` / ``resolve_dtype`` / ``chunks``: re-exported from ``annotators._devices``.
+- ``resolve_device`` / ``resolve_dtype`` / ``chunks``: re-exported from ``annotators._devices``.
 - ``check_model_path`` / ``from_pretrained``: clear ``AnnotatorError`` for a missing path or a non-model folder.
-- ``chunks``: fixed-size batches; ``clean_texts``: strip, drop empty, dedup (order kept).
+- ``clean_texts``: strip, drop empty, dedup (order kept); ``generation_kwargs``: checked ``generate`` settings.
 - ``ImageTextGenerator``: ``AutoModelForImageTextToText`` + ``AutoProcessor`` chat-prompted batched generation
-  (left padding), shared by the ``vlm`` captioner and the ``vlm-box`` region captioner.
+  (left padding); ``VlmBackend``: the base of the backends that prompt one (the ``vlm`` captioner, the
+  ``vlm-box`` region captioner), with their tiny LLaVA (``write_tiny_llava``).
+- ``PretrainedVisionBackend``: the base of the transformers image backends (``hf`` detector, ``mask2former``).
 """
 
 from __future__ import annotations
@@ -14,8 +16,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from annotators._devices import chunks, config_kwargs, resolve_device, resolve_dtype  # noqa: F401 - re-exported
-from annotators.base import AnnotatorError
+from annotators._devices import (  # noqa: F401 - chunks, resolve_device, resolve_dtype re-exported
+    VisionBackend,
+    chunks,
+    existing_path,
+    looks_like_local_path,
+    resolve_device,
+    resolve_dtype,
+    seeded,
+)
+from annotators.base import AnnotatorError, Backend
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +75,19 @@ def check_generation(num_beams: int, num_return_sequences: int, generate_kwargs:
         )
 
 
+def generation_kwargs(
+    max_new_tokens: int, num_beams: int, num_return_sequences: int, generate_kwargs: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The keyword arguments of ``model.generate``, checked (``check_generation``); ``generate_kwargs`` win."""
+    check_generation(num_beams, num_return_sequences, generate_kwargs)
+    return {
+        "max_new_tokens": max_new_tokens,
+        "num_beams": num_beams,
+        "num_return_sequences": num_return_sequences,
+        **dict(generate_kwargs),
+    }
+
+
 def decode_generated(
     processor: Any, output_ids: Any, n_prompt_tokens: int, n_inputs: int, n_return: int
 ) -> list[list[str]]:
@@ -94,15 +117,9 @@ class ImageTextGenerator:
         device: str,
         dtype: str,
     ) -> None:
-        check_generation(num_beams, num_return_sequences, generate_kwargs)
+        self.gen_kwargs = generation_kwargs(max_new_tokens, num_beams, num_return_sequences, generate_kwargs)
         self.model_path = model
         self.num_return_sequences = num_return_sequences
-        self.gen_kwargs = {
-            "max_new_tokens": max_new_tokens,
-            "num_beams": num_beams,
-            "num_return_sequences": num_return_sequences,
-            **dict(generate_kwargs),
-        }
         self.device_name, self.dtype_name = device, dtype
         self.model: Any = None
         self.processor: Any = None
@@ -139,3 +156,151 @@ class ImageTextGenerator:
             output_ids = self.model.generate(**inputs, **self.gen_kwargs)
         n_prompt = 0 if self.model.config.is_encoder_decoder else inputs["input_ids"].shape[1]
         return decode_generated(self.processor, output_ids, n_prompt, len(prompts), self.num_return_sequences)
+
+
+class VlmBackend(Backend):
+    """Base of the backends that prompt one ``ImageTextGenerator`` with ``prompt``, ``batch_size`` inputs a call.
+
+    A subclass keeps its own keyword-only ``__init__`` (its config keys and their defaults) and passes them
+    on here; ``version`` is the model path, ``create_tiny`` writes the tiny LLaVA.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        prompt: str,
+        max_new_tokens: int,
+        num_beams: int,
+        num_return_sequences: int,
+        generate_kwargs: Mapping[str, Any] | None,
+        device: str,
+        dtype: str,
+        batch_size: int,
+    ) -> None:
+        self.generator = ImageTextGenerator(
+            model=model,
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            num_return_sequences=num_return_sequences,
+            generate_kwargs=generate_kwargs or {},
+            device=device,
+            dtype=dtype,
+        )
+        self.prompt, self.batch_size = prompt, batch_size
+
+    @classmethod
+    def create_tiny(cls, out_dir: str | Path) -> dict[str, Any]:
+        write_tiny_llava(out_dir)
+        return {"backend": cls.name, "model": str(out_dir), "max_new_tokens": 6}
+
+    @property
+    def version(self) -> str:
+        return self.generator.model_path
+
+    def load(self) -> None:
+        self.generator.load()
+
+
+# A LLaVA-1.5-style chat template ("USER: <image>\n{text}\nASSISTANT:") for the tiny VLM.
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'].upper() }}: "
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}\n{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+# A 2-layer, 2-head transformer of width 32 (MLP 64): the towers of the tiny test models.
+TINY_TOWER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+
+
+def token_config(tokenizer: Any) -> dict[str, int]:
+    """The text-config keys a language model takes from its ``tokenizer``: vocabulary size and special ids."""
+    return {
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+def save_tiny(model_cls: Any, config: Any, processor: Any, out_dir: str | Path) -> None:
+    """A ``model_cls(config)`` initialised from seed 0, saved with ``processor`` to ``out_dir``."""
+    with seeded():
+        model = model_cls(config).eval()
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+
+
+def write_tiny_llava(out_dir: str | Path) -> None:
+    """Save a random LLaVA (CLIP ViT 32 px / patch 8, 2-layer Llama; width 32) with a ``LlavaProcessor`` (tiny BPE
+    tokenizer, ``CLIPImageProcessor`` at 32x32, ``TINY_CHAT_TEMPLATE``) to ``out_dir``."""
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    from annotators.tiny_text import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer(extra_special_tokens=["<image>"])
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    # 16 patches + CLS from the vision tower; the "default" strategy drops CLS -> 16 "<image>" tokens per image.
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        chat_template=TINY_CHAT_TEMPLATE,
+        num_additional_image_tokens=1,
+    )
+    # initializer_range 0.2 (not 0.02): outputs then depend visibly on image and prompt, so batching bugs show.
+    vision = CLIPVisionConfig(**TINY_TOWER, image_size=32, patch_size=8, initializer_range=0.2)
+    text = LlamaConfig(
+        **TINY_TOWER,
+        **token_config(tokenizer),
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.2,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+    )
+    save_tiny(LlavaForConditionalGeneration, config, processor, out_dir)
+
+
+class PretrainedVisionBackend(VisionBackend):
+    """Base of the transformers image backends: a model and its processor from a local folder or hub id.
+
+    ``version`` is ``model`` plus the hub commit of the loaded weights, when they came from the hub.
+    """
+
+    def __init__(self, *, model: str, device: str, dtype: str, batch_size: int) -> None:
+        super().__init__(device=device, dtype=dtype, batch_size=batch_size)
+        self.model_id = str(model)
+        self._processor: Any = None
+
+    @property
+    def version(self) -> str:
+        revision = getattr(self._model.config, "_commit_hash", None) if self._model is not None else None
+        return f"{self.model_id}:{revision[:12]}" if revision else self.model_id
+
+    def _from_pretrained(self, processor_cls: Any, model_cls: Any, *, folder: str, label: str) -> tuple[Any, Any]:
+        """``(processor, model)`` of ``model_id``, the model in ``_dtype`` (not moved). A missing local ``folder``
+        (e.g. "detector model directory") or a failed load raises ``AnnotatorError`` (``cannot load {label}: ...``)."""
+        if looks_like_local_path(self.model_id):
+            existing_path(self.model_id, folder)
+        try:
+            processor = processor_cls.from_pretrained(self.model_id)
+            model = model_cls.from_pretrained(self.model_id, dtype=self._dtype)
+        except (OSError, ValueError, KeyError) as exc:
+            raise AnnotatorError(f"cannot load {label}: {exc}") from exc
+        return processor, model

@@ -27,19 +27,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from annotators._devices import (
-    config_kwargs,
-    chunks,
-    existing_path,
-    looks_like_local_path,
-    move_inputs,
-    read_names,
-    resolve_device,
-    resolve_dtype,
-    rgb,
-)
+from annotators._detectron2 import DETECTRON2_HINT, Detectron2Backend, detectron2_augment
+from annotators._devices import existing_path, move_inputs, read_names
+from annotators._hf import PretrainedVisionBackend, save_tiny
 from annotators.base import AnnotatorError, StuffSegment, require
-from annotators.detector import DETECTRON2_HINT, detectron2_augment, detectron2_inputs
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +38,6 @@ MASKDINO_HINT = (
     "Mask DINO needs detectron2 and the maskdino package (IDEA-Research/MaskDINO, with its compiled "
     "MultiScaleDeformableAttention op), neither on PyPI; use the CUDA worker image built from docker/Dockerfile.cuda"
 )
-
 
 
 def segments_from_panoptic(
@@ -82,7 +72,7 @@ def segments_from_panoptic(
     return segments
 
 
-class Mask2FormerBackground:
+class Mask2FormerBackground(PretrainedVisionBackend):
     """Mask2Former panoptic segmentation, stuff segments only.
 
     Args:
@@ -98,6 +88,7 @@ class Mask2FormerBackground:
 
     kind: ClassVar[str] = "background"
     name: ClassVar[str] = "mask2former"
+    model_label: ClassVar[str] = "background model"
 
     def __init__(
         self,
@@ -112,42 +103,24 @@ class Mask2FormerBackground:
         dtype: str = "float32",
         batch_size: int = 4,
     ) -> None:
-        if int(batch_size) < 1:
-            raise AnnotatorError(f"background batch_size must be >= 1, got {batch_size}")
-        self.model_id = str(model)
+        super().__init__(model=model, device=device, dtype=dtype, batch_size=batch_size)
         self.stuff_classes_source, self.first_stuff_id = stuff_classes, int(first_stuff_id)
         self.score_threshold, self.mask_threshold = float(score_threshold), float(mask_threshold)
         self.overlap_threshold = float(overlap_threshold)
-        self.device_spec, self.dtype_spec, self.batch_size = device, dtype, int(batch_size)
         self.stuff_ids: set[int] = set()
-        self._model = self._processor = None
-        self._revision: str | None = None
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> Mask2FormerBackground:
-        return cls(**config_kwargs(cls, cfg))
-
-    @property
-    def version(self) -> str:
-        return f"{self.model_id}:{self._revision[:12]}" if self._revision else self.model_id
 
     def load(self) -> None:
         if self._model is not None:
             return
         from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
 
-        self._device = resolve_device(self.device_spec)
-        self._dtype = resolve_dtype(self.dtype_spec, self._device)
-        if looks_like_local_path(self.model_id):
-            existing_path(self.model_id, "Mask2Former model directory")
-        try:
-            self._processor = AutoImageProcessor.from_pretrained(self.model_id)
-            model = Mask2FormerForUniversalSegmentation.from_pretrained(self.model_id, dtype=self._dtype)
-        except (OSError, ValueError, KeyError) as exc:
-            raise AnnotatorError(f"cannot load Mask2Former {self.model_id!r}: {exc}") from exc
+        self._resolve_device()
+        self._processor, model = self._from_pretrained(
+            AutoImageProcessor, Mask2FormerForUniversalSegmentation, folder="Mask2Former model directory",
+            label=f"Mask2Former {self.model_id!r}",
+        )
         self.stuff_ids = self._resolve_stuff_ids(model.config.id2label)
         self._model = model.to(self._device).eval()
-        self._revision = getattr(model.config, "_commit_hash", None)
         log.info("loaded Mask2Former %s on %s, %d stuff classes", self.version, self._device, len(self.stuff_ids))
 
     def _resolve_stuff_ids(self, id2label: Mapping[int, str]) -> set[int]:
@@ -164,12 +137,7 @@ class Mask2FormerBackground:
 
     def __call__(self, images: Sequence[Image.Image]) -> list[list[StuffSegment]]:
         """Stuff segments per image; every mask is ``(H_i, W_i)`` bool at image ``i``'s size."""
-        if self._model is None:
-            raise AnnotatorError("background model is not loaded: call load() first")
-        results: list[list[StuffSegment]] = []
-        for chunk in chunks(list(images), self.batch_size):
-            results.extend(self._segment_batch([rgb(image) for image in chunk]))
-        return results
+        return self._in_chunks(images, self._segment_batch)
 
     def _segment_batch(self, images: list[Image.Image]) -> list[list[StuffSegment]]:
         inputs = move_inputs(self._processor(images=images, return_tensors="pt"), self._device, self._dtype)
@@ -236,15 +204,13 @@ class Mask2FormerBackground:
             encoder_feedforward_dim=32, encoder_layers=1, decoder_layers=2, num_attention_heads=2,
             dim_feedforward=32, num_queries=8, id2label=labels, label2id={v: k for k, v in labels.items()},
         )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            Mask2FormerForUniversalSegmentation(config).eval().save_pretrained(out_dir)
-        Mask2FormerImageProcessor(size={"shortest_edge": 64, "longest_edge": 96}).save_pretrained(out_dir)
+        processor = Mask2FormerImageProcessor(size={"shortest_edge": 64, "longest_edge": 96})
+        save_tiny(Mask2FormerForUniversalSegmentation, config, processor, out_dir)
         return {"backend": cls.name, "model": str(out_dir), "device": "cpu", "first_stuff_id": 3,
                 "score_threshold": 0.0, "mask_threshold": 0.0, "overlap_threshold": 0.0}
 
 
-class MaskDinoBackground:
+class MaskDinoBackground(Detectron2Backend):
     """Mask DINO panoptic (detectron2 yacs config + ``maskdino``), stuff segments only.
 
     Args:
@@ -260,6 +226,7 @@ class MaskDinoBackground:
 
     kind: ClassVar[str] = "background"
     name: ClassVar[str] = "maskdino"
+    model_label: ClassVar[str] = "background model"
 
     def __init__(
         self,
@@ -272,21 +239,10 @@ class MaskDinoBackground:
         dtype: str = "float32",
         batch_size: int = 2,
     ) -> None:
-        if int(batch_size) < 1:
-            raise AnnotatorError(f"background batch_size must be >= 1, got {batch_size}")
-        self.config_file, self.checkpoint = str(config_file), str(checkpoint)
-        self.class_names_source, self.overrides = class_names, list(overrides)
-        self.device_spec, self.dtype_spec, self.batch_size = device, dtype, int(batch_size)
-        self.class_names: list[str] = []
-        self._model = self._augment = None
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> MaskDinoBackground:
-        return cls(**config_kwargs(cls, cfg))
-
-    @property
-    def version(self) -> str:
-        return f"{Path(self.config_file).name}:{Path(self.checkpoint).name}"
+        super().__init__(
+            config_file=config_file, checkpoint=checkpoint, class_names=class_names, overrides=overrides,
+            device=device, dtype=dtype, batch_size=batch_size,
+        )
 
     def load(self) -> None:
         if self._model is not None:
@@ -301,8 +257,7 @@ class MaskDinoBackground:
         from detectron2.projects.deeplab import add_deeplab_config
         from maskdino import add_maskdino_config
 
-        self._device = resolve_device(self.device_spec)
-        self._dtype = resolve_dtype(self.dtype_spec, self._device)
+        self._resolve_device()
         cfg = get_cfg()
         add_deeplab_config(cfg)
         add_maskdino_config(cfg)
@@ -326,20 +281,16 @@ class MaskDinoBackground:
         log.info("loaded Mask DINO %s on %s", self.version, self._device)
 
     def __call__(self, images: Sequence[Image.Image]) -> list[list[StuffSegment]]:
-        if self._model is None:
-            raise AnnotatorError("background model is not loaded: call load() first")
-        autocast = self._device.type == "cuda" and self._dtype != torch.float32
-        results: list[list[StuffSegment]] = []
-        for chunk in chunks(list(images), self.batch_size):
-            batch = detectron2_inputs(chunk, self._augment, self._input_format)
-            with torch.inference_mode(), torch.autocast(self._device.type, dtype=self._dtype, enabled=autocast):
-                predictions = self._model(batch)
-            for prediction in predictions:
-                panoptic, segments_info = prediction["panoptic_seg"]
-                results.append(segments_from_panoptic(
-                    panoptic.cpu().numpy().astype(np.int32), segments_info, lambda info: not info["isthing"],
-                    lambda label_id: self.class_names[label_id],
-                ))
+        return self._in_chunks(images, self._segment_batch)
+
+    def _segment_batch(self, images: list[Image.Image]) -> list[list[StuffSegment]]:
+        results = []
+        for prediction in self._predict(images):
+            panoptic, segments_info = prediction["panoptic_seg"]
+            results.append(segments_from_panoptic(
+                panoptic.cpu().numpy().astype(np.int32), segments_info, lambda info: not info["isthing"],
+                lambda label_id: self.class_names[label_id],
+            ))
         return results
 
     @classmethod

@@ -2,7 +2,8 @@
 
 Every backend is a class that:
 
-- is built from a plain config mapping by ``from_config(cfg)`` (keyword-only ``__init__`` otherwise);
+- derives from ``Backend``: it is built from a plain config mapping by ``from_config(cfg)``, which checks the
+  mapping against its keyword-only ``__init__`` (``config_kwargs``);
 - loads its model once in ``load()`` (called by the worker that owns it, never at import or init);
 - annotates a *batch* in ``__call__`` and returns one result per input, in order;
 - names itself: ``name`` (the registry backend name) and ``version`` (what produced the output:
@@ -17,9 +18,10 @@ Images are PIL RGB images; boxes are ``float32`` arrays ``(N, 4)`` xyxy in pixel
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, Self, runtime_checkable
 
 import numpy as np
 from PIL import Image
@@ -93,6 +95,44 @@ class Annotator(Protocol):
     def load(self) -> None: ...
 
     def __call__(self, *batch: Sequence[Any]) -> list[Any]: ...
+
+
+def config_kwargs(cls: type, cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of ``cls.__init__`` taken from ``cfg`` (minus ``backend``), validated.
+
+    Raises ``AnnotatorError`` naming every unknown key (with the allowed ones) and missing required key.
+    """
+    params = {name: p for name, p in inspect.signature(cls.__init__).parameters.items() if p.kind is p.KEYWORD_ONLY}
+    given = {key: value for key, value in cfg.items() if key != "backend"}
+    label = f"{getattr(cls, 'kind', '?')} backend {getattr(cls, 'name', cls.__name__)!r}"
+    unknown = sorted(set(given) - set(params))
+    missing = sorted(name for name, p in params.items() if p.default is p.empty and name not in given)
+    problems = []
+    if unknown:
+        problems.append(f"unknown config keys {unknown}")
+    if missing:
+        problems.append(f"missing required config keys {missing}")
+    if problems:
+        raise AnnotatorError(f"{label}: {'; '.join(problems)}; allowed: {sorted(params)}")
+    return given
+
+
+class Backend:
+    """Base class of every registered backend: what ``annotators.registry.build`` calls.
+
+    A subclass sets ``kind`` (one of ``KINDS``) and ``name`` (its registry backend name) and takes its whole
+    config as keyword-only ``__init__`` parameters, with their defaults: that signature is the config schema.
+    ``from_config`` validates a mapping against it and returns the backend, not loaded. A backend whose config
+    holds more than plain values (e.g. the ``crop`` region captioner's nested captioner) overrides it.
+    """
+
+    kind: ClassVar[str]
+    name: ClassVar[str]
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> Self:
+        """``cls(**cfg)`` without the ``backend`` key; ``AnnotatorError`` names unknown and missing keys."""
+        return cls(**config_kwargs(cls, cfg))
 
 
 # Per-kind batched call signatures (documentation + runtime checks in tests):

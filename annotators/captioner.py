@@ -22,30 +22,26 @@ from typing import Any, ClassVar
 
 from PIL import Image
 
-from annotators._hf import (
-    ImageTextGenerator,
-    check_generation,
+from annotators._hf import (  # noqa: F401 - TINY_CHAT_TEMPLATE, write_tiny_llava re-exported
+    TINY_CHAT_TEMPLATE,
+    TINY_TOWER,
+    VlmBackend,
     check_model_path,
     chunks,
     clean_texts,
-    config_kwargs,
     decode_generated,
     from_pretrained,
+    generation_kwargs,
     resolve_device,
     resolve_dtype,
+    save_tiny,
+    token_config,
+    write_tiny_llava,
 )
-from annotators.base import AnnotatorError
+from annotators.base import AnnotatorError, Backend
 from data_schemas import Caption
 
 logger = logging.getLogger(__name__)
-
-# A LLaVA-1.5-style chat template ("USER: <image>\n{text}\nASSISTANT:") for the tiny VLM.
-TINY_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'].upper() }}: "
-    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}\n{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
 
 
 def to_captions(texts_per_image: Sequence[Sequence[str]], annotator: str) -> list[list[Caption]]:
@@ -53,7 +49,7 @@ def to_captions(texts_per_image: Sequence[Sequence[str]], annotator: str) -> lis
     return [[Caption(text=t, annotator=annotator) for t in clean_texts(texts)] for texts in texts_per_image]
 
 
-class Blip2Captioner:
+class Blip2Captioner(Backend):
     """BLIP-2 captions: one ``generate`` per chunk of ``batch_size`` images."""
 
     kind: ClassVar[str] = "captioner"
@@ -72,22 +68,11 @@ class Blip2Captioner:
         dtype: str = "auto",
         batch_size: int = 8,
     ) -> None:
-        generate_kwargs = dict(generate_kwargs or {})
-        check_generation(num_beams, num_return_sequences, generate_kwargs)
+        self.gen_kwargs = generation_kwargs(max_new_tokens, num_beams, num_return_sequences, generate_kwargs or {})
         self.model_path, self.prompt, self.batch_size = model, prompt or "", batch_size
         self.num_return_sequences = num_return_sequences
-        self.gen_kwargs = {
-            "max_new_tokens": max_new_tokens,
-            "num_beams": num_beams,
-            "num_return_sequences": num_return_sequences,
-            **generate_kwargs,
-        }
         self.device_name, self.dtype_name = device, dtype
         self.model: Any = None
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> Blip2Captioner:
-        return cls(**config_kwargs(cls, cfg))
 
     @classmethod
     def create_tiny(cls, out_dir: str | Path) -> dict[str, Any]:
@@ -139,7 +124,7 @@ class Blip2Captioner:
         return to_captions(texts, self.name)
 
 
-class VlmCaptioner:
+class VlmCaptioner(VlmBackend):
     """Chat-VLM captions: ``prompt`` per image, one left-padded ``generate`` per chunk of ``batch_size`` images."""
 
     kind: ClassVar[str] = "captioner"
@@ -158,32 +143,11 @@ class VlmCaptioner:
         dtype: str = "auto",
         batch_size: int = 8,
     ) -> None:
-        self.generator = ImageTextGenerator(
-            model=model,
-            max_new_tokens=max_new_tokens,
-            num_beams=num_beams,
-            num_return_sequences=num_return_sequences,
-            generate_kwargs=generate_kwargs or {},
-            device=device,
-            dtype=dtype,
+        super().__init__(
+            model=model, prompt=prompt, max_new_tokens=max_new_tokens, num_beams=num_beams,
+            num_return_sequences=num_return_sequences, generate_kwargs=generate_kwargs, device=device, dtype=dtype,
+            batch_size=batch_size,
         )
-        self.prompt, self.batch_size = prompt, batch_size
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> VlmCaptioner:
-        return cls(**config_kwargs(cls, cfg))
-
-    @classmethod
-    def create_tiny(cls, out_dir: str | Path) -> dict[str, Any]:
-        write_tiny_llava(out_dir)
-        return {"backend": cls.name, "model": str(out_dir), "max_new_tokens": 6}
-
-    @property
-    def version(self) -> str:
-        return self.generator.model_path
-
-    def load(self) -> None:
-        self.generator.load()
 
     def __call__(self, images: Sequence[Image.Image]) -> list[list[Caption]]:
         texts: list[list[str]] = []
@@ -195,7 +159,6 @@ class VlmCaptioner:
 def write_tiny_blip2(out_dir: str | Path) -> None:
     """Save a random BLIP-2 (ViT 32 px / patch 8, 2-layer Q-Former with 4 queries, 2-layer OPT; width 32) and its
     processor (tiny BPE tokenizer + ``BlipImageProcessor`` at 32x32) to ``out_dir``."""
-    import torch
     from transformers import (
         Blip2Config,
         Blip2ForConditionalGeneration,
@@ -216,20 +179,16 @@ def write_tiny_blip2(out_dir: str | Path) -> None:
         tokenizer=tokenizer,
         num_query_tokens=n_query,
     )
-    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
-    vision = Blip2VisionConfig(**small, image_size=32, patch_size=8)
-    qformer = Blip2QFormerConfig(**small, vocab_size=len(tokenizer), cross_attention_frequency=1)
+    vision = Blip2VisionConfig(**TINY_TOWER, image_size=32, patch_size=8)
+    qformer = Blip2QFormerConfig(**TINY_TOWER, vocab_size=len(tokenizer), cross_attention_frequency=1)
     text = OPTConfig(
-        vocab_size=len(tokenizer),
+        **token_config(tokenizer),
         hidden_size=32,
         ffn_dim=64,
         num_hidden_layers=2,
         num_attention_heads=2,
         max_position_embeddings=128,
         word_embed_proj_dim=32,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
     )
     config = Blip2Config(
         vision_config=vision.to_dict(),
@@ -238,71 +197,4 @@ def write_tiny_blip2(out_dir: str | Path) -> None:
         num_query_tokens=n_query,
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
     )
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = Blip2ForConditionalGeneration(config).eval()
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-
-
-def write_tiny_llava(out_dir: str | Path) -> None:
-    """Save a random LLaVA (CLIP ViT 32 px / patch 8, 2-layer Llama; width 32) with a ``LlavaProcessor`` (tiny BPE
-    tokenizer, ``CLIPImageProcessor`` at 32x32, ``TINY_CHAT_TEMPLATE``) to ``out_dir``."""
-    import torch
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
-
-    from annotators.tiny_text import build_tiny_tokenizer
-
-    tokenizer = build_tiny_tokenizer(extra_special_tokens=["<image>"])
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    # 16 patches + CLS from the vision tower; the "default" strategy drops CLS -> 16 "<image>" tokens per image.
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=8,
-        vision_feature_select_strategy="default",
-        chat_template=TINY_CHAT_TEMPLATE,
-        num_additional_image_tokens=1,
-    )
-    # initializer_range 0.2 (not 0.02): outputs then depend visibly on image and prompt, so batching bugs show.
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=8,
-        initializer_range=0.2,
-    )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        initializer_range=0.2,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-1,
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = LlavaForConditionalGeneration(config).eval()
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
+    save_tiny(Blip2ForConditionalGeneration, config, processor, out_dir)

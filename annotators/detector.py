@@ -7,7 +7,8 @@ Backends:
   (OWLv2, OWL-ViT, Grounding DINO) when a ``vocabulary`` is configured, through
   ``AutoModelForZeroShotObjectDetection`` + ``AutoProcessor``.
 * ``vitdet`` (:class:`ViTDetDetector`): the paper's ViTDet (trained on BigDetection / V3Det) through
-  detectron2's LazyConfig; detectron2 is not on PyPI and ships in ``docker/Dockerfile.cuda``.
+  detectron2's LazyConfig; detectron2 is not on PyPI and ships in ``docker/Dockerfile.cuda`` (the detectron2
+  plumbing it shares with the ``maskdino`` background is in ``annotators._detectron2``).
 
 ``threshold`` is only a model-side pre-filter (default 0.05); the paper's 0.3 cut and the NMS merge of the
 two detectors happen later in ``pipeline.filters.threshold_and_merge``. Boxes are clipped to the image.
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -27,25 +28,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from annotators._devices import (
-    config_kwargs,
-    chunks,
-    existing_path,
-    looks_like_local_path,
-    move_inputs,
-    read_names,
-    resolve_device,
-    resolve_dtype,
-    rgb,
+from annotators._detectron2 import (  # noqa: F401 - detectron2_inputs re-exported
+    DETECTRON2_HINT,
+    Detectron2Backend,
+    detectron2_augment,
+    detectron2_inputs,
 )
+from annotators._devices import existing_path, move_inputs, read_names
+from annotators._hf import PretrainedVisionBackend, save_tiny
 from annotators.base import AnnotatorError, DetectorOutput, require
 
 log = logging.getLogger(__name__)
-
-DETECTRON2_HINT = (
-    "detectron2 is not on PyPI; use the CUDA worker image built from docker/Dockerfile.cuda "
-    "(or pip install 'git+https://github.com/facebookresearch/detectron2.git')"
-)
 
 
 def clip_to_image(boxes_xyxy: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -56,7 +49,7 @@ def clip_to_image(boxes_xyxy: np.ndarray, height: int, width: int) -> np.ndarray
     return boxes
 
 
-class HfDetector:
+class HfDetector(PretrainedVisionBackend):
     """transformers object detector, closed- or open-vocabulary, batched.
 
     Args:
@@ -73,6 +66,7 @@ class HfDetector:
 
     kind: ClassVar[str] = "detector"
     name: ClassVar[str] = "hf"
+    model_label: ClassVar[str] = "detector"
 
     def __init__(
         self,
@@ -86,28 +80,12 @@ class HfDetector:
         text_threshold: float = 0.25,
         name: str | None = None,
     ) -> None:
-        if int(batch_size) < 1:
-            raise AnnotatorError(f"detector batch_size must be >= 1, got {batch_size}")
-        self.model_id = str(model)
-        self.device_spec, self.dtype_spec = device, dtype
-        self.batch_size = int(batch_size)
+        super().__init__(model=model, device=device, dtype=dtype, batch_size=batch_size)
         self.threshold = float(threshold)
         self.vocabulary_source = vocabulary
         self.text_threshold = float(text_threshold)
         self.instance_name = name or self.name
         self.vocabulary: list[str] | None = None
-        self._model = self._processor = None
-        self._device: torch.device | None = None
-        self._dtype: torch.dtype | None = None
-        self._revision: str | None = None
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> HfDetector:
-        return cls(**config_kwargs(cls, cfg))
-
-    @property
-    def version(self) -> str:
-        return f"{self.model_id}:{self._revision[:12]}" if self._revision else self.model_id
 
     @property
     def open_vocabulary(self) -> bool:
@@ -119,32 +97,22 @@ class HfDetector:
             return
         import transformers
 
-        self._device = resolve_device(self.device_spec)
-        self._dtype = resolve_dtype(self.dtype_spec, self._device)
+        self._resolve_device()
         if self.open_vocabulary:
             self.vocabulary = read_names(self.vocabulary_source, "detector vocabulary")
             model_cls, processor_cls = transformers.AutoModelForZeroShotObjectDetection, transformers.AutoProcessor
         else:
             model_cls, processor_cls = transformers.AutoModelForObjectDetection, transformers.AutoImageProcessor
-        if looks_like_local_path(self.model_id):
-            existing_path(self.model_id, "detector model directory")
-        try:
-            self._processor = processor_cls.from_pretrained(self.model_id)
-            model = model_cls.from_pretrained(self.model_id, dtype=self._dtype)
-        except (OSError, ValueError, KeyError) as exc:
-            raise AnnotatorError(f"cannot load detector {self.model_id!r} with {model_cls.__name__}: {exc}") from exc
+        self._processor, model = self._from_pretrained(
+            processor_cls, model_cls, folder="detector model directory",
+            label=f"detector {self.model_id!r} with {model_cls.__name__}",
+        )
         self._model = model.to(self._device).eval()
-        self._revision = getattr(model.config, "_commit_hash", None)
         log.info("loaded detector %s (%s) on %s %s", self.instance_name, self.version, self._device, self._dtype)
 
     def __call__(self, images: Sequence[Image.Image]) -> list[DetectorOutput]:
         """Detect in ``images``; returns one :class:`DetectorOutput` per image, boxes in that image's pixels."""
-        if self._model is None:
-            raise AnnotatorError("detector is not loaded: call load() first")
-        outputs: list[DetectorOutput] = []
-        for chunk in chunks(list(images), self.batch_size):
-            outputs.extend(self._detect_batch([rgb(image) for image in chunk]))
-        return outputs
+        return self._in_chunks(images, self._detect_batch)
 
     def _detect_batch(self, images: list[Image.Image]) -> list[DetectorOutput]:
         sizes = [(image.height, image.width) for image in images]
@@ -214,10 +182,8 @@ def _save_tiny_detr(out_dir: Path) -> None:
         encoder_layers=1, decoder_layers=1, encoder_ffn_dim=32, decoder_ffn_dim=32,
         encoder_attention_heads=2, decoder_attention_heads=2, id2label={i: f"class{i}" for i in range(5)},
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        DetrForObjectDetection(config).eval().save_pretrained(out_dir)
-    DetrImageProcessor(size={"shortest_edge": 64, "longest_edge": 96}).save_pretrained(out_dir)
+    processor = DetrImageProcessor(size={"shortest_edge": 64, "longest_edge": 96})
+    save_tiny(DetrForObjectDetection, config, processor, out_dir)
 
 
 def _save_tiny_owlv2(out_dir: Path) -> None:
@@ -235,43 +201,12 @@ def _save_tiny_owlv2(out_dir: Path) -> None:
     vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32,
                   patch_size=8)
     config = Owlv2Config(text_config=text, vision_config=vision, projection_dim=16)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        Owlv2ForObjectDetection(config).eval().save_pretrained(out_dir)
     image_processor = Owlv2ImageProcessor(size={"height": 32, "width": 32})
-    Owlv2Processor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out_dir)
+    processor = Owlv2Processor(image_processor=image_processor, tokenizer=tokenizer)
+    save_tiny(Owlv2ForObjectDetection, config, processor, out_dir)
 
 
-def detectron2_inputs(
-    images: Sequence[Image.Image], augment: Callable[[np.ndarray], np.ndarray], input_format: str
-) -> list[dict[str, Any]]:
-    """detectron2 model inputs, as ``DefaultPredictor`` builds them: resized ``(3, h, w)`` float32 + original size."""
-    batch = []
-    for image in images:
-        pixels = np.asarray(rgb(image))
-        if input_format == "BGR":
-            pixels = pixels[:, :, ::-1]
-        resized = augment(np.ascontiguousarray(pixels))
-        tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)).astype(np.float32))
-        batch.append({"image": tensor, "height": image.height, "width": image.width})
-    return batch
-
-
-def detectron2_augment(augmentations: Sequence[Any]) -> Callable[[np.ndarray], np.ndarray]:
-    """``pixels (H, W, 3) uint8 -> resized`` through detectron2 ``AugmentationList`` (test-time transforms)."""
-    from detectron2.data import transforms as T
-
-    chain = T.AugmentationList(list(augmentations))
-
-    def augment(pixels: np.ndarray) -> np.ndarray:
-        aug_input = T.AugInput(pixels)
-        chain(aug_input)
-        return aug_input.image
-
-    return augment
-
-
-class ViTDetDetector:
+class ViTDetDetector(Detectron2Backend):
     """ViTDet via detectron2 LazyConfig + ``DetectionCheckpointer``; batched ``DefaultPredictor``-style inference.
 
     Args:
@@ -287,6 +222,7 @@ class ViTDetDetector:
 
     kind: ClassVar[str] = "detector"
     name: ClassVar[str] = "vitdet"
+    model_label: ClassVar[str] = "detector"
 
     def __init__(
         self,
@@ -302,24 +238,12 @@ class ViTDetDetector:
         threshold: float = 0.05,
         name: str | None = None,
     ) -> None:
-        if int(batch_size) < 1:
-            raise AnnotatorError(f"detector batch_size must be >= 1, got {batch_size}")
-        self.config_file, self.checkpoint = str(config_file), str(checkpoint)
-        self.class_names_source, self.overrides = class_names, list(overrides)
-        self.test_size, self.batch_size, self.threshold = int(test_size), int(batch_size), float(threshold)
-        self.device_spec, self.dtype_spec = device, dtype
+        super().__init__(
+            config_file=config_file, checkpoint=checkpoint, class_names=class_names, overrides=overrides,
+            device=device, dtype=dtype, batch_size=batch_size,
+        )
+        self.test_size, self.threshold = int(test_size), float(threshold)
         self.instance_name = name or self.name
-        self.class_names: list[str] = []
-        self._model = self._augment = None
-        self._input_format = "BGR"
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> ViTDetDetector:
-        return cls(**config_kwargs(cls, cfg))
-
-    @property
-    def version(self) -> str:
-        return f"{Path(self.config_file).name}:{Path(self.checkpoint).name}"
 
     def load(self) -> None:
         if self._model is not None:
@@ -329,8 +253,7 @@ class ViTDetDetector:
         from detectron2.config import LazyConfig, instantiate
         from detectron2.data import transforms as T
 
-        self._device = resolve_device(self.device_spec)
-        self._dtype = resolve_dtype(self.dtype_spec, self._device)
+        self._resolve_device()
         config_file = existing_path(self.config_file, "ViTDet config file")
         checkpoint = existing_path(self.checkpoint, "ViTDet checkpoint")
         cfg = LazyConfig.apply_overrides(LazyConfig.load(str(config_file)), self.overrides)
@@ -361,17 +284,14 @@ class ViTDetDetector:
         return list(names)
 
     def __call__(self, images: Sequence[Image.Image]) -> list[DetectorOutput]:
-        if self._model is None:
-            raise AnnotatorError("detector is not loaded: call load() first")
-        outputs: list[DetectorOutput] = []
-        autocast = self._device.type == "cuda" and self._dtype != torch.float32
-        for chunk in chunks(list(images), self.batch_size):
-            batch = detectron2_inputs(chunk, self._augment, self._input_format)
-            with torch.inference_mode(), torch.autocast(self._device.type, dtype=self._dtype, enabled=autocast):
-                predictions = self._model(batch)
-            for image, prediction in zip(chunk, predictions, strict=True):
-                outputs.append(self._to_output(prediction["instances"].to("cpu"), image.height, image.width))
-        return outputs
+        return self._in_chunks(images, self._detect_batch)
+
+    def _detect_batch(self, images: list[Image.Image]) -> list[DetectorOutput]:
+        predictions = self._predict(images)
+        return [
+            self._to_output(prediction["instances"].to("cpu"), image.height, image.width)
+            for image, prediction in zip(images, predictions, strict=True)
+        ]
 
     def _to_output(self, instances: Any, height: int, width: int) -> DetectorOutput:
         scores = instances.scores.float().numpy()

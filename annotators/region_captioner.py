@@ -22,8 +22,8 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
-from annotators._hf import ImageTextGenerator, chunks, clean_texts, config_kwargs
-from annotators.base import AnnotatorError, check_batch, require
+from annotators._hf import VlmBackend, chunks, clean_texts
+from annotators.base import AnnotatorError, Backend, check_batch, config_kwargs, require
 from data_schemas import RegionCaption
 
 logger = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ def _regroup(boxes: list[np.ndarray], flat: list[list[RegionCaption]]) -> list[l
     return out
 
 
-class VlmBoxCaptioner:
+class VlmBoxCaptioner(VlmBackend):
     """Shikra-style region captions: one prompt per box with its normalised coordinates (module docstring)."""
 
     kind: ClassVar[str] = "region_captioner"
@@ -107,34 +107,11 @@ class VlmBoxCaptioner:
     ) -> None:
         if "{box}" not in prompt:
             raise AnnotatorError(f"vlm-box prompt {prompt!r} needs a '{{box}}' placeholder")
-        self.generator = ImageTextGenerator(
-            model=model,
-            max_new_tokens=max_new_tokens,
-            num_beams=num_beams,
-            num_return_sequences=num_return_sequences,
-            generate_kwargs=generate_kwargs or {},
-            device=device,
-            dtype=dtype,
+        super().__init__(
+            model=model, prompt=prompt, max_new_tokens=max_new_tokens, num_beams=num_beams,
+            num_return_sequences=num_return_sequences, generate_kwargs=generate_kwargs, device=device, dtype=dtype,
+            batch_size=batch_size,
         )
-        self.prompt, self.batch_size = prompt, batch_size
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> VlmBoxCaptioner:
-        return cls(**config_kwargs(cls, cfg))
-
-    @classmethod
-    def create_tiny(cls, out_dir: str | Path) -> dict[str, Any]:
-        from annotators.captioner import write_tiny_llava
-
-        write_tiny_llava(out_dir)
-        return {"backend": cls.name, "model": str(out_dir), "max_new_tokens": 6}
-
-    @property
-    def version(self) -> str:
-        return self.generator.model_path
-
-    def load(self) -> None:
-        self.generator.load()
 
     def __call__(
         self, images: Sequence[Image.Image], boxes_per_image: Sequence[Any]
@@ -149,7 +126,7 @@ class VlmBoxCaptioner:
         return _regroup(boxes, flat)
 
 
-class CropCaptioner:
+class CropCaptioner(Backend):
     """Caption padded box crops with any ``captioner`` backend (one call over all crops of the batch)."""
 
     kind: ClassVar[str] = "region_captioner"
@@ -198,7 +175,7 @@ class CropCaptioner:
         return _regroup(boxes, flat)
 
 
-class Gpt4RoiCaptioner:
+class Gpt4RoiCaptioner(Backend):
     """GPT4RoI region captions — not runnable from this package.
 
     GPT4RoI ships no importable inference API: its inference lives in demo/eval scripts built on a pinned LLaVA
@@ -212,10 +189,6 @@ class Gpt4RoiCaptioner:
 
     def __init__(self, *, model: str, device: str = "auto", dtype: str = "auto", batch_size: int = 4) -> None:
         self.model_path, self.device_name, self.dtype_name, self.batch_size = model, device, dtype, batch_size
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> Gpt4RoiCaptioner:
-        return cls(**config_kwargs(cls, cfg))
 
     @classmethod
     def create_tiny(cls, out_dir: str | Path) -> dict[str, Any]:

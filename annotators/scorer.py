@@ -6,22 +6,23 @@ that is e.g. ``model: EVA02-L-14, pretrained: merged2b_s4b_b131k`` (or ``EVA02-E
 ``laion2b_s9b_b144k``), needing timm for the EVA towers. ``pretrained`` is an open_clip tag or a local
 checkpoint file (.safetensors preferred; .pt/.bin are read with ``weights_only=True``).
 
-``OpenClipEncoder`` holds the open_clip loading and batched encoding; the ``clip-vocab`` tagger reuses it.
+``OpenClipEncoder`` holds the open_clip loading and batched encoding; ``OpenClipBackend`` (one encoder, its
+config keys, ``load``/``version``/``create_tiny``) is the base of this scorer and of the ``clip-vocab`` tagger.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 from PIL import Image
 
-from annotators._hf import chunks, config_kwargs, resolve_device, resolve_dtype
-from annotators.base import AnnotatorError, check_batch
+from annotators._hf import chunks, resolve_device, resolve_dtype
+from annotators.base import AnnotatorError, Backend, check_batch
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +146,34 @@ def write_tiny_open_clip(out_dir: str | Path) -> dict[str, str]:
     return {"model": TINY_MODEL_NAME, "pretrained": str(checkpoint), "model_config": str(config_path)}
 
 
-class OpenClipScorer:
+class OpenClipBackend(Backend):
+    """Base of the open_clip backends: one ``OpenClipEncoder`` from the config keys ``model``, ``pretrained``,
+    ``model_config``, ``device``, ``dtype``; images are encoded ``batch_size`` at a time.
+
+    A subclass keeps its own keyword-only ``__init__`` (its config) and passes those keys on here.
+    """
+
+    def __init__(
+        self, *, model: str, pretrained: str | None, model_config: str | None, device: str, dtype: str, batch_size: int
+    ) -> None:
+        self.encoder = OpenClipEncoder(
+            model=model, pretrained=pretrained, model_config=model_config, device=device, dtype=dtype
+        )
+        self.batch_size = batch_size
+
+    @classmethod
+    def create_tiny(cls, out_dir: str | Path) -> dict[str, Any]:
+        return {"backend": cls.name, **write_tiny_open_clip(out_dir)}
+
+    @property
+    def version(self) -> str:
+        return self.encoder.version
+
+    def load(self) -> None:
+        self.encoder.load()
+
+
+class OpenClipScorer(OpenClipBackend):
     """Cosine similarity of each image with each of its texts: ``(images, texts_per_image) -> [(T_i,) float32]``."""
 
     kind: ClassVar[str] = "scorer"
@@ -162,25 +190,11 @@ class OpenClipScorer:
         batch_size: int = 32,
         text_batch_size: int = 256,
     ) -> None:
-        self.encoder = OpenClipEncoder(
-            model=model, pretrained=pretrained, model_config=model_config, device=device, dtype=dtype
+        super().__init__(
+            model=model, pretrained=pretrained, model_config=model_config, device=device, dtype=dtype,
+            batch_size=batch_size,
         )
-        self.batch_size, self.text_batch_size = batch_size, text_batch_size
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> OpenClipScorer:
-        return cls(**config_kwargs(cls, cfg))
-
-    @classmethod
-    def create_tiny(cls, out_dir: str | Path) -> dict[str, Any]:
-        return {"backend": cls.name, **write_tiny_open_clip(out_dir)}
-
-    @property
-    def version(self) -> str:
-        return self.encoder.version
-
-    def load(self) -> None:
-        self.encoder.load()
+        self.text_batch_size = text_batch_size
 
     def __call__(self, images: Sequence[Image.Image], texts_per_image: Sequence[Sequence[str]]) -> list[np.ndarray]:
         """Images in chunks of ``batch_size``, all texts (flattened) in chunks of ``text_batch_size``.

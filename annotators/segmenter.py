@@ -21,7 +21,7 @@ import contextlib
 import hashlib
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from annotators._devices import config_kwargs, existing_path, resolve_device, resolve_dtype, rgb
-from annotators.base import AnnotatorError, SegmentOutput, check_batch
+from annotators._devices import existing_path, resolve_device, resolve_dtype, rgb, seeded
+from annotators.base import AnnotatorError, Backend, SegmentOutput, check_batch
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise AnnotatorError(f"cannot read SAM checkpoint {path}: {exc}") from exc
 
 
-class SamSegmenter:
+class SamSegmenter(Backend):
     """SAM prompted with region boxes, one mask per box.
 
     Args:
@@ -170,10 +170,6 @@ class SamSegmenter:
         # pixel digest -> (features (1, C, h, w), original_size, input_size)
         self._embeddings: OrderedDict[tuple, tuple[torch.Tensor, tuple, tuple]] = OrderedDict()
         self._current: tuple[tuple, torch.Tensor] | None = None  # (digest, features) the predictor holds
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> SamSegmenter:
-        return cls(**config_kwargs(cls, cfg))
 
     @property
     def version(self) -> str:
@@ -272,8 +268,7 @@ class SamSegmenter:
         """Save a random ``vit_tiny`` SAM state dict to ``out_dir/sam_vit_tiny.pth``; returns its CPU config."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
+        with seeded():
             sam = SAM_BUILDERS["vit_tiny"]()
         checkpoint = out_dir / "sam_vit_tiny.pth"
         torch.save(sam.state_dict(), checkpoint)

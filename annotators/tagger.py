@@ -11,15 +11,15 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 from PIL import Image
 
-from annotators._hf import chunks, config_kwargs, resolve_device, resolve_dtype
-from annotators.base import AnnotatorError, require
-from annotators.scorer import OpenClipEncoder, write_tiny_open_clip
+from annotators._hf import chunks, resolve_device, resolve_dtype
+from annotators.base import AnnotatorError, Backend, require
+from annotators.scorer import OpenClipBackend
 from data_schemas import Tag
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def read_vocab(path: str | Path) -> list[str]:
     return tags
 
 
-class ClipVocabTagger:
+class ClipVocabTagger(OpenClipBackend):
     """Zero-shot open_clip tagger over a fixed vocabulary (see module docstring for the score)."""
 
     kind: ClassVar[str] = "tagger"
@@ -67,21 +67,14 @@ class ClipVocabTagger:
             raise AnnotatorError(f"clip-vocab prompt {prompt!r} needs a '{{tag}}' placeholder")
         if top_k < 1:
             raise AnnotatorError(f"clip-vocab top_k must be >= 1, got {top_k}")
-        self.encoder = OpenClipEncoder(
-            model=model, pretrained=pretrained, model_config=model_config, device=device, dtype=dtype
+        super().__init__(
+            model=model, pretrained=pretrained, model_config=model_config, device=device, dtype=dtype,
+            batch_size=batch_size,
         )
         self.vocab_path = Path(vocab) if vocab is not None else DEFAULT_VOCAB
-        self.prompt, self.threshold, self.top_k, self.batch_size = prompt, threshold, top_k, batch_size
+        self.prompt, self.threshold, self.top_k = prompt, threshold, top_k
         self.tags: list[str] = []
         self.tag_feats: Any = None  # (V, D) float32, L2-normalised
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> ClipVocabTagger:
-        return cls(**config_kwargs(cls, cfg))
-
-    @classmethod
-    def create_tiny(cls, out_dir: str | Path) -> dict[str, Any]:
-        return {"backend": cls.name, **write_tiny_open_clip(out_dir)}
 
     @property
     def version(self) -> str:
@@ -89,7 +82,7 @@ class ClipVocabTagger:
 
     def load(self) -> None:
         self.tags = read_vocab(self.vocab_path)
-        self.encoder.load()
+        super().load()
         prompts = [self.prompt.format(tag=tag) for tag in self.tags]
         self.tag_feats = self.encoder.encode_texts(prompts, batch_size=256)
         logger.info("clip-vocab: %d tags from %s", len(self.tags), self.vocab_path)
@@ -116,7 +109,7 @@ class ClipVocabTagger:
         return out
 
 
-class RamTagger:
+class RamTagger(Backend):
     """Recognize Anything (``variant: ram_plus | ram``) from the ``recognize-anything`` package (lazy import).
 
     Batched through ``model.generate_tag`` (what ``ram.inference_ram`` calls, but that helper returns only the
@@ -143,10 +136,6 @@ class RamTagger:
         self.checkpoint, self.variant, self.vit, self.image_size = checkpoint, variant, vit, image_size
         self.device_name, self.dtype_name, self.batch_size = device, dtype, batch_size
         self.model: Any = None
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> RamTagger:
-        return cls(**config_kwargs(cls, cfg))
 
     @classmethod
     def create_tiny(cls, out_dir: str | Path) -> dict[str, Any]:

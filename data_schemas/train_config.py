@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Section(BaseModel):
@@ -62,14 +62,19 @@ class DataSection(_Section):
         default=None, gt=0, description="epoch length in resampled mode; null = samples listed in shard stats")
     workers: int = Field(default=2, ge=0, description="DataLoader worker processes per rank")
 
-    @model_validator(mode="after")
-    def _ranges(self) -> DataSection:
-        lo, hi = self.crop_scale
-        if not 0 < lo <= hi <= 1:
-            raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
-        if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
-            raise ValueError(f"crop_ratio must satisfy 0 < lo <= hi, got {self.crop_ratio}")
-        return self
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1] <= 1:
+            raise ValueError(f"need 0 < lo <= hi <= 1, got {list(value)}")
+        return value
+
+    @field_validator("crop_ratio")
+    @classmethod
+    def _ratio_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1]:
+            raise ValueError(f"need 0 < lo <= hi, got {list(value)}")
+        return value
 
 
 class OptimSection(_Section):

@@ -156,5 +156,38 @@ def train(
 # --- orchestration commands (umg export-coco, umg serve …; flows/) ---
 
 
+@app.command("export-coco")
+def export_coco(
+    build_dir: Annotated[Path, typer.Argument(help="build directory with finished shards")],
+    out: Annotated[Path, typer.Option("--out", help="COCO JSON file to write")],
+    images: Annotated[Optional[Path], typer.Option(help="also write the JPEGs into this folder")] = None,
+) -> None:
+    """Regions, masks and captions of a build as COCO JSON (pycocotools loads it); counts as JSON last."""
+    from pipeline.export_coco import export_coco as run_export
+    from pipeline.shards import ShardError
+
+    try:
+        counts = run_export(build_dir, out, images_dir=images)
+    except (ShardError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps({"out": str(out), **counts}))
+
+
+@app.command()
+def serve(
+    train_out: Annotated[Path, typer.Option(help="run dir of the train runs the build triggers")] = Path("out/train"),
+    limit: Annotated[int, typer.Option(help="flow runs at once")] = 1,
+    no_train: Annotated[bool, typer.Option("--no-train", help="serve build-umg41m/local only")] = False,
+) -> None:
+    """Serve build-umg41m/local and train/local (needs PREFECT_API_URL); runs until stopped."""
+    import os
+
+    from flows.serve import main as serve_main
+
+    if not os.environ.get("PREFECT_API_URL"):
+        _fail("set PREFECT_API_URL to a running Prefect server (see docs/orchestration.md)")
+    serve_main(["--train-out", str(train_out), "--limit", str(limit), *(["--no-train"] if no_train else [])])
+
+
 if __name__ == "__main__":
     app()

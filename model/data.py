@@ -23,6 +23,7 @@ its area, or ends up with a side under ``min_box_size`` px is dropped with its c
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import random
@@ -34,7 +35,7 @@ from typing import NamedTuple
 
 import torch
 import webdataset as wds
-from torchvision.io import ImageReadMode, decode_image
+from PIL import Image
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
@@ -206,7 +207,8 @@ class SampleTransform:
         if caption is None:
             log.debug("sample %s has no caption: skipped", key)
             return None
-        image = decode_image(torch.frombuffer(bytearray(raw["jpg"]), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        with Image.open(io.BytesIO(raw["jpg"])) as pil:  # PIL: torchvision.io decoding is deprecated (0.29)
+            image = TF.pil_to_tensor(pil.convert("RGB"))  # (3, H, W) uint8
         if tuple(image.shape[-2:]) != (record.height, record.width):
             raise ValueError(f"{key}: jpg is {tuple(image.shape[-2:])}, record says {(record.height, record.width)}")
         crop = sample_crop(rng, record.height, record.width, spec)

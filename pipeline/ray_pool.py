@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import annotators
@@ -134,7 +135,8 @@ class ActorPool:
                 f"{self.resources.pool_size} x (num_cpus={self.resources.num_cpus}, "
                 f"num_gpus={self.resources.num_gpus})? cluster: {ray.cluster_resources()}") from exc
         except ray.exceptions.RayError as exc:
-            raise annotators.AnnotatorError(f"{self.label}: the {self.kind} backend failed to load: {exc}") from exc
+            detail = str(exc).strip().splitlines()[-1]  # the backend's own error, after Ray's traceback
+            raise annotators.AnnotatorError(f"{self.label}: the {self.kind} backend failed to load: {detail}") from exc
         self.name, self.version = infos[0][0], infos[0][1]
         log.info("pool %s: %d actors ready (%s@%s, pids %s)", self.label, len(infos), self.name, self.version,
                  [i[2] for i in infos])
@@ -335,7 +337,12 @@ def build_ray_chain(annotate_cfg: AnnotateConfig, ray_cfg: RayConfig) -> Pipelin
     """The configured chain with every annotator in a Ray actor pool (Ray must be initialised).
 
     Stages sharing a backend (segmenter + stability) share its pool. Blocks until every actor has loaded.
+    ``tiny: true`` backends are created here first (in the absolute ``tiny_models_dir``, which actors on other
+    nodes must see: shared storage on a cluster).
     """
+    from pipeline.tiny_models import materialize_tiny
+
+    annotate_cfg = materialize_tiny(annotate_cfg, Path(annotate_cfg.tiny_models_dir).resolve())
     chain = Chain.from_config(annotate_cfg)  # backends are built (not loaded) here: config errors surface early
     backends = stage_backends(annotate_cfg)
     proxies: dict[int, RemoteAnnotator] = {}

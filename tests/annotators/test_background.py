@@ -7,20 +7,12 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import annotators
 from annotators import AnnotatorError, MissingDependencyError, StuffSegment
 from annotators.background import Mask2FormerBackground, MaskDinoBackground, segments_from_panoptic
 
-SIZES = [(64, 48), (100, 100), (37, 81)]  # (width, height)
 LABELS = ["person", "car", "dog", "sky", "grass", "wall"]  # the tiny model's id2label
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-def make_images(sizes=SIZES, seed: int = 0) -> list[Image.Image]:
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)) for w, h in sizes]
 
 
 @pytest.fixture(scope="module")
@@ -29,16 +21,8 @@ def tiny_cfg(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def background(tiny_cfg):
-    model = annotators.build("background", tiny_cfg)
-    model.load()
-    return model
-
-
-def build_loaded(cfg):
-    model = annotators.build("background", cfg)
-    model.load()
-    return model
+def background(tiny_cfg, load):
+    return load("background", tiny_cfg)
 
 
 def check_outputs(outputs, images, allowed_labels) -> None:
@@ -64,32 +48,30 @@ def test_build_and_stuff_ids(background, tiny_cfg):
     assert background.stuff_ids == {3, 4, 5}  # first_stuff_id = 3
 
 
-def test_outputs_at_each_image_size(background):
-    images = make_images()
+def test_outputs_at_each_image_size(background, images):
     check_outputs(background(images), images, {"sky", "grass", "wall"})
 
 
-def test_only_configured_stuff_classes_are_kept(tiny_cfg):
-    images = make_images()
-    everything = build_loaded(tiny_cfg | {"first_stuff_id": 0})(images)
+def test_only_configured_stuff_classes_are_kept(tiny_cfg, images, load):
+    everything = load("background", tiny_cfg, first_stuff_id=0)(images)
     check_outputs(everything, images, set(LABELS))
     seen = sorted({s.label for segments in everything for s in segments})
     assert seen, "the tiny model should produce at least one segment with all thresholds at 0"
     chosen = seen[0]
-    only = build_loaded(tiny_cfg | {"stuff_classes": [chosen]})(images)
+    only = load("background", tiny_cfg, stuff_classes=[chosen])(images)
     check_outputs(only, images, {chosen})
     assert any(only)
-    others = build_loaded(tiny_cfg | {"stuff_classes": [label for label in LABELS if label != chosen]})(images)
+    others = load("background", tiny_cfg, stuff_classes=[label for label in LABELS if label != chosen])(images)
     assert all(s.label != chosen for segments in others for s in segments)
-    by_id = build_loaded(tiny_cfg | {"stuff_classes": [LABELS.index(chosen)]})
+    by_id = load("background", tiny_cfg, stuff_classes=[LABELS.index(chosen)])
     assert by_id.stuff_ids == {LABELS.index(chosen)}
 
 
-def test_batching_equals_one_by_one(tiny_cfg):
+def test_batching_equals_one_by_one(tiny_cfg, make_images, load):
     # Same-size images: the processor pads a batch to its largest image and the Swin backbone sees the
     # padding (a property of the model), so only equal sizes make batch == single exact.
     images = make_images([(64, 48)] * 3, seed=2)
-    model = build_loaded(tiny_cfg | {"first_stuff_id": 0, "batch_size": 2})
+    model = load("background", tiny_cfg, first_stuff_id=0, batch_size=2)
     batched = model(images)
     for image, segments in zip(images, batched, strict=True):
         (single,) = model([image])
@@ -124,32 +106,31 @@ def test_segments_from_panoptic():
     assert segments_from_panoptic(segmentation, [], lambda info: True, str) == []
 
 
-def test_grayscale_and_empty_batch(background):
+def test_grayscale_and_empty_batch(background, make_images):
     gray = make_images([(40, 30)])[0].convert("L")
     check_outputs(background([gray]), [gray], {"sky", "grass", "wall"})
     assert background([]) == []
 
 
-def test_bfloat16_on_cpu(tiny_cfg):
-    images = make_images()
-    check_outputs(build_loaded(tiny_cfg | {"dtype": "bfloat16"})(images), images, {"sky", "grass", "wall"})
+def test_bfloat16_on_cpu(tiny_cfg, images, load):
+    check_outputs(load("background", tiny_cfg, dtype="bfloat16")(images), images, {"sky", "grass", "wall"})
 
 
-def test_config_errors(tiny_cfg, tmp_path):
+def test_config_errors(tiny_cfg, tmp_path, load):
     with pytest.raises(AnnotatorError, match=r"unknown config keys \['stuff'\]"):
         annotators.build("background", tiny_cfg | {"stuff": ["sky"]})
     with pytest.raises(AnnotatorError, match=r"missing required config keys \['model'\]"):
         annotators.build("background", {"backend": "mask2former"})
     with pytest.raises(AnnotatorError, match=r"stuff_classes not in the model's id2label: \['ocean', 99\]"):
-        build_loaded(tiny_cfg | {"stuff_classes": ["sky", "ocean", 99]})
+        load("background", tiny_cfg, stuff_classes=["sky", "ocean", 99])
     missing = tmp_path / "no_model"
     with pytest.raises(AnnotatorError, match=str(missing)):
-        build_loaded(tiny_cfg | {"model": str(missing)})
+        load("background", tiny_cfg, model=str(missing))
 
 
-def test_call_before_load_is_an_error(tiny_cfg):
+def test_call_before_load_is_an_error(tiny_cfg, images):
     with pytest.raises(AnnotatorError, match="load"):
-        annotators.build("background", tiny_cfg)(make_images())
+        annotators.build("background", tiny_cfg)(images)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("detectron2") is not None, reason="detectron2 is installed")
@@ -165,8 +146,6 @@ def test_maskdino_missing_dependency_names_the_image(tmp_path):
 
 
 @pytest.mark.gpu
-@needs_cuda
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_cuda_half_precision(tiny_cfg, dtype):
-    images = make_images()
-    check_outputs(build_loaded(tiny_cfg | {"device": "cuda", "dtype": dtype})(images), images, {"sky", "grass", "wall"})
+def test_cuda_half_precision(tiny_cfg, dtype, images, load):
+    check_outputs(load("background", tiny_cfg, device="cuda", dtype=dtype)(images), images, {"sky", "grass", "wall"})

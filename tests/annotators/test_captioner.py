@@ -8,39 +8,23 @@ from __future__ import annotations
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import annotators
 from annotators import AnnotatorError
 from annotators.captioner import Blip2Captioner, VlmCaptioner
 from data_schemas import Caption
 
-SIZES = [(64, 48), (100, 100), (37, 81)]
-
-
-@pytest.fixture(scope="module")
-def images() -> list[Image.Image]:
-    rng = np.random.default_rng(2)
-    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in SIZES]
-
 
 @pytest.fixture(scope="module")
 def blip2_cfg(tmp_path_factory) -> dict:
-    return Blip2Captioner.create_tiny(tmp_path_factory.mktemp("tiny_blip2"))
+    return Blip2Captioner.create_tiny(tmp_path_factory.mktemp("tiny_blip2")) | {"device": "cpu"}
 
 
 @pytest.fixture(scope="module")
 def vlm_cfg(tmp_path_factory) -> dict:
-    return VlmCaptioner.create_tiny(tmp_path_factory.mktemp("tiny_vlm"))
-
-
-def _captioner(cfg: dict, **overrides):
-    captioner = annotators.build("captioner", {**cfg, "device": "cpu", **overrides})
-    captioner.load()
-    return captioner
+    return VlmCaptioner.create_tiny(tmp_path_factory.mktemp("tiny_vlm")) | {"device": "cpu"}
 
 
 def _check_captions(out, n_images: int, max_per_image: int, annotator: str) -> None:
@@ -61,38 +45,38 @@ def _texts(out) -> list[list[str]]:
 
 
 @pytest.mark.parametrize("backend_cfg", ["blip2_cfg", "vlm_cfg"])
-def test_captions_schema_and_batching(request, backend_cfg, images):
+def test_captions_schema_and_batching(request, backend_cfg, images, load):
     cfg = request.getfixturevalue(backend_cfg)
-    batched = _captioner(cfg, batch_size=3)
+    batched = load("captioner", cfg, batch_size=3)
     out = batched(images)
     _check_captions(out, 3, cfg.get("num_return_sequences", 1), cfg["backend"])
-    assert _texts(_captioner(cfg, batch_size=1)(images)) == _texts(out)
+    assert _texts(load("captioner", cfg, batch_size=1)(images)) == _texts(out)
     assert _texts(batched(images[1:2])) == _texts(out)[1:2]
     assert batched.version == cfg["model"] and batched.kind == "captioner"
     assert batched([]) == []
 
 
-def test_vlm_left_padding_batches_like_single_inputs(vlm_cfg, images):
-    generator = _captioner(vlm_cfg).generator
+def test_vlm_left_padding_batches_like_single_inputs(vlm_cfg, images, load):
+    generator = load("captioner", vlm_cfg).generator
     prompts = ["Hi.", "Describe the picture in a few words, please, and name every digit.", "What is this?"]
     batched = generator.generate(images, prompts)
     assert batched == [generator.generate([im], [p])[0] for im, p in zip(images, prompts, strict=True)]
     assert all(len(texts) == 1 for texts in batched)
 
 
-def test_blip2_prompt_and_several_sequences(blip2_cfg, images):
-    captioner = _captioner(blip2_cfg, prompt="a photo of", num_beams=3, num_return_sequences=3, batch_size=2)
+def test_blip2_prompt_and_several_sequences(blip2_cfg, images, load):
+    captioner = load("captioner", blip2_cfg, prompt="a photo of", num_beams=3, num_return_sequences=3, batch_size=2)
     _check_captions(captioner(images), 3, 3, "blip2")
 
 
-def test_vlm_beams_and_custom_prompt(vlm_cfg, images):
-    captioner = _captioner(vlm_cfg, prompt="What digits are there?", num_beams=2, num_return_sequences=2)
+def test_vlm_beams_and_custom_prompt(vlm_cfg, images, load):
+    captioner = load("captioner", vlm_cfg, prompt="What digits are there?", num_beams=2, num_return_sequences=2)
     _check_captions(captioner(images), 3, 2, "vlm")
 
 
-def test_sampling_allows_more_sequences_than_beams(blip2_cfg, images):
+def test_sampling_allows_more_sequences_than_beams(blip2_cfg, images, load):
     torch.manual_seed(0)
-    captioner = _captioner(blip2_cfg, num_beams=1, num_return_sequences=4, generate_kwargs={"do_sample": True})
+    captioner = load("captioner", blip2_cfg, num_beams=1, num_return_sequences=4, generate_kwargs={"do_sample": True})
     _check_captions(captioner(images[:2]), 2, 4, "blip2")
 
 
@@ -108,17 +92,17 @@ def test_config_errors(request, backend_cfg):
 
 
 @pytest.mark.parametrize("backend", ["blip2", "vlm"])
-def test_missing_or_non_model_dir_names_the_path(backend, tmp_path):
+def test_missing_or_non_model_dir_names_the_path(backend, tmp_path, load):
     missing = tmp_path / "no_such_model"
     with pytest.raises(AnnotatorError, match=f"{missing} does not exist"):
-        _captioner({"backend": backend, "model": str(missing)})
+        load("captioner", {"backend": backend, "model": str(missing), "device": "cpu"})
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(AnnotatorError, match=f"{empty} is not a model folder"):
-        _captioner({"backend": backend, "model": str(empty)})
+        load("captioner", {"backend": backend, "model": str(empty), "device": "cpu"})
 
 
-def test_blip2_query_token_mismatch_is_an_error(blip2_cfg, tmp_path):
+def test_blip2_query_token_mismatch_is_an_error(blip2_cfg, tmp_path, load):
     broken = tmp_path / "broken"
     shutil.copytree(blip2_cfg["model"], broken)
     processor_config = broken / "processor_config.json"
@@ -126,7 +110,7 @@ def test_blip2_query_token_mismatch_is_an_error(blip2_cfg, tmp_path):
     data["num_query_tokens"] = 3
     processor_config.write_text(json.dumps(data))
     with pytest.raises(AnnotatorError, match="num_query_tokens 3 != model's 4"):
-        _captioner({**blip2_cfg, "model": str(broken)})
+        load("captioner", blip2_cfg, model=str(broken))
 
 
 def test_call_before_load_is_an_error(blip2_cfg, images):
@@ -135,17 +119,16 @@ def test_call_before_load_is_an_error(blip2_cfg, images):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
-def test_cuda_without_gpu_is_a_clear_error(vlm_cfg):
+def test_cuda_without_gpu_is_a_clear_error(vlm_cfg, load):
     with pytest.raises(AnnotatorError, match="CUDA is not available"):
-        _captioner(vlm_cfg, device="cuda")
+        load("captioner", vlm_cfg, device="cuda")
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("backend_cfg", ["blip2_cfg", "vlm_cfg"])
-def test_cuda_bf16_generates(request, backend_cfg, images):
+def test_cuda_bf16_generates(request, backend_cfg, images, load):
     cfg = request.getfixturevalue(backend_cfg)
-    captioner = _captioner(cfg, device="cuda", dtype="bfloat16", batch_size=3)
+    captioner = load("captioner", cfg, device="cuda", dtype="bfloat16", batch_size=3)
     model = captioner.model if hasattr(captioner, "model") else captioner.generator.model
     assert next(model.parameters()).is_cuda
     _check_captions(captioner(images), 3, cfg.get("num_return_sequences", 1), cfg["backend"])

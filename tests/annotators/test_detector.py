@@ -7,19 +7,10 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import annotators
 from annotators import AnnotatorError, DetectorOutput, MissingDependencyError
 from annotators.detector import HfDetector, ViTDetDetector
-
-SIZES = [(64, 48), (100, 100), (37, 81)]  # (width, height)
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-def make_images(sizes=SIZES, seed: int = 0) -> list[Image.Image]:
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)) for w, h in sizes]
 
 
 @pytest.fixture(scope="module")
@@ -33,17 +24,13 @@ def open_cfg(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def detector(closed_cfg):
-    det = annotators.build("detector", closed_cfg)
-    det.load()
-    return det
+def detector(closed_cfg, load):
+    return load("detector", closed_cfg)
 
 
 @pytest.fixture(scope="module")
-def open_detector(open_cfg):
-    det = annotators.build("detector", open_cfg)
-    det.load()
-    return det
+def open_detector(open_cfg, load):
+    return load("detector", open_cfg)
 
 
 def check_outputs(outputs, images, allowed_labels) -> None:
@@ -76,49 +63,43 @@ def test_build_resolves_hf_backend(detector, closed_cfg):
     assert not detector.open_vocabulary
 
 
-def test_closed_vocabulary_outputs(detector):
-    images = make_images()
+def test_closed_vocabulary_outputs(detector, images):
     outputs = detector(images)
     check_outputs(outputs, images, set(detector._model.config.id2label.values()))
     assert sum(len(o.labels) for o in outputs) > 0  # threshold 0: every query is returned
 
 
-def test_batching_equals_one_by_one(closed_cfg):
+def test_batching_equals_one_by_one(closed_cfg, make_images, load):
     # Same-size images: DETR pads a batch to its largest image, and padding changes CNN border features
     # (a property of the model, not of this wrapper), so only equal sizes make batch == single exact.
     images = make_images([(64, 48)] * 3, seed=1)
-    det = annotators.build("detector", closed_cfg | {"batch_size": 2})
-    det.load()
+    det = load("detector", closed_cfg, batch_size=2)
     batched = det(images)
     single = [det([image])[0] for image in images]
     assert_same(batched, single)
 
 
-def test_threshold_prefilter(closed_cfg):
-    det = annotators.build("detector", closed_cfg | {"threshold": 0.2})
-    det.load()
-    outputs = det(make_images())
+def test_threshold_prefilter(closed_cfg, images, load):
+    det = load("detector", closed_cfg, threshold=0.2)
+    outputs = det(images)
     assert all(np.all(o.scores > 0.2) for o in outputs)
 
 
-def test_grayscale_and_empty_batch(detector):
+def test_grayscale_and_empty_batch(detector, make_images):
     gray = make_images([(50, 40)])[0].convert("L")
     (output,) = detector([gray])
     check_outputs([output], [gray], set(detector._model.config.id2label.values()))
     assert detector([]) == []
 
 
-def test_bfloat16_on_cpu(closed_cfg):
-    det = annotators.build("detector", closed_cfg | {"dtype": "bfloat16"})
-    det.load()
-    images = make_images()
+def test_bfloat16_on_cpu(closed_cfg, images, load):
+    det = load("detector", closed_cfg, dtype="bfloat16")
     outputs = det(images)
     check_outputs(outputs, images, set(det._model.config.id2label.values()))
     assert next(det._model.parameters()).dtype == torch.bfloat16
 
 
-def test_open_vocabulary_outputs_and_batching(open_detector, open_cfg):
-    images = make_images()
+def test_open_vocabulary_outputs_and_batching(open_detector, open_cfg, images):
     outputs = open_detector(images)
     check_outputs(outputs, images, set(open_cfg["vocabulary"]))
     assert {label for o in outputs for label in o.labels} <= set(open_cfg["vocabulary"])
@@ -126,13 +107,11 @@ def test_open_vocabulary_outputs_and_batching(open_detector, open_cfg):
     assert_same(outputs, [open_detector([image])[0] for image in images])
 
 
-def test_open_vocabulary_from_file(open_cfg, tmp_path):
+def test_open_vocabulary_from_file(open_cfg, tmp_path, images, load):
     vocab_file = tmp_path / "vocab.txt"
     vocab_file.write_text("zebra\n\nstop sign\n", encoding="utf-8")
-    det = annotators.build("detector", open_cfg | {"vocabulary": str(vocab_file)})
-    det.load()
+    det = load("detector", open_cfg, vocabulary=str(vocab_file))
     assert det.vocabulary == ["zebra", "stop sign"]
-    images = make_images()
     check_outputs(det(images), images, {"zebra", "stop sign"})
 
 
@@ -171,9 +150,9 @@ def test_device_and_dtype_errors(closed_cfg):
             annotators.build("detector", closed_cfg | {"device": "cuda:1"}).load()
 
 
-def test_call_before_load_is_an_error(closed_cfg):
+def test_call_before_load_is_an_error(closed_cfg, images):
     with pytest.raises(AnnotatorError, match="load"):
-        annotators.build("detector", closed_cfg)(make_images())
+        annotators.build("detector", closed_cfg)(images)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("detectron2") is not None, reason="detectron2 is installed")
@@ -195,13 +174,10 @@ def test_vitdet_config_errors():
 
 
 @pytest.mark.gpu
-@needs_cuda
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("vocab", [False, True], ids=["closed", "open"])
-def test_cuda_half_precision(closed_cfg, open_cfg, dtype, vocab):
+def test_cuda_half_precision(closed_cfg, open_cfg, dtype, vocab, images, load):
     cfg = (open_cfg if vocab else closed_cfg) | {"device": "cuda", "dtype": dtype}
-    det = annotators.build("detector", cfg)
-    det.load()
-    images = make_images()
+    det = load("detector", cfg)
     allowed = set(open_cfg["vocabulary"]) if vocab else set(det._model.config.id2label.values())
     check_outputs(det(images), images, allowed)

@@ -13,8 +13,7 @@ from annotators import AnnotatorError, MissingDependencyError
 from annotators.region_captioner import CropCaptioner, VlmBoxCaptioner, crop_box, shikra_box
 from data_schemas import RegionCaption
 
-SIZES = [(64, 48), (100, 100), (37, 81)]
-BOXES = [
+BOXES = [  # per image of the shared ``images`` fixture (64x48, 100x100, 37x81)
     np.array([[2.0, 3.0, 30.0, 40.0], [0.0, 0.0, 64.0, 48.0]], dtype=np.float32),
     np.zeros((0, 4), dtype=np.float32),
     [[5.0, 60.0, 12.0, 70.0]],
@@ -22,26 +21,14 @@ BOXES = [
 
 
 @pytest.fixture(scope="module")
-def images() -> list[Image.Image]:
-    rng = np.random.default_rng(3)
-    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in SIZES]
-
-
-@pytest.fixture(scope="module")
 def vlm_box_cfg(tmp_path_factory) -> dict:
-    return VlmBoxCaptioner.create_tiny(tmp_path_factory.mktemp("tiny_vlm"))
+    return VlmBoxCaptioner.create_tiny(tmp_path_factory.mktemp("tiny_vlm")) | {"device": "cpu"}
 
 
 @pytest.fixture(scope="module")
 def crop_cfg(tmp_path_factory) -> dict:
     cfg = CropCaptioner.create_tiny(tmp_path_factory.mktemp("tiny_blip2"))
     return {**cfg, "captioner": {**cfg["captioner"], "device": "cpu"}}
-
-
-def _build(cfg: dict, **overrides):
-    captioner = annotators.build("region_captioner", {**cfg, **overrides})
-    captioner.load()
-    return captioner
 
 
 def _check(out, n_boxes: list[int], max_per_box: int, annotator: str) -> None:
@@ -74,8 +61,8 @@ def test_crop_box_pads_grows_and_clips():
     assert crop_box(image, [99.5, 79.5, 100, 80], pad=0.0, min_size=1).size == (1, 1)
 
 
-def test_vlm_box_structure_batching_and_prompts(vlm_box_cfg, images):
-    captioner = _build(vlm_box_cfg, device="cpu", batch_size=3)
+def test_vlm_box_structure_batching_and_prompts(vlm_box_cfg, images, load):
+    captioner = load("region_captioner", vlm_box_cfg, batch_size=3)
     prompts: list[str] = []
     generate = captioner.generator.generate
 
@@ -91,19 +78,19 @@ def test_vlm_box_structure_batching_and_prompts(vlm_box_cfg, images):
         "What is in the region [0.000,0.000,1.000,1.000]? Answer briefly.",
         "What is in the region [0.135,0.741,0.324,0.864]? Answer briefly.",
     ]
-    one = _build(vlm_box_cfg, device="cpu", batch_size=1)
+    one = load("region_captioner", vlm_box_cfg, batch_size=1)
     assert _texts(one(images, BOXES)) == _texts(out)
     assert _texts(one(images[2:], BOXES[2:])) == _texts(out)[2:]
     assert captioner.version == vlm_box_cfg["model"] and captioner.kind == "region_captioner"
 
 
-def test_vlm_box_beams(vlm_box_cfg, images):
-    captioner = _build(vlm_box_cfg, device="cpu", num_beams=2, num_return_sequences=2, prompt="Region {box}:")
+def test_vlm_box_beams(vlm_box_cfg, images, load):
+    captioner = load("region_captioner", vlm_box_cfg, num_beams=2, num_return_sequences=2, prompt="Region {box}:")
     _check(captioner(images, BOXES), [2, 0, 1], 2, "vlm-box")
 
 
-def test_crop_structure_batching_and_crop_sizes(crop_cfg, images):
-    captioner = _build(crop_cfg, captioner={**crop_cfg["captioner"], "batch_size": 3})
+def test_crop_structure_batching_and_crop_sizes(crop_cfg, images, load):
+    captioner = load("region_captioner", crop_cfg, captioner={**crop_cfg["captioner"], "batch_size": 3})
     seen: list[tuple[int, int]] = []
     inner_call = type(captioner.captioner).__call__
 
@@ -119,15 +106,14 @@ def test_crop_structure_batching_and_crop_sizes(crop_cfg, images):
     out = captioner(images, BOXES)
     _check(out, [2, 0, 1], 2, "crop+blip2")
     assert seen == [(33, 44), (64, 48), (17, 16)]  # padded by 10 %, clipped; the 7x10 box grown to >= 16 px
-    one = _build(crop_cfg, captioner={**crop_cfg["captioner"], "batch_size": 1})
+    one = load("region_captioner", crop_cfg, captioner={**crop_cfg["captioner"], "batch_size": 1})
     assert _texts(one(images, BOXES)) == _texts(out)
     assert captioner.version.startswith("blip2@")
 
 
 @pytest.mark.parametrize("fixture", ["vlm_box_cfg", "crop_cfg"])
-def test_empty_boxes_and_bad_inputs(request, fixture, images):
-    cfg = request.getfixturevalue(fixture)
-    captioner = _build(cfg, **({"device": "cpu"} if fixture == "vlm_box_cfg" else {}))
+def test_empty_boxes_and_bad_inputs(request, fixture, images, load):
+    captioner = load("region_captioner", request.getfixturevalue(fixture))
     assert captioner(images, [[], np.zeros((0, 4)), []]) == [[], [], []]
     assert captioner([], []) == []
     with pytest.raises(ValueError, match="3 images but 2"):
@@ -136,7 +122,7 @@ def test_empty_boxes_and_bad_inputs(request, fixture, images):
         captioner(images, [[[1, 2, 3]], [], []])
 
 
-def test_config_errors(vlm_box_cfg, crop_cfg, tmp_path):
+def test_config_errors(vlm_box_cfg, crop_cfg, tmp_path, load):
     with pytest.raises(AnnotatorError, match=r"unknown config keys \['box_format'\]"):
         annotators.build("region_captioner", {**vlm_box_cfg, "box_format": "xyxy"})
     with pytest.raises(AnnotatorError, match="placeholder"):
@@ -151,7 +137,7 @@ def test_config_errors(vlm_box_cfg, crop_cfg, tmp_path):
         annotators.build("region_captioner", {"backend": "crop", "captioner": {"backend": "blip3"}})
     missing = tmp_path / "no_such_model"
     with pytest.raises(AnnotatorError, match=str(missing)):
-        _build({"backend": "vlm-box", "model": str(missing)})
+        load("region_captioner", {"backend": "vlm-box", "model": str(missing)})
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gpt4roi") is not None, reason="gpt4roi is installed")

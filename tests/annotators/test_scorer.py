@@ -5,36 +5,22 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import annotators
 from annotators import AnnotatorError
 from annotators.scorer import OpenClipScorer
 
-SIZES = [(64, 48), (100, 100), (37, 81)]
 TEXTS = [["a photo of a three", "a red seven", "three"], [], ["a cat on a coffee background"]]
 
 
 @pytest.fixture(scope="module")
 def tiny_cfg(tmp_path_factory) -> dict:
-    return OpenClipScorer.create_tiny(tmp_path_factory.mktemp("tiny_clip"))
+    return OpenClipScorer.create_tiny(tmp_path_factory.mktemp("tiny_clip")) | {"device": "cpu"}
 
 
 @pytest.fixture(scope="module")
-def images() -> list[Image.Image]:
-    rng = np.random.default_rng(1)
-    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in SIZES]
-
-
-def _scorer(cfg: dict, **overrides):
-    scorer = annotators.build("scorer", {**cfg, "device": "cpu", **overrides})
-    scorer.load()
-    return scorer
-
-
-@pytest.fixture(scope="module")
-def scorer(tiny_cfg):
-    return _scorer(tiny_cfg, batch_size=3)
+def scorer(tiny_cfg, load):
+    return load("scorer", tiny_cfg, batch_size=3)
 
 
 def test_one_score_array_per_image(scorer, images):
@@ -45,8 +31,8 @@ def test_one_score_array_per_image(scorer, images):
     assert scorer.kind == "scorer" and scorer.name == "open_clip" and scorer.version.startswith("umg-tiny-clip:")
 
 
-def test_batched_equals_one_by_one(tiny_cfg, scorer, images):
-    one = _scorer(tiny_cfg, batch_size=1, text_batch_size=1)
+def test_batched_equals_one_by_one(tiny_cfg, scorer, images, load):
+    one = load("scorer", tiny_cfg, batch_size=1, text_batch_size=1)
     for a, b in zip(scorer(images, TEXTS), one(images, TEXTS), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
     singles = [scorer([im], [texts])[0] for im, texts in zip(images, TEXTS, strict=True)]
@@ -75,29 +61,28 @@ def test_wrong_per_image_lengths(scorer, images):
         scorer(images, TEXTS[:2])
 
 
-def test_config_errors(tiny_cfg, tmp_path):
+def test_config_errors(tiny_cfg, tmp_path, load):
     with pytest.raises(AnnotatorError, match=r"unknown config keys \['precision'\]"):
         annotators.build("scorer", {**tiny_cfg, "precision": "fp16"})
     with pytest.raises(AnnotatorError, match="file stem"):
         annotators.build("scorer", {**tiny_cfg, "model": "ViT-B-32"})
     with pytest.raises(AnnotatorError, match="unknown dtype .float8."):
-        _scorer(tiny_cfg, dtype="float8")
+        load("scorer", tiny_cfg, dtype="float8")
     missing = tmp_path / "missing.json"
     with pytest.raises(AnnotatorError, match=str(missing)):
-        _scorer({**tiny_cfg, "model": "missing", "model_config": str(missing)})
+        load("scorer", tiny_cfg, model="missing", model_config=str(missing))
     with pytest.raises(AnnotatorError, match="missing.safetensors"):
-        _scorer(tiny_cfg, pretrained=str(tmp_path / "missing.safetensors"))
+        load("scorer", tiny_cfg, pretrained=str(tmp_path / "missing.safetensors"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
-def test_cuda_without_gpu_is_a_clear_error(tiny_cfg):
+def test_cuda_without_gpu_is_a_clear_error(tiny_cfg, load):
     with pytest.raises(AnnotatorError, match="CUDA is not available"):
-        _scorer(tiny_cfg, device="cuda")
+        load("scorer", tiny_cfg, device="cuda")
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_bf16_scores_close_to_cpu(tiny_cfg, scorer, images):
-    gpu = _scorer(tiny_cfg, device="cuda", dtype="bfloat16")
+def test_cuda_bf16_scores_close_to_cpu(tiny_cfg, scorer, images, load):
+    gpu = load("scorer", tiny_cfg, device="cuda", dtype="bfloat16")
     for a, b in zip(gpu(images, TEXTS), scorer(images, TEXTS), strict=True):
         np.testing.assert_allclose(a, b, atol=5e-2)

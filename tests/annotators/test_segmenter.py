@@ -5,19 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import annotators
 from annotators import AnnotatorError, SegmentOutput
 from annotators.segmenter import SAM_BUILDERS, SamSegmenter
-
-SIZES = [(64, 48), (100, 100), (37, 81)]  # (width, height)
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-def make_images(sizes=SIZES, seed: int = 0) -> list[Image.Image]:
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)) for w, h in sizes]
 
 
 def make_boxes(images, counts=(3, 5, 2), seed: int = 0) -> list[np.ndarray]:
@@ -56,18 +47,14 @@ def tiny_cfg(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def segmenter(tiny_cfg):
-    seg = annotators.build("segmenter", tiny_cfg)
-    seg.load()
-    return seg
+def segmenter(tiny_cfg, load):
+    return load("segmenter", tiny_cfg)
 
 
 @pytest.fixture
-def fresh(tiny_cfg):
+def fresh(tiny_cfg, load):
     """A loaded segmenter with an empty embedding cache (for counting encoder calls)."""
-    seg = annotators.build("segmenter", tiny_cfg)
-    seg.load()
-    return seg
+    return load("segmenter", tiny_cfg)
 
 
 def check_outputs(outputs, images, boxes) -> None:
@@ -86,14 +73,12 @@ def test_build_and_version(segmenter, tiny_cfg):
     assert {"vit_h", "vit_l", "vit_b"} <= set(SAM_BUILDERS)
 
 
-def test_masks_at_each_image_size(segmenter):
-    images = make_images()
+def test_masks_at_each_image_size(segmenter, images):
     boxes = make_boxes(images)
     check_outputs(segmenter(images, boxes), images, boxes)
 
 
-def test_one_set_image_and_one_predict_call_per_image(fresh, monkeypatch):
-    images = make_images()
+def test_one_set_image_and_one_predict_call_per_image(fresh, monkeypatch, images):
     boxes = make_boxes(images, counts=(4, 0, 7))
     spy = PredictorSpy(fresh, monkeypatch)
     outputs = fresh(images, boxes)
@@ -102,8 +87,7 @@ def test_one_set_image_and_one_predict_call_per_image(fresh, monkeypatch):
     assert spy.box_batches == [(4, 4), (7, 4)]
 
 
-def test_empty_boxes_do_not_call_the_model(fresh, monkeypatch):
-    images = make_images()
+def test_empty_boxes_do_not_call_the_model(fresh, monkeypatch, images):
     empty = [np.zeros((0, 4), dtype=np.float32)] * 3
     spy = PredictorSpy(fresh, monkeypatch)
     outputs = fresh(images, empty)
@@ -112,7 +96,7 @@ def test_empty_boxes_do_not_call_the_model(fresh, monkeypatch):
     assert fresh.segment_boxes(images[0], np.zeros((0, 4))).shape == (0, 48, 64)
 
 
-def test_batching_equals_one_by_one(segmenter):
+def test_batching_equals_one_by_one(segmenter, make_images):
     images = make_images(seed=1)
     boxes = make_boxes(images, seed=1)
     batched = segmenter(images, boxes)
@@ -126,8 +110,8 @@ def test_batching_equals_one_by_one(segmenter):
         assert np.mean(np.concatenate([o.masks for o in per_box]) != output.masks) < 1e-3
 
 
-def test_segment_boxes_reuses_the_embedding(fresh, monkeypatch):
-    image = make_images()[1]
+def test_segment_boxes_reuses_the_embedding(fresh, monkeypatch, images, make_images):
+    image = images[1]
     boxes = make_boxes([image], counts=(6,))[0]
     spy = PredictorSpy(fresh, monkeypatch)
     first = fresh.segment_boxes(image, boxes)
@@ -139,12 +123,10 @@ def test_segment_boxes_reuses_the_embedding(fresh, monkeypatch):
     assert spy.set_image_calls == 2
 
 
-def test_embedding_cache_serves_a_repeated_batch(tiny_cfg, monkeypatch):
-    images = make_images()
+def test_embedding_cache_serves_a_repeated_batch(tiny_cfg, monkeypatch, images, load):
     boxes = make_boxes(images)
     for capacity, expected_calls in [(3, 3), (2, 6), (0, 6)]:  # LRU of 2 < 3 images: every image is evicted
-        seg = annotators.build("segmenter", tiny_cfg | {"embedding_cache": capacity})
-        seg.load()
+        seg = load("segmenter", tiny_cfg, embedding_cache=capacity)
         spy = PredictorSpy(seg, monkeypatch)
         first = seg(images, boxes)
         again = seg([image.copy() for image in images], boxes)
@@ -154,10 +136,8 @@ def test_embedding_cache_serves_a_repeated_batch(tiny_cfg, monkeypatch):
             np.testing.assert_array_equal(a.scores, b.scores)
 
 
-def test_multimask_keeps_the_best_of_three(tiny_cfg):
-    seg = annotators.build("segmenter", tiny_cfg | {"multimask": True})
-    seg.load()
-    images = make_images()
+def test_multimask_keeps_the_best_of_three(tiny_cfg, images, load):
+    seg = load("segmenter", tiny_cfg, multimask=True)
     boxes = make_boxes(images)
     outputs = seg(images, boxes)
     check_outputs(outputs, images, boxes)
@@ -168,16 +148,13 @@ def test_multimask_keeps_the_best_of_three(tiny_cfg):
     np.testing.assert_allclose(outputs[0].scores, ious.max(dim=1).values.numpy(), atol=1e-6)
 
 
-def test_bfloat16_on_cpu(tiny_cfg):
-    seg = annotators.build("segmenter", tiny_cfg | {"dtype": "bfloat16"})
-    seg.load()
-    images = make_images()
+def test_bfloat16_on_cpu(tiny_cfg, images, load):
+    seg = load("segmenter", tiny_cfg, dtype="bfloat16")
     boxes = make_boxes(images)
     check_outputs(seg(images, boxes), images, boxes)
 
 
-def test_wrong_lengths_and_box_shapes(segmenter):
-    images = make_images()
+def test_wrong_lengths_and_box_shapes(segmenter, images):
     with pytest.raises(ValueError, match="3 images but 2 entries"):
         segmenter(images, make_boxes(images)[:2])
     with pytest.raises(ValueError, match=r"\(N, 4\)"):
@@ -220,31 +197,25 @@ def test_checkpoint_is_loaded_weights_only(tiny_cfg, tmp_path):
         annotators.build("segmenter", tiny_cfg | {"checkpoint": str(pickled)}).load()
 
 
-def test_safetensors_checkpoint(tiny_cfg, tmp_path):
+def test_safetensors_checkpoint(tiny_cfg, tmp_path, images, load):
     from safetensors.torch import save_file
 
     state = torch.load(tiny_cfg["checkpoint"], weights_only=True)
     path = tmp_path / "sam_vit_tiny.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    seg = annotators.build("segmenter", tiny_cfg | {"checkpoint": str(path)})
-    seg.load()
-    images = make_images()
+    seg = load("segmenter", tiny_cfg, checkpoint=str(path))
     boxes = make_boxes(images)
     check_outputs(seg(images, boxes), images, boxes)
 
 
-def test_call_before_load_is_an_error(tiny_cfg):
-    images = make_images()
+def test_call_before_load_is_an_error(tiny_cfg, images):
     with pytest.raises(AnnotatorError, match="load"):
         annotators.build("segmenter", tiny_cfg)(images, make_boxes(images))
 
 
 @pytest.mark.gpu
-@needs_cuda
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-def test_cuda(tiny_cfg, dtype):
-    seg = annotators.build("segmenter", tiny_cfg | {"device": "cuda", "dtype": dtype})
-    seg.load()
-    images = make_images()
+def test_cuda(tiny_cfg, dtype, images, load):
+    seg = load("segmenter", tiny_cfg, device="cuda", dtype=dtype)
     boxes = make_boxes(images)
     check_outputs(seg(images, boxes), images, boxes)

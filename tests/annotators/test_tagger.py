@@ -6,36 +6,21 @@ import importlib.util
 
 import numpy as np
 import pytest
-from PIL import Image
 
 import annotators
 from annotators import AnnotatorError, MissingDependencyError
 from annotators.tagger import DEFAULT_VOCAB, ClipVocabTagger, read_vocab
 from data_schemas import Tag
 
-SIZES = [(64, 48), (100, 100), (37, 81)]
-
 
 @pytest.fixture(scope="module")
 def tiny_cfg(tmp_path_factory) -> dict:
-    return ClipVocabTagger.create_tiny(tmp_path_factory.mktemp("tiny_clip"))
+    return ClipVocabTagger.create_tiny(tmp_path_factory.mktemp("tiny_clip")) | {"device": "cpu"}
 
 
 @pytest.fixture(scope="module")
-def images() -> list[Image.Image]:
-    rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in SIZES]
-
-
-def _tagger(cfg: dict, **overrides):
-    tagger = annotators.build("tagger", {**cfg, "device": "cpu", **overrides})
-    tagger.load()
-    return tagger
-
-
-@pytest.fixture(scope="module")
-def tagger(tiny_cfg):
-    return _tagger(tiny_cfg, threshold=0.0, top_k=5, batch_size=3)
+def tagger(tiny_cfg, load):
+    return load("tagger", tiny_cfg, threshold=0.0, top_k=5, batch_size=3)
 
 
 def test_default_vocab_has_coco_ade_and_sample_words():
@@ -62,8 +47,8 @@ def test_empty_batch(tagger):
     assert tagger([]) == []
 
 
-def test_batched_equals_one_by_one(tiny_cfg, tagger, images):
-    one = _tagger(tiny_cfg, threshold=0.0, top_k=5, batch_size=1)
+def test_batched_equals_one_by_one(tiny_cfg, tagger, images, load):
+    one = load("tagger", tiny_cfg, threshold=0.0, top_k=5, batch_size=1)
     batched, single = tagger(images), one(images)
     for a, b in zip(batched, single, strict=True):
         assert [t.name for t in a] == [t.name for t in b]
@@ -78,13 +63,13 @@ def test_score_is_mapped_cosine_with_prompt(tagger, images):
     np.testing.assert_allclose([t.score for t in tags], (cos + 1) / 2, atol=1e-5)
 
 
-def test_threshold_and_custom_vocab(tiny_cfg, images, tmp_path):
+def test_threshold_and_custom_vocab(tiny_cfg, images, tmp_path, load):
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("# digits\nthree\n\nseven\nthree\n", encoding="utf-8")
-    tagger = _tagger(tiny_cfg, vocab=str(vocab), threshold=0.0, top_k=10)
+    tagger = load("tagger", tiny_cfg, vocab=str(vocab), threshold=0.0, top_k=10)
     assert tagger.tags == ["three", "seven"]
     assert all(len(tags) == 2 for tags in tagger(images))
-    strict = _tagger(tiny_cfg, vocab=str(vocab), threshold=1.0)
+    strict = load("tagger", tiny_cfg, vocab=str(vocab), threshold=1.0)
     assert strict(images) == [[], [], []]
 
 
@@ -97,14 +82,14 @@ def test_unknown_and_missing_keys(tiny_cfg):
         annotators.build("tagger", {**tiny_cfg, "prompt": "a photo"})
 
 
-def test_missing_files_name_the_path(tiny_cfg, tmp_path):
+def test_missing_files_name_the_path(tiny_cfg, tmp_path, load):
     missing = tmp_path / "nope.safetensors"
     with pytest.raises(AnnotatorError, match=str(missing)):
-        _tagger(tiny_cfg, pretrained=str(missing))
+        load("tagger", tiny_cfg, pretrained=str(missing))
     with pytest.raises(AnnotatorError, match="vocab.txt"):
-        _tagger(tiny_cfg, vocab=str(tmp_path / "vocab.txt"))
+        load("tagger", tiny_cfg, vocab=str(tmp_path / "vocab.txt"))
     with pytest.raises(AnnotatorError, match="no_such_tag"):
-        _tagger(tiny_cfg, pretrained="no_such_tag")
+        load("tagger", tiny_cfg, pretrained="no_such_tag")
 
 
 def test_call_before_load_is_an_error(tiny_cfg, images):

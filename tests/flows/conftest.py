@@ -6,11 +6,9 @@ talk to it through ``temporary_settings``; subprocesses get ``prefect_env`` (PRE
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
-import yaml
 
 import helpers_backends
 from flows import services
@@ -54,25 +52,9 @@ def sample_raw(tmp_path_factory) -> Path:
     return root
 
 
-def write_config(path: Path, annotate: dict | None, shard_size: int = 4, **sections) -> Path:
-    """A ``build:`` config using the test backends (Ray workers import them via ``ray.runtime_env``)."""
-    build = {"shard_size": shard_size, "annotate": annotate,
-             "ray": {"num_cpus": 2, "runtime_env": helpers_backends.ray_env(), "batch_size": 2, "max_in_flight": 2,
-                     "default": {"num_cpus": 0.25, "batch_size": 2}},
-             "flow": {"shard_retries": 2, "retry_delay_s": [0.2], "overlays": 2}}
-    for key, value in sections.items():
-        build[key] = {**build.get(key, {}), **value} if isinstance(value, dict) else value
-    path.write_text(yaml.safe_dump({"build": build}), encoding="utf-8")
-    return path
-
-
 @pytest.fixture
 def flow_env(prefect_server, monkeypatch):
     """PREFECT_API_URL for code that reads the environment (subprocesses inherit it)."""
     monkeypatch.setenv("PREFECT_API_URL", prefect_server.url)
     monkeypatch.setenv("PREFECT_HOME", str(prefect_server.home))
     return prefect_server
-
-
-def pythonpath_with_helpers() -> str:
-    return os.pathsep.join(filter(None, [str(helpers_backends.HERE), os.environ.get("PYTHONPATH")]))

@@ -11,6 +11,7 @@ Behaviour is driven by config keys so one class covers every failure the tests n
 - ``fail_width``: an image of this width raises ``ValueError`` (a bad image -> one error row);
 - ``oom_width`` / ``oom_max_batch``: a batch holding an image of that width, or more than ``oom_max_batch``
   images, raises ``RuntimeError("CUDA out of memory ...")`` (the batch is split, then per-image errors);
+- ``fail_load``: ``load()`` raises ``FileNotFoundError`` (a bad model path);
 - ``exit_width``: a batch holding an image of that width ends the worker process (``os._exit``): a lost worker.
 """
 
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 import annotators
 from annotators import DetectorOutput
@@ -29,9 +31,13 @@ from data_schemas import Tag
 HERE = Path(__file__).resolve().parent
 
 
+def pythonpath_with_helpers() -> str:
+    return os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
+
+
 def ray_env() -> dict:
     """``ray.runtime_env`` that lets Ray workers import this module."""
-    return {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}}
+    return {"env_vars": {"PYTHONPATH": pythonpath_with_helpers()}}
 
 
 class _Scripted:
@@ -51,6 +57,8 @@ class _Scripted:
         return str(self.cfg.get("version", "1"))
 
     def load(self) -> None:
+        if self.cfg.get("fail_load"):
+            raise FileNotFoundError(f"no model file {self.cfg['fail_load']} (simulated)")
         self.loaded = True
 
     def _before_call(self, images) -> None:
@@ -104,3 +112,15 @@ BACKENDS = {"tagger": ("test-tagger", "helpers_backends:ScriptedTagger"),
 def register_all() -> None:
     for kind, (name, target) in BACKENDS.items():
         annotators.register(kind, name, target)
+
+
+def write_config(path: Path, annotate: dict | None, shard_size: int = 4, **sections) -> Path:
+    """A ``build:`` config using the test backends (Ray workers import them via ``ray.runtime_env``)."""
+    build = {"shard_size": shard_size, "annotate": annotate,
+             "ray": {"num_cpus": 2, "runtime_env": ray_env(), "batch_size": 2, "max_in_flight": 2,
+                     "default": {"num_cpus": 0.25, "batch_size": 2}},
+             "flow": {"shard_retries": 2, "retry_delay_s": [0.2], "overlays": 2}}
+    for key, value in sections.items():
+        build[key] = {**build.get(key, {}), **value} if isinstance(value, dict) else value
+    path.write_text(yaml.safe_dump({"build": build}), encoding="utf-8")
+    return path

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import pythonpath_with_helpers, write_config
+from helpers_backends import pythonpath_with_helpers, write_config
 
 from flows.build import COMPLETED_EVENT, build_umg41m
 from flows.services import api

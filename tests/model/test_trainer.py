@@ -1,0 +1,147 @@
+"""Trainer: optimizer groups, schedule, config, `umg train` learning on a fixed batch, checkpoint reload."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import model
+from data_schemas import ConfigError, TrainConfig, load_config
+from data_schemas.train_config import OptimSection
+from flows.cli import app
+from model.checkpoint import load_train_state, resolve_checkpoint
+from model.factory import create_umg_clip
+from model.launch import DistContext, run_with_ray
+from model.schedule import WarmupCosine, build_optimizer, param_groups
+from model.trainer import Trainer, resolve_tars, schedule_steps
+from pipeline.sample_shards import write_sample_shards
+
+FAST = {"progress": False, "tensorboard": False, "plot": False, "data": {"workers": 0}}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a shared 2-core box: OpenMP hand-offs made a 30-step run 15x slower
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards")
+    write_sample_shards(out, n=10, seed=0, shard_size=16)  # train: exactly 8 images, one batch
+    return out / "train"
+
+
+def test_param_groups_split_towers_and_exempt_norms_biases_embeddings_logit_scale():
+    torch.manual_seed(0)
+    umg = create_umg_clip("umg-tiny-vit")
+    optim = OptimSection(lr=1e-3, visual_lr=2e-4, text_lr=2e-5, weight_decay=0.05)
+    groups = {g["name"]: g for g in param_groups(umg, optim)}
+    assert list(groups) == ["visual", "visual_no_decay", "text", "text_no_decay", "other_no_decay"]
+    names = {id(p): n for n, p in umg.named_parameters()}
+    named = {k: {names[id(p)] for p in g["params"]} for k, g in groups.items()}
+    assert named["other_no_decay"] == {"clip.logit_scale"}
+    assert "clip.visual.conv1.weight" in named["visual"] and "clip.token_embedding.weight" in named["text_no_decay"]
+    assert {"clip.visual.ln_post.bias", "clip.visual.positional_embedding"} <= named["visual_no_decay"]
+    assert "clip.transformer.resblocks.0.mlp.c_fc.weight" in named["text"]
+    assert [(g["lr"], g["weight_decay"]) for g in groups.values()] == [
+        (2e-4, 0.05), (2e-4, 0.0), (2e-5, 0.05), (2e-5, 0.0), (1e-3, 0.0)]
+    assert sum(len(g) for g in named.values()) == len(names)
+    lamb = build_optimizer(umg, optim)
+    assert type(lamb).__name__ == "Lamb" and lamb.defaults["max_grad_norm"] is None  # we clip once, globally
+
+
+def test_warmup_then_cosine():
+    factor = WarmupCosine(warmup=4, total=12, min_ratio=0.1)
+    assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert factor(8) == pytest.approx(0.1 + 0.9 * 0.5) and factor(12) == pytest.approx(0.1)
+    values = [factor(s) for s in range(3, 13)]
+    assert values == sorted(values, reverse=True)
+
+
+def test_train_config_section_overrides_and_errors(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("build:\n  shard_size: 4\ntrain:\n  batch_size: 4\n  optim:\n    visual_lr: 1.0e-4\n")
+    cfg = load_config(path, ["steps=7", "loss.tag_vocab=rank"], model=TrainConfig, section="train")
+    assert (cfg.batch_size, cfg.steps, cfg.optim.visual_lr, cfg.loss.tag_vocab) == (4, 7, 1e-4, "rank")
+    assert TrainConfig().steps == 100 and TrainConfig(epochs=2).steps is None
+    with pytest.raises(ConfigError, match=r"optim\.betaz: Extra inputs"):
+        load_config(path, ["optim.betaz=1"], model=TrainConfig, section="train")
+    with pytest.raises(ConfigError, match="either steps or epochs"):
+        load_config(path, ["steps=3", "epochs=1"], model=TrainConfig, section="train")
+    with pytest.raises(ConfigError, match=r"data\.crop_scale"):
+        load_config(path, ["data.crop_scale=[0.9, 0.5]"], model=TrainConfig, section="train")
+
+
+def test_schedule_steps_from_epochs(shards):
+    tars = resolve_tars(shards)
+    cfg = TrainConfig(epochs=10, batch_size=4, optim={"accum_steps": 2})
+    assert schedule_steps(cfg, tars, world_size=1) == 10 and schedule_steps(cfg, tars, world_size=2) == 5
+    with pytest.raises(FileNotFoundError, match="shards not found"):
+        resolve_tars(shards / "missing")
+
+
+def test_umg_train_learns_a_fixed_batch_and_checkpoint_reloads(shards, tmp_path):
+    config = tmp_path / "smoke.yaml"
+    config.write_text(
+        "train:\n  batch_size: 8\n  steps: 30\n  data:\n    workers: 0\n    crop: full\n"
+        "  optim:\n    lr: 1.0e-3\n    warmup_steps: 3\n  progress: false\n")
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "--config", str(config), "--shards", str(shards), "--out", str(out),
+                                      "--set", "save_every=10"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 30 and set(summary["final_losses"]) >= {"loss", "region_caption_loss"}
+    with open(out / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    losses = [float(r["loss"]) for r in rows]
+    assert [int(r["step"]) for r in rows] == list(range(1, 31))
+    # One batch of 8 images (captions re-drawn each epoch): the tiny model memorises it.
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+    assert all(math.isfinite(x) for x in losses)
+    assert float(rows[0]["lr_visual"]) == pytest.approx(1e-3 / 3) and float(rows[-1]["lr_visual"]) < 1e-5
+    assert (out / "loss_curve.png").stat().st_size > 1000 and any((out / "tb").iterdir())
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["latest", "step_00000020", "step_00000030"]  # keep_last = 2
+    state = load_train_state(resolve_checkpoint(out))
+    assert state["step"] == 30 and state["optimizer"]["state"] and state["scheduler"]["last_epoch"] == 30
+    reloaded = model.load_checkpoint(out)
+    init = create_umg_clip("umg-tiny-vit")
+    assert not torch.equal(reloaded.clip.visual.conv1.weight, init.clip.visual.conv1.weight)
+    assert reloaded.clip.logit_scale.shape == () and not reloaded.training
+
+
+def test_load_checkpoint_gives_the_trained_model_outputs(shards, tmp_path):
+    cfg = TrainConfig.model_validate({**FAST, "steps": 2, "batch_size": 4, "model": {"cluster": {
+        "reduction": 0.5, "layer": 1}, "region_output_size": 2}})
+    trainer = Trainer(cfg, resolve_tars(shards), tmp_path, DistContext(0, 1, 0, torch.device("cpu")))
+    result = trainer.fit()
+    batch = next(trainer.batches())
+    inputs, _ = trainer._inputs(batch)
+    for source in (tmp_path, result.checkpoint, result.checkpoint / "model.safetensors"):
+        loaded = model.load_checkpoint(source)
+        assert loaded.cluster is not None and loaded.cluster.reduction == 0.5 and loaded.region_output_size == 2
+        with torch.no_grad():
+            expected, got = trainer.model.eval()(**inputs), loaded(**inputs)
+        assert all(torch.equal(expected[k], got[k]) for k in expected if expected[k] is not None)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        model.load_checkpoint(tmp_path / "checkpoints")
+
+
+def test_ray_launcher_fails_clearly_without_ray_train(shards, tmp_path):
+    try:
+        import ray.train  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("ray[train] is installed: the launcher runs instead of failing")
+    cfg = TrainConfig(distributed={"launcher": "ray"})
+    with pytest.raises(RuntimeError, match=r"pip install 'ray\[train\]"):
+        run_with_ray(cfg, resolve_tars(shards), tmp_path)

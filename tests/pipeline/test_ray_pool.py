@@ -1,0 +1,127 @@
+"""Ray actor pools for the stage chain: same records as in-process, fan-out, dead actors, load errors."""
+
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import annotators
+from data_schemas import AnnotateConfig, ImageLimits
+from data_schemas.config import RayConfig, StageResources
+from pipeline.ingest import ingest_item
+from pipeline.ray_pool import ChainMetrics, build_ray_chain, stage_backends, stage_resources, start_ray
+from pipeline.sources.base import SourceItem
+from pipeline.stages import Chain
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "flows"))
+import helpers_backends  # noqa: E402  (test backends Ray workers can import)
+
+helpers_backends.register_all()
+WIDTHS = [40, 41, 42, 43, 44, 45, 46]
+BAD, OOM = 42, 45
+
+
+def _items():
+    def png(width):
+        buffer = io.BytesIO()
+        Image.new("RGB", (width, 30), (20, 90, 160)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    return [ingest_item(SourceItem(f"k{w}", f"k{w}.png", png(w)), "test", ImageLimits()) for w in WIDTHS]
+
+
+def _annotate(**tagger) -> AnnotateConfig:
+    return AnnotateConfig(tagger={"backend": "test-tagger", **tagger}, detectors={"a": {"backend": "test-detector"}})
+
+
+def _ray_cfg(**kw) -> RayConfig:
+    settings = {"num_cpus": 2, "runtime_env": helpers_backends.ray_env(), "batch_size": 3, "max_in_flight": 2,
+                "actor_start_timeout_s": 60}
+    return RayConfig(**{**settings, **kw})
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    owned = start_ray(_ray_cfg())
+    yield ray
+    if owned:
+        ray.shutdown()
+
+
+def _summary(items):
+    return [(it.record.key, it.error, [t.name for t in it.record.tags],
+             [(r.label, r.box_xyxy, r.annotator) for r in it.record.regions], it.record.provenance) for it in items]
+
+
+def test_stage_names_and_resources_follow_the_config(monkeypatch):
+    monkeypatch.setattr("annotators.build", lambda kind, cfg: helpers_backends.ScriptedTagger())
+    cfg = AnnotateConfig(tagger={"backend": "t"}, captioners={"b": {"backend": "c"}}, scorer={"backend": "s"},
+                         detectors={"x": {"backend": "d"}, "y": {"backend": "d"}},
+                         region_captioners={"r": {"backend": "r"}}, segmenter={"backend": "sam"},
+                         background={"backend": "bg"})
+    model_stages = {s.name for s in Chain.from_config(cfg).stages if s.annotator is not None}
+    assert set(stage_backends(cfg)) == model_stages - {"stability"}  # stability shares the segmenter's pool
+    ray_cfg = RayConfig(resources={"detector": StageResources(num_gpus=0.5), "detector_y": StageResources(num_gpus=1)})
+    assert stage_resources(ray_cfg, "detector_x", "detector").num_gpus == 0.5
+    assert stage_resources(ray_cfg, "detector_y", "detector").num_gpus == 1
+    assert stage_resources(ray_cfg, "tagger", "tagger") == ray_cfg.default
+
+
+def test_ray_chain_gives_the_same_records_and_error_rows_as_in_process(local_ray, tmp_path):
+    annotate = _annotate(fail_width=BAD, oom_width=OOM)
+    local = Chain.from_config(annotate)
+    local.load()
+    expected = local(_items())
+    chain = build_ray_chain(annotate, _ray_cfg())
+    try:
+        metrics = ChainMetrics()
+        got = chain.run(_items(), metrics)
+    finally:
+        chain.close()
+    assert _summary(got) == _summary(expected)
+    errors = {it.record.key: it.error for it in got if it.error}
+    assert set(errors) == {f"k{BAD}", f"k{OOM}"}
+    assert errors[f"k{OOM}"].startswith("annotator_failed: tagger: RuntimeError: CUDA out of memory")
+    assert metrics.boxes_detected == 2 * 5 and metrics.boxes_kept == 5  # detector runs on the 5 good images
+    assert metrics.stage_failed["tagger"] == 2
+
+
+def test_pool_fans_a_batch_out_over_its_actors(local_ray, tmp_path):
+    log = tmp_path / "calls.log"
+    cfg = _ray_cfg(resources={"tagger": StageResources(pool_size=2, batch_size=1, num_cpus=0.25)})
+    chain = build_ray_chain(AnnotateConfig(tagger={"backend": "test-tagger", "log": str(log), "delay_s": 0.2}), cfg)
+    try:
+        chain.run(_items())
+    finally:
+        chain.close()
+    calls = [line.split() for line in log.read_text().splitlines()]
+    assert len(calls) == len(WIDTHS) and {n for _, n, _ in calls} == {"1"}
+    assert len({pid for pid, _, _ in calls}) == 2
+
+
+def test_killed_actor_raises_worker_lost_and_is_replaced(local_ray, tmp_path):
+    chain = build_ray_chain(AnnotateConfig(tagger={"backend": "test-tagger"}), _ray_cfg())
+    try:
+        pool = chain.pools[0]
+        local_ray.kill(pool.actors[0])
+        with pytest.raises(annotators.WorkerLost, match="tagger"):
+            chain.run(_items())
+        assert pool.replaced == 1
+        items = chain.run(_items())  # the replacement serves the retry
+        assert all(it.error is None and it.record.tags for it in items)
+    finally:
+        chain.close()
+
+
+def test_load_failure_and_unschedulable_pool_are_named(local_ray):
+    with pytest.raises(annotators.AnnotatorError, match="tagger: the tagger backend failed to load.*no model file"):
+        build_ray_chain(AnnotateConfig(tagger={"backend": "test-tagger", "fail_load": "/m.pt"}), _ray_cfg())
+    too_big = _ray_cfg(resources={"tagger": StageResources(num_cpus=3)}, actor_start_timeout_s=1)
+    with pytest.raises(annotators.AnnotatorError, match="not ready after 1 s; is there room"):
+        build_ray_chain(AnnotateConfig(tagger={"backend": "test-tagger"}), too_big)
