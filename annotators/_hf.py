@@ -7,6 +7,8 @@
   (left padding); ``VlmBackend``: the base of the backends that prompt one (the ``vlm`` captioner, the
   ``vlm-box`` region captioner), with their tiny LLaVA (``write_tiny_llava``).
 - ``PretrainedVisionBackend``: the base of the transformers image backends (``hf`` detector, ``mask2former``).
+- Tiny random models: ``TINY_TOWER`` (layer sizes), ``token_config`` (a tokenizer's vocabulary size and special
+  ids), ``save_tiny`` (init from seed 0 and ``save_pretrained`` with the processor).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from annotators._devices import (  # noqa: F401 - chunks, resolve_device, resolve_dtype re-exported
+from annotators._devices import (  # noqa: F401 - chunks re-exported
     VisionBackend,
     chunks,
     existing_path,
