@@ -91,6 +91,9 @@ class StageResources(_Config):
 class RayConfig(_Config):
     """Where the annotator actors run and how a shard streams through them (docs/orchestration.md)."""
 
+    mode: Literal["stages", "chain"] = Field(
+        default="stages", description="stages: one actor pool per model stage; chain: each actor runs every stage "
+        "(one process loads all models: fastest start on a small CPU box; resources key `chain`)")
     address: str | None = Field(default=None, description="null: start a local Ray; else ray.init(address=...)")
     num_cpus: int | None = Field(default=None, gt=0, description="local Ray CPUs (null: all cores)")
     num_gpus: int | None = Field(default=None, ge=0, description="local Ray GPUs (null: detected)")

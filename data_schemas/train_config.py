@@ -124,7 +124,8 @@ class DeepSpeedSection(_Section):
     """DeepSpeed ZeRO; the LAMB client optimizer is handed to the engine."""
 
     enabled: bool = False
-    zero_stage: int = Field(default=1, ge=0, le=3)
+    zero_stage: int = Field(
+        default=1, ge=0, le=2, description="0-2; ZeRO-3 fails in DeepSpeed 0.19.8 on 0-dim parameters (logit_scale)")
     offload_optimizer: bool = Field(default=False, description="ZeRO-Offload of optimizer states to CPU")
     config: dict[str, Any] = Field(default_factory=dict, description="extra keys merged into the generated config")
 

@@ -100,7 +100,7 @@ def checkpoint_name(step: int) -> str:
 def save_checkpoint(
     run_dir: Path,
     step: int,
-    model: UMGCLIP | None,
+    model: UMGCLIP,
     config: TrainConfig,
     state: dict,
     *,
@@ -112,8 +112,7 @@ def save_checkpoint(
     """Write checkpoint ``step`` of ``run_dir`` and point ``latest`` at it. Every rank calls this.
 
     Args:
-        model: the unwrapped model (rank 0 saves its weights); None with a ZeRO-3 engine, whose
-            weights are consolidated from the engine checkpoint instead.
+        model: the unwrapped model (rank 0 saves its weights; ZeRO-1/2 keep them whole on every rank).
         state: the training state for ``train_state.pt`` (see module docstring).
         barrier: synchronises ranks (no-op in one process).
         engine: a DeepSpeed engine; all ranks write their partitions under ``deepspeed/``.
@@ -132,14 +131,7 @@ def save_checkpoint(
         engine.save_checkpoint(str(tmp / DEEPSPEED), tag="state", save_latest=False)
         barrier()
     if is_main:
-        if model is None:
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-            from safetensors.torch import save_file
-
-            weights = get_fp32_state_dict_from_zero_checkpoint(str(tmp / DEEPSPEED), tag="state")
-            save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS))
-        else:
-            save_umg_weights(model, tmp / WEIGHTS)
+        save_umg_weights(model, tmp / WEIGHTS)
         torch.save(state, tmp / STATE)
         (tmp / CONFIG).write_text(config.model_dump_json(indent=1), encoding="utf-8")
         shutil.rmtree(final, ignore_errors=True)

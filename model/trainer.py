@@ -92,11 +92,10 @@ def resolve_tars(shards: Path | str | Sequence[Path | str]) -> list[Path]:
     return tars
 
 
-def schedule_steps(cfg: TrainConfig, tars: Sequence[Path], world_size: int) -> int:
-    """Optimizer steps of the schedule: ``steps``, or ``epochs`` over the shards' samples."""
+def schedule_steps(cfg: TrainConfig, samples: int | None, world_size: int) -> int:
+    """Optimizer steps of the schedule: ``steps``, or ``epochs`` over ``samples`` images per epoch."""
     if cfg.steps is not None:
         return cfg.steps
-    samples = cfg.data.samples_per_epoch or count_samples(tars)
     return max(1, math.ceil(cfg.epochs * samples / (cfg.batch_size * world_size * cfg.optim.accum_steps)))
 
 
@@ -117,12 +116,17 @@ class Trainer:
         self.spec = TransformSpec.from_config(cfg.data, preprocess["size"][0], preprocess["mean"], preprocess["std"],
                                               cfg.seed)
         self.tokens = TextTokens(get_tokenizer(cfg.model.name))
+        _seed_everything(cfg.seed + ctx.rank)  # same init everywhere, per-rank streams from here (as open_clip)
         self.loss_fn = UMGLoss(cfg.loss.lambda_image_tag, cfg.loss.lambda_region_tag, cfg.loss.smooth_l1_beta)
-        self.total_steps = schedule_steps(cfg, self.tars, ctx.world_size)
+        self.data_cfg = cfg.data
+        if cfg.steps is None or cfg.data.resampled:  # count the shards' samples once, not every epoch
+            samples = cfg.data.samples_per_epoch or count_samples(self.tars)
+            self.data_cfg = cfg.data.model_copy(update={"samples_per_epoch": samples})
+        self.total_steps = schedule_steps(cfg, self.data_cfg.samples_per_epoch, ctx.world_size)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
         self.engine = deepspeed_engine(self.model, self.optimizer, cfg) if cfg.deepspeed.enabled else None
-        self.forward_model = self.engine or self._ddp_or_plain()
+        self.forward_model = self.engine if self.engine is not None else self._ddp_or_plain()
         use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and ctx.device.type == "cuda")
         self.amp_dtype = torch.bfloat16 if use_bf16 else None
         self.step, self.epoch, self.consumed = 0, 0, {}
@@ -161,7 +165,7 @@ class Trainer:
                     (loss / len(micro_batches)).backward()
             sums += torch.stack([losses[k].detach().float() for k in LOSS_KEYS])
         grad_norm = self._clip_and_step()
-        self._clamp_logit_scale()
+        self.model.clamp_logit_scale_()
         values = (sums / len(micro_batches)).tolist()
         metrics = dict(zip(LOSS_KEYS, values), loss=sum(values), grad_norm=grad_norm,
                        logit_scale=float(self.model.logit_scale_exp().detach()))
@@ -215,22 +219,13 @@ class Trainer:
         self.scheduler.step()
         return float(norm)
 
-    def _clamp_logit_scale(self) -> None:
-        if self.engine is not None and self.cfg.deepspeed.zero_stage == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters([self.model.clip.logit_scale], modifier_rank=0):
-                self.model.clamp_logit_scale_()
-        else:
-            self.model.clamp_logit_scale_()
-
     # ---- data ---------------------------------------------------------------------------------------------
     def batches(self) -> Iterator[RegionBatch]:
         """Micro-batches across epochs; keeps ``epoch`` and the per-worker data position current."""
         while True:
-            dataset = make_dataset(self.tars, self.cfg.data, self.spec, self.tokens, self.cfg.batch_size,
+            dataset = make_dataset(self.tars, self.data_cfg, self.spec, self.tokens, self.cfg.batch_size,
                                    epoch=self.epoch, skip=self.consumed, world_size=self.ctx.world_size)
-            loader = make_loader(dataset, self.cfg.data.workers, pin_memory=self.ctx.device.type == "cuda")
+            loader = make_loader(dataset, self.data_cfg.workers, pin_memory=self.ctx.device.type == "cuda")
             fresh, produced = not self.consumed, False
             for batch in self._agreed(iter(loader)):
                 produced = True
@@ -307,8 +302,7 @@ class Trainer:
             "rng": self._gather(rng_state()), "scheduler": self.scheduler.state_dict(),
             "optimizer": self.optimizer.state_dict() if self.engine is None else None,
         }
-        zero3 = self.engine is not None and self.cfg.deepspeed.zero_stage == 3
-        return save_checkpoint(self.out_dir, self.step, None if zero3 else self.model, self.cfg, state,
+        return save_checkpoint(self.out_dir, self.step, self.model, self.cfg, state,
                                is_main=self.ctx.is_main, barrier=self.ctx.barrier, engine=self.engine,
                                keep_last=self.cfg.keep_last)
 

@@ -24,13 +24,15 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import annotators
-from data_schemas import AnnotateConfig
+from data_schemas import PIPELINE_VERSION, AnnotateConfig
 from data_schemas.config import RayConfig, StageResources
-from pipeline.ingest import IngestedItem
-from pipeline.stages import Chain, MergeStage, ScoreStage, Stage, StabilityStage, run_stage
+
+if TYPE_CHECKING:  # the stage chain imports torch: actors of plain backends start faster without it
+    from pipeline.ingest import IngestedItem
+    from pipeline.stages import Chain, Stage
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +96,11 @@ def _lost_errors() -> tuple[type[BaseException], ...]:
 class ActorPool:
     """``size`` actors of one backend; ``call`` fans a batch out in chunks, replaces actors that die."""
 
-    def __init__(self, label: str, kind: str, cfg: dict[str, Any], resources: StageResources,
+    def __init__(self, label: str, backend_cls: type, cfg: dict[str, Any], resources: StageResources,
                  start_timeout_s: float = 300.0) -> None:
         import ray
 
-        self.label, self.kind, self.resources = label, kind, resources
-        self.start_timeout_s = start_timeout_s
-        backend_cls = annotators.registry.resolve(kind, cfg["backend"])  # raises naming known backends
+        self.label, self.resources, self.start_timeout_s = label, resources, start_timeout_s
         self._remote = ray.remote(AnnotatorActor)
         self._options = {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus}
         self._args = (backend_cls, dict(cfg))
@@ -136,7 +136,7 @@ class ActorPool:
                 f"num_gpus={self.resources.num_gpus})? cluster: {ray.cluster_resources()}") from exc
         except ray.exceptions.RayError as exc:
             detail = str(exc).strip().splitlines()[-1]  # the backend's own error, after Ray's traceback
-            raise annotators.AnnotatorError(f"{self.label}: the {self.kind} backend failed to load: {detail}") from exc
+            raise annotators.AnnotatorError(f"{self.label}: the backend failed to load: {detail}") from exc
         self.name, self.version = infos[0][0], infos[0][1]
         log.info("pool %s: %d actors ready (%s@%s, pids %s)", self.label, len(infos), self.name, self.version,
                  [i[2] for i in infos])
@@ -257,6 +257,15 @@ class ChainMetrics:
             self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
             self.stage_failed[stage] = self.stage_failed.get(stage, 0) + failed
 
+    def as_dict(self) -> dict[str, Any]:
+        return {name: value for name, value in self.__dict__.items() if name != "_lock"}
+
+    def merge(self, counts: dict[str, Any]) -> None:
+        """Add ``as_dict()`` of another run (e.g. from a chain actor)."""
+        for stage, seconds in counts.get("stage_seconds", {}).items():
+            self.add_stage(stage, seconds, counts.get("stage_failed", {}).get(stage, 0))
+        self.add(**{k: v for k, v in counts.items() if k not in ("stage_seconds", "stage_failed")})
+
     def pass_rates(self) -> dict[str, float | None]:
         def rate(kept: int, total: int) -> float | None:
             return round(kept / total, 4) if total else None
@@ -272,6 +281,8 @@ def _n_masks(items: Sequence[IngestedItem]) -> int:
 
 def run_stage_measured(stage: Stage, items: Sequence[IngestedItem], metrics: ChainMetrics) -> None:
     """``run_stage`` plus the counts around the filters (merge, caption score, mask stability)."""
+    from pipeline.stages import MergeStage, ScoreStage, StabilityStage, run_stage
+
     live = [it for it in items if it.error is None]
     started = time.perf_counter()
     if isinstance(stage, MergeStage):
@@ -292,6 +303,18 @@ def run_stage_measured(stage: Stage, items: Sequence[IngestedItem], metrics: Cha
     else:
         run_stage(stage, items)
     metrics.add_stage(stage.name, time.perf_counter() - started, sum(it.error is not None for it in live))
+
+
+def run_chain_measured(chain: Chain, items: list[IngestedItem], metrics: ChainMetrics,
+                       stop: threading.Event | None = None) -> None:
+    """``chain(items)`` stage by stage with metrics; returns early once ``stop`` is set."""
+    from pipeline.stages import Chain
+
+    Chain([], keep_known=chain.keep_known)(items)  # the chain's known-annotation policy, no stages
+    for stage in chain.stages:
+        if stop is not None and stop.is_set():
+            return
+        run_stage_measured(stage, items, metrics)
 
 
 class PipelinedChain:
@@ -318,12 +341,8 @@ class PipelinedChain:
     __call__ = run
 
     def _run_batch(self, batch: list[IngestedItem], metrics: ChainMetrics, stop: threading.Event) -> None:
-        Chain([], keep_known=self.chain.keep_known)(batch)  # the chain's known-annotation policy, no stages
         try:
-            for stage in self.chain.stages:
-                if stop.is_set():
-                    return
-                run_stage_measured(stage, batch, metrics)
+            run_chain_measured(self.chain, batch, metrics, stop)
         except BaseException:
             stop.set()
             raise
@@ -333,36 +352,104 @@ class PipelinedChain:
             pool.close()
 
 
-def build_ray_chain(annotate_cfg: AnnotateConfig, ray_cfg: RayConfig) -> PipelinedChain:
+class ChainBackend:
+    """``ray.mode: chain``: the whole chain as one backend, so one actor process loads every model.
+
+    Called with a chunk of items; returns per item ``(record, error, metrics of the chunk or None)``.
+    """
+
+    name = "chain"
+    version = PIPELINE_VERSION
+
+    def __init__(self, annotate: dict[str, Any], classes: dict[tuple[str, str], type]) -> None:
+        self.annotate = AnnotateConfig.model_validate(annotate)
+        for (kind, backend), cls in classes.items():  # backends registered at runtime in the driver, too
+            annotators.register(kind, backend, f"{cls.__module__}:{cls.__qualname__}")
+        self.chain: Chain | None = None
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> ChainBackend:
+        return cls(cfg["annotate"], cfg["classes"])
+
+    def load(self) -> None:
+        from pipeline.stages import Chain
+
+        self.chain = Chain.from_config(self.annotate)
+        self.chain.load()
+
+    def __call__(self, items: list[IngestedItem]) -> list[tuple[Any, str | None, dict | None]]:
+        metrics = ChainMetrics()
+        run_chain_measured(self.chain, items, metrics)
+        counts = metrics.as_dict()
+        return [(item.record, item.error, counts if i == 0 else None) for i, item in enumerate(items)]
+
+
+class RemoteChain:
+    """``ray.mode: chain``: a shard is cut into chunks of ``batch_size``; each runs the whole chain on one
+    actor of the pool (all chunks in flight at once, spread over the actors)."""
+
+    def __init__(self, pool: ActorPool) -> None:
+        self.pool = pool
+        self.pools = [pool]
+
+    def run(self, items: list[IngestedItem], metrics: ChainMetrics | None = None) -> list[IngestedItem]:
+        metrics = metrics if metrics is not None else ChainMetrics()
+        for item, (record, error, counts) in zip(items, self.pool.call(items), strict=True):
+            item.record, item.error = record, error
+            item.scratch.clear()
+            if counts:
+                metrics.merge(counts)
+        return items
+
+    __call__ = run
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def _ready(pools: list[ActorPool]) -> None:
+    """Wait for every actor (they load in parallel); on failure kill them all."""
+    try:
+        for pool in pools:
+            pool.wait_ready()
+    except BaseException:
+        for pool in pools:
+            pool.close()
+        raise
+
+
+def build_ray_chain(annotate_cfg: AnnotateConfig, ray_cfg: RayConfig) -> PipelinedChain | RemoteChain:
     """The configured chain with every annotator in a Ray actor pool (Ray must be initialised).
 
     Stages sharing a backend (segmenter + stability) share its pool. Blocks until every actor has loaded.
     ``tiny: true`` backends are created here first (in the absolute ``tiny_models_dir``, which actors on other
     nodes must see: shared storage on a cluster).
     """
+    from pipeline.stages import Chain
     from pipeline.tiny_models import materialize_tiny
 
     annotate_cfg = materialize_tiny(annotate_cfg, Path(annotate_cfg.tiny_models_dir).resolve())
+    if ray_cfg.mode == "chain":
+        resources = ray_cfg.resources.get("chain") or ray_cfg.default
+        classes = {(kind, cfg["backend"]): annotators.registry.resolve(kind, cfg["backend"])
+                   for kind, cfg in stage_backends(annotate_cfg).values()}
+        pool = ActorPool("chain", ChainBackend, {"annotate": annotate_cfg.model_dump(mode="json"), "classes": classes},
+                         resources, ray_cfg.actor_start_timeout_s)
+        _ready([pool])
+        return RemoteChain(pool)
     chain = Chain.from_config(annotate_cfg)  # backends are built (not loaded) here: config errors surface early
     backends = stage_backends(annotate_cfg)
     proxies: dict[int, RemoteAnnotator] = {}
     pools: list[ActorPool] = []
-    try:
-        for stage in chain.stages:
-            if stage.annotator is None:
-                continue
-            key = id(stage.annotator)
-            if key not in proxies:
-                kind, backend_cfg = backends[stage.name]
-                pool = ActorPool(stage.name, kind, backend_cfg, stage_resources(ray_cfg, stage.name, kind),
-                                 ray_cfg.actor_start_timeout_s)
-                pools.append(pool)
-                proxies[key] = RemoteAnnotator(pool)
-            stage.annotator = proxies[key]
-        for pool in pools:  # actors load in parallel; wait for all
-            pool.wait_ready()
-    except BaseException:
-        for pool in pools:
-            pool.close()
-        raise
+    for stage in chain.stages:
+        if stage.annotator is None:
+            continue
+        if id(stage.annotator) not in proxies:
+            kind, backend_cfg = backends[stage.name]
+            backend_cls = annotators.registry.resolve(kind, backend_cfg["backend"])
+            pools.append(ActorPool(stage.name, backend_cls, backend_cfg, stage_resources(ray_cfg, stage.name, kind),
+                                   ray_cfg.actor_start_timeout_s))
+            proxies[id(stage.annotator)] = RemoteAnnotator(pools[-1])
+        stage.annotator = proxies[id(stage.annotator)]
+    _ready(pools)
     return PipelinedChain(chain, ray_cfg.batch_size, ray_cfg.max_in_flight, pools)

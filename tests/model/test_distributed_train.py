@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from data_schemas import TrainConfig
+from model.checkpoint import load_train_state, resolve_checkpoint
 from model.data import make_dataset
 from model.launch import DistContext, cleanup, free_port, init_distributed
 from model.trainer import Trainer, resolve_tars
@@ -41,6 +42,10 @@ def _rank(rank: int, world: int, port: int, batches: list, tars: list, out: str)
         assert isinstance(trainer.forward_model, DistributedDataParallel)
         metrics = trainer.train_step([batches[rank]])
         torch.save(_snapshot(trainer, metrics), f"{out}/rank{rank}.pt")
+        # The whole loop on 2 ranks: rank agreement on epochs, gathered data positions and RNG states.
+        loop_cfg = cfg.model_copy(update={"steps": 3, "data": cfg.data.model_copy(update={"resampled": True})})
+        result = Trainer(loop_cfg, tars, f"{out}/loop", ctx).fit()
+        torch.save(result.final_losses, f"{out}/loop{rank}.pt")
     finally:
         cleanup(ctx)
 
@@ -78,3 +83,8 @@ def test_two_gloo_ranks_match_one_process_with_the_double_batch(tars, tmp_path):
         for name, param in reference["params"].items():
             torch.testing.assert_close(got["params"][name], param, rtol=1e-5, atol=1e-6, msg=name)
     assert reference["metrics"]["region_caption_loss"] > 0 and reference["metrics"]["image_tag_loss"] > 0
+    finals = [torch.load(tmp_path / f"loop{r}.pt") for r in range(2)]
+    assert finals[0] == finals[1] and set(finals[0]) >= {"loss", "region_tag_loss"}
+    state = load_train_state(resolve_checkpoint(tmp_path / "loop"))
+    assert state["step"] == 3 and state["world_size"] == 2 and len(state["rng"]) == len(state["data"]) == 2
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # per-rank streams

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from model.schedule import WarmupCosine, build_optimizer, param_groups
 from model.trainer import Trainer, resolve_tars, schedule_steps
 from pipeline.sample_shards import write_sample_shards
 
+ROOT = Path(__file__).resolve().parents[2]
 FAST = {"progress": False, "tensorboard": False, "plot": False, "data": {"workers": 0}}
 
 
@@ -72,6 +74,9 @@ def test_train_config_section_overrides_and_errors(tmp_path):
     cfg = load_config(path, ["steps=7", "loss.tag_vocab=rank"], model=TrainConfig, section="train")
     assert (cfg.batch_size, cfg.steps, cfg.optim.visual_lr, cfg.loss.tag_vocab) == (4, 7, 1e-4, "rank")
     assert TrainConfig().steps == 100 and TrainConfig(epochs=2).steps is None
+    paper = load_config(ROOT / "configs" / "umg41m_train.yaml", model=TrainConfig, section="train")
+    assert (paper.model.name, paper.epochs, paper.optim.name, paper.model.cluster.reduction) == (
+        "EVA02-B-16", 10, "lamb", 0.75)
     with pytest.raises(ConfigError, match=r"optim\.betaz: Extra inputs"):
         load_config(path, ["optim.betaz=1"], model=TrainConfig, section="train")
     with pytest.raises(ConfigError, match="either steps or epochs"):
@@ -80,10 +85,11 @@ def test_train_config_section_overrides_and_errors(tmp_path):
         load_config(path, ["data.crop_scale=[0.9, 0.5]"], model=TrainConfig, section="train")
 
 
-def test_schedule_steps_from_epochs(shards):
-    tars = resolve_tars(shards)
-    cfg = TrainConfig(epochs=10, batch_size=4, optim={"accum_steps": 2})
-    assert schedule_steps(cfg, tars, world_size=1) == 10 and schedule_steps(cfg, tars, world_size=2) == 5
+def test_schedule_steps_from_epochs(shards, tmp_path):
+    cfg = TrainConfig.model_validate({**FAST, "epochs": 10, "batch_size": 4, "optim": {"accum_steps": 2}})
+    assert schedule_steps(cfg, 8, world_size=1) == 10 and schedule_steps(cfg, 8, world_size=2) == 5
+    trainer = Trainer(cfg, resolve_tars(shards), tmp_path, DistContext(0, 1, 0, torch.device("cpu")))
+    assert trainer.total_steps == 10 and trainer.data_cfg.samples_per_epoch == 8  # counted from shard stats
     with pytest.raises(FileNotFoundError, match="shards not found"):
         resolve_tars(shards / "missing")
 

@@ -73,12 +73,13 @@ def test_stage_names_and_resources_follow_the_config(monkeypatch):
     assert stage_resources(ray_cfg, "tagger", "tagger") == ray_cfg.default
 
 
-def test_ray_chain_gives_the_same_records_and_error_rows_as_in_process(local_ray, tmp_path):
+@pytest.mark.parametrize("mode", ["stages", "chain"])
+def test_ray_chain_gives_the_same_records_and_error_rows_as_in_process(local_ray, mode):
     annotate = _annotate(fail_width=BAD, oom_width=OOM)
     local = Chain.from_config(annotate)
     local.load()
     expected = local(_items())
-    chain = build_ray_chain(annotate, _ray_cfg())
+    chain = build_ray_chain(annotate, _ray_cfg(mode=mode, resources={"chain": StageResources(pool_size=2)}))
     try:
         metrics = ChainMetrics()
         got = chain.run(_items(), metrics)
@@ -105,12 +106,13 @@ def test_pool_fans_a_batch_out_over_its_actors(local_ray, tmp_path):
     assert len({pid for pid, _, _ in calls}) == 2
 
 
-def test_killed_actor_raises_worker_lost_and_is_replaced(local_ray, tmp_path):
-    chain = build_ray_chain(AnnotateConfig(tagger={"backend": "test-tagger"}), _ray_cfg())
+@pytest.mark.parametrize("mode", ["stages", "chain"])
+def test_killed_actor_raises_worker_lost_and_is_replaced(local_ray, mode):
+    chain = build_ray_chain(AnnotateConfig(tagger={"backend": "test-tagger"}), _ray_cfg(mode=mode))
     try:
         pool = chain.pools[0]
         local_ray.kill(pool.actors[0])
-        with pytest.raises(annotators.WorkerLost, match="tagger"):
+        with pytest.raises(annotators.WorkerLost, match="tagger" if mode == "stages" else "chain"):
             chain.run(_items())
         assert pool.replaced == 1
         items = chain.run(_items())  # the replacement serves the retry
@@ -120,7 +122,7 @@ def test_killed_actor_raises_worker_lost_and_is_replaced(local_ray, tmp_path):
 
 
 def test_load_failure_and_unschedulable_pool_are_named(local_ray):
-    with pytest.raises(annotators.AnnotatorError, match="tagger: the tagger backend failed to load.*no model file"):
+    with pytest.raises(annotators.AnnotatorError, match="tagger: the backend failed to load: FileNotFoundError: no model file"):
         build_ray_chain(AnnotateConfig(tagger={"backend": "test-tagger", "fail_load": "/m.pt"}), _ray_cfg())
     too_big = _ray_cfg(resources={"tagger": StageResources(num_cpus=3)}, actor_start_timeout_s=1)
     with pytest.raises(annotators.AnnotatorError, match="not ready after 1 s; is there room"):
