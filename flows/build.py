@@ -36,7 +36,8 @@ from prefect.runtime import flow_run
 
 from data_schemas import ConfigError, ImageLimits, load_config
 from pipeline.overlay import render_overlay
-from pipeline.ray_pool import ChainMetrics, PipelinedChain, build_ray_chain, start_ray
+from pipeline.chain_runner import ChainMetrics, PipelinedChain
+from pipeline.ray_pool import RemoteChain, build_ray_chain, start_ray
 from pipeline.shard_build import pin_plan, process_shard
 from pipeline.shards import discard_partial, finished_shards, iter_samples, read_stats, taken_keys, write_build_manifest
 from pipeline.sources.base import InputShard, Source
@@ -55,7 +56,7 @@ class _ShardJob:
     """What every shard task shares. A plain object, so Prefect does not walk it (keys can be millions)."""
 
     def __init__(self, source: Source, build_dir: Path, limits: ImageLimits, keys: set[str],
-                 chain: PipelinedChain | None) -> None:
+                 chain: PipelinedChain | RemoteChain | None) -> None:
         self.source, self.build_dir, self.limits, self.keys, self.chain = source, build_dir, limits, keys, chain
 
 
@@ -150,7 +151,7 @@ def _percent(done: int, total: int) -> float:
     return round(100.0 * done / total, 2) if total else 100.0
 
 
-def _stop_ray(chain: PipelinedChain | None, owns_ray: bool) -> None:
+def _stop_ray(chain: PipelinedChain | RemoteChain | None, owns_ray: bool) -> None:
     if chain is not None:
         chain.close()
     if owns_ray:

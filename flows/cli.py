@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -26,7 +27,7 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug l
 
 
 def _fail(message: str) -> None:
-    console.print(f"[red]error:[/red] {message}")
+    console.print("[red]error:[/red]", escape(message))
     raise typer.Exit(code=2)
 
 
@@ -102,7 +103,7 @@ def validate(build_dir: Annotated[Path, typer.Argument(help="build directory")])
 
     report = validate_build(build_dir)
     for problem in report.problems:
-        console.print(f"[red]broken:[/red] {problem}")
+        console.print("[red]broken:[/red]", escape(problem))
     typer.echo(json.dumps(report.summary()))
     if not report.ok:
         raise typer.Exit(code=1)

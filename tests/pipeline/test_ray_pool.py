@@ -13,7 +13,8 @@ import annotators
 from data_schemas import AnnotateConfig, ImageLimits
 from data_schemas.config import RayConfig, StageResources
 from pipeline.ingest import ingest_item
-from pipeline.ray_pool import ChainMetrics, build_ray_chain, stage_backends, stage_resources, start_ray
+from pipeline.chain_runner import ChainMetrics
+from pipeline.ray_pool import build_ray_chain, stage_backends, stage_resources, start_ray
 from pipeline.sources.base import SourceItem
 from pipeline.stages import Chain
 
