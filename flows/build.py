@@ -35,8 +35,8 @@ from prefect.events import emit_event
 from prefect.runtime import flow_run
 
 from data_schemas import ConfigError, ImageLimits, load_config
-from pipeline.overlay import render_overlay
 from pipeline.chain_runner import ChainMetrics, PipelinedChain
+from pipeline.overlay import render_overlay
 from pipeline.ray_pool import RemoteChain, build_ray_chain, start_ray
 from pipeline.shard_build import pin_plan, process_shard
 from pipeline.shards import discard_partial, finished_shards, iter_samples, read_stats, taken_keys, write_build_manifest

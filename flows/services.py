@@ -93,10 +93,9 @@ def wait_healthy(api_url: str, timeout: float = 90.0, pid: int | None = None) ->
     """Poll ``/health`` until it answers; fail early when ``pid`` (the server) has exited."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
+        with contextlib.suppress(OSError), urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
+            if response.status == 200:
+                return
         if pid is not None and not pid_alive(pid):
             raise RuntimeError(f"server process {pid} exited before {api_url} became healthy")
         time.sleep(0.3)

@@ -108,10 +108,12 @@ def run_chain_measured(chain: Chain, items: list[IngestedItem], metrics: ChainMe
 
 
 class PipelinedChain:
-    """Run a ``Chain`` over a shard in batches, ``max_in_flight`` batches at once (one thread each)."""
+    """Run a ``Chain`` over a shard in batches, ``max_in_flight`` batches at once (one thread each).
 
-    def __init__(self, chain: Chain, batch_size: int = 16, max_in_flight: int = 4,
-                 pools: Sequence[ActorPool] = ()) -> None:
+    ``pools``: what ``close()`` closes with the chain (the Ray actor pools behind its annotators).
+    """
+
+    def __init__(self, chain: Chain, batch_size: int = 16, max_in_flight: int = 4, pools: Sequence[Any] = ()) -> None:
         self.chain, self.batch_size, self.max_in_flight = chain, batch_size, max_in_flight
         self.pools = list(pools)
 

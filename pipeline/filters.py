@@ -44,6 +44,13 @@ SegmentFn = Callable[[Any, np.ndarray], np.ndarray]
 """``segment(image, boxes_xyxy (M, 4) float32) -> masks (M, H, W) bool``, one batched call."""
 
 
+def _cpu_float32(values: Any) -> torch.Tensor:
+    """A float32 CPU tensor; read-only numpy arrays (e.g. from Ray's object store) are copied first."""
+    if isinstance(values, np.ndarray) and not values.flags.writeable:
+        values = values.copy()
+    return torch.as_tensor(values, dtype=torch.float32, device="cpu").detach()
+
+
 @dataclass
 class Detections:
     """Boxes of one image from one or more detectors, all fields of the same length ``N``.
@@ -63,8 +70,8 @@ class Detections:
     sources: list[str]
 
     def __post_init__(self) -> None:
-        self.boxes = torch.as_tensor(self.boxes, dtype=torch.float32, device="cpu").detach().reshape(-1, 4)
-        self.scores = torch.as_tensor(self.scores, dtype=torch.float32, device="cpu").detach().reshape(-1)
+        self.boxes = _cpu_float32(self.boxes).reshape(-1, 4)
+        self.scores = _cpu_float32(self.scores).reshape(-1)
         self.labels = list(self.labels)
         self.sources = list(self.sources)
         lengths = {

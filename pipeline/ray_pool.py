@@ -1,16 +1,18 @@
-"""Ray actor pools for the annotation chain: one pool per model stage, each backend loaded once per actor.
+"""Ray actor pools for the annotation chain: each backend loaded once per actor, calls fanned out over a pool.
 
-``build_ray_chain(annotate_cfg, ray_cfg)`` builds the usual ``Chain`` and swaps each stage's annotator for a
-``RemoteAnnotator``: same ``name`` / ``version``, and ``__call__(*batch)`` runs the batch on the stage's actors
-(split into chunks of the stage's ``batch_size``, each chunk sent to the least-busy actor, so one call can use
-every actor of the pool). ``Stage.arguments`` / ``apply`` and ``run_stage`` are unchanged, so a chain behaves
-the same in-process and on Ray: an annotator error is re-raised as the backend's own exception (the stage
-splits the batch down to per-image error rows), while a dead actor raises ``annotators.WorkerLost`` — the
-shard fails, the orchestrator retries it, and the pool has already started a replacement actor.
+Two layouts (``ray.mode``):
 
-``PipelinedChain`` streams a shard through a chain in batches of ``batch_size`` on ``max_in_flight`` threads:
-while one batch is in the detector pool the next is in the tagger pool (bounded, so memory stays bounded).
-Nothing here imports Prefect.
+- ``stages`` (default): one pool per model stage. ``build_ray_chain`` builds the usual ``Chain`` and swaps each
+  stage's annotator for a ``RemoteAnnotator`` (same ``name`` / ``version``; ``__call__(*batch)`` splits the batch
+  into chunks of the stage's ``batch_size`` and sends each to the least-busy actor of its pool). ``Stage`` and
+  ``run_stage`` are unchanged, so the chain behaves the same in-process and on Ray; ``PipelinedChain`` keeps
+  several batches in flight so different batches occupy different pools at once. Per-stage ``num_gpus``.
+- ``chain``: one pool whose actors each hold the whole chain (``ChainBackend``); a shard is cut into chunks that
+  run on the actors in parallel. One process loads every model: the fastest start on a small CPU machine.
+
+Failures: an annotator error comes back as the backend's own exception (the stage splits the batch down to
+per-image error rows); a dead actor raises ``annotators.WorkerLost`` (the shard fails and is retried by the
+orchestrator) and the pool starts a replacement. Nothing here imports Prefect.
 """
 
 from __future__ import annotations
@@ -18,11 +20,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 import uuid
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import helpers_backends
 import pytest
 
-import helpers_backends
 from flows import services
 
 helpers_backends.register_all()

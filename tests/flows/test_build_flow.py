@@ -19,15 +19,14 @@ from collections import Counter
 from pathlib import Path
 
 import psutil
-import pytest
 from helpers_backends import pythonpath_with_helpers, write_config
 
+from data_schemas import SourceConfig
 from flows.build import COMPLETED_EVENT, build_umg41m
 from flows.services import api
 from pipeline.shard_build import pin_plan
 from pipeline.shards import finished_shards, read_shard_rows, shard_paths, stray_pieces
 from pipeline.sources.registry import build_source
-from data_schemas import SourceConfig
 from pipeline.validate import validate_build
 
 

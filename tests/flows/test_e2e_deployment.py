@@ -59,7 +59,7 @@ def test_deployment_run_builds_shards_and_triggers_train(prefect_server, sample_
     try:
         services.wait_deployments([BUILD_DEPLOYMENT, TRAIN_DEPLOYMENT], prefect_server.url, timeout=180,
                                   pid=serve.pid)
-        since = dt.datetime.now(dt.timezone.utc)
+        since = dt.datetime.now(dt.UTC)
         run = subprocess.run(
             [services._bin("prefect"), "deployment", "run", BUILD_DEPLOYMENT, "-p", f"config={config}",
              "-p", f"input={sample_raw}", "-p", f"output={out}", "--watch", "--watch-interval", "1",

@@ -33,7 +33,8 @@ def test_prefect_server_and_ray_listen_on_loopback_only(prefect_server):
 
 
 def test_stop_escalates_to_sigkill_for_a_process_ignoring_sigterm(tmp_path):
-    stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(60)"
+    stubborn = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); "
+                "time.sleep(60)")
     log = tmp_path / "stubborn.log"
     service = services._spawn("stubborn", [sys.executable, "-c", stubborn], dict(os.environ), log, None)
     while "up" not in log.read_text():
