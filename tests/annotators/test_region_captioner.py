@@ -1,4 +1,5 @@
-"""Region captioners ``vlm-box`` (tiny LLaVA) and ``crop`` (around a tiny BLIP-2); ``gpt4roi`` only its errors."""
+"""Region captioners ``vlm-box`` (tiny LLaVA) and ``crop`` (around a tiny BLIP-2); ``gpt4roi`` without its package:
+its errors, config, prompt/box/answer helpers and its batching plumbing around a stub model (not GPT4RoI itself)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,17 @@ from PIL import Image
 
 import annotators
 from annotators import AnnotatorError, MissingDependencyError
-from annotators.region_captioner import CropCaptioner, VlmBoxCaptioner, crop_box, shikra_box
+from annotators.region_captioner import (
+    CropCaptioner,
+    Gpt4RoiCaptioner,
+    StopWhenAllAnswered,
+    VlmBoxCaptioner,
+    crop_box,
+    gpt4roi_answer,
+    gpt4roi_boxes,
+    gpt4roi_question,
+    shikra_box,
+)
 from data_schemas import RegionCaption
 
 BOXES = [  # per image of the shared ``images`` fixture (64x48, 100x100, 37x81)
@@ -145,7 +156,122 @@ def test_gpt4roi_missing_package_names_the_docker_image(tmp_path, images):
     captioner = annotators.build("region_captioner", {"backend": "gpt4roi", "model": str(tmp_path)})
     with pytest.raises(MissingDependencyError, match="docker/Dockerfile.cuda"):
         captioner.load()
-    with pytest.raises(AnnotatorError):
+    with pytest.raises(AnnotatorError, match="not loaded"):
         captioner(images, BOXES)
-    with pytest.raises(AnnotatorError, match=r"unknown config keys \['prompt'\]"):
-        annotators.build("region_captioner", {"backend": "gpt4roi", "model": "x", "prompt": "p"})
+    with pytest.raises(MissingDependencyError, match="docker/Dockerfile.cuda"):
+        Gpt4RoiCaptioner.create_tiny(tmp_path)
+
+
+def test_gpt4roi_from_config_accepts_and_rejects_keys():
+    cfg = {
+        "backend": "gpt4roi",
+        "model": "/models/GPT4RoI-7B",
+        "prompt": "What is {region}?",
+        "max_new_tokens": 16,
+        "device": "cuda:1",
+        "dtype": "bfloat16",
+        "batch_size": 4,
+    }
+    captioner = annotators.build("region_captioner", cfg)  # builds without importing gpt4roi or loading anything
+    assert isinstance(captioner, Gpt4RoiCaptioner) and captioner.kind == "region_captioner"
+    assert (captioner.prompt, captioner.max_new_tokens, captioner.batch_size) == ("What is {region}?", 16, 4)
+    assert (captioner.device_name, captioner.dtype_name) == ("cuda:1", "bfloat16")
+    assert captioner.version == "/models/GPT4RoI-7B"
+    defaults = Gpt4RoiCaptioner.from_config({"backend": "gpt4roi", "model": "m"})
+    assert "{region}" in defaults.prompt and (defaults.dtype_name, defaults.max_new_tokens) == ("float16", 64)
+    with pytest.raises(AnnotatorError, match=r"unknown config keys \['num_beams', 'temperature'\]"):
+        annotators.build("region_captioner", {**cfg, "num_beams": 2, "temperature": 0.2})
+    with pytest.raises(AnnotatorError, match=r"missing required config keys \['model'\]"):
+        annotators.build("region_captioner", {"backend": "gpt4roi", "prompt": "What is {region}?"})
+    for prompt in ["What is this?", "{region} and {region}"]:
+        with pytest.raises(AnnotatorError, match="exactly one"):
+            annotators.build("region_captioner", {**cfg, "prompt": prompt})
+    with pytest.raises(AnnotatorError, match="must not contain"):
+        annotators.build("region_captioner", {**cfg, "prompt": "What is {region} <bbox>?"})
+    with pytest.raises(AnnotatorError, match=">= 1"):
+        annotators.build("region_captioner", {**cfg, "batch_size": 0})
+
+
+def test_gpt4roi_prompt_boxes_and_answers():
+    assert gpt4roi_question("What is {region}?") == (
+        "The <image> provides an overview of the picture.\nWhat is region1 <bbox>?"
+    )
+    rel = gpt4roi_boxes(np.array([[10, 20, 50, 90], [-4, 0, 130, 25.5]]), 100, 50)
+    np.testing.assert_allclose(rel, [[0.1, 0.4, 0.5, 1.0], [0.0, 0.0, 1.0, 0.51]], rtol=1e-6)
+    assert rel.dtype == np.float32 and gpt4roi_boxes(np.zeros((0, 4)), 3, 3).shape == (0, 4)
+    assert gpt4roi_answer("Assistant: a red car parked on the street\n###") == "a red car parked on the street"
+    assert gpt4roi_answer(" Assistant:a dog\n### Human: and region2?") == "a dog"
+    assert gpt4roi_answer("###") == ""
+
+
+class _StubTokenizer:
+    """Token id t decodes to ``words[t]``; ``batch_decode`` joins a row's words (pad/eos id 0 is special)."""
+
+    eos_token_id = pad_token_id = 0
+    words = {1: "Assistant:", 2: " a", 3: " cat", 4: "\n###", 5: " dog", 9: " prompt"}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.words[int(t)] for t in ids if int(t) != 0 or not skip_special_tokens)
+
+    def batch_decode(self, rows, skip_special_tokens=True):
+        return [self.decode(row, skip_special_tokens) for row in rows]
+
+
+class _StubModel:
+    """Answers "a cat" for boxes in the left half of the image, "a dog" otherwise, stopping on the criterion."""
+
+    def __init__(self):
+        self.calls = []
+
+    def forward(self, *args, **kwargs):
+        raise AssertionError("the stub is only generated from")
+
+    def generate(self, input_ids, images, stopping_criteria, max_new_tokens, **kwargs):
+        import torch
+
+        bboxes = self.forward.keywords["bboxes"]  # what app.py's functools.partial hands the real forward
+        self.calls.append((tuple(images.shape), [b.tolist() for b in bboxes], kwargs))
+        answers = [[1, 2, 3 if b[0, 2] <= 0.5 else 5, 4] for b in bboxes]
+        out = input_ids
+        for step in range(max_new_tokens):
+            out = torch.cat([out, torch.tensor([[a[min(step, 3)]] for a in answers])], dim=1)
+            if all(c(out, None) for c in stopping_criteria):
+                break
+        return out
+
+
+def test_gpt4roi_batching_plumbing_with_a_stub_model(images):
+    """Not GPT4RoI: checks the adapter's own work (pixels, relative boxes per row through the forward partial,
+    batches of ``batch_size``, answer cleaning, regrouping) around stand-ins for the model and tokenizer."""
+    import torch
+
+    captioner = Gpt4RoiCaptioner.from_config({"backend": "gpt4roi", "model": "m", "batch_size": 2})
+    stub = _StubModel()
+
+    class Processor:
+        def preprocess(self, image, do_center_crop, return_tensors):
+            assert do_center_crop is False and image.mode == "RGB"
+            return {"pixel_values": torch.zeros(1, 3, image.height, image.width)}
+
+    captioner._model, captioner._tokenizer, captioner._image_processor = stub, _StubTokenizer(), Processor()
+    captioner._prompt_ids = torch.tensor([[9, 9, 9]])
+    captioner._device, captioner._dtype = torch.device("cpu"), torch.float32
+    out = captioner(images, BOXES)
+    assert _texts(out) == [[["a cat"], ["a dog"]], [], [["a cat"]]]
+    _check(out, [2, 0, 1], 1, "gpt4roi")
+    assert [c[0] for c in stub.calls] == [(2, 3, 224, 224), (1, 3, 224, 224)]
+    rows = [box for call in stub.calls for box in call[1]]
+    expected = [[2 / 64, 3 / 48, 30 / 64, 40 / 48], [0, 0, 1, 1], [5 / 37, 60 / 81, 12 / 37, 70 / 81]]
+    np.testing.assert_allclose(np.array(rows).reshape(3, 4), expected, rtol=1e-6)
+    assert stub.calls[0][2]["do_sample"] is False
+    assert "forward" not in vars(stub)  # the partial is removed again
+    assert captioner(images, [[], [], []]) == [[], [], []] and captioner([], []) == []
+
+
+def test_stop_when_all_answered_waits_for_every_row():
+    import torch
+
+    stop = StopWhenAllAnswered(_StubTokenizer(), start=1, eos_id=0)
+    assert not stop(torch.tensor([[9, 1, 4], [9, 1, 2]]), None)  # row 1 not done: upstream's row-0 check would stop
+    assert stop(torch.tensor([[9, 1, 4], [9, 0, 0]]), None)  # row 1 ended with eos
+    assert not stop(torch.tensor([[4, 1, 2]]), None)  # a "###" inside the prompt does not count
