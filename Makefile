@@ -26,10 +26,4 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	rm -rf $(DEMO_DIR)
-	$(BIN)/umg sample --out $(DEMO_DIR)/raw --n 64 --seed 0
-	$(BIN)/umg build --input $(DEMO_DIR)/raw --output $(DEMO_DIR)/shards --set shard_size=16
-	$(BIN)/umg validate $(DEMO_DIR)/shards
-	$(BIN)/umg show $(DEMO_DIR)/shards train_000000 --png $(DEMO_DIR)/overlay_train_000000.png
-	@echo "demo done: images + COCO JSON in $(DEMO_DIR)/raw, shards in $(DEMO_DIR)/shards," \
-	      "overlay picture $(DEMO_DIR)/overlay_train_000000.png"
+	DEMO_DIR=$(DEMO_DIR) scripts/demo.sh

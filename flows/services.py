@@ -39,6 +39,8 @@ class Service:
     log: Path | None = None
     popen: subprocess.Popen | None = None
     url: str | None = None
+    home: Path | None = None
+    env: dict[str, str] | None = None
 
 
 def free_port(host: str = LOOPBACK) -> int:
@@ -63,12 +65,14 @@ def prefect_env(home: Path, api_url: str | None = None, base: dict[str, str] | N
     return env
 
 
-def _bin(name: str) -> str:
+def venv_bin(name: str) -> str:
+    """``name`` next to this Python (the venv's ``prefect``), else from PATH."""
     local = Path(sys.executable).with_name(name)
     return str(local) if local.exists() else name
 
 
-def _spawn(name: str, cmd: Sequence[str], env: dict[str, str], log: Path | None, cwd: Path | None) -> Service:
+def spawn(name: str, cmd: Sequence[str], env: dict[str, str], log: Path | None, cwd: Path | None) -> Service:
+    """Start ``cmd`` in its own session (so ``stop`` can take its children), output appended to ``log``."""
     sink = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115 - handed to the child
     try:
         popen = subprocess.Popen(list(cmd), env=env, cwd=cwd, stdout=sink, stderr=subprocess.STDOUT,
@@ -83,9 +87,10 @@ def start_server(home: Path, port: int | None = None, log: Path | None = None) -
     """``prefect server start`` on 127.0.0.1 with SQLite under ``home``; call ``wait_healthy`` next."""
     home.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
-    cmd = [_bin("prefect"), "server", "start", "--host", LOOPBACK, "--port", str(port)]
-    service = _spawn("prefect-server", cmd, prefect_env(home), log, None)
-    service.url = f"http://{LOOPBACK}:{port}/api"
+    cmd = [venv_bin("prefect"), "server", "start", "--host", LOOPBACK, "--port", str(port)]
+    service = spawn("prefect-server", cmd, prefect_env(home), log, None)
+    service.url, service.home = f"http://{LOOPBACK}:{port}/api", home
+    service.env = prefect_env(home, service.url)  # for clients / CLI calls against this server
     return service
 
 
@@ -107,7 +112,7 @@ def start_serve(api_url: str, home: Path, args: Sequence[str] = (), log: Path | 
     """``python -m flows.serve ARGS`` (serves build-umg41m/local and train/local) against ``api_url``."""
     env = prefect_env(home, api_url)
     env.update(extra_env or {})
-    return _spawn("prefect-serve", [sys.executable, "-m", "flows.serve", *args], env, log, cwd)
+    return spawn("prefect-serve", [sys.executable, "-m", "flows.serve", *args], env, log, cwd)
 
 
 def pid_alive(pid: int) -> bool:

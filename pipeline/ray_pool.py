@@ -41,19 +41,24 @@ LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 # ----------------------------------------------------------------------------------------------------- runtime
-def start_ray(cfg: RayConfig) -> bool:
-    """Connect to ``cfg.address`` or start a local Ray (loopback only unless ``cfg.loopback`` is False).
+ADDRESS_ENV = ("UMG_RAY_ADDRESS", "RAY_ADDRESS")
 
-    Returns True when this call initialised Ray (the caller then owns ``ray.shutdown()``), False when this
-    process was already connected.
+
+def start_ray(cfg: RayConfig) -> bool:
+    """Connect to a cluster or start a local Ray (loopback only unless ``cfg.loopback`` is False).
+
+    The cluster address is ``cfg.address``, else ``$UMG_RAY_ADDRESS`` / ``$RAY_ADDRESS`` (docker/compose.yaml
+    sets the first). Returns True when this call initialised Ray (the caller then owns ``ray.shutdown()``),
+    False when this process was already connected.
     """
     import ray
 
     if ray.is_initialized():
         return False
     common = {"runtime_env": cfg.runtime_env, "ignore_reinit_error": True, "log_to_driver": True}
-    if cfg.address:
-        ray.init(address=cfg.address, **common)
+    address = cfg.address or next((os.environ[k] for k in ADDRESS_ENV if os.environ.get(k)), None)
+    if address:
+        ray.init(address=address, **common)
         return True
     if cfg.loopback:
         _force_loopback()

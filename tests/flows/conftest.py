@@ -24,8 +24,6 @@ def prefect_server(tmp_path_factory):
     server = services.start_server(home, log=home / "server.log")
     try:
         services.wait_healthy(server.url, pid=server.pid)
-        server.home = home
-        server.env = services.prefect_env(home, server.url)
         with temporary_settings(updates={PREFECT_API_URL: server.url, PREFECT_HOME: str(home)}):
             yield server
             _drain_prefect_workers()

@@ -61,7 +61,7 @@ def test_deployment_run_builds_shards_and_triggers_train(prefect_server, sample_
                                   pid=serve.pid)
         since = dt.datetime.now(dt.UTC)
         run = subprocess.run(
-            [services._bin("prefect"), "deployment", "run", BUILD_DEPLOYMENT, "-p", f"config={config}",
+            [services.venv_bin("prefect"), "deployment", "run", BUILD_DEPLOYMENT, "-p", f"config={config}",
              "-p", f"input={sample_raw}", "-p", f"output={out}", "--watch", "--watch-interval", "1",
              "--watch-timeout", "300"],
             env=prefect_server.env, capture_output=True, text=True, timeout=330)

@@ -36,7 +36,7 @@ def test_stop_escalates_to_sigkill_for_a_process_ignoring_sigterm(tmp_path):
     stubborn = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); "
                 "time.sleep(60)")
     log = tmp_path / "stubborn.log"
-    service = services._spawn("stubborn", [sys.executable, "-c", stubborn], dict(os.environ), log, None)
+    service = services.spawn("stubborn", [sys.executable, "-c", stubborn], dict(os.environ), log, None)
     while "up" not in log.read_text():
         pass
     services.stop(service.pid, timeout=1.0)
@@ -45,7 +45,7 @@ def test_stop_escalates_to_sigkill_for_a_process_ignoring_sigterm(tmp_path):
 
 
 def test_wait_healthy_fails_fast_when_the_server_process_died():
-    dead = services._spawn("dead", [sys.executable, "-c", "raise SystemExit(1)"], dict(os.environ), None, None)
+    dead = services.spawn("dead", [sys.executable, "-c", "raise SystemExit(1)"], dict(os.environ), None, None)
     with pytest.raises(RuntimeError, match="exited before"):
         services.wait_healthy(f"http://127.0.0.1:{services.free_port()}/api", timeout=30, pid=dead.pid)
 
