@@ -35,6 +35,7 @@ from prefect.events import emit_event
 from prefect.runtime import flow_run
 
 from data_schemas import ConfigError, ImageLimits, load_config
+from flows.progress import shard_progress
 from pipeline.chain_runner import ChainMetrics, PipelinedChain
 from pipeline.overlay import render_overlay
 from pipeline.ray_pool import RemoteChain, build_ray_chain, start_ray
@@ -118,18 +119,14 @@ def build_umg41m(config: str = "configs/smoke.yaml", input: str | None = None, o
         job = _ShardJob(source, build_dir, cfg.images, taken_keys(build_dir), chain)
         shard_task = build_shard.with_options(retries=cfg.flow.shard_retries,
                                               retry_delay_seconds=cfg.flow.retry_delay_s)
-        for shard in todo:
-            state = shard_task.with_options(task_run_name=f"shard-{shard.name}")(job, shard, return_state=True)
-            if state.is_completed():
-                rows.append(state.result())
-            else:
-                failed.append(shard.name)
-                logger.error("shard=%s failed after retries: %s", shard.name, state.message,
-                             extra={"shard": shard.name})
-            write_build_manifest(build_dir)
-            n_done = len(finished_shards(build_dir))
-            update_progress_artifact(progress, _percent(n_done, len(plan)),
-                                     description=f"{n_done} / {len(plan)} shards done in {build_dir}")
+        with shard_progress(len(plan), len(done)) as advance:
+            for shard in todo:
+                _run_shard(shard_task, job, shard, rows, failed, logger)
+                advance()
+                write_build_manifest(build_dir)
+                n_done = len(finished_shards(build_dir))
+                update_progress_artifact(progress, _percent(n_done, len(plan)),
+                                         description=f"{n_done} / {len(plan)} shards done in {build_dir}")
     finally:
         _stop_ray(chain, owns_ray)
     write_build_manifest(build_dir)
@@ -145,6 +142,15 @@ def build_umg41m(config: str = "configs/smoke.yaml", input: str | None = None, o
         raise BuildIncomplete(f"build {build_dir} incomplete: failed shards {failed}, problems {report.problems}")
     _announce(build_dir, config, summary)
     return summary
+
+
+def _run_shard(shard_task, job, shard, rows: list[dict], failed: list[str], logger) -> None:
+    state = shard_task.with_options(task_run_name=f"shard-{shard.name}")(job, shard, return_state=True)
+    if state.is_completed():
+        rows.append(state.result())
+    else:
+        failed.append(shard.name)
+        logger.error("shard=%s failed after retries: %s", shard.name, state.message, extra={"shard": shard.name})
 
 
 def _percent(done: int, total: int) -> float:

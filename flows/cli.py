@@ -10,8 +10,9 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
+
+from flows.progress import progress_bar
 from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="UMG-CLIP: build UMG-41M-style shards, train.")
 console = Console(stderr=True)
@@ -29,12 +30,6 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug l
 def _fail(message: str) -> None:
     console.print("[red]error:[/red]", escape(message))
     raise typer.Exit(code=2)
-
-
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
-    )
 
 
 @app.command()
@@ -81,7 +76,7 @@ def build(
         chain = prepare_chain(cfg.annotate)
     except AnnotatorError as exc:
         _fail(str(exc))
-    with _progress() as bar:
+    with progress_bar(console) as bar:
         task = bar.add_task("shards", total=None)
         summary = build_shards(
             source, output, cfg.shard_size, cfg.images, annotate=chain,

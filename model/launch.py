@@ -8,14 +8,18 @@
 - DeepSpeed: :func:`deepspeed_engine` wraps the model and the client optimizer (LAMB) in an engine
   with ZeRO stage ``deepspeed.zero_stage``. Autocast stays ours (fp32 master weights, bf16 compute).
 - Ray Train: :func:`run_with_ray` runs the same ``model.trainer.train`` in ``ray_num_workers``
-  ``TorchTrainer`` workers; Ray creates the process group and each worker calls ``train``.
+  ``TorchTrainer`` workers on a local Ray bound to 127.0.0.1 (or a cluster at ``ray_address``); Ray creates
+  the process group and each worker calls ``train``.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -163,55 +167,126 @@ def _broadcast_model_scalar_safe(engine) -> None:
         dist.broadcast(data, src=0)
 
 
+#: Ray reads this at import: "0" makes a local node use the loopback address for every server it starts. The
+#: same switch as ``pipeline.ray_pool.start_ray`` (model/ may import only ``pipeline.shards`` from pipeline).
+RAY_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+#: Where a cluster address comes from when ``distributed.ray_address`` is null (as ``pipeline.ray_pool``).
+RAY_ADDRESS_ENV = ("UMG_RAY_ADDRESS", "RAY_ADDRESS")
+
+
+def start_ray_for_training(section: DistributedSection) -> bool:
+    """Join the cluster at ``ray_address`` / ``$UMG_RAY_ADDRESS`` / ``$RAY_ADDRESS``, else start a local Ray
+    bound to 127.0.0.1. Returns True when this call initialised Ray (the caller then owns ``ray.shutdown()``).
+
+    The local runtime gets at least ``ray_num_workers * ray_cpus_per_worker`` logical CPUs (oversubscribing a
+    small machine, as ``torchrun --nproc-per-node`` would) and its dashboard, on 127.0.0.1: Ray Train's controller
+    watches itself through the State API the dashboard serves, and warns every few seconds without it.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = section.ray_address or next((os.environ[k] for k in RAY_ADDRESS_ENV if os.environ.get(k)), None)
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return True
+    num_cpus = max(os.cpu_count() or 1, math.ceil(section.ray_num_workers * section.ray_cpus_per_worker))
+    with _ray_loopback():
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+    log.info("started a local Ray on 127.0.0.1 (%d CPUs)", num_cpus)
+    return True
+
+
+@contextmanager
+def _ray_loopback() -> Iterator[None]:
+    """While a local Ray starts: every server it spawns (gcs, raylet, agents, workers) binds 127.0.0.1.
+
+    Ray resolves a local node's IP through ``ENABLE_RAY_CLUSTER`` (read from the env var at import, so the module
+    attribute is set too). The processes started inside keep the setting; this process gets its own back.
+    """
+    from ray._private import ray_constants
+
+    env, attr = os.environ.get(RAY_LOOPBACK_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[RAY_LOOPBACK_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = attr
+        if env is None:
+            os.environ.pop(RAY_LOOPBACK_ENV, None)
+        else:
+            os.environ[RAY_LOOPBACK_ENV] = env
+
+
 def run_with_ray(cfg: TrainConfig, tars: list[Path], out_dir: Path):
     """Run ``model.trainer.train`` on ``ray_num_workers`` Ray Train workers; returns rank 0's ``TrainResult``.
 
-    ``out_dir`` and the shards must be reachable from every worker (a shared filesystem on a cluster).
+    Ray is started here (loopback only) or joined (:func:`start_ray_for_training`) and shut down again if this
+    call started it. ``out_dir`` and the shards must be reachable from every worker (a shared filesystem on a
+    cluster); workers run in the driver's working directory when it exists on their node, so relative paths
+    in the config mean what they mean to the driver.
 
     Raises:
-        RuntimeError: when Ray Train is not installed (``pip install 'ray[train]'``).
+        RuntimeError: when Ray Train is not installed (``pip install 'ray[train]'``), or when the run fails
+            (the message carries the worker's error).
     """
     try:
         import ray
+        import ray.train
         from ray.train import RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
     except ImportError as exc:
         raise RuntimeError(
             f"distributed.launcher 'ray' needs Ray Train, which is not importable here ({exc}); install it with "
             "pip install 'ray[train]==2.60.0', or launch with torchrun (docs/training.md)") from exc
-    section = cfg.distributed
-    if not ray.is_initialized():
-        ray.init(address=section.ray_address, include_dashboard=False, ignore_reinit_error=True)
-    use_gpu = section.ray_use_gpu
-    if use_gpu is None:
-        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    worker_cfg = cfg.model_copy(update={"distributed": section.model_copy(update={"launcher": "torchrun"})})
-    backend = section.backend if section.backend != "auto" else ("nccl" if use_gpu else "gloo")
-    trainer = TorchTrainer(
-        _ray_worker_loop,
-        train_loop_config={"config": worker_cfg.model_dump(mode="json"), "shards": [str(t) for t in tars],
-                           "out_dir": str(out_dir)},
-        torch_config=TorchConfig(backend=backend),
-        scaling_config=ScalingConfig(num_workers=section.ray_num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": section.ray_cpus_per_worker}),
-        run_config=RunConfig(name="umg-train", storage_path=str(section.ray_storage_path or Path(out_dir) / "ray")),
-    )
-    metrics = trainer.fit().metrics
     from model.trainer import TrainResult
 
-    return TrainResult(checkpoint=Path(metrics["checkpoint"]), steps=int(metrics["steps"]),
-                       metrics_csv=Path(metrics["metrics_csv"]), final_losses=dict(metrics["final_losses"]))
+    section = cfg.distributed
+    out_dir = Path(out_dir).resolve()
+    storage = Path(section.ray_storage_path or out_dir / "ray").resolve()
+    owns_ray = start_ray_for_training(section)
+    try:
+        use_gpu = section.ray_use_gpu
+        if use_gpu is None:
+            use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        worker_cfg = cfg.model_copy(update={"distributed": section.model_copy(update={"launcher": "torchrun"})})
+        backend = section.backend if section.backend != "auto" else ("nccl" if use_gpu else "gloo")
+        trainer = TorchTrainer(
+            _ray_worker_loop,
+            train_loop_config={"config": worker_cfg.model_dump(mode="json"), "cwd": os.getcwd(),
+                               "shards": [str(Path(t).resolve()) for t in tars], "out_dir": str(out_dir)},
+            torch_config=TorchConfig(backend=backend, timeout_s=section.timeout_s),
+            scaling_config=ScalingConfig(num_workers=section.ray_num_workers, use_gpu=use_gpu,
+                                         resources_per_worker={"CPU": section.ray_cpus_per_worker}),
+            run_config=RunConfig(name="umg-train", storage_path=str(storage)),
+        )
+        try:
+            result = trainer.fit()
+        except ray.train.TrainingFailedError as exc:
+            raise RuntimeError(f"Ray Train run failed: {exc}") from exc
+    finally:
+        if owns_ray:
+            ray.shutdown()
+    # Ray Train v2 (the default) hands back rank 0's return value; v1 (RAY_TRAIN_V2_ENABLED=0) the last report.
+    done = getattr(result, "return_value", None) or result.metrics
+    return TrainResult(checkpoint=Path(done["checkpoint"]), steps=int(done["steps"]),
+                       metrics_csv=Path(done["metrics_csv"]), final_losses=dict(done["final_losses"]))
 
 
-def _ray_worker_loop(config: dict) -> None:
+def _ray_worker_loop(config: dict) -> dict:
     """One Ray Train worker: the process group exists already; run the ordinary trainer."""
     import ray.train
     from ray.train.torch import get_device
 
     from model.trainer import train
 
+    if Path(config["cwd"]).is_dir():  # Ray Train starts workers in its own run directory
+        os.chdir(config["cwd"])
     cfg = TrainConfig.model_validate(config["config"])
     cfg = cfg.model_copy(update={"device": str(get_device())})
     result = train(cfg, [Path(s) for s in config["shards"]], Path(config["out_dir"]))
-    ray.train.report({"checkpoint": str(result.checkpoint), "steps": result.steps,
-                      "metrics_csv": str(result.metrics_csv), "final_losses": result.final_losses})
+    done = {"checkpoint": str(result.checkpoint), "steps": result.steps, "metrics_csv": str(result.metrics_csv),
+            "final_losses": result.final_losses}
+    ray.train.report(done)  # every rank reports (a collective in Ray Train v2)
+    return done
