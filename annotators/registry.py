@@ -32,7 +32,7 @@ _ENTRIES: dict[str, dict[str, str]] = {
     "region_captioner": {
         "vlm-box": "annotators.region_captioner:VlmBoxCaptioner",
         "crop": "annotators.region_captioner:CropCaptioner",
-        "gpt4roi": "annotators.region_captioner:Gpt4RoiCaptioner",
+        "gpt4roi": "annotators.region_captioner_gpt4roi:Gpt4RoiCaptioner",
     },
     "segmenter": {
         "sam": "annotators.segmenter:SamSegmenter",

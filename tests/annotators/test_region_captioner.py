@@ -11,16 +11,13 @@ from PIL import Image
 
 import annotators
 from annotators import AnnotatorError, MissingDependencyError
-from annotators.region_captioner import (
-    CropCaptioner,
+from annotators.region_captioner import CropCaptioner, VlmBoxCaptioner, crop_box, shikra_box
+from annotators.region_captioner_gpt4roi import (
     Gpt4RoiCaptioner,
     StopWhenAllAnswered,
-    VlmBoxCaptioner,
-    crop_box,
     gpt4roi_answer,
     gpt4roi_boxes,
     gpt4roi_question,
-    shikra_box,
 )
 from data_schemas import RegionCaption
 
