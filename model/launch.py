@@ -172,6 +172,8 @@ def _broadcast_model_scalar_safe(engine) -> None:
 RAY_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 #: Where a cluster address comes from when ``distributed.ray_address`` is null (as ``pipeline.ray_pool``).
 RAY_ADDRESS_ENV = ("UMG_RAY_ADDRESS", "RAY_ADDRESS")
+#: "0" selects Ray Train v1, whose Result has no return value and whose trainer actor wants a CPU of its own.
+RAY_TRAIN_V2_ENV = "RAY_TRAIN_V2_ENABLED"
 
 
 def start_ray_for_training(section: DistributedSection) -> bool:
@@ -242,6 +244,8 @@ def run_with_ray(cfg: TrainConfig, tars: list[Path], out_dir: Path):
             "pip install 'ray[train]==2.60.0', or launch with torchrun (docs/training.md)") from exc
     from model.trainer import TrainResult
 
+    if os.environ.get(RAY_TRAIN_V2_ENV, "1").strip().lower() in ("0", "false"):
+        raise RuntimeError(f"distributed.launcher 'ray' runs on Ray Train v2 (the default); unset {RAY_TRAIN_V2_ENV}")
     section = cfg.distributed
     out_dir = Path(out_dir).resolve()
     storage = Path(section.ray_storage_path or out_dir / "ray").resolve()
@@ -268,15 +272,13 @@ def run_with_ray(cfg: TrainConfig, tars: list[Path], out_dir: Path):
     finally:
         if owns_ray:
             ray.shutdown()
-    # Ray Train v2 (the default) hands back rank 0's return value; v1 (RAY_TRAIN_V2_ENABLED=0) the last report.
-    done = getattr(result, "return_value", None) or result.metrics
+    done = result.return_value  # rank 0's
     return TrainResult(checkpoint=Path(done["checkpoint"]), steps=int(done["steps"]),
                        metrics_csv=Path(done["metrics_csv"]), final_losses=dict(done["final_losses"]))
 
 
 def _ray_worker_loop(config: dict) -> dict:
     """One Ray Train worker: the process group exists already; run the ordinary trainer."""
-    import ray.train
     from ray.train.torch import get_device
 
     from model.trainer import train
@@ -286,7 +288,6 @@ def _ray_worker_loop(config: dict) -> dict:
     cfg = TrainConfig.model_validate(config["config"])
     cfg = cfg.model_copy(update={"device": str(get_device())})
     result = train(cfg, [Path(s) for s in config["shards"]], Path(config["out_dir"]))
-    done = {"checkpoint": str(result.checkpoint), "steps": result.steps, "metrics_csv": str(result.metrics_csv),
+    # Ray Train v2 hands rank 0's return value to the driver (Result.return_value); no ray.train.report needed.
+    return {"checkpoint": str(result.checkpoint), "steps": result.steps, "metrics_csv": str(result.metrics_csv),
             "final_losses": result.final_losses}
-    ray.train.report(done)  # every rank reports (a collective in Ray Train v2)
-    return done

@@ -17,7 +17,7 @@ from data_schemas.train_config import OptimSection
 from flows.cli import app
 from model.checkpoint import load_train_state, resolve_checkpoint
 from model.factory import create_umg_clip
-from model.launch import DistContext, run_with_ray
+from model.launch import DistContext
 from model.schedule import WarmupCosine, build_optimizer, param_groups
 from model.trainer import Trainer, resolve_tars, schedule_steps
 from pipeline.sample_shards import write_sample_shards
@@ -139,15 +139,3 @@ def test_load_checkpoint_gives_the_trained_model_outputs(shards, tmp_path):
         assert all(torch.equal(expected[k], got[k]) for k in expected if expected[k] is not None)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         model.load_checkpoint(tmp_path / "checkpoints")
-
-
-def test_ray_launcher_fails_clearly_without_ray_train(shards, tmp_path):
-    try:
-        import ray.train  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("ray[train] is installed: the launcher runs instead of failing")
-    cfg = TrainConfig(distributed={"launcher": "ray"})
-    with pytest.raises(RuntimeError, match=r"pip install 'ray\[train\]"):
-        run_with_ray(cfg, resolve_tars(shards), tmp_path)
