@@ -39,8 +39,8 @@ from flows.progress import shard_progress
 from pipeline.chain_runner import ChainMetrics, PipelinedChain
 from pipeline.overlay import render_overlay
 from pipeline.ray_pool import RemoteChain, build_ray_chain, start_ray
-from pipeline.shard_build import pin_plan, process_shard
-from pipeline.shards import discard_partial, finished_shards, iter_samples, read_stats, taken_keys, write_build_manifest
+from pipeline.shard_build import prepare_build, process_shard
+from pipeline.shards import finished_shards, iter_samples, read_stats, write_build_manifest
 from pipeline.sources.base import InputShard, Source
 from pipeline.sources.registry import build_source
 from pipeline.validate import ValidationReport, validate_build
@@ -102,9 +102,7 @@ def build_umg41m(config: str = "configs/smoke.yaml", input: str | None = None, o
         raise ConfigError(f"{config}: no output directory (pass output= or set build.output)")
     build_dir = Path(output if output is not None else cfg.output).resolve()
     source = build_source(cfg.source)
-    discard_partial(build_dir)
-    plan = pin_plan(build_dir, source, cfg.shard_size)
-    done = set(finished_shards(build_dir))
+    plan, done, keys_in_use = prepare_build(build_dir, source, cfg.shard_size)
     todo = [shard for shard in plan if shard.name not in done]
     logger.info("plan: %d shards, %d finished, %d to build into %s", len(plan), len(done), len(todo), build_dir)
     progress = create_progress_artifact(_percent(len(done), len(plan)), key="umg41m-build-progress",
@@ -116,7 +114,7 @@ def build_umg41m(config: str = "configs/smoke.yaml", input: str | None = None, o
         if cfg.annotate is not None and todo:
             owns_ray = start_ray(cfg.ray)
             chain = build_ray_chain(cfg.annotate, cfg.ray)
-        job = _ShardJob(source, build_dir, cfg.images, taken_keys(build_dir), chain)
+        job = _ShardJob(source, build_dir, cfg.images, keys_in_use, chain)
         shard_task = build_shard.with_options(retries=cfg.flow.shard_retries,
                                               retry_delay_seconds=cfg.flow.retry_delay_s)
         with shard_progress(len(plan), len(done)) as advance:

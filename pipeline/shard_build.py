@@ -66,6 +66,13 @@ def pin_plan(build_dir: Path, source: Source, shard_size: int) -> list[InputShar
     return plan_shards(refs, shard_size)
 
 
+def prepare_build(build_dir: Path, source: Source, shard_size: int) -> tuple[list[InputShard], set[str], set[str]]:
+    """Discard partial files, pin the plan; return ``(plan, finished shard names, keys already written)``."""
+    discard_partial(build_dir)
+    plan = pin_plan(build_dir, source, shard_size)
+    return plan, set(finished_shards(build_dir)), taken_keys(build_dir)
+
+
 def _error_reason(exc: Exception) -> str:
     if isinstance(exc, (ImageError, ValueError)):
         return str(exc)
@@ -128,12 +135,9 @@ def build_shards(
     ``on_plan(n_planned, n_finished)`` is called once after planning, ``on_shard(stats)`` per written shard.
     """
     build_dir = Path(build_dir)
-    discard_partial(build_dir)
-    plan = pin_plan(build_dir, source, shard_size)
-    done = set(finished_shards(build_dir))
+    plan, done, keys_in_use = prepare_build(build_dir, source, shard_size)
     if on_plan is not None:
         on_plan(len(plan), len(done & {s.name for s in plan}))
-    keys_in_use = taken_keys(build_dir)
     summary = BuildSummary(build_dir=build_dir, planned=len(plan))
     for shard in plan:
         if shard.name in done:
