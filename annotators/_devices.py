@@ -10,6 +10,7 @@ base of the batched image backends (``detector``, ``background``): device/dtype 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,7 +45,10 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
         raise AnnotatorError(f"unknown device {spec!r}; use 'auto', 'cpu', 'cuda' or 'cuda:<index>'") from exc
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise AnnotatorError(f"device {spec!r} requested but CUDA is not available on this machine")
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            raise AnnotatorError(
+                f"device {spec!r} requested but CUDA is not available here (torch {torch.__version__}, built for "
+                f"CUDA {torch.version.cuda}; CUDA_VISIBLE_DEVICES={visible!r}); not falling back to the CPU")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise AnnotatorError(f"device {spec!r} requested but only {torch.cuda.device_count()} CUDA device(s)")
     elif device.type != "cpu":

@@ -153,11 +153,27 @@ def check_batch(images: Sequence[Image.Image], *others: Sequence[Any]) -> None:
             raise ValueError(f"batch has {len(images)} images but {len(other)} entries of a per-image argument")
 
 
+class BrokenDependencyError(AnnotatorError):
+    """An optional backend's package is installed but fails to import (e.g. its pins conflict with this
+    environment's: RAM under transformers 5); the message carries the real import error."""
+
+
 def require(module: str, extra: str):
-    """Import ``module`` or raise ``MissingDependencyError`` telling how to get it (``extra``)."""
+    """Import ``module``; raise ``MissingDependencyError`` (telling how to get it, ``extra``) when it, or its
+    top-level package, is absent, and ``BrokenDependencyError`` with the real error when it is there but its
+    own imports fail — a package that cannot import in this environment needs its own (a stage
+    ``runtime_env``, docs/orchestration.md), not a reinstall."""
     import importlib
+    import sys
 
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise MissingDependencyError(f"{module} is not installed: {extra}") from exc
+        missing = getattr(exc, "name", None)
+        parts = module.split(".")
+        if isinstance(exc, ModuleNotFoundError) and missing in {".".join(parts[:i]) for i in range(1, len(parts) + 1)}:
+            raise MissingDependencyError(f"{module} is not installed in {sys.executable}: {extra}") from exc
+        raise BrokenDependencyError(
+            f"{module} is installed in {sys.executable} but fails to import: {type(exc).__name__}: {exc}. "
+            f"Its pins likely conflict with this environment's; run the stage in its own (stage runtime_env "
+            f"py_executable / image_uri, docs/orchestration.md). {extra}") from exc

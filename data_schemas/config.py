@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 SourceKind = Literal["auto", "folder", "img2dataset", "coco", "vg"]
 
@@ -78,6 +78,18 @@ class AnnotateConfig(_Config):
         default=Path(".cache/umg-tiny-models"), description="where `tiny: true` backends are created (smoke runs)"
     )
 
+    def model_stages(self) -> dict[str, tuple[str, BackendConfig]]:
+        """Stage name -> (annotator kind, backend config) of every model stage, named as the stage chain names them
+        (``tagger``, ``captioner_<name>``, ``scorer``, ``detector_<name>``, ``region_captioner_<name>``,
+        ``segmenter`` (whose pool also serves ``stability``), ``background``)."""
+        named = {"tagger": ("tagger", self.tagger), "scorer": ("scorer", self.scorer),
+                 "segmenter": ("segmenter", self.segmenter), "background": ("background", self.background)}
+        out = {stage: (kind, backend) for stage, (kind, backend) in named.items() if backend}
+        for kind, group in (("captioner", self.captioners), ("detector", self.detectors),
+                            ("region_captioner", self.region_captioners)):
+            out.update({f"{kind}_{name}": (kind, backend) for name, backend in group.items()})
+        return out
+
 
 class StageResources(_Config):
     """Ray actors for one annotator stage (``ray.resources[<stage name or kind>]``)."""
@@ -86,6 +98,16 @@ class StageResources(_Config):
     num_gpus: float = Field(default=0.0, ge=0.0, description="GPUs per actor; 0.5 packs two actors on one GPU")
     pool_size: int = Field(default=1, gt=0, description="actors (model copies) in the stage's pool")
     batch_size: int = Field(default=8, gt=0, description="images per actor call")
+    runtime_env: dict[str, Any] | None = Field(
+        default=None, description="Ray runtime_env of this stage's actors, merged over ray.runtime_env: e.g. "
+        "{py_executable: /opt/gpt4roi-venv/bin/python} or {image_uri: ...} for a backend with conflicting pins")
+
+    @field_validator("num_gpus")
+    @classmethod
+    def _whole_above_one(cls, value: float) -> float:
+        if value > 1 and not float(value).is_integer():
+            raise ValueError(f"num_gpus above 1 must be a whole number (Ray's rule), got {value}")
+        return value
 
 
 class RayConfig(_Config):
@@ -107,10 +129,27 @@ class RayConfig(_Config):
         default_factory=dict, description="per stage: key is a stage name (detector_bigdet) or a kind (detector)"
     )
 
+    def resources_for(self, stage: str, kind: str) -> StageResources:
+        """``resources[stage]``, else ``resources[kind]``, else ``default``."""
+        return self.resources.get(stage) or self.resources.get(kind) or self.default
+
+
+class BreakerConfig(_Config):
+    """Circuit breaker of a shard: when one annotation stage fails on most of a shard's inputs, the fault is the
+    infrastructure (bad CUDA context, wrong config), not the images: the shard fails and stays unfinished instead
+    of being committed full of error rows that resume would skip."""
+
+    max_stage_failure: float = Field(default=0.5, gt=0.0, le=1.0, description="fraction of a shard's decoded "
+                                     "inputs one stage may fail on; above it the shard fails")
+    min_inputs: int = Field(default=4, ge=1, description="shards with fewer decoded inputs never trip")
+
 
 class FlowConfig(_Config):
     """Prefect settings of the ``build-umg41m`` flow."""
 
+    concurrent_shards: int = Field(default=1, ge=1, description="shards in progress at once; above 1 each shard "
+                                   "(ingest, annotate through the shared pools, write) runs as a Ray task")
+    shard_num_cpus: float = Field(default=1.0, gt=0.0, description="CPUs reserved per shard task (ingest/write)")
     shard_retries: int = Field(default=2, ge=0, description="retries of a failed shard task")
     retry_delay_s: list[float] = Field(default_factory=lambda: [2.0, 10.0, 30.0], description="backoff per retry")
     overlays: int = Field(default=3, ge=0, description="overlay pictures in the QA report")
@@ -125,7 +164,22 @@ class BuildConfig(_Config):
     images: ImageLimits = Field(default_factory=ImageLimits)
     annotate: AnnotateConfig | None = Field(default=None, description="null: ground truth only (no models)")
     ray: RayConfig = Field(default_factory=RayConfig, description="annotator actor pools (flows/build.py)")
+    breaker: BreakerConfig = Field(default_factory=BreakerConfig, description="fail a shard a stage mostly failed")
     flow: FlowConfig = Field(default_factory=FlowConfig, description="retries and reports of the Prefect flow")
+
+    @model_validator(mode="after")
+    def _resources_name_stages(self) -> BuildConfig:
+        """Every ``ray.resources`` key names a configured stage, its kind, or ``chain`` (a typo would silently
+        leave a 7B model on the CPU default)."""
+        if self.annotate is None or not self.ray.resources:
+            return self
+        stages = self.annotate.model_stages()
+        known = {*stages, *(kind for kind, _ in stages.values()), "chain"}
+        unknown = sorted(set(self.ray.resources) - known)
+        if unknown:
+            raise ValueError(f"ray.resources: {unknown} name no configured stage; stages: {sorted(stages)} "
+                             f"(or their kinds, or 'chain')")
+        return self
 
 
 class ConfigError(ValueError):

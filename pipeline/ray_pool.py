@@ -17,8 +17,10 @@ orchestrator) and the pool starts a replacement. Nothing here imports Prefect.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
+import re
 import threading
 import uuid
 from collections.abc import Sequence
@@ -84,11 +86,27 @@ class AnnotatorActor:
         self.backend = backend_cls.from_config(cfg)
         self.backend.load()
 
-    def info(self) -> tuple[str, str, int]:
-        return self.backend.name, self.backend.version, os.getpid()
+    def info(self) -> dict[str, Any]:
+        """What this actor runs and where: backend name/version, pid, python, the GPUs Ray gave it."""
+        import sys
+
+        import ray
+
+        return {"name": self.backend.name, "version": self.backend.version, "pid": os.getpid(),
+                "python": sys.executable, "gpu_ids": [str(i) for i in ray.get_gpu_ids()],
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
     def call(self, *batch: Sequence[Any]) -> list[Any]:
         return list(self.backend(*batch))
+
+
+def _load_error(exc: BaseException) -> str:
+    """The backend's own error from Ray's wrapper: its last line, plus the line of the error it chains from
+    (e.g. the real ``ImportError`` behind a "failed to import" message)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    causes = [line for line in lines[:-1] if re.match(r"^[A-Za-z_][\w.]*(Error|Exception): ", line)]
+    detail = lines[-1] if lines else type(exc).__name__
+    return detail if not causes or causes[-1] == detail else f"{detail} (caused by {causes[-1]})"
 
 
 def _lost_errors() -> tuple[type[BaseException], ...]:
@@ -108,6 +126,8 @@ class ActorPool:
         self.label, self.resources, self.start_timeout_s = label, resources, start_timeout_s
         self._remote = ray.remote(AnnotatorActor)
         self._options = {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus}
+        if resources.runtime_env:  # merged by Ray over the job's runtime_env (env_vars merge, other keys replace)
+            self._options["runtime_env"] = dict(resources.runtime_env)
         self._args = (backend_cls, dict(cfg))
         self._prefix = f"umg-{label}-{uuid.uuid4().hex[:6]}"  # actor names, e.g. for ray.get_actor in tests
         self._spawned = 0
@@ -117,6 +137,7 @@ class ActorPool:
         for _ in range(resources.pool_size):
             self._busy[self._spawn()] = 0
         self.name, self.version = "", ""
+        self.placements: list[dict[str, Any]] = []  # AnnotatorActor.info() of each actor, once ready
 
     def _spawn(self):
         self._spawned += 1
@@ -140,11 +161,11 @@ class ActorPool:
                 f"{self.resources.pool_size} x (num_cpus={self.resources.num_cpus}, "
                 f"num_gpus={self.resources.num_gpus})? cluster: {ray.cluster_resources()}") from exc
         except ray.exceptions.RayError as exc:
-            detail = str(exc).strip().splitlines()[-1]  # the backend's own error, after Ray's traceback
-            raise annotators.AnnotatorError(f"{self.label}: the backend failed to load: {detail}") from exc
-        self.name, self.version = infos[0][0], infos[0][1]
-        log.info("pool %s: %d actors ready (%s@%s, pids %s)", self.label, len(infos), self.name, self.version,
-                 [i[2] for i in infos])
+            raise annotators.AnnotatorError(f"{self.label}: the backend failed to load: {_load_error(exc)}") from exc
+        self.placements = infos
+        self.name, self.version = infos[0]["name"], infos[0]["version"]
+        log.info("pool %s: %d actors ready (%s@%s; pids %s, GPUs %s)", self.label, len(infos), self.name,
+                 self.version, [i["pid"] for i in infos], [i["cuda_visible_devices"] for i in infos])
 
     def _acquire(self):
         with self._lock:
@@ -224,18 +245,47 @@ class RemoteAnnotator:
 # ------------------------------------------------------------------------------------------------- the chain
 def stage_backends(cfg: AnnotateConfig) -> dict[str, tuple[str, dict[str, Any]]]:
     """Stage name -> (annotator kind, backend config), named as ``pipeline.stages.build_chain`` names stages."""
-    named = {"tagger": ("tagger", cfg.tagger), "scorer": ("scorer", cfg.scorer),
-             "segmenter": ("segmenter", cfg.segmenter), "background": ("background", cfg.background)}
-    out = {stage: (kind, backend) for stage, (kind, backend) in named.items() if backend}
-    for kind, group in (("captioner", cfg.captioners), ("detector", cfg.detectors),
-                        ("region_captioner", cfg.region_captioners)):
-        out.update({f"{kind}_{name}": (kind, backend) for name, backend in group.items()})
-    return out
+    return cfg.model_stages()
 
 
 def stage_resources(ray_cfg: RayConfig, stage: str, kind: str) -> StageResources:
     """``ray.resources[stage]``, else ``ray.resources[kind]``, else ``ray.default``."""
-    return ray_cfg.resources.get(stage) or ray_cfg.resources.get(kind) or ray_cfg.default
+    return ray_cfg.resources_for(stage, kind)
+
+
+AUTO_DEVICES = (None, "auto")
+
+
+def _takes_device(backend_cls: type) -> bool:
+    return "device" in inspect.signature(backend_cls.__init__).parameters
+
+
+def pin_devices(annotate_cfg: AnnotateConfig, ray_cfg: RayConfig) -> AnnotateConfig:
+    """The device each stage's actors must use, from the GPUs Ray gives them (a copy of ``annotate_cfg``).
+
+    A stage whose actors get ``num_gpus > 0`` and whose backend says ``device: auto`` (or nothing) gets
+    ``device: cuda``: inside the actor, a missing CUDA device then fails the load loudly instead of ``auto``
+    quietly running a 7B model on the CPU. A backend that asks for CUDA in a stage Ray gives no GPU fails
+    here: Ray hides the GPUs from such actors (``CUDA_VISIBLE_DEVICES=""``).
+
+    Raises:
+        AnnotatorError: naming the stage whose ``device`` asks for CUDA without ``num_gpus``.
+    """
+    out = annotate_cfg.model_copy(deep=True)
+    chain = ray_cfg.mode == "chain"
+    for stage, (kind, backend_cfg) in out.model_stages().items():
+        resources = ray_cfg.resources_for("chain", "chain") if chain else ray_cfg.resources_for(stage, kind)
+        device = backend_cfg.get("device")
+        if str(device or "").startswith("cuda") and resources.num_gpus == 0:
+            where = "ray.resources.chain" if chain else f"ray.resources.{stage} (or .{kind})"
+            raise annotators.AnnotatorError(
+                f"{stage}: device {device!r} but its Ray actors get num_gpus 0, so Ray hides every GPU from them; "
+                f"set num_gpus in {where}")
+        if resources.num_gpus > 0 and device in AUTO_DEVICES:
+            backend_cls = annotators.registry.resolve(kind, backend_cfg["backend"])
+            if _takes_device(backend_cls):
+                backend_cfg["device"] = "cuda"  # the dicts of model_stages() are the copy's own
+    return out
 
 
 class ChainBackend:
@@ -315,8 +365,9 @@ def build_ray_chain(annotate_cfg: AnnotateConfig, ray_cfg: RayConfig) -> Pipelin
     from pipeline.tiny_models import materialize_tiny
 
     annotate_cfg = materialize_tiny(annotate_cfg, Path(annotate_cfg.tiny_models_dir).resolve())
+    annotate_cfg = pin_devices(annotate_cfg, ray_cfg)
     if ray_cfg.mode == "chain":
-        resources = ray_cfg.resources.get("chain") or ray_cfg.default
+        resources = ray_cfg.resources_for("chain", "chain")
         classes = {(kind, cfg["backend"]): annotators.registry.resolve(kind, cfg["backend"])
                    for kind, cfg in stage_backends(annotate_cfg).values()}
         pool = ActorPool("chain", ChainBackend, {"annotate": annotate_cfg.model_dump(mode="json"), "classes": classes},

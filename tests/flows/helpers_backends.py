@@ -105,13 +105,39 @@ class ScriptedDetector(_Scripted):
         return out
 
 
-BACKENDS = {"tagger": ("test-tagger", "helpers_backends:ScriptedTagger"),
-            "detector": ("test-detector", "helpers_backends:ScriptedDetector")}
+class DeviceTagger(ScriptedTagger):
+    """A tagger with a ``device`` key, resolved the way the model backends resolve it (``_devices``), and an
+    optional ``requires``: a module imported at load through ``annotators.base.require`` (an optional package)."""
+
+    name = "test-device-tagger"
+
+    def __init__(self, *, device: str = "auto", requires: str | None = None, **cfg) -> None:
+        super().__init__(**cfg)
+        self.device, self.requires = device, requires
+
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(**{k: v for k, v in cfg.items() if k != "backend"})
+
+    def load(self) -> None:
+        from annotators._devices import resolve_device
+
+        resolve_device(self.device)
+        if self.requires:
+            module = annotators.base.require(self.requires, "the test's own environment provides it")
+            self.cfg["version"] = getattr(module, "VERSION", "?")
+        super().load()
+
+
+BACKENDS = {"tagger": [("test-tagger", "helpers_backends:ScriptedTagger"),
+                       ("test-device-tagger", "helpers_backends:DeviceTagger")],
+            "detector": [("test-detector", "helpers_backends:ScriptedDetector")]}
 
 
 def register_all() -> None:
-    for kind, (name, target) in BACKENDS.items():
-        annotators.register(kind, name, target)
+    for kind, entries in BACKENDS.items():
+        for name, target in entries:
+            annotators.register(kind, name, target)
 
 
 def write_config(path: Path, annotate: dict | None, shard_size: int = 4, **sections) -> Path:
