@@ -11,7 +11,8 @@ The flow only adds orchestration to library calls (``pipeline.shard_build.proces
    saved in ``<output>/_qa/``;
 5. only when every shard is finished and the build validates: emit ``umg.build.completed`` (payload:
    the shard dir) — the ``train/local`` deployment triggers on it (``flows/serve.py``). A failed or partial
-   build raises, so the run ends Failed and training does not start.
+   build raises, so the run ends Failed and training does not start. A rerun of a finished build whose shards
+   did not change emits nothing (``pipeline.completion``: ``_completed.json``), so training does not start again.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from prefect.runtime import flow_run
 from data_schemas import ConfigError, ImageLimits, load_config
 from flows.progress import shard_progress
 from pipeline.chain_runner import ChainMetrics, PipelinedChain
+from pipeline.completion import COMPLETED_NAME, already_announced, record_completion
 from pipeline.overlay import render_overlay
 from pipeline.ray_pool import RemoteChain, build_ray_chain, start_ray
 from pipeline.shard_build import prepare_build, process_shard
@@ -138,7 +140,13 @@ def build_umg41m(config: str = "configs/smoke.yaml", input: str | None = None, o
                "written": len(todo) - len(failed), "failed": failed, **report.summary()}
     if failed or not report.ok:
         raise BuildIncomplete(f"build {build_dir} incomplete: failed shards {failed}, problems {report.problems}")
-    _announce(build_dir, config, summary)
+    summary["announced"] = not already_announced(build_dir)
+    if summary["announced"]:
+        _announce(build_dir, config, summary)
+        record_completion(build_dir, run=str(flow_run.get_id()), samples=summary["samples"])
+    else:  # a rerun of a finished, unchanged build: training was started by the first announcement
+        logger.info("build %s was already announced complete (%s); no %s event", build_dir,
+                    build_dir / COMPLETED_NAME, COMPLETED_EVENT)
     return summary
 
 

@@ -232,12 +232,17 @@ def test_shard_whose_worker_keeps_dying_fails_the_flow_without_the_train_event(p
     assert _artifact("umg41m-build-qa").data.count("INCOMPLETE") == 1
 
 
-def test_ground_truth_build_needs_no_ray(prefect_server, sample_raw, tmp_path):
+def test_ground_truth_build_needs_no_ray_and_a_rerun_does_not_announce_again(prefect_server, sample_raw, tmp_path):
     import ray
 
     cfg = write_config(tmp_path / "c.yaml", None)
     state = build_umg41m(str(cfg), str(sample_raw), str(tmp_path / "out"), return_state=True)
     assert state.is_completed() and not ray.is_initialized()
+    assert state.result()["announced"]
     _assert_every_input_once(sample_raw, tmp_path / "out")
-    again = build_umg41m(str(cfg), str(sample_raw), str(tmp_path / "out"))  # resume: nothing left to do
-    assert again["skipped"] == 4 and again["written"] == 0
+    again = build_umg41m(str(cfg), str(sample_raw), str(tmp_path / "out"), return_state=True)  # nothing left
+    assert again.is_completed()
+    assert again.result()["skipped"] == 4 and again.result()["written"] == 0
+    assert not again.result()["announced"]
+    assert _events(_run_id(state), wait_s=20), "the first, completing run announces"
+    assert _events(_run_id(again), wait_s=3) == [], "a rerun of a finished build started training again"
