@@ -18,8 +18,8 @@ The flow only adds orchestration to library calls (``pipeline.shard_build.proces
 from __future__ import annotations
 
 import base64
-import functools
 import io
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -33,17 +33,20 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
+from prefect.futures import as_completed
 from prefect.runtime import flow_run
 
-from data_schemas import ConfigError, ImageLimits, load_config
+from data_schemas import ConfigError, load_config
 from flows.progress import shard_progress
 from pipeline.chain_runner import ChainMetrics, PipelinedChain
 from pipeline.completion import COMPLETED_NAME, already_announced, record_completion
 from pipeline.overlay import render_overlay
 from pipeline.ray_pool import RemoteChain, build_ray_chain, start_ray
-from pipeline.shard_build import prepare_build, process_shard
+from pipeline.ray_shards import ShardRunner
+from pipeline.repair import shards_to_repair
+from pipeline.shard_build import prepare_build
 from pipeline.shards import finished_shards, iter_samples, read_stats, write_build_manifest
-from pipeline.sources.base import InputShard, Source
+from pipeline.sources.base import InputShard
 from pipeline.sources.registry import build_source
 from pipeline.validate import ValidationReport, validate_build
 
@@ -55,22 +58,15 @@ class BuildIncomplete(RuntimeError):
     """Some shard failed after its retries, or the build does not validate; training must not start."""
 
 
-class _ShardJob:
-    """What every shard task shares. A plain object, so Prefect does not walk it (keys can be millions)."""
-
-    def __init__(self, source: Source, build_dir: Path, limits: ImageLimits, keys: set[str],
-                 chain: PipelinedChain | RemoteChain | None) -> None:
-        self.source, self.build_dir, self.limits, self.keys, self.chain = source, build_dir, limits, keys, chain
-
-
 @task(cache_policy=NO_CACHE)
-def build_shard(job: _ShardJob, shard: InputShard) -> dict[str, Any]:
-    """Ingest, annotate (Ray pools) and commit one shard; returns its table row."""
+def build_shard(runner: ShardRunner, shard: InputShard, repair: bool = False) -> dict[str, Any]:
+    """Ingest, annotate (Ray pools) and commit one shard — in this process or as a Ray task (``runner``); with
+    ``repair``, rebuild the retryable error rows of a finished shard. Returns its table row."""
     logger = get_run_logger()
     metrics = ChainMetrics()
-    annotate = None if job.chain is None else functools.partial(job.chain.run, metrics=metrics)
-    logger.info("shard=%s start inputs=%d", shard.name, len(shard.refs), extra={"shard": shard.name})
-    stats = process_shard(job.source, shard, job.build_dir, job.limits, job.keys, annotate)
+    logger.info("shard=%s %s inputs=%d", shard.name, "repair" if repair else "start", len(shard.refs),
+                extra={"shard": shard.name})
+    stats = runner.run(shard, metrics, repair=repair)
     row = _table_row(stats, metrics)
     logger.info("shard=%s done inputs=%d ok=%d errors=%d regions=%d masks=%d seconds=%.2f", shard.name,
                 stats.n_inputs, stats.n_ok, stats.n_error, row["regions"], row["masks"], stats.seconds,
@@ -96,8 +92,9 @@ def _table_row(stats, metrics: ChainMetrics | None = None, resumed: bool = False
 
 @flow(name="build-umg41m")
 def build_umg41m(config: str = "configs/smoke.yaml", input: str | None = None, output: str | None = None,
-                 overrides: list[str] | None = None) -> dict[str, Any]:
-    """Build UMG-41M-style shards from ``input`` into ``output`` (both default to the config's)."""
+                 overrides: list[str] | None = None, retry_errors: bool = False) -> dict[str, Any]:
+    """Build UMG-41M-style shards from ``input`` into ``output`` (both default to the config's); with
+    ``retry_errors`` also rebuild the error rows of an infrastructure kind in finished shards."""
     logger = get_run_logger()
     cfg = load_config(config, [*(overrides or []), *([f"source.path={input}"] if input else [])])
     if output is None and cfg.output is None:
@@ -106,22 +103,34 @@ def build_umg41m(config: str = "configs/smoke.yaml", input: str | None = None, o
     source = build_source(cfg.source)
     plan, done, keys_in_use = prepare_build(build_dir, source, cfg.shard_size)
     todo = [shard for shard in plan if shard.name not in done]
-    logger.info("plan: %d shards, %d finished, %d to build into %s", len(plan), len(done), len(todo), build_dir)
+    repairs = shards_to_repair(build_dir, plan) if retry_errors else []
+    work = [(shard, False) for shard in todo] + [(shard, True) for shard in repairs]
+    concurrent = cfg.flow.concurrent_shards
+    logger.info("plan: %d shards, %d finished, %d to build, %d to repair into %s (%d at once)", len(plan), len(done),
+                len(todo), len(repairs), build_dir, concurrent)
     progress = create_progress_artifact(_percent(len(done), len(plan)), key="umg41m-build-progress",
                                         description=f"shards done / total in {build_dir}")
-    rows = [_table_row(read_stats(build_dir, name), resumed=True) for name in sorted(done)]
+    rows = {name: _table_row(read_stats(build_dir, name), resumed=True) for name in sorted(done)}
     failed: list[str] = []
     chain, owns_ray = None, False
+    started = time.perf_counter()
     try:
-        if cfg.annotate is not None and todo:
+        if work and (cfg.annotate is not None or concurrent > 1):
             owns_ray = start_ray(cfg.ray)
+        if work and cfg.annotate is not None:
             chain = build_ray_chain(cfg.annotate, cfg.ray)
-        job = _ShardJob(source, build_dir, cfg.images, keys_in_use, chain)
+        runner = ShardRunner(source, build_dir, cfg.images, keys_in_use, chain, cfg.breaker,
+                             remote=concurrent > 1, num_cpus=cfg.flow.shard_num_cpus)
         shard_task = build_shard.with_options(retries=cfg.flow.shard_retries,
                                               retry_delay_seconds=cfg.flow.retry_delay_s)
         with shard_progress(len(plan), len(done)) as advance:
-            for shard in todo:
-                _run_shard(shard_task, job, shard, rows, failed, logger)
+            for shard, state in _run_shards(shard_task, runner, work, concurrent):
+                if state.is_completed():
+                    rows[shard.name] = state.result()
+                else:
+                    failed.append(shard.name)
+                    logger.error("shard=%s failed after retries: %s", shard.name, state.message,
+                                 extra={"shard": shard.name})
                 advance()
                 write_build_manifest(build_dir)
                 n_done = len(finished_shards(build_dir))
@@ -129,15 +138,19 @@ def build_umg41m(config: str = "configs/smoke.yaml", input: str | None = None, o
                                          description=f"{n_done} / {len(plan)} shards done in {build_dir}")
     finally:
         _stop_ray(chain, owns_ray)
+    shards_wall_s = time.perf_counter() - started
     write_build_manifest(build_dir)
     report = validate_build(build_dir)
-    rows.sort(key=lambda row: row["shard"])
+    rows = [rows[name] for name in sorted(rows)]
     create_table_artifact(rows, key="umg41m-build-shards", description=f"per-shard results of {build_dir}")
     pictures = _save_overlays(build_dir, cfg.flow.overlays)
     create_markdown_artifact(_qa_markdown(build_dir, config, rows, report, pictures, failed, len(plan)),
                              key="umg41m-build-qa", description=f"QA report of {build_dir}")
     summary = {"build_dir": str(build_dir), "planned": len(plan), "skipped": len(done),
-               "written": len(todo) - len(failed), "failed": failed, **report.summary()}
+               "written": len({s.name for s in todo} - set(failed)), "repaired": len({s.name for s in repairs} - set(failed)),
+               "failed": sorted(failed), "shards_wall_s": round(shards_wall_s, 3),
+               "inputs_per_s": round(sum(len(shard.refs) for shard, _ in work) / max(shards_wall_s, 1e-9), 2),
+               **report.summary()}
     if failed or not report.ok:
         raise BuildIncomplete(f"build {build_dir} incomplete: failed shards {failed}, problems {report.problems}")
     summary["announced"] = not already_announced(build_dir)
@@ -150,13 +163,28 @@ def build_umg41m(config: str = "configs/smoke.yaml", input: str | None = None, o
     return summary
 
 
-def _run_shard(shard_task, job, shard, rows: list[dict], failed: list[str], logger) -> None:
-    state = shard_task.with_options(task_run_name=f"shard-{shard.name}")(job, shard, return_state=True)
-    if state.is_completed():
-        rows.append(state.result())
-    else:
-        failed.append(shard.name)
-        logger.error("shard=%s failed after retries: %s", shard.name, state.message, extra={"shard": shard.name})
+def _run_shards(shard_task, runner: ShardRunner, work: list[tuple[InputShard, bool]], concurrent: int):
+    """Yield ``(shard, final state)`` as shard tasks finish, with at most ``concurrent`` in flight."""
+    pending = iter(work)
+    in_flight: dict[Any, InputShard] = {}
+
+    def submit_next() -> bool:
+        item = next(pending, None)
+        if item is None:
+            return False
+        shard, repair = item
+        name = f"{'repair' if repair else 'shard'}-{shard.name}"
+        in_flight[shard_task.with_options(task_run_name=name).submit(runner, shard, repair)] = shard
+        return True
+
+    while len(in_flight) < concurrent and submit_next():
+        pass
+    while in_flight:
+        future = next(as_completed(list(in_flight)))
+        shard = in_flight.pop(future)
+        future.wait()
+        yield shard, future.state
+        submit_next()
 
 
 def _percent(done: int, total: int) -> float:

@@ -58,10 +58,14 @@ def build(
     config: Annotated[Optional[Path], typer.Option(help="YAML BuildConfig")] = None,
     source_kind: Annotated[str, typer.Option(help="auto|folder|img2dataset|coco|vg")] = "auto",
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override, e.g. shard_size=64")] = None,
+    retry_errors: Annotated[bool, typer.Option(
+        "--retry-errors", help="also rebuild error rows of an infrastructure kind (annotator / internal failures) "
+        "in finished shards")] = False,
 ) -> None:
     """Read a source and write shards in-process (resumes a killed build in the same OUTPUT)."""
     from annotators import AnnotatorError
     from data_schemas import ConfigError, load_config
+    from pipeline.breaker import ShardTripped
     from pipeline.shard_build import build_shards
     from pipeline.sources.registry import build_source
     from pipeline.tiny_models import prepare_chain
@@ -78,15 +82,19 @@ def build(
         _fail(str(exc))
     with progress_bar(console) as bar:
         task = bar.add_task("shards", total=None)
-        summary = build_shards(
-            source, output, cfg.shard_size, cfg.images, annotate=chain,
-            on_shard=lambda stats: bar.advance(task),
-            on_plan=lambda planned, finished: bar.update(task, total=planned, completed=finished),
-        )
+        try:
+            summary = build_shards(
+                source, output, cfg.shard_size, cfg.images, annotate=chain, breaker=cfg.breaker,
+                retry_errors=retry_errors,
+                on_shard=lambda stats: bar.advance(task),
+                on_plan=lambda planned, finished: bar.update(task, total=planned, completed=finished),
+            )
+        except ShardTripped as exc:  # finished shards stay; rerun the same command after fixing the cause
+            _fail(str(exc))
     written = summary.written
     typer.echo(json.dumps({
         "build_dir": str(output), "planned": summary.planned, "skipped": len(summary.skipped),
-        "written": len(written), "inputs": summary.n_inputs,
+        "written": len(written), "repaired": len(summary.repaired), "inputs": summary.n_inputs,
         "ok": sum(s.n_ok for s in written), "errors": sum(s.n_error for s in written),
     }))
 

@@ -139,6 +139,10 @@ class PipelinedChain:
             stop.set()
             raise
 
+    def heal(self) -> int:
+        """Replace pool actors that died serving calls from elsewhere (shard tasks); returns how many."""
+        return sum(pool.heal() for pool in self.pools)
+
     def close(self) -> None:
         for pool in self.pools:
             pool.close()

@@ -116,32 +116,16 @@ def _lost_errors() -> tuple[type[BaseException], ...]:
             rex.OutOfMemoryError, rex.ObjectLostError)
 
 
-class ActorPool:
-    """``size`` actors of one backend; ``call`` fans a batch out in chunks, replaces actors that die."""
+class PoolClient:
+    """Calls into a set of actors of one backend: ``call`` fans a batch out in chunks of ``batch_size`` to the
+    least-busy actors. What an ``ActorPool`` becomes when it is pickled into a shard task on another process
+    (``pipeline.ray_shards``): it uses the pool's actors but never starts any; a dead actor raises
+    ``WorkerLost`` and the pool in the driver replaces it (``ActorPool.heal``) before the shard is retried."""
 
-    def __init__(self, label: str, backend_cls: type, cfg: dict[str, Any], resources: StageResources,
-                 start_timeout_s: float = 300.0) -> None:
-        import ray
-
-        self.label, self.resources, self.start_timeout_s = label, resources, start_timeout_s
-        self._remote = ray.remote(AnnotatorActor)
-        self._options = {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus}
-        if resources.runtime_env:  # merged by Ray over the job's runtime_env (env_vars merge, other keys replace)
-            self._options["runtime_env"] = dict(resources.runtime_env)
-        self._args = (backend_cls, dict(cfg))
-        self._prefix = f"umg-{label}-{uuid.uuid4().hex[:6]}"  # actor names, e.g. for ray.get_actor in tests
-        self._spawned = 0
+    def __init__(self, label: str, name: str, version: str, actors: Sequence[Any], batch_size: int) -> None:
+        self.label, self.name, self.version, self.batch_size = label, name, version, batch_size
         self._lock = threading.Lock()
-        self._busy: dict[Any, int] = {}  # actor handle -> calls in flight
-        self.replaced = 0
-        for _ in range(resources.pool_size):
-            self._busy[self._spawn()] = 0
-        self.name, self.version = "", ""
-        self.placements: list[dict[str, Any]] = []  # AnnotatorActor.info() of each actor, once ready
-
-    def _spawn(self):
-        self._spawned += 1
-        return self._remote.options(name=f"{self._prefix}-{self._spawned}", **self._options).remote(*self._args)
+        self._busy: dict[Any, int] = dict.fromkeys(actors, 0)  # actor handle -> calls in flight
 
     @property
     def actors(self) -> list[Any]:
@@ -149,23 +133,11 @@ class ActorPool:
             return list(self._busy)
 
     def wait_ready(self) -> None:
-        """Block until every actor has loaded its model; raise ``AnnotatorError`` naming a failed load."""
-        import ray
+        """The actors were ready when the pool was pickled."""
 
-        refs = [actor.info.remote() for actor in self.actors]
-        try:
-            infos = ray.get(refs, timeout=self.start_timeout_s)
-        except ray.exceptions.GetTimeoutError as exc:
-            raise annotators.AnnotatorError(
-                f"{self.label}: actors not ready after {self.start_timeout_s:.0f} s; is there room for "
-                f"{self.resources.pool_size} x (num_cpus={self.resources.num_cpus}, "
-                f"num_gpus={self.resources.num_gpus})? cluster: {ray.cluster_resources()}") from exc
-        except ray.exceptions.RayError as exc:
-            raise annotators.AnnotatorError(f"{self.label}: the backend failed to load: {_load_error(exc)}") from exc
-        self.placements = infos
-        self.name, self.version = infos[0]["name"], infos[0]["version"]
-        log.info("pool %s: %d actors ready (%s@%s; pids %s, GPUs %s)", self.label, len(infos), self.name,
-                 self.version, [i["pid"] for i in infos], [i["cuda_visible_devices"] for i in infos])
+    def heal(self) -> int:
+        """Only the driver's ``ActorPool`` starts actors; here nothing to do."""
+        return 0
 
     def _acquire(self):
         with self._lock:
@@ -175,14 +147,7 @@ class ActorPool:
 
     def _release(self, actor, dead: bool) -> None:
         with self._lock:
-            if actor not in self._busy:
-                return  # already replaced by another caller
-            if dead:
-                del self._busy[actor]
-                self._busy[self._spawn()] = 0
-                self.replaced += 1
-                log.warning("pool %s: actor died; started a replacement (%d so far)", self.label, self.replaced)
-            else:
+            if actor in self._busy:
                 self._busy[actor] -= 1
 
     def call(self, *batch: Sequence[Any]) -> list[Any]:
@@ -190,7 +155,7 @@ class ActorPool:
         import ray
 
         n = len(batch[0]) if batch else 0
-        step = self.resources.batch_size
+        step = self.batch_size
         pending = []
         for start in range(0, n, step):
             actor = self._acquire()
@@ -211,6 +176,90 @@ class ActorPool:
         if failure is not None:
             raise failure
         return outputs
+
+    def __reduce__(self):
+        return (PoolClient, (self.label, self.name, self.version, self.actors, self.batch_size))
+
+
+class ActorPool(PoolClient):
+    """``size`` actors of one backend, started here; ``call`` fans a batch out in chunks, replaces actors that
+    die. Pickled (into a shard task), it travels as a ``PoolClient`` of the same actors."""
+
+    def __init__(self, label: str, backend_cls: type, cfg: dict[str, Any], resources: StageResources,
+                 start_timeout_s: float = 300.0) -> None:
+        import ray
+
+        super().__init__(label, "", "", [], resources.batch_size)
+        self.resources, self.start_timeout_s = resources, start_timeout_s
+        self._remote = ray.remote(AnnotatorActor)
+        self._options = {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus}
+        if resources.runtime_env:  # merged by Ray over the job's runtime_env (env_vars merge, other keys replace)
+            self._options["runtime_env"] = dict(resources.runtime_env)
+        self._args = (backend_cls, dict(cfg))
+        self._prefix = f"umg-{label}-{uuid.uuid4().hex[:6]}"  # actor names, e.g. for ray.get_actor in tests
+        self._spawned = 0
+        self.replaced = 0
+        for _ in range(resources.pool_size):
+            self._busy[self._spawn()] = 0
+        self.placements: list[dict[str, Any]] = []  # AnnotatorActor.info() of each actor, once ready
+
+    def _spawn(self):
+        self._spawned += 1
+        return self._remote.options(name=f"{self._prefix}-{self._spawned}", **self._options).remote(*self._args)
+
+    def wait_ready(self) -> None:
+        """Block until every actor has loaded its model; raise ``AnnotatorError`` naming a failed load."""
+        import ray
+
+        refs = [actor.info.remote() for actor in self.actors]
+        try:
+            infos = ray.get(refs, timeout=self.start_timeout_s)
+        except ray.exceptions.GetTimeoutError as exc:
+            raise annotators.AnnotatorError(
+                f"{self.label}: actors not ready after {self.start_timeout_s:.0f} s; is there room for "
+                f"{self.resources.pool_size} x (num_cpus={self.resources.num_cpus}, "
+                f"num_gpus={self.resources.num_gpus})? cluster: {ray.cluster_resources()}") from exc
+        except ray.exceptions.RayError as exc:
+            raise annotators.AnnotatorError(f"{self.label}: the backend failed to load: {_load_error(exc)}") from exc
+        self.placements = infos
+        self.name, self.version = infos[0]["name"], infos[0]["version"]
+        log.info("pool %s: %d actors ready (%s@%s; pids %s, GPUs %s)", self.label, len(infos), self.name,
+                 self.version, [i["pid"] for i in infos], [i["cuda_visible_devices"] for i in infos])
+
+    def _release(self, actor, dead: bool) -> None:
+        with self._lock:
+            if actor not in self._busy:
+                return  # already replaced by another caller
+            if dead:
+                self._replace(actor)
+            else:
+                self._busy[actor] -= 1
+
+    def _replace(self, actor) -> None:  # with self._lock held
+        del self._busy[actor]
+        self._busy[self._spawn()] = 0
+        self.replaced += 1
+        log.warning("pool %s: actor died; started a replacement (%d so far)", self.label, self.replaced)
+
+    def heal(self, probe_timeout_s: float = 2.0) -> int:
+        """Replace the actors that died while serving calls from other processes (shard tasks); returns how many.
+        A busy actor that does not answer within ``probe_timeout_s`` counts as alive."""
+        import ray
+
+        probes = [(actor, actor.info.remote()) for actor in self.actors]
+        dead = []
+        for actor, ref in probes:
+            try:
+                ray.get(ref, timeout=probe_timeout_s)
+            except _lost_errors():
+                dead.append(actor)
+            except ray.exceptions.GetTimeoutError:
+                pass
+        with self._lock:
+            for actor in dead:
+                if actor in self._busy:
+                    self._replace(actor)
+        return len(dead)
 
     def close(self) -> None:
         import ray
@@ -338,6 +387,9 @@ class RemoteChain:
         return items
 
     __call__ = run
+
+    def heal(self) -> int:
+        return self.pool.heal()
 
     def close(self) -> None:
         self.pool.close()

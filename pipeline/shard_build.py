@@ -11,15 +11,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_schemas import ImageLimits, ImageRecord, ShardStats
+from data_schemas.config import BreakerConfig
+from pipeline.breaker import check_breaker
 from pipeline.images import ImageError
 from pipeline.ingest import IngestedItem, ingest_item
+from pipeline.key_ledger import KeyLedger
 from pipeline.shards import ShardError, ShardWriter, discard_partial, finished_shards, taken_keys, write_build_manifest
-from pipeline.sources.base import InputShard, Source, plan_shards
+from pipeline.sources.base import InputShard, Source, SourceItem, plan_shards
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,7 @@ class BuildSummary:
     planned: int
     skipped: list[str] = field(default_factory=list)
     written: list[ShardStats] = field(default_factory=list)
+    repaired: list[ShardStats] = field(default_factory=list)
 
     @property
     def n_inputs(self) -> int:
@@ -88,36 +92,60 @@ def _revalidate(item: IngestedItem) -> None:
             item.error = f"invalid_record: {exc}"
 
 
+def fill_shard(
+    writer: ShardWriter,
+    source: Source,
+    items: Iterable[SourceItem],
+    limits: ImageLimits,
+    keys: KeyLedger,
+    annotate: Annotate | None = None,
+    breaker: BreakerConfig | None = None,
+) -> int:
+    """Ingest (and annotate) ``items`` into ``writer``, one manifest row each; returns how many were read.
+
+    ``keys``: the build's key ledger (keys are claimed just before writing, so shards may run at once).
+    ``breaker``: when one stage failed on most of the annotated inputs, raise ``ShardTripped`` instead of
+    writing (the caller's writer then discards the shard, which stays unfinished).
+    """
+    ingested: list[IngestedItem] = []
+    n_items = 0
+    for item in items:
+        n_items += 1
+        try:
+            ingested.append(ingest_item(item, source.kind, limits))
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an error row
+            log.info("shard %s: %s failed: %s", writer.name, item.source_id, exc)
+            writer.write_error(item.key, item.source_id, _error_reason(exc))
+    if annotate is not None and ingested:
+        ingested = annotate(ingested)
+        if breaker is not None:
+            check_breaker(writer.name, [done.error for done in ingested], breaker)
+        for done in ingested:
+            _revalidate(done)
+    writer.taken_keys |= keys.claim(writer.name, [done.record.key for done in ingested if done.error is None])
+    for done in ingested:
+        if done.error is not None:
+            writer.write_error(done.record.key, done.record.source_id, done.error)
+        else:
+            writer.write(done.record, done.decoded.jpg, notes="; ".join(done.notes) or None)
+    return n_items
+
+
 def process_shard(
     source: Source,
     shard: InputShard,
     build_dir: Path,
     limits: ImageLimits,
-    keys_in_use: set[str],
+    keys: KeyLedger,
     annotate: Annotate | None = None,
+    breaker: BreakerConfig | None = None,
 ) -> ShardStats:
-    """Ingest (and annotate) every input of ``shard`` and commit it; one manifest row per input."""
-    with ShardWriter(build_dir, shard.name, taken_keys=keys_in_use) as writer:
-        ingested: list[IngestedItem] = []
-        n_items = 0
-        for item in source.read(shard.refs):
-            n_items += 1
-            try:
-                ingested.append(ingest_item(item, source.kind, limits))
-            except Exception as exc:  # noqa: BLE001 - every failure becomes an error row
-                log.info("shard %s: %s failed: %s", shard.name, item.source_id, exc)
-                writer.write_error(item.key, item.source_id, _error_reason(exc))
+    """Ingest (and annotate) every input of ``shard`` and commit it; one manifest row per input
+    (``fill_shard``; ``ShardTripped`` when the breaker trips: nothing is committed)."""
+    with ShardWriter(build_dir, shard.name, taken_keys=set()) as writer:
+        n_items = fill_shard(writer, source, source.read(shard.refs), limits, keys, annotate, breaker)
         if n_items != len(shard.refs):
             raise ShardError(f"source {source.kind} yielded {n_items} items for {len(shard.refs)} refs")
-        if annotate is not None and ingested:
-            ingested = annotate(ingested)
-            for done in ingested:
-                _revalidate(done)
-        for done in ingested:
-            if done.error is not None:
-                writer.write_error(done.record.key, done.record.source_id, done.error)
-            else:
-                writer.write(done.record, done.decoded.jpg, notes="; ".join(done.notes) or None)
         return writer.commit()
 
 
@@ -129,13 +157,18 @@ def build_shards(
     annotate: Annotate | None = None,
     on_shard: Callable[[ShardStats], None] | None = None,
     on_plan: Callable[[int, int], None] | None = None,
+    breaker: BreakerConfig | None = None,
+    retry_errors: bool = False,
 ) -> BuildSummary:
     """Write every unfinished planned shard of ``source`` into ``build_dir`` and refresh the manifest.
 
     ``on_plan(n_planned, n_finished)`` is called once after planning, ``on_shard(stats)`` per written shard.
+    ``retry_errors``: then rebuild the error rows of an infrastructure kind in finished shards
+    (``pipeline.repair``); the repaired shards are listed in ``summary.repaired``.
     """
     build_dir = Path(build_dir)
     plan, done, keys_in_use = prepare_build(build_dir, source, shard_size)
+    keys = KeyLedger(keys_in_use)
     if on_plan is not None:
         on_plan(len(plan), len(done & {s.name for s in plan}))
     summary = BuildSummary(build_dir=build_dir, planned=len(plan))
@@ -143,10 +176,16 @@ def build_shards(
         if shard.name in done:
             summary.skipped.append(shard.name)
             continue
-        stats = process_shard(source, shard, build_dir, limits, keys_in_use, annotate)
+        stats = process_shard(source, shard, build_dir, limits, keys, annotate, breaker)
         write_build_manifest(build_dir)
         summary.written.append(stats)
         if on_shard is not None:
             on_shard(stats)
+    if retry_errors:
+        from pipeline.repair import repair_shard, shards_to_repair  # repair builds on this module
+
+        for shard in shards_to_repair(build_dir, plan):
+            summary.repaired.append(repair_shard(source, shard, build_dir, limits, keys, annotate, breaker))
+            write_build_manifest(build_dir)
     write_build_manifest(build_dir)
     return summary

@@ -81,7 +81,7 @@ class ShardWriter:
         self._tar = tarfile.open(self._tmp[".tar"], "w", format=tarfile.USTAR_FORMAT)
         self._rows: list[ShardRow] = []
         self._keys: set[str] = set()
-        self._taken = taken_keys if taken_keys is not None else set()
+        self.taken_keys = taken_keys if taken_keys is not None else set()
         self._started = time.perf_counter()
         self._closed = False
 
@@ -96,7 +96,7 @@ class ShardWriter:
         """Return an error reason when ``key`` can't be used, else reserve it."""
         if not KEY_PATTERN.match(key):
             return f"bad_key: {key!r} is not path-safe ([a-z0-9_-])"
-        if key in self._keys or key in self._taken:
+        if key in self._keys or key in self.taken_keys:
             return f"duplicate_key: {key!r} already written (source_id {source_id!r} is a second input with it)"
         self._keys.add(key)
         return None
@@ -114,6 +114,15 @@ class ShardWriter:
             ShardRow(key=record.key, source_id=record.source_id, status="ok", notes=notes, **record.counts())
         )
         return True
+
+    def copy(self, sample: ShardSample, row: ShardRow) -> None:
+        """Carry an ``ok`` sample of an earlier version of this shard over unchanged (raw members, same row)."""
+        if row.status != "ok" or row.key != sample.key or sample.key in self._keys:
+            raise ShardError(f"shard {self.name}: cannot copy sample {sample.key!r} with row {row.key!r}")
+        self._keys.add(sample.key)
+        for ext, payload in sample.members.items():
+            _tar_member(self._tar, f"{sample.key}.{ext}", payload)
+        self._rows.append(row)
 
     def write_error(self, key: str, source_id: str, error: str) -> None:
         """Record a failed input; nothing goes into the tar."""
@@ -135,7 +144,7 @@ class ShardWriter:
             os.replace(self._tmp[suffix], self._final[suffix])
         _fsync_dir(self.build_dir)
         self._closed = True
-        self._taken.update(self._keys)
+        self.taken_keys.update(self._keys)
         return stats
 
     def abort(self) -> None:

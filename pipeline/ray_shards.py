@@ -1,0 +1,78 @@
+"""Shards as Ray tasks: ingest, annotate (through the shared actor pools) and write on any node's CPUs.
+
+With one driver processing shards one after another, the driver decodes every image and becomes the bottleneck
+long before the GPUs do. ``ShardRunner.run(shard)`` runs ``pipeline.shard_build.process_shard`` in a Ray task
+(``num_cpus`` each) instead; the orchestrator keeps several in flight (``flow.concurrent_shards``). The task
+gets the annotation chain pickled — its pools travel as ``PoolClient``s of the same actors (models are loaded
+once, in the pools, never per task) — and the build's key ledger as a Ray actor (``RemoteKeyLedger``), so a key
+is still written once per build. Exactly-once of inputs is unchanged: each shard commits by atomic rename from
+its own task; a task that dies leaves only temp files.
+
+A failure inside the task comes back as the original exception (``ShardTripped``, ``WorkerLost`` ...); on
+``WorkerLost`` the driver's pools replace their dead actors (``heal``) before the caller retries the shard.
+Nothing here imports Prefect.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import annotators
+from data_schemas import ImageLimits, ShardStats
+from data_schemas.config import BreakerConfig
+from pipeline.chain_runner import ChainMetrics
+from pipeline.key_ledger import KeyLedger, RemoteKeyLedger
+from pipeline.repair import repair_shard
+from pipeline.shard_build import process_shard
+from pipeline.sources.base import InputShard, Source
+
+
+def _shard_task(source: Source, shard: InputShard, build_dir: Path, limits: ImageLimits, keys: Any, chain: Any,
+                breaker: BreakerConfig | None, repair: bool) -> tuple[ShardStats, dict[str, Any]]:
+    metrics = ChainMetrics()
+    annotate = None if chain is None else (lambda items: chain.run(items, metrics=metrics))
+    stats = (repair_shard if repair else process_shard)(source, shard, build_dir, limits, keys, annotate, breaker)
+    return stats, metrics.as_dict()
+
+
+class ShardRunner:
+    """Runs shards of one build, in this process (``remote=False``) or as Ray tasks (``remote=True``).
+
+    ``run`` is thread-safe: call it from several threads to have that many shards in flight.
+    """
+
+    def __init__(self, source: Source, build_dir: Path, limits: ImageLimits, taken_keys: set[str], chain: Any,
+                 breaker: BreakerConfig | None, remote: bool = False, num_cpus: float = 1.0) -> None:
+        self.source, self.build_dir, self.limits, self.chain, self.breaker = source, build_dir, limits, chain, breaker
+        self.remote = remote
+        if remote:
+            import ray
+
+            self.keys: Any = RemoteKeyLedger(taken_keys)
+            self._task = ray.remote(_shard_task).options(num_cpus=num_cpus, max_retries=0)  # retries: the caller's
+        else:
+            self.keys = KeyLedger(taken_keys)
+
+    def run(self, shard: InputShard, metrics: ChainMetrics | None = None, repair: bool = False) -> ShardStats:
+        """Build ``shard`` (``repair``: rebuild its retryable error rows, ``pipeline.repair``); its chain metrics
+        are added to ``metrics``."""
+        metrics = metrics if metrics is not None else ChainMetrics()
+        args = (self.source, shard, self.build_dir, self.limits, self.keys, self.chain, self.breaker, repair)
+        stats, counts = self._run_remote(shard, args) if self.remote else _shard_task(*args)
+        metrics.merge(counts)
+        return stats
+
+    def _run_remote(self, shard: InputShard, args: tuple) -> tuple[ShardStats, dict[str, Any]]:
+        import ray
+
+        ref = self._task.remote(*args)
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.cause if isinstance(exc.cause, Exception) else exc
+            if isinstance(cause, annotators.WorkerLost) and self.chain is not None:
+                self.chain.heal()
+            raise cause from None
+        except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as exc:
+            raise annotators.WorkerLost(f"shard {shard.name}: the shard task's worker died: {exc}") from exc
