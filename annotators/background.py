@@ -263,7 +263,10 @@ class MaskDinoBackground(Detectron2Backend):
         add_maskdino_config(cfg)
         cfg.merge_from_file(str(existing_path(self.config_file, "Mask DINO config file")))
         cfg.merge_from_list(self.overrides + ["MODEL.DEVICE", str(self._device)])
+        # Only the panoptic head's output is used: semantic and instance inference would run for nothing.
         cfg.MODEL.MaskDINO.TEST.PANOPTIC_ON = True
+        cfg.MODEL.MaskDINO.TEST.SEMANTIC_ON = False
+        cfg.MODEL.MaskDINO.TEST.INSTANCE_ON = False
         cfg.freeze()
         model = build_model(cfg).eval()
         DetectionCheckpointer(model).load(str(existing_path(self.checkpoint, "Mask DINO checkpoint")))

@@ -211,10 +211,11 @@ class ViTDetDetector(Detectron2Backend):
 
     Args:
         config_file: LazyConfig python file (e.g. ``projects/ViTDet/configs/...``) defining ``model`` and,
-            optionally, ``dataloader.test.mapping.augmentations`` (the test-time resize).
+            optionally, ``dataloader.test.mapper.augmentations`` (the test-time resize; ViTDet: 1024 square).
         checkpoint: weights file for ``DetectionCheckpointer``.
-        class_names: names of the contiguous class ids (list or file); default: the metadata of the config's
-            test dataset, when detectron2 knows it (BigDetection / V3Det are not registered there: give names).
+        class_names: names of the contiguous class ids (list, or a ``.json`` list / text file with one name per
+            line, in class-id order); default: the metadata of the config's test dataset, when detectron2 knows it.
+            BigDetection (600 classes) and V3Det (13,204) are not registered there: give their names file.
         overrides: LazyConfig overrides, ``["model.roi_heads.box_predictor.test_score_thresh=0.05", ...]``.
         test_size: shortest/longest edge when the config has no test augmentations (ViTDet uses 1024).
         dtype: float16/bfloat16 run under ``torch.autocast`` (weights stay float32).
@@ -259,9 +260,9 @@ class ViTDetDetector(Detectron2Backend):
         cfg = LazyConfig.apply_overrides(LazyConfig.load(str(config_file)), self.overrides)
         model = instantiate(cfg.model).to(self._device).eval()
         DetectionCheckpointer(model).load(str(checkpoint))
-        test_mapping = cfg.get("dataloader", {}).get("test", {}).get("mapping", {})
-        if "augmentations" in test_mapping:
-            augmentations = instantiate(test_mapping.augmentations)
+        test_mapper = cfg.get("dataloader", {}).get("test", {}).get("mapper", {})  # L(DatasetMapper)(...)
+        if "augmentations" in test_mapper:
+            augmentations = instantiate(test_mapper.augmentations)
         else:
             augmentations = [T.ResizeShortestEdge(short_edge_length=self.test_size, max_size=self.test_size)]
         self._augment = detectron2_augment(augmentations)
@@ -279,7 +280,8 @@ class ViTDetDetector(Detectron2Backend):
         names = MetadataCatalog.get(dataset).get("thing_classes") if isinstance(dataset, str) else None
         if not names:
             raise AnnotatorError(
-                f"ViTDet {self.config_file}: no thing_classes for dataset {dataset!r}; set class_names"
+                f"ViTDet {self.config_file}: detectron2 has no thing_classes for dataset {dataset!r} (BigDetection "
+                "and V3Det are not registered); set class_names to a file with one class name per line"
             )
         return list(names)
 

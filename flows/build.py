@@ -113,14 +113,16 @@ def build_umg41m(config: str = "configs/smoke.yaml", input: str | None = None, o
     rows = {name: _table_row(read_stats(build_dir, name), resumed=True) for name in sorted(done)}
     failed: list[str] = []
     chain, owns_ray = None, False
-    started = time.perf_counter()
+    started = time.perf_counter()  # reset once the pools and shard workers are up
     try:
         if work and (cfg.annotate is not None or concurrent > 1):
             owns_ray = start_ray(cfg.ray)
-        if work and cfg.annotate is not None:
-            chain = build_ray_chain(cfg.annotate, cfg.ray)
-        runner = ShardRunner(source, build_dir, cfg.images, keys_in_use, chain, cfg.breaker,
-                             remote=concurrent > 1, num_cpus=cfg.flow.shard_num_cpus)
+        runner = ShardRunner(source, build_dir, cfg.images, keys_in_use, None, cfg.breaker, remote=concurrent > 1,
+                             num_cpus=cfg.flow.shard_num_cpus, warm_workers=min(concurrent, len(work)))
+        if work and cfg.annotate is not None:  # the shard workers warm up while the models load
+            chain = runner.chain = build_ray_chain(cfg.annotate, cfg.ray)
+        runner.wait_warm()
+        started = time.perf_counter()
         shard_task = build_shard.with_options(retries=cfg.flow.shard_retries,
                                               retry_delay_seconds=cfg.flow.retry_delay_s)
         with shard_progress(len(plan), len(done)) as advance:

@@ -33,7 +33,8 @@ class KeyLedger:
                     taken.add(key)
         return taken
 
-    def __len__(self) -> int:
+    def size(self) -> int:
+        """How many keys are held."""
         return len(self._owner)
 
 

@@ -15,6 +15,7 @@ Nothing here imports Prefect.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -36,23 +37,44 @@ def _shard_task(source: Source, shard: InputShard, build_dir: Path, limits: Imag
     return stats, metrics.as_dict()
 
 
+def _warm_up() -> int:
+    """Import what a shard task needs (the stage chain pulls in torch) once per worker process."""
+    import pipeline.stages  # noqa: F401
+
+    return os.getpid()
+
+
 class ShardRunner:
     """Runs shards of one build, in this process (``remote=False``) or as Ray tasks (``remote=True``).
 
-    ``run`` is thread-safe: call it from several threads to have that many shards in flight.
+    ``run`` is thread-safe: call it from several threads to have that many shards in flight. Remote: the key
+    ledger actor and ``warm_workers`` tasks (imports in each shard worker) start at once, in parallel with
+    whatever the caller does next (loading the model pools); ``wait_warm`` waits for them.
     """
 
     def __init__(self, source: Source, build_dir: Path, limits: ImageLimits, taken_keys: set[str], chain: Any,
-                 breaker: BreakerConfig | None, remote: bool = False, num_cpus: float = 1.0) -> None:
+                 breaker: BreakerConfig | None, remote: bool = False, num_cpus: float = 1.0,
+                 warm_workers: int = 0) -> None:
         self.source, self.build_dir, self.limits, self.chain, self.breaker = source, build_dir, limits, chain, breaker
         self.remote = remote
+        self._warming: list[Any] = []
         if remote:
             import ray
 
             self.keys: Any = RemoteKeyLedger(taken_keys)
             self._task = ray.remote(_shard_task).options(num_cpus=num_cpus, max_retries=0)  # retries: the caller's
+            warm = ray.remote(_warm_up).options(num_cpus=num_cpus)
+            self._warming = [warm.remote() for _ in range(warm_workers)] + [self.keys.handle.size.remote()]
         else:
             self.keys = KeyLedger(taken_keys)
+
+    def wait_warm(self) -> None:
+        """Block until the shard workers have imported the pipeline and the key ledger is up."""
+        if self._warming:
+            import ray
+
+            ray.get(self._warming)
+            self._warming = []
 
     def run(self, shard: InputShard, metrics: ChainMetrics | None = None, repair: bool = False) -> ShardStats:
         """Build ``shard`` (``repair``: rebuild its retryable error rows, ``pipeline.repair``); its chain metrics

@@ -6,7 +6,7 @@ under the ``test-*`` names in the driver.
 
 Behaviour is driven by config keys so one class covers every failure the tests need:
 
-- ``delay_s``: sleep per call (to kill something mid-shard);
+- ``delay_s``: sleep per call (to kill something mid-shard); ``delay_per_image_s``: and per image (a slow model);
 - ``log``: a file; every call appends ``"<pid> <n images> <first width>"`` (who ran what);
 - ``fail_width``: an image of this width raises ``ValueError`` (a bad image -> one error row);
 - ``oom_width`` / ``oom_max_batch``: a batch holding an image of that width, or more than ``oom_max_batch``
@@ -68,8 +68,8 @@ class _Scripted:
         if cfg.get("log"):
             with open(cfg["log"], "a", encoding="utf-8") as handle:
                 handle.write(f"{os.getpid()} {len(images)} {images[0].width if images else 0}\n")
-        if cfg.get("delay_s"):
-            time.sleep(float(cfg["delay_s"]))
+        if cfg.get("delay_s") or cfg.get("delay_per_image_s"):
+            time.sleep(float(cfg.get("delay_s", 0.0)) + float(cfg.get("delay_per_image_s", 0.0)) * len(images))
         widths = [image.width for image in images]
         if cfg.get("exit_width") in widths:
             os._exit(3)
