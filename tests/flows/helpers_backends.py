@@ -12,6 +12,7 @@ Behaviour is driven by config keys so one class covers every failure the tests n
 - ``oom_width`` / ``oom_max_batch``: a batch holding an image of that width, or more than ``oom_max_batch``
   images, raises ``RuntimeError("CUDA out of memory ...")`` (the batch is split, then per-image errors);
 - ``fail_load``: ``load()`` raises ``FileNotFoundError`` (a bad model path);
+- ``broken_marker``: while this file exists every call raises a CUDA-like error (a broken GPU: systematic);
 - ``exit_width``: a batch holding an image of that width ends the worker process (``os._exit``): a lost worker.
 """
 
@@ -71,6 +72,8 @@ class _Scripted:
         if cfg.get("delay_s") or cfg.get("delay_per_image_s"):
             time.sleep(float(cfg.get("delay_s", 0.0)) + float(cfg.get("delay_per_image_s", 0.0)) * len(images))
         widths = [image.width for image in images]
+        if cfg.get("broken_marker") and Path(cfg["broken_marker"]).exists():
+            raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated)")
         if cfg.get("exit_width") in widths:
             os._exit(3)
         if cfg.get("oom_width") in widths or len(images) > int(cfg.get("oom_max_batch", 1 << 30)):

@@ -246,3 +246,27 @@ def test_ground_truth_build_needs_no_ray_and_a_rerun_does_not_announce_again(pre
     assert not again.result()["announced"]
     assert _events(_run_id(state), wait_s=20), "the first, completing run announces"
     assert _events(_run_id(again), wait_s=3) == [], "a rerun of a finished build started training again"
+
+
+def test_a_systematic_stage_failure_leaves_shards_unfinished_and_retry_errors_rebuilds_error_rows(
+        prefect_server, sample_raw, tmp_path):
+    broken = tmp_path / "gpu-broken"
+    broken.touch()
+    cfg = write_config(tmp_path / "c.yaml", {"tagger": {"backend": "test-tagger", "broken_marker": str(broken)}},
+                       flow={"shard_retries": 0}, breaker={"max_stage_failure": 0.5, "min_inputs": 2})
+    out = tmp_path / "out"
+    state = build_umg41m(str(cfg), str(sample_raw), str(out), return_state=True)
+    assert state.is_failed() and "incomplete" in state.message
+    assert finished_shards(out) == []  # not committed full of error rows: a rerun builds them
+    assert _events(_run_id(state), wait_s=3) == []
+
+    # the breaker off: the old behaviour commits the error rows; --retry-errors rebuilds them once fixed
+    cfg = write_config(tmp_path / "c.yaml", {"tagger": {"backend": "test-tagger", "broken_marker": str(broken)}},
+                       flow={"shard_retries": 0}, breaker={"max_stage_failure": 1.0})
+    assert build_umg41m(str(cfg), str(sample_raw), str(out))["written"] == 4
+    assert {row["error"].split(":")[0] for row in _rows(out)} == {"annotator_failed"}
+    broken.unlink()
+    summary = build_umg41m(str(cfg), str(sample_raw), str(out), retry_errors=True)
+    assert summary["repaired"] == 4 and summary["written"] == 0
+    rows = _assert_every_input_once(sample_raw, out)
+    assert all(row["status"] == "ok" for row in rows)
