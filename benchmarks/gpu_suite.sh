@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# One prepared GPU run (time limits add up to 7.6 minutes; one H200): the `gpu`-marked tests, SAM ViT-H batching with random weights
+# (same compute as the release), per-stage throughput of the paper-scale models (random weights), and the bf16
+# training step time / MFU of a CLIP ViT-B/16. Every figure goes to $OUT (default benchmarks/out/gpu_suite):
+# one log per part and summary.txt. Run from the repository root:  benchmarks/gpu_suite.sh
+# Without CUDA it stops at once with exit code 2 (nothing here means anything on a CPU).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python}"
+OUT="${OUT:-benchmarks/out/gpu_suite}"
+mkdir -p "$OUT"
+SUMMARY="$OUT/summary.txt"
+
+if ! "$PYTHON" - <<'PY'
+import sys
+import torch
+if not torch.cuda.is_available():
+    sys.exit(f"error: benchmarks/gpu_suite.sh needs a CUDA GPU; torch {torch.__version__} "
+             f"(CUDA build {torch.version.cuda}) sees none")
+print(f"GPU: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {torch.version.cuda}")
+PY
+then
+    exit 2
+fi
+"$PYTHON" -c "import torch; print('GPU:', torch.cuda.get_device_name(0))" > "$SUMMARY"
+
+status=0
+part() {  # part NAME SECONDS COMMAND...: run with a time limit, log, keep the last lines for the summary
+    local name="$1" limit="$2"; shift 2
+    local started=$SECONDS
+    echo "== $name (limit ${limit}s)"
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    [ $rc -ne 0 ] && status=1
+    { echo "== $name: exit $rc, $((SECONDS - started)) s"; tail -n 8 "$OUT/$name.log"; echo; } | tee -a "$SUMMARY"
+}
+
+part gpu_tests 90 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider tests
+
+# SAM ViT-H: a random-weight checkpoint through the real loading path (weights_only), then batched vs looped.
+SAM_CKPT="$OUT/sam_vit_h_random.pth"
+part sam_random_weights 75 "$PYTHON" -c "
+import torch
+from segment_anything import sam_model_registry
+torch.manual_seed(0)
+torch.save(sam_model_registry['vit_h']().state_dict(), '$SAM_CKPT')
+print('random SAM ViT-H state dict written')"
+part sam_batching 60 "$PYTHON" benchmarks/sam_batching.py --model-type vit_h --checkpoint "$SAM_CKPT" \
+    --device cuda --dtype bfloat16 --boxes 50 --width 1500 --height 1000
+rm -f "$SAM_CKPT"
+
+part stage_throughput 170 "$PYTHON" benchmarks/stage_throughput.py --device cuda --dtype bfloat16 \
+    --json "$OUT/stage_throughput.json"
+part train_step_mfu 60 "$PYTHON" benchmarks/train_step_mfu.py --device cuda --batch 256 --steps 10
+
+echo "summary: $SUMMARY"
+exit $status
