@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from collections.abc import Callable
 
 import torch
+from sam_batching import best_time  # benchmarks/ is on sys.path when run as a script
 
 REGIONS_PER_IMAGE = 389.13 / 41.41  # UMG-41M: 389.13M regions over 41.41M images (paper Table 1)
 
@@ -32,16 +32,7 @@ REGIONS_PER_IMAGE = 389.13 / 41.41  # UMG-41M: 389.13M regions over 41.41M image
 def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
     """Best wall seconds of ``fn`` over ``repeats`` runs after one warm-up (CUDA synchronised)."""
     fn()
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return best
+    return best_time(fn, repeats, device)
 
 
 def vision_rate(model: torch.nn.Module, size: int, batch: int, device, dtype, repeats: int) -> float:

@@ -133,7 +133,22 @@ class _Instances:
         return self
 
 
-class FakeViTDet(torch.nn.Module):
+class _FakeModel(torch.nn.Module):
+    """Records the input image shapes; ``predict(height, width)`` gives one image's output at its original size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        SEEN.setdefault("shapes", []).extend(tuple(item["image"].shape) for item in batch)
+        return [self.predict(item["height"], item["width"]) for item in batch]
+
+    def predict(self, h: int, w: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class FakeViTDet(_FakeModel):
     """Two detections per image at its original size: class 1 (score 0.9) and class 0 (score 0.01)."""
 
     input_format = "RGB"
@@ -141,16 +156,10 @@ class FakeViTDet(torch.nn.Module):
     def __init__(self, num_classes: int = 2) -> None:
         super().__init__()
         self.num_classes = num_classes
-        self.weight = torch.nn.Parameter(torch.zeros(1))
 
-    def forward(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        SEEN.setdefault("shapes", []).extend(tuple(item["image"].shape) for item in batch)
-        out = []
-        for item in batch:
-            h, w = item["height"], item["width"]
-            boxes = torch.tensor([[0.0, 0.0, w / 2, h / 2], [w / 4, h / 4, w + 5.0, h / 2]])
-            out.append({"instances": _Instances(boxes, torch.tensor([0.9, 0.01]), torch.tensor([1, 0]))})
-        return out
+    def predict(self, h: int, w: int) -> dict[str, Any]:
+        boxes = torch.tensor([[0.0, 0.0, w / 2, h / 2], [w / 4, h / 4, w + 5.0, h / 2]])
+        return {"instances": _Instances(boxes, torch.tensor([0.9, 0.01]), torch.tensor([1, 0]))}
 
 
 class CfgNode(Node):
@@ -201,24 +210,18 @@ def add_maskdino_config(cfg: CfgNode) -> None:
     cfg.MODEL.MaskDINO = _cfg({"TEST": {"SEMANTIC_ON": True, "INSTANCE_ON": True, "PANOPTIC_ON": False}})
 
 
-class FakeMaskDino(torch.nn.Module):
+class FakeMaskDino(_FakeModel):
     """Panoptic output: left half "sky" (stuff class 1), right half a thing; records which heads were on."""
 
     def __init__(self, cfg: CfgNode) -> None:
         super().__init__()
         SEEN["maskdino_test"] = dict(cfg.MODEL.MaskDINO.TEST)
-        self.weight = torch.nn.Parameter(torch.zeros(1))
 
-    def forward(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        SEEN.setdefault("shapes", []).extend(tuple(item["image"].shape) for item in batch)
-        out = []
-        for item in batch:
-            h, w = item["height"], item["width"]
-            panoptic = torch.zeros(h, w, dtype=torch.int32)
-            panoptic[:, : w // 2], panoptic[:, w // 2:] = 1, 2
-            info = [{"id": 1, "category_id": 1, "isthing": False}, {"id": 2, "category_id": 0, "isthing": True}]
-            out.append({"panoptic_seg": (panoptic, info)})
-        return out
+    def predict(self, h: int, w: int) -> dict[str, Any]:
+        panoptic = torch.zeros(h, w, dtype=torch.int32)
+        panoptic[:, : w // 2], panoptic[:, w // 2:] = 1, 2
+        info = [{"id": 1, "category_id": 1, "isthing": False}, {"id": 2, "category_id": 0, "isthing": True}]
+        return {"panoptic_seg": (panoptic, info)}
 
 
 def install(monkeypatch) -> dict[str, Any]:

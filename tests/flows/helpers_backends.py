@@ -19,7 +19,11 @@ Behaviour is driven by config keys so one class covers every failure the tests n
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -153,3 +157,44 @@ def write_config(path: Path, annotate: dict | None, shard_size: int = 4, **secti
         build[key] = {**build.get(key, {}), **value} if isinstance(value, dict) else value
     path.write_text(yaml.safe_dump({"build": build}), encoding="utf-8")
     return path
+
+
+KILLABLE = ("import sys, helpers_backends; helpers_backends.register_all(); from flows.build import build_umg41m; "
+            "build_umg41m(sys.argv[1], sys.argv[2], sys.argv[3])")
+
+
+def kill_9_build_when(cfg: Path, raw: Path, out: Path, ready: Callable[[], bool], timeout_s: float = 150) -> set[int]:
+    """Run ``build_umg41m(cfg, raw, out)`` in its own process session; once ``ready()`` holds, ``kill -9`` the whole
+    session (the build, its Ray, the shard tasks). Returns the pids of its children seen while it ran."""
+    import psutil
+
+    env = {**os.environ, "PYTHONPATH": pythonpath_with_helpers()}
+    proc = subprocess.Popen([sys.executable, "-c", KILLABLE, str(cfg), str(raw), str(out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    family: set[int] = set()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not ready():
+            assert proc.poll() is None and time.monotonic() < deadline, "the build ended or hung before it was killed"
+            family |= {c.pid for c in psutil.Process(proc.pid).children(recursive=True)}
+            time.sleep(0.02)
+        family |= {c.pid for c in psutil.Process(proc.pid).children(recursive=True)}
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    return family
+
+
+def wait_gone(pids: set[int], timeout: float = 30.0) -> None:
+    """Assert the processes ``pids`` (a killed build's children) end within ``timeout``; SIGKILL any left (they are
+    the test's own) so they do not leak into other tests."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    alive = set(pids)
+    while alive and time.monotonic() < deadline:
+        alive = {pid for pid in alive if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"}
+        time.sleep(0.2)
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, f"processes outlived the killed build: {sorted(alive)}"

@@ -8,18 +8,12 @@ keeps dying fails the flow and no ``umg.build.completed`` event (the train trigg
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import textwrap
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 
-import psutil
-from helpers_backends import pythonpath_with_helpers, write_config
+from helpers_backends import kill_9_build_when, wait_gone, write_config
 
 from data_schemas import SourceConfig
 from flows.build import COMPLETED_EVENT, build_umg41m
@@ -156,63 +150,29 @@ def test_ray_actor_killed_mid_shard_retries_the_shard(prefect_server, sample_raw
     assert len({line.split()[0] for line in log.read_text().splitlines()}) == 2  # a second actor process
 
 
-KILLABLE = textwrap.dedent(
-    """
-    import sys
-    import helpers_backends
-    helpers_backends.register_all()
-    from flows.build import build_umg41m
-    build_umg41m(sys.argv[1], sys.argv[2], sys.argv[3])
-    """
-)
-
-
 def test_kill_9_of_the_whole_build_then_rerun_gives_every_input_once(flow_env, sample_raw, tmp_path):
     log = tmp_path / "tagger.log"
     cfg = write_config(tmp_path / "c.yaml", {"tagger": {"backend": "test-tagger", "delay_s": 0.3, "log": str(log)}})
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": pythonpath_with_helpers()}
-    proc = subprocess.Popen([sys.executable, "-c", KILLABLE, str(cfg), str(sample_raw), str(out)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    family: set[int] = set()
-    try:
-        deadline = time.monotonic() + 150
-        while not shard_paths(out, "00001")[".stats.json"].exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "build ended or hung before shard 00001"
-            family |= {c.pid for c in psutil.Process(proc.pid).children(recursive=True)}
-            time.sleep(0.05)
+    seen: dict[str, int] = {}
+
+    def half_way_through_shard_00002() -> bool:
+        if not shard_paths(out, "00001")[".stats.json"].exists():
+            return False
         calls = len(log.read_text().splitlines())
-        while len(log.read_text().splitlines()) <= calls + 1:  # shard 00002 is half way through its calls
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.02)
-        family |= {c.pid for c in psutil.Process(proc.pid).children(recursive=True)}
-        os.killpg(proc.pid, signal.SIGKILL)  # the build process and everything in its session
-        proc.wait(timeout=10)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        return calls > seen.setdefault("calls", calls) + 1
+
+    family = kill_9_build_when(cfg, sample_raw, out, half_way_through_shard_00002)
     assert 2 <= len(finished_shards(out)) < 4
     assert stray_pieces(out) == []  # no partial shard visible (only *.tmp files may be left)
     assert all(p.name.removesuffix(".tar") in finished_shards(out) for p in out.glob("*.tar"))
-    _wait_gone(family)  # Ray's processes shared the driver's fate
+    wait_gone(family)  # Ray's processes shared the driver's fate
 
     state = build_umg41m(str(cfg), str(sample_raw), str(out), return_state=True)
     assert state.is_completed(), state.message
     rows = _assert_every_input_once(sample_raw, out)
     assert all(row["status"] == "ok" for row in rows)
     assert not list(out.glob("*.tmp"))
-
-
-def _wait_gone(pids: set[int], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    alive = set(pids)
-    while alive and time.monotonic() < deadline:
-        alive = {pid for pid in alive if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"}
-        time.sleep(0.2)
-    for pid in alive:  # ours: started by the killed build; do not leak them into other tests
-        os.kill(pid, signal.SIGKILL)
-    assert not alive, f"processes outlived the killed build: {sorted(alive)}"
 
 
 def test_shard_whose_worker_keeps_dying_fails_the_flow_without_the_train_event(prefect_server, sample_raw,

@@ -8,16 +8,12 @@ from __future__ import annotations
 
 import io
 import os
-import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
-import psutil
 import pytest
-from helpers_backends import pythonpath_with_helpers, ray_env, write_config
+from helpers_backends import kill_9_build_when, ray_env, wait_gone, write_config
 from PIL import Image
 
 from data_schemas.config import RayConfig
@@ -27,8 +23,6 @@ from pipeline.shards import finished_shards, read_shard_rows, stray_pieces
 
 N_INPUTS, SHARD_SIZE = 10_000, 250
 N_SHARDS = N_INPUTS // SHARD_SIZE
-KILLABLE = "import sys, helpers_backends; helpers_backends.register_all(); from flows.build import build_umg41m; " \
-           "build_umg41m(sys.argv[1], sys.argv[2], sys.argv[3])"
 
 
 @pytest.fixture(scope="module")
@@ -109,24 +103,10 @@ def test_shard_throughput_grows_with_workers_and_kill_9_resume_stays_exactly_onc
 
     # kill -9 of a whole build (driver, its own Ray, shard tasks) while 2 shards are in flight, then resume
     cfg, out = _config(tmp_path / "kill.yaml", 2), tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": pythonpath_with_helpers()}
-    proc = subprocess.Popen([sys.executable, "-c", KILLABLE, str(cfg), str(tiny_inputs), str(out)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    family: set[int] = set()
-    try:
-        deadline = time.monotonic() + 120
-        while len(finished_shards(out)) < 3:
-            assert proc.poll() is None and time.monotonic() < deadline, "build ended or hung before 3 shards"
-            family |= {c.pid for c in psutil.Process(proc.pid).children(recursive=True)}
-            time.sleep(0.05)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
+    family = kill_9_build_when(cfg, tiny_inputs, out, lambda: len(finished_shards(out)) >= 3, timeout_s=150)
     killed_at = len(finished_shards(out))
     assert 3 <= killed_at < N_SHARDS and stray_pieces(out) == []
-    for pid in family:  # Ray's processes share the driver's fate; ours to clean if one lingers
-        if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie":
-            os.kill(pid, signal.SIGKILL)
+    wait_gone(family)  # Ray's processes shared the driver's fate
     resumed = build_umg41m(str(cfg), str(tiny_inputs), str(out), return_state=True)
     assert resumed.is_completed(), resumed.message
     assert resumed.result()["skipped"] == killed_at
