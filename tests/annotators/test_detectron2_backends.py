@@ -11,7 +11,6 @@ from pathlib import Path
 import fake_detectron2
 import pytest
 import yaml
-from conftest import random_images
 
 import annotators
 
@@ -39,11 +38,11 @@ def _vitdet(tmp_path: Path, dataset: str = "bigdet_val", **cfg):
                                          "checkpoint": str(tmp_path / "m.pth"), "device": "cpu", **cfg})
 
 
-def test_vitdet_uses_the_mapper_resize_and_class_names_from_a_file(fake, tmp_path):
+def test_vitdet_uses_the_mapper_resize_and_class_names_from_a_file(fake, tmp_path, make_images):
     (tmp_path / "bigdet_classes.txt").write_text("zebra\nkite\n")
     detector = _vitdet(tmp_path, class_names=str(tmp_path / "bigdet_classes.txt"), threshold=0.05)
     detector.load()
-    images = random_images([(64, 48), (37, 81)])
+    images = make_images([(64, 48), (37, 81)])
     outputs = detector(images)
     # dataloader.test.mapper.augmentations: shortest edge 32, longest 48 (not the 1024 fallback)
     assert fake["shapes"] == [(3, 32, 43), (3, 48, 22)]
@@ -52,10 +51,10 @@ def test_vitdet_uses_the_mapper_resize_and_class_names_from_a_file(fake, tmp_pat
     assert outputs[1].boxes_xyxy.tolist() == [[0.0, 0.0, 18.5, 40.5]]  # at the original size
 
 
-def test_vitdet_overrides_and_the_test_size_fallback(fake, tmp_path):
+def test_vitdet_overrides_and_the_test_size_fallback(fake, tmp_path, make_images):
     detector = _vitdet(tmp_path, class_names=["a", "b"], overrides=["dataloader.test.mapper.augmentations=[]"])
     detector.load()
-    detector(random_images([(64, 48)]))
+    detector(make_images([(64, 48)]))
     assert fake["shapes"] == [(3, 48, 64)]  # the override emptied the test-time augmentations: no resize
     fake["shapes"].clear()
     (tmp_path / "vitdet.py").write_text("from fake_detectron2 import FakeViTDet\nmodel = {'_target_': FakeViTDet}\n")
@@ -63,7 +62,7 @@ def test_vitdet_overrides_and_the_test_size_fallback(fake, tmp_path):
                                           "checkpoint": str(tmp_path / "m.pth"), "device": "cpu",
                                           "class_names": ["a", "b"], "test_size": 40})
     plain.load()
-    plain(random_images([(64, 48)]))
+    plain(make_images([(64, 48)]))
     assert fake["shapes"] == [(3, 30, 40)]  # no mapper in the config: ResizeShortestEdge(test_size, test_size)
 
 
@@ -75,7 +74,7 @@ def test_vitdet_without_class_names_for_an_unregistered_dataset_is_a_clear_error
     assert coco.class_names == ["person", "bicycle"]
 
 
-def test_maskdino_runs_only_the_panoptic_head(fake, tmp_path):
+def test_maskdino_runs_only_the_panoptic_head(fake, tmp_path, make_images):
     config_file = tmp_path / "maskdino.yaml"
     config_file.write_text(yaml.safe_dump({"INPUT": {"MIN_SIZE_TEST": 32, "MAX_SIZE_TEST": 48}}))
     (tmp_path / "m.pth").write_bytes(b"")
@@ -83,7 +82,7 @@ def test_maskdino_runs_only_the_panoptic_head(fake, tmp_path):
                                                  "checkpoint": str(tmp_path / "m.pth"), "device": "cpu"})
     background.load()
     assert fake["maskdino_test"] == {"SEMANTIC_ON": False, "INSTANCE_ON": False, "PANOPTIC_ON": True}
-    segments = background(random_images([(64, 48)]))
+    segments = background(make_images([(64, 48)]))
     assert fake["shapes"] == [(3, 32, 43)]
     assert [(s.label, s.mask.shape, int(s.mask.sum())) for s in segments[0]] == [("sky", (48, 64), 48 * 32)]
 

@@ -21,7 +21,7 @@ from flows.build import build_umg41m
 from flows.services import api
 from pipeline.shards import finished_shards, read_shard_rows, stray_pieces
 
-N_INPUTS, SHARD_SIZE = 10_000, 250
+N_INPUTS, SHARD_SIZE = 10_000, 500
 N_SHARDS = N_INPUTS // SHARD_SIZE
 
 
