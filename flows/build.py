@@ -113,7 +113,6 @@ def build_umg41m(config: str = "configs/smoke.yaml", input: str | None = None, o
     rows = {name: _table_row(read_stats(build_dir, name), resumed=True) for name in sorted(done)}
     failed: list[str] = []
     chain, owns_ray = None, False
-    started = time.perf_counter()  # reset once the pools and shard workers are up
     try:
         if work and (cfg.annotate is not None or concurrent > 1):
             owns_ray = start_ray(cfg.ray)
@@ -138,9 +137,9 @@ def build_umg41m(config: str = "configs/smoke.yaml", input: str | None = None, o
                 n_done = len(finished_shards(build_dir))
                 update_progress_artifact(progress, _percent(n_done, len(plan)),
                                          description=f"{n_done} / {len(plan)} shards done in {build_dir}")
+        shards_wall_s = time.perf_counter() - started
     finally:
         _stop_ray(chain, owns_ray)
-    shards_wall_s = time.perf_counter() - started
     write_build_manifest(build_dir)
     report = validate_build(build_dir)
     rows = [rows[name] for name in sorted(rows)]
@@ -149,8 +148,8 @@ def build_umg41m(config: str = "configs/smoke.yaml", input: str | None = None, o
     create_markdown_artifact(_qa_markdown(build_dir, config, rows, report, pictures, failed, len(plan)),
                              key="umg41m-build-qa", description=f"QA report of {build_dir}")
     summary = {"build_dir": str(build_dir), "planned": len(plan), "skipped": len(done),
-               "written": len({s.name for s in todo} - set(failed)), "repaired": len({s.name for s in repairs} - set(failed)),
-               "failed": sorted(failed), "shards_wall_s": round(shards_wall_s, 3),
+               "written": len({s.name for s in todo} - set(failed)),
+               "repaired": len({s.name for s in repairs} - set(failed)), "failed": sorted(failed), "shards_wall_s": round(shards_wall_s, 3),
                "inputs_per_s": round(sum(len(shard.refs) for shard, _ in work) / max(shards_wall_s, 1e-9), 2),
                **report.summary()}
     if failed or not report.ok:
