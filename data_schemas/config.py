@@ -31,6 +31,14 @@ class SourceConfig(_Config):
     annotations: Path | None = Field(default=None, description="COCO instances / VG region_descriptions JSON")
     captions: Path | None = Field(default=None, description="COCO captions JSON (optional)")
     image_dir: Path | None = Field(default=None, description="image folder for COCO / VG annotations")
+    follow_symlinks: list[Path] = Field(
+        default_factory=list,
+        description="folders outside the input root that symlinked inputs may point into (default: none; "
+        "a link resolving outside the root is an error row `outside_root`)")
+    max_image_bytes: int = Field(default=256 * 2**20, gt=0, description="image files (and tar members) above "
+                                 "this many bytes are error rows `too_large`, refused before reading")
+    max_text_bytes: int = Field(default=2**20, gt=0, description="caption sidecars / tar text members above "
+                                "this many bytes are skipped with a note, before reading")
 
 
 BackendConfig = dict[str, Any]

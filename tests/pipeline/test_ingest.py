@@ -48,9 +48,9 @@ def test_boxes_are_clipped_or_dropped_and_noted():
     assert 2 not in regions
     assert regions[3].mask is None and regions[3].box_xyxy == (5, 5, 20, 20)
     assert done.notes == [
+        "dropped mask of region 3: size [10, 10] != image",  # checked first, before any mask is decoded
         "clipped region 1 box [50.0, 20.0, 90.0, 45.0] to the image",
         "dropped region 2: box [70.0, 10.0, 90.0, 20.0] has no area inside the image",
-        "dropped mask of region 3: size [10, 10] != image",
     ]
     assert (done.record.width, done.record.height, done.record.source) == (64, 48, "coco")
 

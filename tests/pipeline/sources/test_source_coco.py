@@ -140,7 +140,7 @@ def test_bad_masks_are_dropped_with_notes_and_box_kept(tmp_path) -> None:
     assert item.error == f"missing_image: {tmp_path / 'a.jpg'}"
     assert [r.mask for r in item.known.regions] == [None, None]
     assert item.known.notes == [
-        "annotation 0 (id 1): mask dropped: no polygon with at least 3 points",
+        "annotation 0 (id 1): mask dropped: polygon 0 has 4 values, not an even number >= 6 (3 points)",
         "annotation 1 (id 2): mask dropped: RLE size [60, 80] != image [h, w] [6, 8]",
     ]
 

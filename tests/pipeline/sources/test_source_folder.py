@@ -31,7 +31,8 @@ def test_lists_images_recursively_sorted_and_stable(tmp_path, image_bytes) -> No
     source = FolderSource(tmp_path)
     assert isinstance(source, Source) and source.kind == "folder"
     refs = source.list_refs()
-    assert refs == ["a.jpg", "sub/B.PNG", "sub/deep/c.webp", "zero.jpeg"]
+    # Hidden files are inputs too (the macOS fork becomes a not_an_image row); hidden folders are not walked.
+    assert refs == ["._a.jpg", "a.jpg", "sub/B.PNG", "sub/deep/c.webp", "zero.jpeg"]
     assert FolderSource(tmp_path).list_refs() == refs
 
 
@@ -63,7 +64,8 @@ def test_missing_and_unreadable_become_error_items_in_order(tmp_path, image_byte
     items = list(FolderSource(tmp_path).read(refs))
     assert [i.source_id for i in items] == refs
     assert items[1].error == f"missing_image: {tmp_path / 'gone.jpg'}" and items[1].image_bytes is None
-    assert items[2].error.startswith(f"unreadable: {tmp_path / 'dir.jpg'}: ") and items[2].image_bytes is None
+    assert items[2].error == f"not_a_regular_file: {tmp_path / 'dir.jpg'} is a directory"
+    assert items[2].image_bytes is None
     assert items[0].error is None and items[3].error is None
 
 
