@@ -28,7 +28,7 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug l
 
 
 def _fail(message: str) -> None:
-    console.print("[red]error:[/red]", escape(message))
+    console.print("[red]error:[/red]", escape(" ".join(message.split())), soft_wrap=True)  # one line, never wrapped
     raise typer.Exit(code=2)
 
 
@@ -58,28 +58,38 @@ def build(
     config: Annotated[Optional[Path], typer.Option(help="YAML BuildConfig")] = None,
     source_kind: Annotated[str, typer.Option(help="auto|folder|img2dataset|coco|vg")] = "auto",
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override, e.g. shard_size=64")] = None,
+    follow_symlinks: Annotated[Optional[list[Path]], typer.Option(
+        "--follow-symlinks", help="folder outside the input that symlinked inputs may point into (repeatable; "
+        "default: a link resolving outside the input is an error row)")] = None,
 ) -> None:
     """Read a source and write shards in-process (resumes a killed build in the same OUTPUT)."""
     from annotators import AnnotatorError
     from data_schemas import ConfigError, load_config
-    from pipeline.shard_build import build_shards
+    from pipeline.shard_build import build_shards, prepare_build
+    from pipeline.shards import ShardError
     from pipeline.sources.registry import build_source
     from pipeline.tiny_models import prepare_chain
 
     overrides = [f"source.path={input}", f"source.kind={source_kind}", *(set_ or [])]
+    if follow_symlinks:
+        overrides.append(f"source.follow_symlinks={json.dumps([str(p) for p in follow_symlinks])}")
     try:
         cfg = load_config(config, overrides)
         source = build_source(cfg.source)
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        prepared = prepare_build(output, source, cfg.shard_size)  # output and plan checked before any model loads
+    except (ConfigError, ValueError, FileNotFoundError, ShardError) as exc:
         _fail(str(exc))
-    try:
-        chain = prepare_chain(cfg.annotate)
-    except AnnotatorError as exc:
-        _fail(str(exc))
+    plan, done, _ = prepared
+    chain = None
+    if any(shard.name not in done for shard in plan):
+        try:
+            chain = prepare_chain(cfg.annotate)
+        except AnnotatorError as exc:
+            _fail(str(exc))
     with progress_bar(console) as bar:
         task = bar.add_task("shards", total=None)
         summary = build_shards(
-            source, output, cfg.shard_size, cfg.images, annotate=chain,
+            source, output, cfg.shard_size, cfg.images, annotate=chain, prepared=prepared,
             on_shard=lambda stats: bar.advance(task),
             on_plan=lambda planned, finished: bar.update(task, total=planned, completed=finished),
         )
