@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_schemas import ImageLimits, Mask, Region
+import pipeline.images as images_module
+from data_schemas import RLE, BackgroundMask, ImageLimits, Mask, Region
 from pipeline.images import ImageError
 from pipeline.ingest import ingest_item
 from pipeline.masks import decode_mask, encode_mask
@@ -80,3 +81,20 @@ def test_source_notes_are_carried():
     done = ingest_item(SourceItem("n", "n.jpg", _jpeg(8, 8), known), "folder", ImageLimits())
     assert done.notes == ["not_utf8: caption: invalid bytes replaced"]
     assert done.record.provenance == {}
+
+
+def test_wrongly_sized_masks_are_dropped_before_the_exif_transform_decodes_them(monkeypatch):
+    huge = RLE(size=(40_000, 40_000), counts="0")  # decoding it would allocate 1.6 GB
+    known = KnownAnnotations(
+        regions=[Region(id=0, box_xyxy=(0, 0, 10, 10), label="three", annotator="ground_truth",
+                        mask=Mask(rle=huge, annotator="ground_truth"))],
+        background=[BackgroundMask(label="sky", rle=huge, annotator="ground_truth")],
+    )
+    decoded_sizes = []
+    real_decode = images_module.decode_mask
+    monkeypatch.setattr(images_module, "decode_mask", lambda rle: decoded_sizes.append(rle.size) or real_decode(rle))
+    done = ingest_item(SourceItem("r", "r.jpg", _jpeg(60, 40, orientation=6), known), "folder", ImageLimits())
+    assert decoded_sizes == []
+    assert done.record.regions[0].mask is None and done.record.background == []
+    assert done.notes == ["dropped mask of region 0: size [40000, 40000] != image",
+                          "dropped background 'sky': mask size [40000, 40000] != image"]
