@@ -6,6 +6,7 @@ name has an image extension is an input and ends as one row — including hidden
 forks become ``not_an_image`` rows; ``..%2f..%2fevil.jpg`` is read under the safe key ``2f_-2fevil``), FIFOs, devices
 and symlinks. Hidden folders (``.git``, ``.cache``) and symlinked folders are not walked, so the listing is
 finite and stable; a symlinked folder is walked only when it points into ``source.follow_symlinks``.
+A folder that cannot be listed (permission denied) is the ref ``<folder>/``, an ``unreadable:`` error row.
 Two files differing only in extension (``cat.jpg``, ``cat.png``) get the same key; the shard writer
 reports that collision.
 
@@ -84,7 +85,11 @@ class FolderSource:
             raise FileNotFoundError(f"folder source root {self.root} is not a directory")
         refs = []
         walked = {self.root.resolve()}
-        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
+
+        def unlistable(exc: OSError) -> None:  # a folder that cannot be listed is one error row, not silence
+            refs.append(Path(exc.filename).relative_to(self.root).as_posix() + "/")
+
+        for dirpath, dirnames, filenames in os.walk(self.root, onerror=unlistable, followlinks=True):
             rel_dir = Path(dirpath).relative_to(self.root)
             kept = []
             for name in dirnames:
@@ -110,6 +115,9 @@ class FolderSource:
     def read(self, refs: Sequence[str]) -> Iterator[SourceItem]:
         """One item per ref in order: the file's bytes plus the sidecar caption when there is one."""
         for ref in refs:
+            if ref.endswith("/"):
+                yield SourceItem(item_key(ref), ref, None, error=self._unlistable_reason(ref))
+                continue
             known = KnownAnnotations()
             path = self.root / ref
             caption = self._sidecar_caption(path, known)
@@ -117,6 +125,13 @@ class FolderSource:
                 known.captions.append(Caption(text=caption, annotator=ALT_TEXT))
             key = item_key(str(PurePosixPath(ref).with_suffix("")))
             yield read_file_item(key, ref, path, self.root, self.policy, known)
+
+    def _unlistable_reason(self, ref: str) -> str:
+        try:
+            os.listdir(self.root / ref)
+        except OSError as exc:
+            return f"unreadable: folder {self.root / ref} cannot be listed: {exc.strerror or exc}"
+        return f"unreadable: folder {self.root / ref} could not be listed when the build was planned"
 
     def _sidecar_caption(self, image_path: Path, known: KnownAnnotations) -> str:
         sidecar = image_path.with_suffix(".txt")

@@ -152,3 +152,23 @@ def test_size_caps_apply_before_reading(tmp_path, image_bytes) -> None:
         "bytes, over source.max_image_bytes=10")
     assert item.known.notes == [f"sidecar_skipped: too_large: {tmp_path / 'big.txt'} is 50 bytes, "
                                 "over source.max_text_bytes=20"]
+
+
+def test_a_folder_that_cannot_be_listed_is_an_error_row(tmp_path, image_bytes, monkeypatch) -> None:
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "locked" / "x.jpg").write_bytes(image_bytes())
+    (tmp_path / "a.jpg").write_bytes(image_bytes())
+    real_scandir = os.scandir
+
+    def scandir(path):  # as chmod 000 would (root ignores the mode bits)
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    monkeypatch.setattr(os, "listdir", lambda path: scandir(path) and [])
+    source = FolderSource(tmp_path)
+    assert source.list_refs() == ["a.jpg", "locked/"]
+    _, locked = source.read(source.list_refs())
+    assert locked.error == f"unreadable: folder {tmp_path / 'locked'} cannot be listed: Permission denied"
+    assert KEY_PATTERN.match(locked.key)
