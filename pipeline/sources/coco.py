@@ -10,7 +10,13 @@
   is known only after decoding); an annotation whose box has ``w <= 0`` or ``h <= 0``, an unknown category
   or a segmentation that cannot be read is skipped/left without mask, with a line in ``known.notes``.
 * ``segmentation`` may be polygons (merged into one mask), uncompressed RLE (``counts`` a list) or
-  compressed RLE (``counts`` a string); all become a compressed-string ``Mask``.
+  compressed RLE (``counts`` a string); all become a compressed-string ``Mask``. Coordinates and runs are
+  validated before pycocotools sees them (``segmentation_to_rle``); a bad one drops the mask with a note.
+* Every input is one row: a repeated image id adds the ref ``<id>#<n>`` (error ``duplicate_id``), an image id
+  that only annotations or captions name adds its ref (error ``orphan_annotations``), an entry that is not an
+  object adds ``!images/<i>`` / ``!annotations/<i>`` / ``!captions/<i>`` (error ``bad_annotation``).
+* Images are read through ``pipeline.sources.confine`` under ``image_dir``: an absolute ``file_name`` or one
+  whose ``../`` leaves the folder is an error row ``outside_root``.
 * The sample-data generator's ``"umg"`` extension is read when present: on images ``tags`` ->
   ``known.tags`` and ``background`` -> ``known.background``; on annotations ``captions`` -> region
   captions and ``tags`` -> region tags (other fields such as ``color`` are ignored). Image captions come
@@ -22,7 +28,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
@@ -37,8 +42,6 @@ from pipeline.sources.base import KnownAnnotations, SourceItem
 from pipeline.masks import check_mask_size, check_rle
 from pipeline.sources.confine import ReadPolicy
 from pipeline.sources.folder import decode_text, item_key, read_file_item
-
-log = logging.getLogger(__name__)
 
 GROUND_TRUTH = "ground_truth"
 

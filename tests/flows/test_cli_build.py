@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 import pipeline.tiny_models
 from flows.cli import app
+from pipeline.shards import read_shard_rows
 
 SMOKE = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
 
@@ -98,3 +99,20 @@ def test_plan_mismatch_is_one_error_line_and_finished_rerun_loads_nothing(images
     line = _one_error_line(_build(images, out, "--set", "shard_size=3"))
     assert "different plan" in line and "shard_size=2" in line and "shard_size=3" in line
     assert len(loads) == 1
+
+
+def test_follow_symlinks_lets_links_into_the_named_folder_only(images, tmp_path, loads) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(shared / "theirs.png")
+    (images / "linked.png").symlink_to(shared / "theirs.png")
+    refused = _build(images, tmp_path / "plain")
+    assert refused.exit_code == 0, refused.output
+    rows = {r["source_id"]: r for r in read_shard_rows(tmp_path / "plain", "00000")}
+    assert rows["linked.png"]["error"].startswith("outside_root: ")
+    followed = _build(images, tmp_path / "followed", "--follow-symlinks", str(shared))
+    assert followed.exit_code == 0, followed.output
+    rows = {r["source_id"]: r for r in read_shard_rows(tmp_path / "followed", "00000")}
+    assert rows["linked.png"]["status"] == "ok"
+    line = _one_error_line(_build(images, tmp_path / "x", "--follow-symlinks", str(tmp_path / "nope")))
+    assert "source.follow_symlinks" in line and "is not a directory" in line
