@@ -173,6 +173,9 @@ class Img2DatasetSource:
             status = members.get("status")
             detail = f" (status={_as_text(status)}: {_as_text(members.get('error_message'))})" if status else ""
             return SourceItem(item_id, ref, None, known, error=f"missing_image: {ref}{detail}")
+        if len(image) > self.policy.max_image_bytes:  # a parquet cell; tar members are refused before reading
+            return SourceItem(item_id, ref, None, known, error=f"too_large: {ref} image is {len(image)} bytes, "
+                              f"over source.max_image_bytes={self.policy.max_image_bytes}")
         known.notes.extend(f"skipped member: {reason}" for reason in refused)
         return SourceItem(item_id, ref, bytes(image), known)
 

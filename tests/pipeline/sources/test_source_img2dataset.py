@@ -166,6 +166,10 @@ def test_repeated_member_names_and_keys_each_get_a_duplicate_row(tmp_path, image
     assert items["00000.tar/a"].image_bytes == first and items["00000.tar/a"].known.captions[0].text == "first"
     assert items["00000.tar#dup2/a"].error.startswith("duplicate_key: 'a' occurs again in 00000.tar (occurrence 2")
     assert items["00001.parquet/k"].image_bytes == first
+    capped = Img2DatasetSource(tmp_path, ReadPolicy.create(max_image_bytes=len(first) - 1))
+    (item,) = capped.read(["00001.parquet/k"])
+    assert item.error == (f"too_large: 00001.parquet/k image is {len(first)} bytes, "
+                          f"over source.max_image_bytes={len(first) - 1}")
     assert items["00001.parquet#dup2/k"].error.startswith("duplicate_key: 'k' occurs again in 00001.parquet")
     assert all(KEY_PATTERN.match(i.key) for i in items.values())
 
