@@ -258,3 +258,27 @@ def test_lost_worker_is_not_turned_into_error_rows():
     with pytest.raises(WorkerLost):
         run_stage(TagStage("tagger", Dying(None)), items)
     assert all(item.error is None for item in items)
+
+
+def test_batches_in_flight_encode_each_image_once(tmp_path, monkeypatch):
+    """Masks and jitter stability come from one segmenter call, so no embedding cache has to survive between
+    two calls while other batches pass through the same segmenter (``PipelinedChain``, Ray pools)."""
+    import annotators
+    from annotators.segmenter import SamSegmenter
+    from pipeline.chain_runner import PipelinedChain
+
+    sam = annotators.build("segmenter", SamSegmenter.create_tiny(tmp_path) | {"embedding_cache": 0})
+    sam.load()
+    encodings = []
+    encode = sam.predictor.model.image_encoder.forward
+    monkeypatch.setattr(sam.predictor.model.image_encoder, "forward", lambda x: encodings.append(1) or encode(x))
+    items = _items([(64 + i, 48) for i in range(6)])
+    for item in items:
+        item.record.regions = [Region(id=0, box_xyxy=(4, 4, 40, 30), label="a", annotator="t"),
+                               Region(id=1, box_xyxy=(30, 10, 60, 44), label="b", annotator="t")]
+    config = StabilityConfig(threshold=0.0)
+    chain = Chain([SegmentStage("segmenter", sam, stability=config), StabilityStage("stability", config=config)])
+    PipelinedChain(chain, batch_size=2, max_in_flight=3).run(items)
+    assert len(encodings) == 6
+    assert all(item.error is None for item in items)
+    assert all(r.mask is not None and 0.0 <= r.mask.stability <= 1.0 for it in items for r in it.record.regions)
