@@ -87,6 +87,9 @@ class AnnotateConfig(_Config):
     detectors: dict[str, BackendConfig] = Field(default_factory=dict, description="name -> backend config")
     merge: MergeConfig = Field(default_factory=MergeConfig)
     region_captioners: dict[str, BackendConfig] = Field(default_factory=dict)
+    min_region_captions: int = Field(
+        default=0, ge=0, description="detected regions with fewer distinct captions (after de-duplication across "
+        "region captioners) are dropped; the paper keeps >= 4 per region (0: keep all)")
     segmenter: BackendConfig | None = None
     stability: StabilityConfig | None = Field(default_factory=StabilityConfig, description="null skips jitter")
     background: BackendConfig | None = None

@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
 
 import annotators
+from annotators.prompts import caption_key
 from data_schemas import AnnotateConfig, BackgroundMask, Mask, MergeConfig, Region, StabilityConfig
 from pipeline.filters import (
     Detections,
@@ -68,9 +69,22 @@ class TagStage(Stage):
         item.record.tags = [*item.record.tags, *output]
 
 
+def new_captions(existing: Sequence[Any], found: Sequence[Any]) -> list[Any]:
+    """``found`` captions whose text (``caption_key``: case, punctuation, spacing ignored) is not yet among
+    ``existing`` or earlier in ``found``: captions are de-duplicated across captioners (paper App. D)."""
+    seen = {caption_key(c.text) for c in existing}
+    fresh = []
+    for caption in found:
+        key = caption_key(caption.text)
+        if key not in seen:
+            seen.add(key)
+            fresh.append(caption)
+    return fresh
+
+
 class CaptionStage(Stage):
     def apply(self, item, output):
-        item.record.captions = [*item.record.captions, *output]
+        item.record.captions = [*item.record.captions, *new_captions(item.record.captions, output)]
 
 
 @dataclass
@@ -148,9 +162,22 @@ class RegionCaptionStage(Stage):
         if len(output) != len(item.record.regions):
             raise ValueError(f"{len(output)} caption lists for {len(item.record.regions)} regions")
         item.record.regions = [
-            region.model_copy(update={"captions": [*region.captions, *captions]})
+            region.model_copy(update={"captions": [*region.captions, *new_captions(region.captions, captions)]})
             for region, captions in zip(item.record.regions, output)
         ]
+
+
+@dataclass
+class RegionCaptionCountStage(Stage):
+    """Drop detected regions with fewer than ``min_captions`` distinct captions after all region captioners
+    (paper App. D: every region keeps >= 4); regions that came with the input are kept. A pure stage."""
+
+    min_captions: int = 0
+
+    def apply(self, item, output):
+        item.record.regions = [r for r in item.record.regions
+                               if not r.annotator.startswith("detector_") or len(r.captions) >= self.min_captions]
+        item.record.provenance[self.name] = f"min_captions@{self.min_captions}"
 
 
 def _unmasked(item: IngestedItem) -> list[int]:
@@ -244,6 +271,8 @@ def build_chain(cfg: AnnotateConfig) -> list[Stage]:
         RegionCaptionStage(f"region_captioner_{n}", build("region_captioner", c))
         for n, c in cfg.region_captioners.items()
     ]
+    if cfg.region_captioners and cfg.min_region_captions:
+        stages.append(RegionCaptionCountStage("region_caption_count", min_captions=cfg.min_region_captions))
     if cfg.segmenter:
         stages.append(SegmentStage("segmenter", build("segmenter", cfg.segmenter), stability=cfg.stability))
         if cfg.stability is not None:

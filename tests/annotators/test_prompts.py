@@ -127,3 +127,17 @@ def test_region_captioner_skips_a_box_the_centre_crop_removes(tmp_path, load, ma
     out = captioner([image], [np.array([[0, 0, 40, 32], [50, 0, 70, 32]], np.float32)])
     assert out[0][0] == [] and len(seen) == 1
     assert seen[0] == "What is in the region [0.062,0.000,0.688,1.000]? Answer briefly."  # (50 - 48) / 32
+
+
+def test_paper_config_prompts_build():
+    from pathlib import Path
+
+    import annotators
+    from data_schemas import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "umg41m.yaml").annotate
+    blip2 = annotators.build("captioner", cfg.captioners["blip2"])
+    assert len(blip2.prompts.sampler.prompts) == 9 and blip2.prompts.sampler.per_item == 2
+    region = annotators.build("region_captioner", cfg.region_captioners["vlm"])
+    assert region.box_format.name == "llava-1.5" and region.prompts.sampler.per_item == 5
+    assert cfg.min_region_captions == 4

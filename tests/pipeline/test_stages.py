@@ -282,3 +282,48 @@ def test_batches_in_flight_encode_each_image_once(tmp_path, monkeypatch):
     assert len(encodings) == 6
     assert all(item.error is None for item in items)
     assert all(r.mask is not None and 0.0 <= r.mask.stability <= 1.0 for it in items for r in it.record.regions)
+
+
+def test_captions_are_deduplicated_across_captioners():
+    items = _items(((40, 30),))
+    blip2 = Backend(lambda im: [Caption(text="A dog on a beach.", annotator="blip2", prompt="a photo of"),
+                                Caption(text="a brown dog", annotator="blip2")])
+    vlm = Backend(lambda im: [Caption(text="a dog on a beach", annotator="vlm", prompt="Describe it."),
+                              Caption(text="A DOG, on the beach", annotator="vlm"),
+                              Caption(text="a brown dog!", annotator="vlm")])
+    run_stage(CaptionStage("captioner_blip2", blip2), items)
+    run_stage(CaptionStage("captioner_vlm", vlm), items)
+    assert [(c.text, c.annotator, c.prompt) for c in items[0].record.captions] == [
+        ("A dog on a beach.", "blip2", "a photo of"), ("a brown dog", "blip2", None),
+        ("A DOG, on the beach", "vlm", None)]
+
+
+def test_region_captions_deduplicated_and_regions_under_the_minimum_dropped():
+    from pipeline.stages import RegionCaptionCountStage, RegionCaptionStage
+
+    items = _items(((100, 100),))
+    known = Region(id=0, box_xyxy=(1, 1, 9, 9), label="gt", annotator="ground_truth")
+    det = Backend(lambda im: DetectorOutput([[10, 10, 60, 60], [70, 70, 90, 90]], [0.9, 0.8], ["a", "b"]))
+    first = Backend(lambda im, boxes: [[RegionCaption(text=f"thing {i}", annotator="x", prompt="p")] +
+                                       [RegionCaption(text=f"Object {j}.", annotator="x") for j in range(2)]
+                                       for i in range(len(boxes))])
+    # the second captioner repeats the first's texts for every box but adds a new one only for box 1 (id 1)
+    second = Backend(lambda im, boxes: [[RegionCaption(text="object 0", annotator="y")] +
+                                        ([RegionCaption(text="a red thing", annotator="y")] if i == 1 else [])
+                                        for i in range(len(boxes))])
+    items[0].record.regions = [known]
+    for stage in (DetectStage("detector_d", det, source="d"), MergeStage("merge"),
+                  RegionCaptionStage("region_captioner_x", first), RegionCaptionStage("region_captioner_y", second),
+                  RegionCaptionCountStage("region_caption_count", min_captions=4)):
+        run_stage(stage, items)
+    regions = items[0].record.regions
+    assert [r.id for r in regions] == [0, 1]  # ground truth kept; region 2 had 3 distinct captions and is dropped
+    assert [c.text for c in regions[1].captions] == ["thing 1", "Object 0.", "Object 1.", "a red thing"]
+
+
+def test_min_region_captions_from_config_adds_the_count_stage(monkeypatch):
+    monkeypatch.setattr("annotators.build", lambda kind, cfg: Backend(lambda im, *a: []))
+    cfg = AnnotateConfig(detectors={"d": {"backend": "x"}}, region_captioners={"r": {"backend": "y"}},
+                         min_region_captions=4)
+    names = [s.name for s in Chain.from_config(cfg).stages]
+    assert names == ["detector_d", "merge", "region_captioner_r", "region_caption_count"]
