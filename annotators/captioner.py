@@ -53,7 +53,8 @@ def to_captions(
 ) -> list[list[Caption]]:
     """Raw ``(text, prompt)`` pairs per image -> cleaned ``Caption`` lists (stripped, deduplicated on
     ``caption_key``, no empties), each with the prompt it answered."""
-    return [[Caption(text=t, annotator=annotator, prompt=p) for t, p in clean_pairs(pairs)] for pairs in pairs_per_image]
+    return [[Caption(text=t, annotator=annotator, prompt=p) for t, p in clean_pairs(pairs)]
+            for pairs in pairs_per_image]
 
 
 def prompt_jobs(images: Sequence[Image.Image], choice: PromptChoice) -> list[tuple[int, str]]:

@@ -202,6 +202,7 @@ class CropCaptioner(Backend):
         rgb = [im.convert("RGB") for im in images]
         crops = [crop_box(rgb[i], box, self.pad, self.min_size) for i, box in jobs]
         captions = self.captioner(crops) if crops else []
-        flat = [[RegionCaption(text=c.text, annotator=self.annotator, prompt=c.prompt) for c in caps] for caps in captions]
+        flat = [[RegionCaption(text=c.text, annotator=self.annotator, prompt=c.prompt) for c in caps]
+                for caps in captions]
         return _regroup(boxes, flat)
 

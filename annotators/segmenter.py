@@ -229,7 +229,8 @@ class SamSegmenter(Backend):
         Args:
             images: ``B`` PIL images.
             boxes: ``B`` arrays ``(N_i, 4)`` xyxy pixels of the matching image.
-            jittered: ``B`` arrays ``(N_i, K, 4)``: each box's ``K`` jittered copies (``pipeline.filters.jitter_boxes``).
+            jittered: ``B`` arrays ``(N_i, K, 4)``: each box's ``K`` jittered copies
+                (``pipeline.filters.jitter_boxes``).
 
         Returns:
             ``B`` :class:`SegmentOutput`: ``masks (N_i, H_i, W_i)`` bool at the image's size, ``scores (N_i,)``

@@ -110,7 +110,7 @@ class PromptChoice:
             raise AnnotatorError("give either 'prompt' (one fixed prompt) or 'prompts' (a set to sample from)")
         if prompts is None and per_item != 1:
             raise AnnotatorError(f"{per_item} prompts per item need a 'prompts' set to sample from")
-        self.sampler = PromptSampler(load_prompts(prompts, placeholder), per_item, seed) if prompts is not None else None
+        self.sampler = None if prompts is None else PromptSampler(load_prompts(prompts, placeholder), per_item, seed)
         self.prompt = default if prompt is None else prompt
         if self.sampler is None and placeholder is not None and placeholder not in self.prompt:
             raise AnnotatorError(f"prompt {self.prompt!r} needs a '{placeholder}' placeholder")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 
 from annotators import AnnotatorError
-from annotators.captioner import Blip2Captioner, VlmCaptioner
 from annotators.prompts import BUILTIN_SETS, PromptChoice, PromptSampler, caption_key, image_digest, load_prompts
 from annotators.region_captioner import VlmBoxCaptioner
 
@@ -61,16 +60,6 @@ def test_caption_key_ignores_case_punctuation_and_spacing():
 def test_image_digest_follows_pixels(images):
     assert image_digest(images[0]) == image_digest(images[0].copy())
     assert image_digest(images[0]) != image_digest(images[1])
-
-
-@pytest.fixture(scope="module")
-def blip2_cfg(tmp_path_factory) -> dict:
-    return Blip2Captioner.create_tiny(tmp_path_factory.mktemp("tiny_blip2")) | {"device": "cpu"}
-
-
-@pytest.fixture(scope="module")
-def vlm_cfg(tmp_path_factory) -> dict:
-    return VlmCaptioner.create_tiny(tmp_path_factory.mktemp("tiny_vlm")) | {"device": "cpu"}
 
 
 @pytest.mark.parametrize(("fixture", "prompt_set"), [("blip2_cfg", "blip2_image"), ("vlm_cfg", "shikra_image")])

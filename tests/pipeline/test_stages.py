@@ -80,7 +80,8 @@ def _object_or_rect_masks(image, boxes, jittered=None):
             mask[:] = False
             mask[y1:y2, x1:x2] = True
     if jittered is not None:
-        out.stability = jittered_mask_stability(image, out.masks, jittered, lambda im, b: _object_or_rect_masks(im, b).masks)
+        out.stability = jittered_mask_stability(image, out.masks, jittered,
+                                                lambda im, b: _object_or_rect_masks(im, b).masks)
     return out
 
 
