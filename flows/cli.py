@@ -149,6 +149,11 @@ def train(
                                "metrics_csv": str(result.metrics_csv), "final_losses": result.final_losses}))
 
 
+from flows.cli_adapt import adapt  # noqa: E402 - the umg adapt command (flows/cli_adapt.py)
+
+app.command("adapt")(adapt)
+
+
 # --- orchestration commands (umg export-coco, umg serve …; flows/) ---
 
 

@@ -1,0 +1,150 @@
+"""Adapted checkpoints: a directory with ``adapt.json`` + ``model.safetensors`` (``umg adapt`` writes them).
+
+``adapt.json`` is :class:`data_schemas.adapt_config.AdaptedCheckpoint`: the task (``global`` or
+``seg``), the base model's section and its full open_clip config (so the directory is
+self-contained), the Convpass settings, the dense head's settings and the class names it was
+trained on. ``model.safetensors`` holds the FULL weights of the returned module — the base's
+(frozen, unchanged) plus the adapters (plus the dense head): one file, no dependency on the base
+checkpoint, at the cost of a copy of the base weights (a B/16 tower: ~0.6 GB in fp32).
+
+:func:`load_adapted` is what ``model.loading.create_model_and_transforms`` calls for a directory
+holding ``adapt.json``: task ``global`` gives a :class:`~model.umg_clip.UMGCLIP` with Convpass inside
+its image tower; task ``seg`` gives the dense model (``model.dense``) with ``.umg``,
+``segment_semantic`` and ``segment_panoptic``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import open_clip
+import torch
+from torch import nn
+
+from data_schemas.adapt_config import AdaptedCheckpoint, AdaptedParameters, ConvpassSection
+from data_schemas.train_config import ClusterSection, ModelSection
+from model.checkpoint import WEIGHTS, read_config, resolve_checkpoint
+from model.convpass import ConvpassCfg, add_convpass, count_parameters
+from model.umg_clip import UMGCLIP
+
+ADAPT_JSON = "adapt.json"
+
+
+def is_adapted_dir(path: str | Path) -> bool:
+    return (Path(path) / ADAPT_JSON).is_file()
+
+
+def resolve_base(checkpoint: str | Path) -> tuple[ModelSection, str]:
+    """``--checkpoint`` of ``umg adapt`` -> (the base's model section with its weights, a provenance string).
+
+    Accepts a UMG-CLIP run dir, checkpoint dir or its ``model.safetensors`` (architecture from its
+    ``config.json``), or an open_clip ``NAME`` / ``NAME:PRETRAINED_TAG``. Clustering is switched off:
+    adapted models run on the full token grid.
+
+    Raises:
+        FileNotFoundError: neither a checkpoint nor a known open_clip model name.
+        ValueError: the path is already an adapted checkpoint.
+    """
+    path = Path(checkpoint)
+    if path.exists():
+        if is_adapted_dir(path):
+            raise ValueError(f"{path} is an adapted checkpoint already; adapt its base checkpoint instead")
+        ckpt = resolve_checkpoint(path)
+        section = read_config(ckpt).model.model_copy(
+            update={"checkpoint": ckpt / WEIGHTS, "pretrained": None, "cluster": ClusterSection()})
+        return section, str(ckpt.resolve())
+    name, _, tag = str(checkpoint).partition(":")
+    if name not in open_clip.list_models():
+        raise FileNotFoundError(f"{checkpoint}: not a UMG-CLIP checkpoint (run dir, checkpoint dir, {WEIGHTS}) "
+                                "nor an open_clip model name")
+    return ModelSection(name=name, pretrained=tag or None), str(checkpoint)
+
+
+def open_clip_config(model_name: str, clip: nn.Module) -> dict:
+    """open_clip's ``{"model_cfg", "preprocess_cfg"}`` of a model name (``local-dir:`` included)."""
+    if model_name.startswith("local-dir:"):
+        return json.loads((Path(model_name.removeprefix("local-dir:")) / "open_clip_config.json").read_text())
+    model_cfg = open_clip.get_model_config(model_name)
+    if model_cfg is None:
+        raise ValueError(f"no open_clip config for {model_name!r}")
+    return {"model_cfg": model_cfg, "preprocess_cfg": dict(clip.visual.preprocess_cfg)}
+
+
+def clip_from_open_clip_config(config: dict, device: str | torch.device = "cpu") -> nn.Module:
+    """An open_clip model (random init) from an embedded ``{"model_cfg", "preprocess_cfg"}``.
+
+    Goes through open_clip's own ``local-dir:`` loader on a temporary copy of the config; timm
+    towers get their configured ``image_size`` as ``create_umg_clip`` does.
+    """
+    vision = config["model_cfg"].get("vision_cfg", {})
+    force = vision["image_size"] if vision.get("timm_model_name") and vision.get("image_size") else None
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "open_clip_config.json").write_text(json.dumps(config), encoding="utf-8")
+        return open_clip.create_model(f"local-dir:{tmp}", load_weights=False, device=device,
+                                      force_image_size=force)
+
+
+def convpass_cfg(section: ConvpassSection) -> ConvpassCfg:
+    return ConvpassCfg(dim=section.dim, scale=section.scale, dropout=section.dropout)
+
+
+def adapted_umg(meta: AdaptedCheckpoint, device: str | torch.device = "cpu") -> UMGCLIP:
+    """The base architecture from ``meta`` with Convpass added (random weights; load them next)."""
+    clip = clip_from_open_clip_config(meta.open_clip_config, device)
+    umg = UMGCLIP(clip, region_output_size=meta.base_model.region_output_size)
+    return add_convpass(umg, convpass_cfg(meta.convpass))
+
+
+def save_adapted(out_dir: str | Path, model: nn.Module, meta: AdaptedCheckpoint) -> Path:
+    """Write ``model.safetensors`` (full weights) and then ``adapt.json`` into ``out_dir``.
+
+    ``adapt.json`` is written last (atomically), so a directory with it is complete.
+    """
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out_dir / WEIGHTS))
+    tmp = out_dir / (ADAPT_JSON + ".tmp")
+    tmp.write_text(meta.model_dump_json(indent=1), encoding="utf-8")
+    os.replace(tmp, out_dir / ADAPT_JSON)
+    return out_dir
+
+
+def read_meta(checkpoint_dir: str | Path) -> AdaptedCheckpoint:
+    path = Path(checkpoint_dir) / ADAPT_JSON
+    if not path.is_file():
+        raise FileNotFoundError(f"{checkpoint_dir}: no {ADAPT_JSON} (not an adapted checkpoint)")
+    return AdaptedCheckpoint.model_validate_json(path.read_text(encoding="utf-8"))
+
+
+def _build_global(meta: AdaptedCheckpoint, device) -> nn.Module:
+    return adapted_umg(meta, device)
+
+
+def _build_seg(meta: AdaptedCheckpoint, device) -> nn.Module:
+    from model.dense.model import dense_model_from_meta  # lazy: transformers' Mask2Former modules
+
+    return dense_model_from_meta(meta, adapted_umg(meta, device))
+
+
+TASK_BUILDERS = {"global": _build_global, "seg": _build_seg}
+
+
+def load_adapted(checkpoint_dir: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild an adapted checkpoint (see module docstring); returns it in eval mode on ``device``."""
+    from safetensors.torch import load_file
+
+    meta = read_meta(checkpoint_dir)
+    model = TASK_BUILDERS[meta.task](meta, device)
+    model.load_state_dict(load_file(str(Path(checkpoint_dir) / WEIGHTS), device=str(device)), strict=True)
+    return model.eval()
+
+
+def parameters_of(model: nn.Module) -> AdaptedParameters:
+    trainable, total = count_parameters(model)
+    return AdaptedParameters(trainable=trainable, total=total)
