@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_schemas.adapt_config import AdaptedCheckpoint, GlobalAdaptConfig
-from model.adapted import convpass_cfg, open_clip_config, parameters_of, resolve_base, save_adapted
-from model.checkpoint import WEIGHTS, model_from_config
+from model.adapted import base_model, convpass_cfg, parameters_of, resolve_base, save_adapted
+from model.checkpoint import WEIGHTS
 from model.convpass import add_convpass
 from model.factory import load_umg_checkpoint
 from model.trainer import train
@@ -46,17 +46,17 @@ def adapt_global(cfg: GlobalAdaptConfig, base: str | Path, shards, out_dir: str 
     Rerunning with the same ``out_dir`` resumes the training run in ``out_dir/train``.
     """
     out_dir = Path(out_dir)
-    section, provenance = resolve_base(base)
+    section, base_config, provenance = resolve_base(base)
     train_cfg = cfg.train.model_copy(update={
         "model": section, "loss": cfg.train.loss.model_copy(update={"regions": False})})
     pet = convpass_cfg(cfg.convpass)
     result = train(train_cfg, shards, out_dir / TRAIN_DIR, prepare_model=lambda umg: add_convpass(umg, pet))
-    model = add_convpass(model_from_config(section, initial_weights=False), pet)
+    model = add_convpass(base_model(section, base_config, initial_weights=False), pet)
     load_umg_checkpoint(model, result.checkpoint / WEIGHTS)
     params = parameters_of(model)
     if os.environ.get("RANK", "0") == "0":
         meta = AdaptedCheckpoint(task="global", base_checkpoint=provenance, base_model=section,
-                                 open_clip_config=open_clip_config(section.name, model.clip), convpass=cfg.convpass,
+                                 open_clip_config=model.open_clip_config, convpass=cfg.convpass,
                                  parameters=params, steps=result.steps)
         save_adapted(out_dir, model, meta)
     return AdaptResult(checkpoint=out_dir, steps=result.steps, trainable_params=params.trainable,

@@ -15,9 +15,7 @@ its image tower; task ``seg`` gives the dense model (``model.dense``) with ``.um
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
 
 import open_clip
@@ -26,19 +24,19 @@ from torch import nn
 
 from data_schemas.adapt_config import AdaptedCheckpoint, AdaptedParameters, ConvpassSection
 from data_schemas.train_config import ClusterSection, ModelSection
-from model.checkpoint import WEIGHTS, read_config, resolve_checkpoint
+from model.checkpoint import WEIGHTS, model_from_config, read_config, read_open_clip_config, resolve_checkpoint
 from model.convpass import ConvpassCfg, add_convpass, count_parameters
+from model.loading import ADAPT_MARKER as ADAPT_JSON
+from model.loading import split_name
 from model.umg_clip import UMGCLIP
-
-ADAPT_JSON = "adapt.json"
-
 
 def is_adapted_dir(path: str | Path) -> bool:
     return (Path(path) / ADAPT_JSON).is_file()
 
 
-def resolve_base(checkpoint: str | Path) -> tuple[ModelSection, str]:
-    """``--checkpoint`` of ``umg adapt`` -> (the base's model section with its weights, a provenance string).
+def resolve_base(checkpoint: str | Path) -> tuple[ModelSection, dict | None, str]:
+    """``--checkpoint`` of ``umg adapt`` -> (the base's model section with its weights, its saved open_clip
+    config or None, a provenance string).
 
     Accepts a UMG-CLIP run dir, checkpoint dir or its ``model.safetensors`` (architecture from its
     ``config.json``), or an open_clip ``NAME`` / ``NAME:PRETRAINED_TAG``. Clustering is switched off:
@@ -55,46 +53,28 @@ def resolve_base(checkpoint: str | Path) -> tuple[ModelSection, str]:
         ckpt = resolve_checkpoint(path)
         section = read_config(ckpt).model.model_copy(
             update={"checkpoint": ckpt / WEIGHTS, "pretrained": None, "cluster": ClusterSection()})
-        return section, str(ckpt.resolve())
-    name, _, tag = str(checkpoint).partition(":")
-    if name not in open_clip.list_models():
+        return section, read_open_clip_config(ckpt), str(ckpt.resolve())
+    name, tag = split_name(str(checkpoint))
+    if not name.startswith("local-dir:") and open_clip.get_model_config(name) is None:
         raise FileNotFoundError(f"{checkpoint}: not a UMG-CLIP checkpoint (run dir, checkpoint dir, {WEIGHTS}) "
                                 "nor an open_clip model name")
-    return ModelSection(name=name, pretrained=tag or None), str(checkpoint)
-
-
-def open_clip_config(model_name: str, clip: nn.Module) -> dict:
-    """open_clip's ``{"model_cfg", "preprocess_cfg"}`` of a model name (``local-dir:`` included)."""
-    if model_name.startswith("local-dir:"):
-        return json.loads((Path(model_name.removeprefix("local-dir:")) / "open_clip_config.json").read_text())
-    model_cfg = open_clip.get_model_config(model_name)
-    if model_cfg is None:
-        raise ValueError(f"no open_clip config for {model_name!r}")
-    return {"model_cfg": model_cfg, "preprocess_cfg": dict(clip.visual.preprocess_cfg)}
-
-
-def clip_from_open_clip_config(config: dict, device: str | torch.device = "cpu") -> nn.Module:
-    """An open_clip model (random init) from an embedded ``{"model_cfg", "preprocess_cfg"}``.
-
-    Goes through open_clip's own ``local-dir:`` loader on a temporary copy of the config; timm
-    towers get their configured ``image_size`` as ``create_umg_clip`` does.
-    """
-    vision = config["model_cfg"].get("vision_cfg", {})
-    force = vision["image_size"] if vision.get("timm_model_name") and vision.get("image_size") else None
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "open_clip_config.json").write_text(json.dumps(config), encoding="utf-8")
-        return open_clip.create_model(f"local-dir:{tmp}", load_weights=False, device=device,
-                                      force_image_size=force)
+    return ModelSection(name=name, pretrained=tag), None, str(checkpoint)
 
 
 def convpass_cfg(section: ConvpassSection) -> ConvpassCfg:
     return ConvpassCfg(dim=section.dim, scale=section.scale, dropout=section.dropout)
 
 
+def base_model(section: ModelSection, open_clip_config: dict | None, *, initial_weights: bool,
+               device: str | torch.device = "cpu") -> UMGCLIP:
+    """The base UMG-CLIP (towers from the saved open_clip config when there is one)."""
+    return model_from_config(section, initial_weights=initial_weights, device=device,
+                             open_clip_config=open_clip_config)
+
+
 def adapted_umg(meta: AdaptedCheckpoint, device: str | torch.device = "cpu") -> UMGCLIP:
     """The base architecture from ``meta`` with Convpass added (random weights; load them next)."""
-    clip = clip_from_open_clip_config(meta.open_clip_config, device)
-    umg = UMGCLIP(clip, region_output_size=meta.base_model.region_output_size)
+    umg = base_model(meta.base_model, meta.open_clip_config, initial_weights=False, device=device)
     return add_convpass(umg, convpass_cfg(meta.convpass))
 
 
@@ -140,7 +120,7 @@ def load_adapted(checkpoint_dir: str | Path, device: str | torch.device = "cpu")
     from safetensors.torch import load_file
 
     meta = read_meta(checkpoint_dir)
-    model = TASK_BUILDERS[meta.task](meta, device)
+    model = TASK_BUILDERS[meta.task](meta, device).to(device)
     model.load_state_dict(load_file(str(Path(checkpoint_dir) / WEIGHTS), device=str(device)), strict=True)
     return model.eval()
 
