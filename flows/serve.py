@@ -1,4 +1,4 @@
-"""Serve the deployments ``build-umg41m/local`` and ``train/local`` from one process.
+"""Serve the deployments ``build-umg41m/local``, ``train/local`` and ``adapt/local`` from one process.
 
 Build -> train chaining (one mechanism only): the build flow emits ``umg.build.completed`` as its last step,
 and only when every shard is finished and the build validates; its payload carries the shard directory
@@ -57,6 +57,11 @@ def deployments(train_out: str = "out/train", with_train: bool = True) -> list[R
         served.append(train.to_deployment(
             name="local", description="train UMG-CLIP on the shards of a completed build",
             triggers=[train_trigger(train_out)], entrypoint_type=EntrypointType.MODULE_PATH))
+        from flows.adapt import adapt
+
+        served.append(adapt.to_deployment(
+            name="local", description="Convpass PET of a trained checkpoint (task global | seg)",
+            entrypoint_type=EntrypointType.MODULE_PATH))
     return served
 
 

@@ -28,7 +28,8 @@ Supported blocks (a registry keyed by block class): open_clip ``ResidualAttentio
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import MethodType
 
@@ -67,6 +68,7 @@ class TokenGrid:
     def __init__(self, num_prefix: int):
         self.num_prefix = num_prefix
         self.hw: tuple[int, int] | None = None
+        self.enabled = True  # False: every adapter adds nothing (the frozen base model), see convpass_disabled
 
     def record(self, module: nn.Module, inputs, output: torch.Tensor) -> None:
         """Forward hook: (B, D, h, w) conv output, or a timm ``PatchEmbed`` with a fixed ``grid_size``."""
@@ -95,6 +97,8 @@ class Convpass(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.grid.enabled:
+            return x.new_zeros(())
         b, n, _ = x.shape
         p = self.grid.num_prefix
         if self.grid.hw is None:
@@ -189,6 +193,19 @@ def add_convpass(umg: UMGCLIP, cfg: ConvpassCfg = ConvpassCfg()) -> UMGCLIP:
         block.forward = MethodType(forward, block)
     patch_embed.register_forward_hook(grid.record)  # a bound method: deepcopy keeps it tied to the copy
     return umg
+
+
+@contextmanager
+def convpass_disabled(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` as its frozen base: every Convpass branch adds exactly zero inside the block."""
+    grids = {id(m.grid): m.grid for m in model.modules() if isinstance(m, Convpass)}.values()
+    for grid in grids:
+        grid.enabled = False
+    try:
+        yield
+    finally:
+        for grid in grids:
+            grid.enabled = True
 
 
 def has_convpass(model: nn.Module) -> bool:

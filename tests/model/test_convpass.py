@@ -8,7 +8,8 @@ import open_clip
 import pytest
 import torch
 
-from model.convpass import Convpass, ConvpassCfg, TokenGrid, add_convpass, count_parameters, has_convpass
+from model.convpass import (Convpass, ConvpassCfg, TokenGrid, add_convpass, convpass_disabled, count_parameters,
+                            has_convpass)
 from model.factory import create_umg_clip, get_tokenizer
 from model.token_cluster import TokenClusterCfg
 from model.umg_clip import UMGCLIP
@@ -67,6 +68,20 @@ def test_only_adapters_get_gradients_and_they_change_the_output(name, size):
         changed, _ = adapted.eval().encode_image(torch.zeros(1, 3, size, size) + 0.5)
         base_emb, _ = _pair(name)[0].encode_image(torch.zeros(1, 3, size, size) + 0.5)
     assert not torch.allclose(changed, base_emb)
+
+
+def test_convpass_disabled_runs_the_frozen_base_exactly():
+    base, adapted = _pair("umg-tiny-vit")
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if name.endswith("up.weight"):
+                p.normal_(std=0.1)
+        images = torch.randn(2, 3, 128, 128)
+        with convpass_disabled(adapted):
+            frozen, _ = adapted.encode_image(images)
+        adapted_emb, _ = adapted.encode_image(images)
+        base_emb, _ = base.encode_image(images)
+    assert torch.equal(frozen, base_emb) and not torch.allclose(adapted_emb, base_emb)
 
 
 def test_non_square_non_default_resolution():
