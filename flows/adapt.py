@@ -45,7 +45,8 @@ def adapt(task: str, checkpoint: str, out: str = "out/adapt", shards: str | None
         result = adapt_global(cfg, checkpoint, Path(shards), Path(out))
     elif task == "seg":
         from data_schemas.adapt_config import SegAdaptConfig
-        from model.dense.train import adapt_seg, coco_source
+        from model.dense.data import coco_source
+        from model.dense.train import adapt_seg
 
         cfg = load_config(config, overrides, model=SegAdaptConfig, section="adapt_seg")
         result = adapt_seg(cfg, checkpoint, coco_source(Path(data) if data else None, split), Path(out))

@@ -58,7 +58,8 @@ def adapt(
                     _fail("--train-classes is empty")
                 overrides.append(f"train_classes={json.dumps(names)}")
             cfg = load_config(config, overrides, model=SegAdaptConfig, section="adapt_seg")
-            from model.dense.train import adapt_seg, coco_source
+            from model.dense.data import coco_source
+            from model.dense.train import adapt_seg
 
             source = coco_source(data, split, annotations, images)
             result = adapt_seg(cfg, checkpoint, source, out)

@@ -12,32 +12,16 @@ adapted checkpoint ``OUT/`` (``adapt.json`` + ``model.safetensors``, see ``model
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from data_schemas.adapt_config import AdaptedCheckpoint, GlobalAdaptConfig
-from model.adapted import base_model, convpass_cfg, parameters_of, resolve_base, save_adapted
+from model.adapted import AdaptResult, base_model, convpass_cfg, parameters_of, resolve_base, save_adapted
 from model.checkpoint import WEIGHTS
 from model.convpass import add_convpass
 from model.factory import load_umg_checkpoint
 from model.trainer import train
 
 TRAIN_DIR = "train"
-
-
-@dataclass
-class AdaptResult:
-    """What ``umg adapt`` reports."""
-
-    checkpoint: Path
-    steps: int
-    trainable_params: int
-    total_params: int
-    final_losses: dict[str, float]
-
-    def summary(self) -> dict:
-        return {"checkpoint": str(self.checkpoint), "steps": self.steps, "trainable_params": self.trainable_params,
-                "total_params": self.total_params, "final_losses": self.final_losses}
 
 
 def adapt_global(cfg: GlobalAdaptConfig, base: str | Path, shards, out_dir: str | Path) -> AdaptResult:

@@ -16,6 +16,7 @@ its image tower; task ``seg`` gives the dense model (``model.dense``) with ``.um
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import open_clip
@@ -29,6 +30,22 @@ from model.convpass import ConvpassCfg, add_convpass, count_parameters
 from model.loading import ADAPT_MARKER as ADAPT_JSON
 from model.loading import split_name
 from model.umg_clip import UMGCLIP
+
+
+@dataclass
+class AdaptResult:
+    """What ``umg adapt`` reports."""
+
+    checkpoint: Path
+    steps: int
+    trainable_params: int
+    total_params: int
+    final_losses: dict[str, float]
+
+    def summary(self) -> dict:
+        return {"checkpoint": str(self.checkpoint), "steps": self.steps, "trainable_params": self.trainable_params,
+                "total_params": self.total_params, "final_losses": self.final_losses}
+
 
 def is_adapted_dir(path: str | Path) -> bool:
     return (Path(path) / ADAPT_JSON).is_file()
