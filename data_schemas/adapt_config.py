@@ -10,7 +10,7 @@ defaults here are the paper's recipe where it gives one:
   without warmup, see ``_global_train``).
 - dense adaptation: FC-CLIP's recipe (AdamW lr 1e-4, wd 0.05, Mask2Former loss weights class 2 /
   mask 5 / dice 5, no-object 0.1, geometric ensemble alpha 0.4 / beta 0.8); the head is shrunk
-  (hidden 64, 20 queries, 3 decoder layers; FC-CLIP: 256, 250, 9) so it trains on a CPU.
+  (hidden 64, 20 queries, 2 masked-attention layers; FC-CLIP: 256, 250, 9) so it trains on a CPU.
 """
 
 from __future__ import annotations
@@ -53,7 +53,9 @@ class DenseHeadSection(_Section):
     hidden_dim: int = Field(default=64, ge=32, description="pixel decoder / query width (multiple of 32: GroupNorm)")
     num_queries: int = Field(default=20, ge=1, description="learned object queries (FC-CLIP: 250)")
     encoder_layers: int = Field(default=2, ge=1, description="deformable pixel-decoder layers (FC-CLIP: 6)")
-    decoder_layers: int = Field(default=3, ge=1, description="masked-attention decoder layers (FC-CLIP: 9)")
+    decoder_layers: int = Field(
+        default=3, ge=2, description="prediction stages, transformers' convention: the initial query prediction + "
+        "decoder_layers - 1 masked-attention layers (FC-CLIP's 9 layers = 10)")
     num_heads: int = Field(default=4, ge=1)
     ffn_dim: int = Field(default=128, ge=1, description="decoder feed-forward width")
     class_weight: float = Field(default=2.0, ge=0.0, description="Mask2Former/FC-CLIP: 2.0")

@@ -58,7 +58,7 @@ def weighted_loss(losses: dict[str, torch.Tensor], cfg: SegAdaptConfig) -> tuple
     weights = {"loss_cross_entropy": cfg.head.class_weight, "loss_mask": cfg.head.mask_weight,
                "loss_dice": cfg.head.dice_weight}
     total = sum(weights[_AUX_SUFFIX.sub("", key)] * value for key, value in losses.items())
-    terms = {term: sum(float(v) for k, v in losses.items() if _AUX_SUFFIX.sub("", k) == term) for term in LOSS_TERMS}
+    terms = {term: sum(float(v.detach()) for k, v in losses.items() if _AUX_SUFFIX.sub("", k) == term) for term in LOSS_TERMS}
     return total, terms
 
 
@@ -115,7 +115,7 @@ def adapt_seg(cfg: SegAdaptConfig, base: str | Path, source: CocoSource, out_dir
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
-            row = {"step": step, "loss": float(loss), **terms, "lr": lr, "grad_norm": float(norm)}
+            row = {"step": step, "loss": float(loss.detach()), **terms, "lr": lr, "grad_norm": float(norm)}
             writer.writerow(row)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 log.info("seg step %d/%d loss %.4f (%s)", step, cfg.steps, row["loss"],
