@@ -22,7 +22,8 @@ def result_markdown(task: str, summary: dict, checkpoint: str) -> str:
     """The adaptation summary as markdown (parameters, final losses, checkpoint)."""
     rows = "\n".join(f"| {name} | {value:.4f} |" for name, value in sorted(summary["final_losses"].items()))
     share = 100 * summary["trainable_params"] / summary["total_params"]
-    return (f"# UMG-CLIP adaptation ({task})\n\nbase `{checkpoint}`  \nadapted checkpoint: `{summary['checkpoint']}`  \n"
+    return (f"# UMG-CLIP adaptation ({task})\n\nbase `{checkpoint}`  \n"
+            f"adapted checkpoint: `{summary['checkpoint']}`  \n"
             f"steps: **{summary['steps']}**  \ntrainable parameters: **{summary['trainable_params']:,}** of "
             f"{summary['total_params']:,} ({share:.2f} %)\n\n| loss | final |\n|---|---|\n{rows}\n")
 

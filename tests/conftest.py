@@ -74,3 +74,14 @@ def tiny_checkpoint(tmp_path_factory):
     model = model_from_config(config.model)
     run = tmp_path_factory.mktemp("tiny-run")
     return run, save_checkpoint(run, 1, model, config, {"step": 1})
+
+
+@pytest.fixture
+def single_thread():
+    """torch on one thread for the test (a shared 2-core box: OpenMP hand-offs slow small models down)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

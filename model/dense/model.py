@@ -1,7 +1,7 @@
 """FC-CLIP-style open-vocabulary segmentation on a frozen + Convpass UMG-CLIP (paper §5, dense adaptation).
 
-    image ─► UMG-CLIP tower with Convpass ─► token grid (B, h, w, D) ─► LayerNorm ─► simple feature pyramid
-      (4×, 2×, 1×, ½×) ─► Mask2Former pixel decoder (multi-scale deformable attention + FPN; transformers'
+    image ─► UMG-CLIP tower with Convpass ─► token grid (B, h, w, D) ─► LayerNorm ─► simple feature
+      pyramid (4×, 2×, 1×, ½×) ─► Mask2Former pixel decoder (multi-scale deformable attention + FPN; transformers'
       ``Mask2FormerPixelDecoder``) ─► masked-attention transformer decoder with learned queries
       (``Mask2FormerTransformerModule``) ─► per query and decoder layer: a mask (B, Q, H/4, W/4) and a class
       embedding (E) = MLP(query + proj(mask-pooled pixel features)) (FC-CLIP's head) ─► cosine logits against
@@ -65,7 +65,8 @@ def _init_mask2former(module: nn.Module) -> None:
         thetas = torch.arange(module.n_heads).float() * (2.0 * math.pi / module.n_heads)
         grid = torch.stack([thetas.cos(), thetas.sin()], -1)
         grid = (grid / grid.abs().max(-1, keepdim=True)[0]).view(module.n_heads, 1, 1, 2)
-        grid = grid.repeat(1, module.n_levels, module.n_points, 1) * torch.arange(1, module.n_points + 1).view(1, 1, -1, 1)
+        steps = torch.arange(1, module.n_points + 1).view(1, 1, -1, 1)
+        grid = grid.repeat(1, module.n_levels, module.n_points, 1) * steps
         with torch.no_grad():
             module.sampling_offsets.bias.copy_(grid.reshape(-1))
         nn.init.zeros_(module.attention_weights.weight)
@@ -130,7 +131,8 @@ class DenseUMG(nn.Module):
         pyramid = self.pyramid(self.grid_norm(grid).permute(0, 3, 1, 2))
         pixels = self.pixel_decoder(pyramid, return_dict=True)
         decoded = self.decoder(list(pixels.multi_scale_features), pixels.mask_features)
-        classifier = torch.cat([text_emb, F.normalize(self.void_embedding.weight, dim=-1)]).to(pixels.mask_features.dtype)
+        void = F.normalize(self.void_embedding.weight, dim=-1)
+        classifier = torch.cat([text_emb, void]).to(pixels.mask_features.dtype)
         scale = self.logit_scale.exp().clamp(max=100)
         outputs = []
         for hidden, masks in zip(decoded.intermediate_hidden_states, decoded.masks_queries_logits, strict=True):

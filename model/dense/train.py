@@ -58,7 +58,8 @@ def weighted_loss(losses: dict[str, torch.Tensor], cfg: SegAdaptConfig) -> tuple
     weights = {"loss_cross_entropy": cfg.head.class_weight, "loss_mask": cfg.head.mask_weight,
                "loss_dice": cfg.head.dice_weight}
     total = sum(weights[_AUX_SUFFIX.sub("", key)] * value for key, value in losses.items())
-    terms = {term: sum(float(v.detach()) for k, v in losses.items() if _AUX_SUFFIX.sub("", k) == term) for term in LOSS_TERMS}
+    terms = {term: sum(float(v.detach()) for k, v in losses.items() if _AUX_SUFFIX.sub("", k) == term)
+             for term in LOSS_TERMS}
     return total, terms
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import torch
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.testing.utilities import prefect_test_harness
@@ -21,25 +20,21 @@ async def _artifact_markdown(key: str) -> list[str]:
     return [artifact.data for artifact in found]
 
 
+@pytest.mark.usefixtures("single_thread")
 def test_adapt_flow_global_writes_a_loadable_checkpoint_and_reports_parameters(tmp_path, monkeypatch):
     monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     write_sample_shards(tmp_path / "shards", n=10, seed=0, shard_size=16)
     config = tmp_path / "adapt.yaml"
     config.write_text("adapt_global:\n  train:\n    batch_size: 4\n    steps: 2\n    data: {workers: 0}\n"
                       "    progress: false\n    tensorboard: false\n    plot: false\n")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with prefect_test_harness(server_startup_timeout=60):
-            state = adapt(task="global", checkpoint="umg-tiny-vit", shards=str(tmp_path / "shards" / "train"),
-                          out=str(tmp_path / "adapted"), config=str(config), overrides=["convpass.dim=4"],
-                          return_state=True)
-            assert state.is_completed(), state
-            result = state.result()
-            markdown = asyncio.run(_artifact_markdown("umg-adapt-global"))
-            failed = adapt(task="detect", checkpoint="umg-tiny-vit", out=str(tmp_path / "x"), return_state=True)
-    finally:
-        torch.set_num_threads(threads)
+    with prefect_test_harness(server_startup_timeout=60):
+        state = adapt(task="global", checkpoint="umg-tiny-vit", shards=str(tmp_path / "shards" / "train"),
+                      out=str(tmp_path / "adapted"), config=str(config), overrides=["convpass.dim=4"],
+                      return_state=True)
+        assert state.is_completed(), state
+        result = state.result()
+        markdown = asyncio.run(_artifact_markdown("umg-adapt-global"))
+        failed = adapt(task="detect", checkpoint="umg-tiny-vit", out=str(tmp_path / "x"), return_state=True)
     assert result["steps"] == 2 and 0 < result["trainable_params"] < result["total_params"]
     assert len(markdown) == 1 and f"{result['trainable_params']:,}" in markdown[0]
     model, _, _ = create_model_and_transforms(result["checkpoint"])

@@ -24,12 +24,7 @@ FAST = ["--set", "train.progress=false", "--set", "train.plot=false", "--set", "
 IMAGE = Image.new("RGB", (50, 40), (30, 160, 20))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

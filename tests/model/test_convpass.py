@@ -15,12 +15,7 @@ from model.token_cluster import TokenClusterCfg
 from model.umg_clip import UMGCLIP
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _pair(name: str) -> tuple[UMGCLIP, UMGCLIP]:
@@ -41,7 +36,8 @@ def test_zero_init_adapted_model_equals_its_base_exactly(name, size):
         plain_b = base.clip.encode_image(images)
     assert torch.equal(emb_a, emb_b) and torch.equal(grid_a, grid_b)
     assert torch.equal(plain_a, plain_b)
-    assert torch.equal(adapted.encode_regions(grid_a, boxes, (size, size)), base.encode_regions(grid_b, boxes, (size, size)))
+    hw = (size, size)
+    assert torch.equal(adapted.encode_regions(grid_a, boxes, hw), base.encode_regions(grid_b, boxes, hw))
     blocks = 2 if name == "umg-tiny-vit" else 12
     assert sum(isinstance(m, Convpass) for m in adapted.modules()) == 2 * blocks
 
@@ -60,7 +56,8 @@ def test_only_adapters_get_gradients_and_they_change_the_output(name, size):
     # the zero up projection gets a gradient first; the rest follow once it moves
     assert any(n.endswith("adapter_mlp.up.weight") and adapted.get_parameter(n).grad.abs().sum() > 0 for n in with_grad)
     trainable_n, total_n = count_parameters(adapted)
-    assert 0 < trainable_n < total_n and trainable_n == sum(p.numel() for n, p in adapted.named_parameters() if n in trainable)
+    assert 0 < trainable_n < total_n
+    assert trainable_n == sum(p.numel() for n, p in adapted.named_parameters() if n in trainable)
     with torch.no_grad():
         for name_, p in adapted.named_parameters():
             if name_.endswith("up.weight"):

@@ -24,12 +24,7 @@ HEAD = DenseHeadSection(num_queries=6, encoder_layers=1, decoder_layers=2, train
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _dense(name: str = "umg-tiny-vit") -> DenseUMG:
