@@ -44,7 +44,7 @@ from model.dense.inference import geometric_ensemble, mask_pool, panoptic_infere
 from model.dense.pyramid import SimpleFeaturePyramid
 from model.umg_clip import UMGCLIP
 
-SEEN_COSINE = 0.99
+SEEN_COSINE = 0.9999  # same name, same prompts, same frozen text tower: equal up to float rounding
 
 
 def mask2former_config(head: DenseHeadSection, num_labels: int) -> Mask2FormerConfig:
