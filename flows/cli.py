@@ -174,13 +174,28 @@ def export_coco(
     typer.echo(json.dumps({"out": str(out), **counts}))
 
 
+@app.command("export-open-clip")
+def export_open_clip(
+    checkpoint: Annotated[Path, typer.Argument(help="run dir, checkpoint dir or .safetensors in one")],
+    out: Annotated[Path, typer.Option("--out", help="folder for open_clip_config.json + open_clip_model.safetensors")],
+) -> None:
+    """The checkpoint's towers as a plain open_clip folder (open_clip / clip_benchmark: local-dir:OUT)."""
+    from model.export import export_open_clip as run_export
+
+    try:
+        folder = run_export(checkpoint, out)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps({"out": str(folder), "open_clip_name": f"local-dir:{folder}"}))
+
+
 @app.command()
 def serve(
     train_out: Annotated[Path, typer.Option(help="run dir of the train runs the build triggers")] = Path("out/train"),
     limit: Annotated[int, typer.Option(help="flow runs at once")] = 1,
     no_train: Annotated[bool, typer.Option("--no-train", help="serve build-umg41m/local only")] = False,
 ) -> None:
-    """Serve build-umg41m/local and train/local (needs PREFECT_API_URL); runs until stopped."""
+    """Serve build-umg41m/local, train/local and evaluate/local (needs PREFECT_API_URL); runs until stopped."""
     import os
 
     from flows.serve import main as serve_main
@@ -189,6 +204,10 @@ def serve(
         _fail("set PREFECT_API_URL to a running Prefect server (see docs/orchestration.md)")
     serve_main(["--train-out", str(train_out), "--limit", str(limit), *(["--no-train"] if no_train else [])])
 
+
+from flows.cli_eval import eval_app  # noqa: E402  (sub-app; imports nothing heavy)
+
+app.add_typer(eval_app, name="eval")
 
 if __name__ == "__main__":
     app()
