@@ -62,12 +62,6 @@ def id_to_rgb(seg: np.ndarray) -> np.ndarray:
     return np.stack([seg % 256, seg // 256 % 256, seg // 65536 % 256], axis=-1).astype(np.uint8)
 
 
-def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 -> (H, W) int64 segment ids (inverse of :func:`id_to_rgb`)."""
-    rgb = rgb.astype(np.int64)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
-
-
 def panoptic_segments(scene: Scene) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """A scene as a COCO panoptic pair: (H, W) int64 segment ids (0 = void: the background photo) and
     ``segments_info`` (segment ``k`` + 1 is the ``k``-th digit in paste order, category ``digit + 1``)."""

@@ -17,12 +17,12 @@ from pipeline.sample_data.eval_formats import (
     IGNORE,
     classification_scene,
     id_to_rgb,
-    rgb_to_id,
     write_eval_layouts,
 )
 from pipeline.sample_data.generate import digit_pools
 from pipeline.sample_data.templates import DIGIT_WORDS, image_captions, region_captions
 from pipeline.sample_data.config import SampleConfig
+from model.eval.seg_eval import rgb_to_id  # the reader side of the format
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools + numpy 2
 
