@@ -51,7 +51,7 @@ def test_adapted_model_is_used_as_is(colour_dataset):
             return TrainingFreeSegmenter(self.umg).segment_semantic(images, text_emb)
 
     model = Adapted()
-    result = _run(colour_dataset, model=model)
+    result = _run(colour_dataset, model=model, batch_size=2)
     assert result["mode"] == "adapted" and model.calls == 2 and result["metrics"]["miou"] == pytest.approx(1.0)
 
 
