@@ -34,10 +34,16 @@ import torch
 from PIL import Image
 from torch import nn
 
-from model.eval.prompts import class_text_embeddings
+from model.eval.datasets import EvalDataError, read_lines
+from model.eval.features import Progress
+from model.eval.metrics import classification_metrics
+from model.eval.prompts import DEFAULT_TEMPLATES, class_text_embeddings
+from model.eval.report import make_result
+from model.loading import create_model_and_transforms
 from model.preprocess import scale_boxes_to_input
 
-REGION_TASK = "zeroshot_region_classification"
+TASK = "zeroshot_region_classification"
+TEMPLATES_FILE = "templates.txt"
 
 
 def load_coco(annotations: str | Path):
@@ -46,14 +52,17 @@ def load_coco(annotations: str | Path):
 
     path = Path(annotations)
     if not path.is_file():
-        raise FileNotFoundError(f"annotations file {path} not found")
-    dataset = json.loads(path.read_text(encoding="utf-8"))
+        raise FileNotFoundError(f"annotations {path}: no such file")
+    try:
+        dataset = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise EvalDataError(f"{path}: not JSON ({exc})") from exc
     for key in ("images", "annotations", "categories"):
         if key not in dataset:
-            raise ValueError(f"{path} is no COCO instances JSON: no {key!r} list")
+            raise EvalDataError(f"{path}: not a COCO instances file, no {key!r} list")
     for ann in dataset["annotations"]:
         if "bbox" not in ann:
-            raise ValueError(f"{path}: annotation {ann.get('id')} has no bbox")
+            raise EvalDataError(f"{path}: annotation {ann.get('id')} has no bbox")
         ann.setdefault("area", float(ann["bbox"][2] * ann["bbox"][3]))
         ann.setdefault("iscrowd", 0)
     coco = COCO()
@@ -92,16 +101,22 @@ def region_probabilities(umg: nn.Module, images: torch.Tensor, boxes: Sequence[t
     return logits.softmax(dim=-1)
 
 
-def topk_accuracy(probs: torch.Tensor, labels: torch.Tensor, k: int) -> float:
-    """Share of rows whose label is among the k highest scores. (N, C), (N,) -> fraction."""
-    k = min(k, probs.shape[1])
-    return float((probs.topk(k, dim=1).indices == labels[:, None]).any(dim=1).float().mean())
+def read_templates(path: Path) -> list[str]:
+    """Prompt templates, one a line, each with ``{}`` for the class name."""
+    templates = read_lines(path)
+    if not templates or any("{}" not in t for t in templates):
+        raise EvalDataError(f"{path}: every line needs '{{}}' for the class name")
+    return templates
 
 
-def mean_per_class_recall(pred: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean over the classes present in ``labels`` of the share of their items predicted right."""
-    recalls = [float((pred[labels == c] == c).float().mean()) for c in labels.unique()]
-    return sum(recalls) / len(recalls)
+def default_templates(data_file: Path, templates_file: Path | None) -> list[str] | None:
+    """``templates_file``, else ``templates.txt`` beside ``data_file`` if there is one, else None (built-in)."""
+    if templates_file is not None:
+        if not Path(templates_file).is_file():
+            raise FileNotFoundError(f"templates {templates_file}: no such file")
+        return read_templates(Path(templates_file))
+    beside = Path(data_file).parent / TEMPLATES_FILE
+    return read_templates(beside) if beside.is_file() else None
 
 
 def coco_box_ap(coco, detections: list[dict]) -> tuple[float, float]:
@@ -119,30 +134,27 @@ def coco_box_ap(coco, detections: list[dict]) -> tuple[float, float]:
     return max(float(evaluator.stats[0]), 0.0), max(float(evaluator.stats[1]), 0.0)
 
 
-def _batches(items: list, size: int):
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
-
-
 def evaluate_regions(
     model: nn.Module,
     preprocess: Callable[[Image.Image], torch.Tensor],
     tokenizer: Callable,
-    images_dir: str | Path,
+    images: str | Path,
     annotations: str | Path,
     *,
     templates: Sequence[str] | None = None,
     topk: int | None = None,
     batch_size: int = 16,
+    device: str | torch.device = "cpu",
     limit: int | None = None,
-) -> dict[str, float | int]:
-    """Run the protocol of the module docstring.
+    progress: Progress | None = None,
+) -> tuple[dict[str, float], dict]:
+    """Run the protocol of the module docstring on a loaded model.
 
     Args:
         model: ``UMGCLIP`` or a dense model with ``.umg`` (its ``umg`` is evaluated).
         preprocess: PIL -> (3, S, S) (``eval_transform(model)``).
         tokenizer: list[str] -> token ids.
-        images_dir: folder the COCO ``file_name`` entries are relative to.
+        images: folder the COCO ``file_name`` entries are relative to.
         annotations: COCO instances JSON (category names are the class names).
         templates: prompts with ``{}``; None = the built-in ensemble.
         topk: categories submitted per box for AP; None = all.
@@ -150,17 +162,16 @@ def evaluate_regions(
         limit: evaluate only the first N images (by id) that have boxes.
 
     Returns:
-        metrics ``acc1, acc5, mean_per_class_recall, box_ap, box_ap50`` (fractions) and the counts
-        ``images, boxes, classes``.
+        ``(metrics, info)``: ``acc1, acc5, mean_per_class_recall, box_ap, box_ap50`` (fractions); info holds
+        the image, box and class counts and the templates.
     """
     umg = getattr(model, "umg", model)
     coco = load_coco(annotations)
     cat_ids = sorted(coco.getCatIds())
     if not cat_ids:
-        raise ValueError(f"{annotations}: no categories")
+        raise EvalDataError(f"{annotations}: no categories")
     names = [coco.cats[c]["name"] for c in cat_ids]
     index_of = {c: i for i, c in enumerate(cat_ids)}
-    device = next(umg.parameters()).device
     text_emb = class_text_embeddings(umg, tokenizer, names, templates).to(device)
 
     work = []  # (image entry, annotations) of images with at least one non-crowd box
@@ -170,19 +181,19 @@ def evaluate_regions(
             work.append((coco.imgs[image_id], anns))
     work = work[:limit] if limit is not None else work
     if not work:
-        raise ValueError(f"{annotations}: no image has a non-crowd box")
+        raise EvalDataError(f"{annotations}: no image has a non-crowd box")
 
     all_probs, all_labels, detections = [], [], []
     k = len(cat_ids) if topk is None else min(topk, len(cat_ids))
-    for batch in _batches(work, batch_size):
+    for start in range(0, len(work), batch_size):
+        batch = work[start:start + batch_size]
         tensors, boxes = [], []
         for image, anns in batch:
-            path = Path(images_dir) / image["file_name"]
+            path = Path(images) / image["file_name"]
             if not path.is_file():
-                raise FileNotFoundError(f"image {path} (id {image['id']}) not found under {images_dir}")
+                raise FileNotFoundError(f"image {path} (id {image['id']}) not found under {images}")
             with Image.open(path) as pil:
-                pil = pil.convert("RGB")
-                tensor = preprocess(pil)
+                tensor = preprocess(pil.convert("RGB"))
                 orig_hw = (pil.height, pil.width)
             tensors.append(tensor)
             xyxy = xywh_to_xyxy(torch.tensor([a["bbox"] for a in anns], dtype=torch.float32))
@@ -195,22 +206,32 @@ def evaluate_regions(
         for ann, box_scores, box_classes in zip(anns_flat, scores.tolist(), classes.tolist(), strict=True):
             detections += [{"image_id": ann["image_id"], "category_id": cat_ids[c], "bbox": list(ann["bbox"]),
                             "score": s} for s, c in zip(box_scores, box_classes, strict=True)]
+        if progress is not None:
+            progress(start + len(batch), len(work))
 
     probs, labels = torch.cat(all_probs), torch.tensor(all_labels)
     evaluated = {image["id"] for image, _ in work}
     if len(evaluated) < len(coco.imgs):  # AP over the evaluated images only
         coco = _subset(coco, evaluated)
     box_ap, box_ap50 = coco_box_ap(coco, detections)
-    return {
-        "acc1": topk_accuracy(probs, labels, 1),
-        "acc5": topk_accuracy(probs, labels, 5),
-        "mean_per_class_recall": mean_per_class_recall(probs.argmax(dim=1), labels),
-        "box_ap": box_ap,
-        "box_ap50": box_ap50,
-        "images": len(work),
-        "boxes": int(labels.numel()),
-        "classes": len(cat_ids),
-    }
+    metrics = {**classification_metrics(probs, labels, ks=(1, 5)), "box_ap": box_ap, "box_ap50": box_ap50}
+    info = {"n_images": len(work), "n_boxes": int(labels.numel()), "n_classes": len(cat_ids),
+            "templates": list(templates) if templates is not None else list(DEFAULT_TEMPLATES)}
+    return metrics, info
+
+
+def run_regions(checkpoint: str, images: str | Path, annotations: str | Path, *, templates_file: Path | None = None,
+                device: str = "cpu", cluster_in_eval: bool = False, **kwargs) -> dict:
+    """Load ``checkpoint`` (any form ``create_model_and_transforms`` takes) and evaluate it; the result dict.
+
+    Templates: ``templates_file``, else ``templates.txt`` beside the annotations, else the built-in ones.
+    """
+    templates = default_templates(Path(annotations), templates_file)
+    model, preprocess, tokenizer = create_model_and_transforms(checkpoint, device=device,
+                                                               cluster_in_eval=cluster_in_eval)
+    metrics, info = evaluate_regions(model, preprocess, tokenizer, images, annotations, templates=templates,
+                                     device=device, **kwargs)
+    return make_result(TASK, Path(annotations).stem, str(checkpoint), metrics, **info)
 
 
 def _subset(coco, image_ids: set[int]):

@@ -8,20 +8,22 @@ import torch
 from PIL import Image
 
 from colour_model import CLASSES, PixelColourModel, preprocess_to, tokenize
+from model.eval.datasets import EvalDataError
 from model.eval.seg_eval import evaluate_segmentation, pair_images_and_masks, read_classes
 from model.eval.segmenter import TrainingFreeSegmenter, semantic_to_panoptic
 
 
 def _run(root, model=None, size=128, **kwargs):
-    return evaluate_segmentation(model or PixelColourModel(), preprocess_to(size), tokenize, root / "images",
+    metrics, info = evaluate_segmentation(model or PixelColourModel(), preprocess_to(size), tokenize, root / "images",
                                  root / "masks", root / "classes.txt", templates=["{}"], **kwargs)
+    return {"metrics": metrics, **info}
 
 
 def test_exact_dense_model_scores_miou_1_and_pq_1(colour_dataset):
     # 128 x 128 input: the 128 x 64 images are stretched by 2 in y (nearest) and shrunk back exactly.
     result = _run(colour_dataset, panoptic=colour_dataset / "panoptic.json", batch_size=2)
     m = result["metrics"]
-    assert result["mode"] == "training-free" and result["images"] == 3 and result["panoptic_images"] == 3
+    assert result["mode"] == "training-free" and result["n_images"] == 3 and result["n_panoptic_images"] == 3
     assert m["miou"] == pytest.approx(1.0) and m["pixel_acc"] == pytest.approx(1.0)
     assert m["pq"] == pytest.approx(1.0) and m["pq_th"] == pytest.approx(1.0) and m["pq_st"] == pytest.approx(1.0)
     assert result["iou_per_class"] == pytest.approx(dict.fromkeys(CLASSES, 1.0))
@@ -73,7 +75,7 @@ def test_bad_inputs_are_clear_errors(colour_dataset, tmp_path):
     with pytest.raises(ValueError, match="blank"):
         read_classes(tmp_path / "blank.txt")
     (colour_dataset / "images" / "img2.png").unlink()
-    with pytest.raises(FileNotFoundError, match="img2.png"):
+    with pytest.raises(EvalDataError, match="img2"):
         pair_images_and_masks(colour_dataset / "images", colour_dataset / "masks")
     Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(colour_dataset / "images" / "img2.png")
     Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(colour_dataset / "masks" / "img2.png")
