@@ -190,5 +190,9 @@ def serve(
     serve_main(["--train-out", str(train_out), "--limit", str(limit), *(["--no-train"] if no_train else [])])
 
 
+from flows.cli_eval import eval_app  # noqa: E402  (sub-app; imports nothing heavy)
+
+app.add_typer(eval_app, name="eval")
+
 if __name__ == "__main__":
     app()

@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from model.eval.features import encode_texts
+
 DEFAULT_TEMPLATES: tuple[str, ...] = (
     "a photo of a {}",
     "{}",
@@ -56,7 +58,8 @@ def class_text_embeddings(umg, tokenizer: Callable, classnames: Sequence[str],
         batch_size: prompts per text-tower call.
 
     Returns:
-        (C, E) L2-normalised mean of the C x len(templates) prompt embeddings.
+        (C, E) float32 L2-normalised mean of the C x len(templates) prompt embeddings, on the model's
+        device.
     """
     templates = list(DEFAULT_TEMPLATES if templates is None else templates)
     if not templates or not classnames:
@@ -65,8 +68,6 @@ def class_text_embeddings(umg, tokenizer: Callable, classnames: Sequence[str],
     if bad:
         raise ValueError(f"templates without '{{}}' for the class name: {bad}")
     prompts = [p for name in classnames for p in fill_templates(name, templates)]
-    device = next(umg.parameters()).device
-    emb = torch.cat([umg.encode_text(tokenizer(prompts[i:i + batch_size]).to(device))
-                     for i in range(0, len(prompts), batch_size)])
-    emb = F.normalize(emb.float(), dim=-1).view(len(classnames), len(templates), -1).mean(dim=1)
-    return F.normalize(emb, dim=-1)
+    emb = encode_texts(umg, tokenizer, prompts, batch_size)
+    emb = F.normalize(emb, dim=-1).view(len(classnames), len(templates), -1).mean(dim=1)
+    return F.normalize(emb, dim=-1).to(next(umg.parameters()).device)
