@@ -38,12 +38,14 @@ from model.eval.datasets import EvalDataError, read_lines
 from model.eval.features import Progress
 from model.eval.metrics import classification_metrics
 from model.eval.prompts import DEFAULT_TEMPLATES, class_text_embeddings
-from model.eval.report import make_result
+from model.eval.report import TABLE_COLUMNS, make_result
 from model.loading import create_model_and_transforms
 from model.preprocess import scale_boxes_to_input
 
 TASK = "zeroshot_region_classification"
 TEMPLATES_FILE = "templates.txt"
+TABLE_COLUMNS[TASK] = [("acc1", "top-1"), ("acc5", "top-5"), ("mean_per_class_recall", "mean per-class"),
+                        ("box_ap", "box AP"), ("box_ap50", "box AP50")]
 
 
 def load_coco(annotations: str | Path):

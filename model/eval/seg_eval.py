@@ -30,12 +30,14 @@ from model.eval.datasets import EvalDataError
 from model.eval.features import Progress
 from model.eval.prompts import DEFAULT_TEMPLATES, class_text_embeddings
 from model.eval.region_eval import default_templates
-from model.eval.report import make_result
+from model.eval.report import TABLE_COLUMNS, make_result
 from model.eval.seg_metrics import IGNORE_INDEX, PanopticQuality, SemanticConfusion
 from model.eval.segmenter import TrainingFreeSegmenter
 from model.loading import create_model_and_transforms
 
 TASK = "semantic_segmentation"
+TABLE_COLUMNS[TASK] = [("miou", "mIoU"), ("pixel_acc", "pixel acc"), ("macc", "mean class acc"),
+                        ("pq", "PQ"), ("sq", "SQ"), ("rq", "RQ"), ("pq_th", "PQ th"), ("pq_st", "PQ st")]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
