@@ -6,7 +6,7 @@ by cosine with class-name text embeddings; ``softmax(logit_scale * cos)`` over t
 (C, h, w) probability map, upsampled bilinearly to the S x S input. No parameter is trained.
 
 Panoptic output is a baseline derived from the semantic argmax: each *stuff* class present is one
-segment; each *thing* class is split into 8-connected components (``scipy.ndimage.label``), which
+segment; each *thing* class is split into 8-connected components (``skimage.measure.label``), which
 separates instances only where they do not touch. Segments smaller than ``min_area`` input pixels are
 dropped to VOID (0); a segment's score is its mean winning probability.
 
@@ -19,11 +19,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
+from skimage.measure import label as connected_components
 from torch import nn
-
-_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
-
 
 class TrainingFreeSegmenter(nn.Module):
     """Dense classification of a UMG-CLIP's token grid against text embeddings (module docstring)."""
@@ -73,7 +70,7 @@ def semantic_to_panoptic(labels: np.ndarray, scores: np.ndarray, thing_mask: np.
     for cls in np.unique(labels).tolist():
         isthing = bool(thing_mask[cls])
         if isthing:
-            components, count = ndimage.label(labels == cls, structure=_EIGHT_CONNECTED)
+            components, count = connected_components(labels == cls, connectivity=2, return_num=True)
             masks = [components == k for k in range(1, count + 1)]
         else:
             masks = [labels == cls]
