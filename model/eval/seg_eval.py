@@ -37,7 +37,8 @@ from model.loading import create_model_and_transforms
 
 TASK = "semantic_segmentation"
 TABLE_COLUMNS[TASK] = [("miou", "mIoU"), ("pixel_acc", "pixel acc"), ("macc", "mean class acc"),
-                        ("pq", "PQ"), ("sq", "SQ"), ("rq", "RQ"), ("pq_th", "PQ th"), ("pq_st", "PQ st")]
+                        ("pq", "PQ"), ("sq", "SQ"), ("rq", "RQ"),
+                        *((f"{m}_{g}", f"{m.upper()} {g}") for g in ("th", "st") for m in ("pq", "sq", "rq"))]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
