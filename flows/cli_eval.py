@@ -119,6 +119,8 @@ def regions(
     templates: Templates = None,
     topk: Annotated[Optional[int], typer.Option(
         "--topk", min=1, help="categories submitted per box for box AP (default: all)")] = None,
+    attribute: Annotated[Optional[str], typer.Option(
+        "--attribute", help="classify this annotation field instead of the category, e.g. umg.color")] = None,
     batch_size: BatchSize = 16,
     limit: Limit = None,
     out: Out = None,
@@ -130,7 +132,7 @@ def regions(
 
     _require_file(templates)
     _run(run_regions, out, checkpoint=checkpoint, images=images, annotations=annotations, templates_file=templates,
-         topk=topk, batch_size=batch_size, limit=limit, device=device, cluster_in_eval=cluster_in_eval)
+         topk=topk, attribute=attribute, batch_size=batch_size, limit=limit, device=device, cluster_in_eval=cluster_in_eval)
 
 
 @eval_app.command()

@@ -136,6 +136,36 @@ def coco_box_ap(coco, detections: list[dict]) -> tuple[float, float]:
     return max(float(evaluator.stats[0]), 0.0), max(float(evaluator.stats[1]), 0.0)
 
 
+def _field(annotation: dict, dotted: str):
+    value = annotation
+    for key in dotted.split("."):
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return value
+
+
+def attribute_view(coco, field: str):
+    """The same boxes with an attribute as the category: categories become the distinct string values of
+    the annotation field ``field`` (dotted path, e.g. ``"umg.color"``), sorted by name (ids from 1)."""
+    from pycocotools.coco import COCO
+
+    data = coco.dataset
+    boxes = [a for a in data["annotations"] if not a.get("iscrowd", 0)]
+    values = [_field(a, field) for a in boxes]
+    missing = [a.get("id") for a, v in zip(boxes, values, strict=True) if not isinstance(v, str)]
+    if missing:
+        raise EvalDataError(f"attribute {field!r}: annotations {missing[:5]} have no string value for it")
+    names = sorted(set(values))
+    category_of = {name: i + 1 for i, name in enumerate(names)}
+    view = COCO()
+    view.dataset = {**data, "categories": [{"id": category_of[n], "name": n} for n in names],
+                    "annotations": [{**a, "category_id": category_of[v]} for a, v in zip(boxes, values, strict=True)]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        view.createIndex()
+    return view
+
+
 def evaluate_regions(
     model: nn.Module,
     preprocess: Callable[[Image.Image], torch.Tensor],
@@ -145,6 +175,7 @@ def evaluate_regions(
     *,
     templates: Sequence[str] | None = None,
     topk: int | None = None,
+    attribute: str | None = None,
     batch_size: int = 16,
     device: str | torch.device = "cpu",
     limit: int | None = None,
@@ -160,6 +191,8 @@ def evaluate_regions(
         annotations: COCO instances JSON (category names are the class names).
         templates: prompts with ``{}``; None = the built-in ensemble.
         topk: categories submitted per box for AP; None = all.
+        attribute: classify an annotation field (e.g. ``"umg.color"``) instead of the category
+            (:func:`attribute_view`); None = categories.
         batch_size: images per forward pass.
         limit: evaluate only the first N images (by id) that have boxes.
 
@@ -169,6 +202,8 @@ def evaluate_regions(
     """
     umg = getattr(model, "umg", model)
     coco = load_coco(annotations)
+    if attribute is not None:
+        coco = attribute_view(coco, attribute)
     cat_ids = sorted(coco.getCatIds())
     if not cat_ids:
         raise EvalDataError(f"{annotations}: no categories")
@@ -217,7 +252,7 @@ def evaluate_regions(
         coco = _subset(coco, evaluated)
     box_ap, box_ap50 = coco_box_ap(coco, detections)
     metrics = {**classification_metrics(probs, labels, ks=(1, 5)), "box_ap": box_ap, "box_ap50": box_ap50}
-    info = {"n_images": len(work), "n_boxes": int(labels.numel()), "n_classes": len(cat_ids),
+    info = {"n_images": len(work), "n_boxes": int(labels.numel()), "n_classes": len(cat_ids), "attribute": attribute,
             "templates": list(templates) if templates is not None else list(DEFAULT_TEMPLATES)}
     return metrics, info
 
@@ -233,7 +268,8 @@ def run_regions(checkpoint: str, images: str | Path, annotations: str | Path, *,
                                                                cluster_in_eval=cluster_in_eval)
     metrics, info = evaluate_regions(model, preprocess, tokenizer, images, annotations, templates=templates,
                                      device=device, **kwargs)
-    return make_result(TASK, Path(annotations).stem, str(checkpoint), metrics, **info)
+    dataset = Path(annotations).stem + (f":{kwargs['attribute']}" if kwargs.get("attribute") else "")
+    return make_result(TASK, dataset, str(checkpoint), metrics, **info)
 
 
 def _subset(coco, image_ids: set[int]):

@@ -101,7 +101,7 @@ def make_colour_dataset(tmp_path: Path) -> Path:
             seg[y:y + bh, x:x + bw] = k + 2
             segments.append({"id": k + 2, "category_id": cat_ids[colour], "iscrowd": 0})
             annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": cat_ids[colour],
-                                "bbox": [x, y, bw, bh], "area": bw * bh, "iscrowd": 0})
+                                "bbox": [x, y, bw, bh], "area": bw * bh, "iscrowd": 0, "attrs": {"paint": colour}})
         label[0, 0] = 255  # one ignored pixel
         Image.fromarray(pixels).save(root / "images" / f"img{i}.png")
         Image.fromarray(label).save(root / "masks" / f"img{i}.png")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch.nn.functional as F
 
 from colour_model import CLASSES, PixelColourModel, preprocess_to, tokenize
+from model.eval.datasets import EvalDataError
 from model.eval.region_eval import evaluate_regions
 
 
@@ -30,3 +33,21 @@ def test_missing_image_is_a_clear_error(colour_dataset):
     with pytest.raises(FileNotFoundError, match="img1.png"):
         evaluate_regions(PixelColourModel(), preprocess_to(64), tokenize, colour_dataset / "images",
                          colour_dataset / "instances.json", templates=["{}"])
+
+
+def test_attribute_classification_uses_the_field_as_category(colour_dataset):
+    path = colour_dataset / "instances.json"
+    data = json.loads(path.read_text())
+    for ann in data["annotations"]:
+        ann["category_id"] = 5  # every box is "red" by category; the true colour is only in attrs.paint
+    path.write_text(json.dumps(data))
+    by_category, _ = evaluate_regions(PixelColourModel(), preprocess_to(64), tokenize, colour_dataset / "images", path,
+                                      templates=["{}"])
+    metrics, info = evaluate_regions(PixelColourModel(), preprocess_to(64), tokenize, colour_dataset / "images", path,
+                                     templates=["{}"], attribute="attrs.paint")
+    assert by_category["acc1"] < 0.5
+    assert metrics["acc1"] == 1.0 and metrics["box_ap"] == pytest.approx(1.0)
+    assert info["attribute"] == "attrs.paint" and info["n_classes"] == 3
+    with pytest.raises(EvalDataError, match="attrs.nope"):
+        evaluate_regions(PixelColourModel(), preprocess_to(64), tokenize, colour_dataset / "images", path,
+                         templates=["{}"], attribute="attrs.nope")
