@@ -132,7 +132,8 @@ def regions(
 
     _require_file(templates)
     _run(run_regions, out, checkpoint=checkpoint, images=images, annotations=annotations, templates_file=templates,
-         topk=topk, attribute=attribute, batch_size=batch_size, limit=limit, device=device, cluster_in_eval=cluster_in_eval)
+         topk=topk, attribute=attribute, batch_size=batch_size, limit=limit, device=device,
+         cluster_in_eval=cluster_in_eval)
 
 
 @eval_app.command()

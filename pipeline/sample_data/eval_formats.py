@@ -131,7 +131,8 @@ def _write_classification_split(out_dir: Path, split: str, per_class: int, seed:
         folder.mkdir(parents=True)
         for j in range(per_class):
             scene = classification_scene(seed, split, digit, j, cfg)
-            (folder / f"{split}_{digit}_{j:04d}.jpg").write_bytes(coco_writer.encode_jpeg(scene.image, cfg.jpeg_quality))
+            jpeg = coco_writer.encode_jpeg(scene.image, cfg.jpeg_quality)
+            (folder / f"{split}_{digit}_{j:04d}.jpg").write_bytes(jpeg)
     _write_lines(root / "classnames.txt", templates.DIGIT_WORDS)
     _write_lines(root / "templates.txt", EVAL_TEMPLATES)
 

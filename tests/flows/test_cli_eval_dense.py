@@ -53,21 +53,20 @@ def test_seg_cli_with_panoptic(tiny_checkpoint, digits):
 
 
 def test_zeroshot_and_retrieval_run_on_the_converted_digits(tiny_checkpoint, digits):
-    zeroshot = _last_json(_invoke("zeroshot", "--checkpoint", tiny_checkpoint[0],
-                                  "--data", digits / "classification" / "val"))
+    run, val = tiny_checkpoint[0], digits / "images" / "val"
+    zeroshot = _last_json(_invoke("zeroshot", "--checkpoint", run, "--data", digits / "classification" / "val"))
     assert zeroshot["n_images"] == 10 and zeroshot["n_classes"] == 10
-    retrieval = _last_json(_invoke("retrieval", "--checkpoint", tiny_checkpoint[0], "--images", digits / "images" / "val",
+    retrieval = _last_json(_invoke("retrieval", "--checkpoint", run, "--images", val,
                                    "--captions", digits / "annotations" / "captions_val.json"))
     assert retrieval["metrics"]["text_retrieval_recall@1"] == 1.0  # one image: its captions rank first
 
 
 def test_bad_inputs_give_one_error_line(tiny_checkpoint, digits, tmp_path):
-    ann = digits / "annotations"
-    assert "no such file" in _error(_invoke("seg", "--checkpoint", tiny_checkpoint[0], "--images", digits / "images" / "val",
+    ann, run, val = digits / "annotations", tiny_checkpoint[0], digits / "images" / "val"
+    assert "no such file" in _error(_invoke("seg", "--checkpoint", run, "--images", val,
                                             "--masks", ann / "semantic_val", "--classes", tmp_path / "none.txt"))
     assert "no image for label maps" in _error(_invoke(
-        "seg", "--checkpoint", tiny_checkpoint[0], "--images", digits / "images" / "val", "--masks", ann / "semantic_train",
+        "seg", "--checkpoint", run, "--images", val, "--masks", ann / "semantic_train",
         "--classes", ann / "classes.txt"))
     assert "not a COCO instances file" in _error(_invoke(
-        "regions", "--checkpoint", tiny_checkpoint[0], "--images", digits / "images" / "val",
-        "--annotations", ann / "captions_val.json"))
+        "regions", "--checkpoint", run, "--images", val, "--annotations", ann / "captions_val.json"))
