@@ -39,15 +39,20 @@ def sample(
     seed: Annotated[int, typer.Option(help="random seed; same seed gives byte-identical files")] = 0,
     shards: Annotated[bool, typer.Option("--shards", help="write ground-truth shards per split instead")] = False,
     shard_size: Annotated[int, typer.Option(help="inputs per shard (with --shards)")] = 64,
+    eval_: Annotated[bool, typer.Option("--eval", help="also write the umg eval layouts (docs/evaluation.md); "
+                                        "with --shards under OUT/raw")] = False,
 ) -> None:
     """Generate the "digit scenes" sample data: images + COCO JSON, or ground-truth shards."""
     from pipeline.sample_data import generate_sample
+    from pipeline.sample_data.eval_formats import write_eval_layouts
     from pipeline.sample_shards import write_sample_shards
 
     if shards:
         summary = write_sample_shards(out, n=n, seed=seed, shard_size=shard_size)
     else:
         summary = generate_sample(out, n=n, seed=seed).model_dump(mode="json")
+    if eval_:
+        summary["eval"] = write_eval_layouts(out / "raw" if shards else out)
     typer.echo(json.dumps(summary, sort_keys=True, default=str))
 
 

@@ -16,7 +16,7 @@ import typer
 from flows.progress import progress_bar
 
 eval_app = typer.Typer(add_completion=False, no_args_is_help=True,
-                       help="Evaluate a checkpoint (zero-shot classification, retrieval).")
+                       help="Evaluate a checkpoint (zero-shot classification, retrieval, regions, segmentation).")
 
 Checkpoint = Annotated[str, typer.Option(
     "--checkpoint", help="run dir, checkpoint dir, .safetensors, adapted dir, or open_clip NAME[:TAG]")]
@@ -93,3 +93,68 @@ def retrieval(
 
     _run(run_retrieval, out, checkpoint=checkpoint, images=images, captions=captions, batch_size=batch_size,
          device=device, workers=workers, cluster_in_eval=cluster_in_eval)
+
+
+Templates = Annotated[Optional[Path], typer.Option(
+    "--templates", help="one prompt per line with {} (default: templates.txt beside the annotations/classes)")]
+Limit = Annotated[Optional[int], typer.Option("--limit", min=1, help="evaluate only the first N images")]
+
+
+def _require_file(path: Path | None) -> None:
+    if path is not None and not path.is_file():
+        from flows.cli import _fail
+
+        _fail(f"{path}: no such file")
+
+
+@eval_app.command()
+def regions(
+    checkpoint: Checkpoint,
+    images: Annotated[Path, typer.Option("--images", help="folder the annotations' file_name values are under")],
+    annotations: Annotated[Path, typer.Option("--annotations", help="COCO instances JSON (GT boxes, categories)")],
+    templates: Templates = None,
+    topk: Annotated[Optional[int], typer.Option(
+        "--topk", min=1, help="categories submitted per box for box AP (default: all)")] = None,
+    attribute: Annotated[Optional[str], typer.Option(
+        "--attribute", help="classify this annotation field instead of the category, e.g. umg.color")] = None,
+    batch_size: BatchSize = 16,
+    limit: Limit = None,
+    out: Out = None,
+    device: Device = "cpu",
+    cluster_in_eval: ClusterInEval = False,
+) -> None:
+    """Region zero-shot classification of GT boxes: acc1, acc5, mean per-class recall, COCOeval box AP."""
+    from model.eval.region_eval import run_regions
+
+    _require_file(templates)
+    _run(run_regions, out, checkpoint=checkpoint, images=images, annotations=annotations, templates_file=templates,
+         topk=topk, attribute=attribute, batch_size=batch_size, limit=limit, device=device,
+         cluster_in_eval=cluster_in_eval)
+
+
+@eval_app.command()
+def seg(
+    checkpoint: Checkpoint,
+    images: Annotated[Path, typer.Option("--images", help="folder of the images")],
+    masks: Annotated[Path, typer.Option("--masks", help="PNG label maps, same stems as the images")],
+    classes: Annotated[Path, typer.Option("--classes", help="class names, line i = label value i")],
+    panoptic: Annotated[Optional[Path], typer.Option(
+        "--panoptic", help="COCO panoptic JSON: also PQ / SQ / RQ")] = None,
+    panoptic_masks: Annotated[Optional[Path], typer.Option(
+        "--panoptic-masks", help="folder of the panoptic PNGs (default: the JSON's path without .json)")] = None,
+    templates: Templates = None,
+    ignore_index: Annotated[int, typer.Option("--ignore-index", min=0, help="label value of ignored pixels")] = 255,
+    batch_size: BatchSize = 8,
+    limit: Limit = None,
+    out: Out = None,
+    device: Device = "cpu",
+    cluster_in_eval: ClusterInEval = False,
+) -> None:
+    """Semantic segmentation mIoU / pixel accuracy (training-free or adapted model), PQ with --panoptic."""
+    from model.eval.seg_eval import run_seg
+
+    for path in (classes, templates, panoptic):
+        _require_file(path)
+    _run(run_seg, out, checkpoint=checkpoint, images=images, masks=masks, classes=classes, templates_file=templates,
+         panoptic=panoptic, panoptic_masks=panoptic_masks, ignore_index=ignore_index, batch_size=batch_size,
+         limit=limit, device=device, cluster_in_eval=cluster_in_eval)

@@ -2,7 +2,8 @@
 
 Used by the Prefect flow ``evaluate`` (``flows/evaluate.py``), which picks a task by name. Entries are
 ``"module:function"`` strings, imported on first use. Options are the keyword arguments of the run
-function (e.g. zeroshot: ``data``, ``classnames_file``, ``templates_file``, ``batch_size``, ``device``).
+function (e.g. zeroshot: ``data``, ``classnames_file``, ``templates_file``, ``batch_size``, ``device``;
+regions: ``images``, ``annotations``; seg: ``images``, ``masks``, ``classes``, ``panoptic``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from importlib import import_module
 EVAL_TASKS: dict[str, str] = {
     "zeroshot": "model.eval.zeroshot:run_zeroshot",
     "retrieval": "model.eval.retrieval:run_retrieval",
+    "regions": "model.eval.region_eval:run_regions",
+    "seg": "model.eval.seg_eval:run_seg",
 }
 
 
