@@ -200,7 +200,8 @@ def serve(
     limit: Annotated[int, typer.Option(help="flow runs at once")] = 1,
     no_train: Annotated[bool, typer.Option("--no-train", help="serve build-umg41m/local only")] = False,
 ) -> None:
-    """Serve build-umg41m/local, train/local and evaluate/local (needs PREFECT_API_URL); runs until stopped."""
+    """Serve build-umg41m/local, train/local, adapt/local and evaluate/local (needs PREFECT_API_URL); runs until
+    stopped."""
     import os
 
     from flows.serve import main as serve_main

@@ -16,6 +16,7 @@ its image tower; task ``seg`` gives the dense model (``model.dense``) with ``.um
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,14 @@ from torch import nn
 
 from data_schemas.adapt_config import AdaptedCheckpoint, AdaptedParameters, ConvpassSection
 from data_schemas.train_config import ClusterSection, ModelSection
-from model.checkpoint import WEIGHTS, model_from_config, read_config, read_open_clip_config, resolve_checkpoint
+from model.checkpoint import (
+    WEIGHTS,
+    _without_random_init_warning,
+    model_from_config,
+    read_config,
+    read_open_clip_config,
+    resolve_checkpoint,
+)
 from model.convpass import ConvpassCfg, add_convpass, count_parameters
 from model.loading import ADAPT_MARKER as ADAPT_JSON
 from model.loading import split_name
@@ -85,8 +93,10 @@ def convpass_cfg(section: ConvpassSection) -> ConvpassCfg:
 def base_model(section: ModelSection, open_clip_config: dict | None, *, initial_weights: bool,
                device: str | torch.device = "cpu") -> UMGCLIP:
     """The base UMG-CLIP (towers from the saved open_clip config when there is one)."""
-    return model_from_config(section, initial_weights=initial_weights, device=device,
-                             open_clip_config=open_clip_config)
+    quiet = nullcontext() if initial_weights else _without_random_init_warning()  # weights follow
+    with quiet:
+        return model_from_config(section, initial_weights=initial_weights, device=device,
+                                 open_clip_config=open_clip_config)
 
 
 def adapted_umg(meta: AdaptedCheckpoint, device: str | torch.device = "cpu") -> UMGCLIP:

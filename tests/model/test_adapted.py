@@ -17,6 +17,8 @@ from model.checkpoint import load_checkpoint
 from model.convpass import ConvpassCfg, add_convpass
 from model.factory import create_umg_clip, get_tokenizer
 from model.loading import create_model_and_transforms
+from pipeline.sample_data import generate_sample
+from pipeline.sample_data.eval_formats import write_eval_layouts
 from pipeline.sample_shards import write_sample_shards
 
 FAST = ["--set", "train.progress=false", "--set", "train.plot=false", "--set", "train.tensorboard=false",
@@ -79,6 +81,14 @@ def test_umg_adapt_global_cli_writes_a_loadable_checkpoint(tmp_path, shards, tin
     assert torch.equal(text, base.encode_text(tokenizer(["a photo of a three"])))  # text tower frozen
     frozen = load_checkpoint(base_ckpt).state_dict()
     assert all(torch.equal(v, frozen[k]) for k, v in model.state_dict().items() if ".adapter_" not in k)
+    data = tmp_path / "digits"
+    generate_sample(data, n=12, seed=0)
+    write_eval_layouts(data, per_class=1)
+    evaluated = CliRunner().invoke(app, ["eval", "zeroshot", "--checkpoint", str(out), "--data",
+                                         str(data / "classification" / "val")])
+    assert evaluated.exit_code == 0, evaluated.output
+    report = json.loads(evaluated.output.strip().splitlines()[-1])
+    assert report["model"] == str(out) and report["n_images"] == 10 and 0 <= report["metrics"]["acc1"] <= 1
 
 
 def test_umg_adapt_errors(tmp_path, shards):

@@ -19,6 +19,7 @@ from model.eval.prompts import class_text_embeddings
 from model.factory import create_umg_clip, tokenizer_for
 from model.loading import create_model_and_transforms
 from pipeline.sample_data import generate_sample
+from pipeline.sample_data.eval_formats import write_eval_layouts
 
 HEAD = DenseHeadSection(num_queries=6, encoder_layers=1, decoder_layers=2, train_num_points=256)
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -86,7 +87,7 @@ def test_umg_adapt_seg_cli_trains_on_digits_0_4_and_segments_0_9(tmp_path, tiny_
     _, base = tiny_checkpoint
     data = tmp_path / "digits"
     generate_sample(data, n=12, seed=0)
-    (data / "annotations" / "templates.txt").write_text("{}\na handwritten {}\n")
+    write_eval_layouts(data)  # label maps, panoptic PNGs, classes.txt and templates.txt for `umg eval seg`
     out = tmp_path / "seg"
     result = CliRunner().invoke(app, [
         "adapt", "--task", "seg", "--checkpoint", str(base), "--data", str(data), "--out", str(out), "--steps", "3",
@@ -109,6 +110,15 @@ def test_umg_adapt_seg_cli_trains_on_digits_0_4_and_segments_0_9(tmp_path, tiny_
     (seg, segments), = model.segment_panoptic(image, F.normalize(text, dim=-1), torch.ones(10, dtype=torch.bool))
     assert seg.shape == (128, 128) and seg.dtype == torch.int64
     assert {s["id"] for s in segments} == set(seg.unique().tolist()) - {0}
+    notes = data / "annotations"
+    evaluated = CliRunner().invoke(app, [
+        "eval", "seg", "--checkpoint", str(out), "--images", str(data / "images" / "train"), "--masks",
+        str(notes / "semantic_train"), "--classes", str(notes / "classes.txt"), "--panoptic",
+        str(notes / "panoptic_train.json"), "--limit", "3"])
+    assert evaluated.exit_code == 0, evaluated.output
+    report = json.loads(evaluated.output.strip().splitlines()[-1])
+    assert report["mode"] == "adapted" and report["n_classes"] == 10
+    assert 0 <= report["metrics"]["miou"] <= 1 and 0 <= report["metrics"]["pq"] <= 1
 
 
 def test_umg_adapt_seg_errors(tmp_path):
