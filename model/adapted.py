@@ -35,6 +35,7 @@ from model.checkpoint import (
     resolve_checkpoint,
 )
 from model.convpass import ConvpassCfg, add_convpass, count_parameters
+from model.factory import load_umg_checkpoint, save_umg_weights
 from model.loading import ADAPT_MARKER as ADAPT_JSON
 from model.loading import split_name
 from model.umg_clip import UMGCLIP
@@ -63,7 +64,7 @@ def resolve_base(checkpoint: str | Path) -> tuple[ModelSection, dict | None, str
     """``--checkpoint`` of ``umg adapt`` -> (the base's model section with its weights, its saved open_clip
     config or None, a provenance string).
 
-    Accepts a UMG-CLIP run dir, checkpoint dir or its ``model.safetensors`` (architecture from its
+    Accepts a UMG-CLIP run dir, checkpoint dir or a ``.safetensors`` file in one (architecture from its
     ``config.json``), or an open_clip ``NAME`` / ``NAME:PRETRAINED_TAG``. Clustering is switched off:
     adapted models run on the full token grid.
 
@@ -77,7 +78,8 @@ def resolve_base(checkpoint: str | Path) -> tuple[ModelSection, dict | None, str
             raise ValueError(f"{path} is an adapted checkpoint already; adapt its base checkpoint instead")
         ckpt = resolve_checkpoint(path)
         section = read_config(ckpt).model.model_copy(
-            update={"checkpoint": ckpt / WEIGHTS, "pretrained": None, "cluster": ClusterSection()})
+            update={"checkpoint": path if path.is_file() else ckpt / WEIGHTS, "pretrained": None,
+                    "cluster": ClusterSection()})
         return section, read_open_clip_config(ckpt), str(ckpt.resolve())
     name, tag = split_name(str(checkpoint))
     if not name.startswith("local-dir:") and open_clip.get_model_config(name) is None:
@@ -110,12 +112,9 @@ def save_adapted(out_dir: str | Path, model: nn.Module, meta: AdaptedCheckpoint)
 
     ``adapt.json`` is written last (atomically), so a directory with it is complete.
     """
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out_dir / WEIGHTS))
+    save_umg_weights(model, out_dir / WEIGHTS)
     tmp = out_dir / (ADAPT_JSON + ".tmp")
     tmp.write_text(meta.model_dump_json(indent=1), encoding="utf-8")
     os.replace(tmp, out_dir / ADAPT_JSON)
@@ -144,11 +143,9 @@ TASK_BUILDERS = {"global": _build_global, "seg": _build_seg}
 
 def load_adapted(checkpoint_dir: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild an adapted checkpoint (see module docstring); returns it in eval mode on ``device``."""
-    from safetensors.torch import load_file
-
     meta = read_meta(checkpoint_dir)
     model = TASK_BUILDERS[meta.task](meta, device).to(device)
-    model.load_state_dict(load_file(str(Path(checkpoint_dir) / WEIGHTS), device=str(device)), strict=True)
+    load_umg_checkpoint(model, Path(checkpoint_dir) / WEIGHTS)
     return model.eval()
 
 
