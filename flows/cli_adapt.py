@@ -44,7 +44,7 @@ def adapt(
             if not shards:
                 _fail("--task global needs --shards")
             if steps is not None:
-                overrides.append(f"train.steps={steps}")
+                overrides += [f"train.steps={steps}", "train.epochs=null"]  # --steps replaces an epochs schedule
             cfg = load_config(config, overrides, model=GlobalAdaptConfig, section="adapt_global")
             from model.adapt_global import adapt_global
 
