@@ -148,6 +148,8 @@ def seg(
         "--panoptic-masks", help="folder of the panoptic PNGs (default: the JSON's path without .json)")] = None,
     templates: Templates = None,
     ignore_index: Annotated[int, typer.Option("--ignore-index", min=0, help="label value of ignored pixels")] = 255,
+    reduce_zero_label: Annotated[bool, typer.Option(
+        "--reduce-zero-label", help="label 0 is ignored and v -> v - 1 (raw ADE20K = A-150, VOC = PAS-20)")] = False,
     batch_size: BatchSize = 8,
     limit: Limit = None,
     out: Out = None,
@@ -160,5 +162,6 @@ def seg(
     for path in (classes, templates, panoptic):
         _require_file(path)
     _run(run_seg, out, checkpoint=checkpoint, images=images, masks=masks, classes=classes, templates_file=templates,
-         panoptic=panoptic, panoptic_masks=panoptic_masks, ignore_index=ignore_index, batch_size=batch_size,
+         panoptic=panoptic, panoptic_masks=panoptic_masks, ignore_index=ignore_index,
+         reduce_zero_label=reduce_zero_label, batch_size=batch_size,
          limit=limit, device=device, cluster_in_eval=cluster_in_eval)
