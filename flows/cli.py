@@ -174,6 +174,21 @@ def export_coco(
     typer.echo(json.dumps({"out": str(out), **counts}))
 
 
+@app.command("export-open-clip")
+def export_open_clip(
+    checkpoint: Annotated[Path, typer.Argument(help="run dir, checkpoint dir or .safetensors in one")],
+    out: Annotated[Path, typer.Option("--out", help="folder for open_clip_config.json + open_clip_model.safetensors")],
+) -> None:
+    """The checkpoint's towers as a plain open_clip folder (open_clip / clip_benchmark: local-dir:OUT)."""
+    from model.export import export_open_clip as run_export
+
+    try:
+        folder = run_export(checkpoint, out)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps({"out": str(folder), "open_clip_name": f"local-dir:{folder}"}))
+
+
 @app.command()
 def serve(
     train_out: Annotated[Path, typer.Option(help="run dir of the train runs the build triggers")] = Path("out/train"),

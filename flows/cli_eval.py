@@ -71,12 +71,8 @@ def zeroshot(
     cluster_in_eval: ClusterInEval = False,
 ) -> None:
     """Zero-shot classification: prompt-ensembled classifier; acc1, acc5, mean per-class recall."""
-    from flows.cli import _fail
     from model.eval.zeroshot import run_zeroshot
 
-    for path in (classnames, templates):
-        if path is not None and not path.is_file():
-            _fail(f"{path}: no such file")
     _run(run_zeroshot, out, checkpoint=checkpoint, data=data, classnames_file=classnames, templates_file=templates,
          batch_size=batch_size, device=device, workers=workers, cluster_in_eval=cluster_in_eval)
 

@@ -25,7 +25,8 @@ import logging
 import os
 import random
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -200,6 +201,20 @@ def load_train_state(checkpoint_dir: Path) -> dict:
     return torch.load(Path(checkpoint_dir) / STATE, map_location="cpu", weights_only=True)
 
 
+@contextmanager
+def _without_random_init_warning() -> Iterator[None]:
+    """Drop open_clip's "No pretrained weights loaded ... initialized randomly" (logged to the root logger)."""
+    def keep(record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
 def read_open_clip_config(checkpoint_dir: Path) -> dict | None:
     """The checkpoint's saved open_clip config, or None (checkpoints written before it existed)."""
     path = Path(checkpoint_dir) / OPEN_CLIP_CONFIG
@@ -216,7 +231,8 @@ def load_checkpoint(path_or_run_dir: str | Path, device: str | torch.device = "c
     """
     path = Path(path_or_run_dir)
     ckpt = resolve_checkpoint(path)
-    model = model_from_config(read_config(ckpt).model, initial_weights=False, device=device,
-                              open_clip_config=read_open_clip_config(ckpt))
+    with _without_random_init_warning():  # the checkpoint's weights follow
+        model = model_from_config(read_config(ckpt).model, initial_weights=False, device=device,
+                                  open_clip_config=read_open_clip_config(ckpt))
     load_umg_checkpoint(model, path if path.is_file() else ckpt / WEIGHTS)
     return model.eval()

@@ -54,7 +54,8 @@ class ClassificationSet:
 
 def read_image_folder(root: Path, transform: Callable, classnames_file: Path | None = None,
                       templates_file: Path | None = None) -> ClassificationSet:
-    """Read an ImageFolder tree; ``classnames_file`` / ``templates_file`` override the files in ``root``."""
+    """Read an ImageFolder tree; ``classnames_file`` / ``templates_file`` (must exist when given) override
+    the files in ``root``."""
     from torchvision.datasets import ImageFolder
 
     root = _require_dir(root, "data")
@@ -64,8 +65,11 @@ def read_image_folder(root: Path, transform: Callable, classnames_file: Path | N
         folder = ImageFolder(str(root), transform=transform)
     except FileNotFoundError as exc:  # torchvision: "Found no valid file for the classes ..."
         raise EvalDataError(f"{root}: {exc}") from exc
-    classnames_file = classnames_file or root / CLASSNAMES_FILE
-    templates_file = templates_file or root / TEMPLATES_FILE
+    for given in (classnames_file, templates_file):
+        if given is not None and not Path(given).is_file():
+            raise FileNotFoundError(f"{given}: no such file")
+    classnames_file = Path(classnames_file or root / CLASSNAMES_FILE)
+    templates_file = Path(templates_file or root / TEMPLATES_FILE)
     if classnames_file.exists():
         classnames = read_lines(classnames_file)
         if len(classnames) != len(folder.classes):

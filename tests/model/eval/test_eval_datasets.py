@@ -29,6 +29,8 @@ def test_image_folder_names_templates_and_order(tmp_path):
     (tmp_path / "templates.txt").write_text("a {}\n{} here\n")
     data = read_image_folder(tmp_path, _size)
     assert data.classnames == ["dog", "cat"] and data.templates == ["a {}", "{} here"]
+    with pytest.raises(FileNotFoundError, match="names.txt: no such file"):
+        read_image_folder(tmp_path, _size, classnames_file=tmp_path / "names.txt")
     (tmp_path / "templates.txt").write_text("no slot\n")
     with pytest.raises(EvalDataError, match="templates.txt"):
         read_image_folder(tmp_path, _size)
