@@ -131,6 +131,21 @@ def _resize(tensor: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Ten
     return F.interpolate(tensor[None].float(), size=size, mode=mode, **kwargs)[0]
 
 
+def upsampled_argmax(probs: torch.Tensor, size: tuple[int, int], chunk: int = 64) -> torch.Tensor:
+    """Argmax over classes of (C, S, S) scores upsampled bilinearly to ``size`` (H, W) -> (H, W) int64,
+    ``chunk`` classes at a time (A-847 at ADE resolution would otherwise need ~1 GB per image)."""
+    best_val = best_idx = None
+    for start in range(0, probs.shape[0], chunk):
+        val, idx = _resize(probs[start:start + chunk], size, "bilinear").max(dim=0)
+        if best_val is None:
+            best_val, best_idx = val, idx
+            continue
+        better = val > best_val  # strict: the lower class index wins ties, as in one argmax
+        best_val = torch.where(better, val, best_val)
+        best_idx = torch.where(better, idx + start, best_idx)
+    return best_idx
+
+
 def _finite(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
 
@@ -184,7 +199,7 @@ def evaluate_segmentation(
             target = _label_map(mask_path)
             if reduce_zero_label:
                 target = drop_zero_label(target, ignore_index)
-            pred = _resize(image_probs, target.shape, "bilinear").argmax(dim=0)
+            pred = upsampled_argmax(image_probs, target.shape)
             try:
                 confusion.update(pred.cpu(), torch.from_numpy(target))
             except ValueError as exc:
