@@ -100,13 +100,6 @@ Templates = Annotated[Optional[Path], typer.Option(
 Limit = Annotated[Optional[int], typer.Option("--limit", min=1, help="evaluate only the first N images")]
 
 
-def _require_file(path: Path | None) -> None:
-    if path is not None and not path.is_file():
-        from flows.cli import _fail
-
-        _fail(f"{path}: no such file")
-
-
 @eval_app.command()
 def regions(
     checkpoint: Checkpoint,
@@ -126,7 +119,6 @@ def regions(
     """Region zero-shot classification of GT boxes: acc1, acc5, mean per-class recall, COCOeval box AP."""
     from model.eval.region_eval import run_regions
 
-    _require_file(templates)
     _run(run_regions, out, checkpoint=checkpoint, images=images, annotations=annotations, templates_file=templates,
          topk=topk, attribute=attribute, batch_size=batch_size, limit=limit, device=device,
          cluster_in_eval=cluster_in_eval)
@@ -144,6 +136,8 @@ def seg(
         "--panoptic-masks", help="folder of the panoptic PNGs (default: the JSON's path without .json)")] = None,
     templates: Templates = None,
     ignore_index: Annotated[int, typer.Option("--ignore-index", min=0, help="label value of ignored pixels")] = 255,
+    reduce_zero_label: Annotated[bool, typer.Option(
+        "--reduce-zero-label", help="label 0 is ignored and v -> v - 1 (raw ADE20K = A-150, VOC = PAS-20)")] = False,
     batch_size: BatchSize = 8,
     limit: Limit = None,
     out: Out = None,
@@ -153,8 +147,7 @@ def seg(
     """Semantic segmentation mIoU / pixel accuracy (training-free or adapted model), PQ with --panoptic."""
     from model.eval.seg_eval import run_seg
 
-    for path in (classes, templates, panoptic):
-        _require_file(path)
     _run(run_seg, out, checkpoint=checkpoint, images=images, masks=masks, classes=classes, templates_file=templates,
-         panoptic=panoptic, panoptic_masks=panoptic_masks, ignore_index=ignore_index, batch_size=batch_size,
+         panoptic=panoptic, panoptic_masks=panoptic_masks, ignore_index=ignore_index,
+         reduce_zero_label=reduce_zero_label, batch_size=batch_size,
          limit=limit, device=device, cluster_in_eval=cluster_in_eval)

@@ -17,11 +17,10 @@ or a torch file read with ``weights_only=True``); ``checkpoint`` is a UMG-CLIP s
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import hashlib
 import json
 import tempfile
+from pathlib import Path
 
 import open_clip
 import torch

@@ -119,10 +119,31 @@ def _label_map(path: Path) -> np.ndarray:
         return np.array(image).astype(np.int64)
 
 
+def drop_zero_label(label_map: np.ndarray, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+    """mmseg's ``reduce_zero_label``: value 0 ("other" / background) -> ignore, every other class v -> v - 1,
+    ignore stays ignore. Reads ADE20K's raw 0..150 maps as A-150 and VOC's 0..20 maps as PAS-20."""
+    return np.where((label_map == 0) | (label_map == ignore_index), ignore_index, label_map - 1)
+
+
 def _resize(tensor: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
     """(C, S, S) -> (C, H, W) with ``mode`` (bilinear for scores, nearest for ids)."""
     kwargs = {"align_corners": False} if mode == "bilinear" else {}
     return F.interpolate(tensor[None].float(), size=size, mode=mode, **kwargs)[0]
+
+
+def upsampled_argmax(probs: torch.Tensor, size: tuple[int, int], chunk: int = 64) -> torch.Tensor:
+    """Argmax over classes of (C, S, S) scores upsampled bilinearly to ``size`` (H, W) -> (H, W) int64,
+    ``chunk`` classes at a time (A-847 at ADE resolution would otherwise need ~1 GB per image)."""
+    best_val = best_idx = None
+    for start in range(0, probs.shape[0], chunk):
+        val, idx = _resize(probs[start:start + chunk], size, "bilinear").max(dim=0)
+        if best_val is None:
+            best_val, best_idx = val, idx
+            continue
+        better = val > best_val  # strict: the lower class index wins ties, as in one argmax
+        best_val = torch.where(better, val, best_val)
+        best_idx = torch.where(better, idx + start, best_idx)
+    return best_idx
 
 
 def _finite(metrics: dict) -> dict:
@@ -142,6 +163,7 @@ def evaluate_segmentation(
     panoptic: str | Path | None = None,
     panoptic_masks: str | Path | None = None,
     ignore_index: int = IGNORE_INDEX,
+    reduce_zero_label: bool = False,
     batch_size: int = 8,
     device: str | torch.device = "cpu",
     limit: int | None = None,
@@ -175,7 +197,9 @@ def evaluate_segmentation(
         probs = segmenter.segment_semantic(batch_images, text_emb)
         for (_, mask_path), image_probs in zip(batch, probs, strict=True):
             target = _label_map(mask_path)
-            pred = _resize(image_probs, target.shape, "bilinear").argmax(dim=0)
+            if reduce_zero_label:
+                target = drop_zero_label(target, ignore_index)
+            pred = upsampled_argmax(image_probs, target.shape)
             try:
                 confusion.update(pred.cpu(), torch.from_numpy(target))
             except ValueError as exc:

@@ -16,6 +16,7 @@ from pipeline.sample_data.eval_formats import write_eval_layouts
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools + numpy 2
 
 
+@pytest.mark.slow
 def test_evaluate_flow_runs_regions_and_seg(tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     generate_sample(tmp_path / "d", n=12, seed=0)

@@ -9,7 +9,13 @@ from PIL import Image
 
 from colour_model import CLASSES, PixelColourModel, preprocess_to, tokenize
 from model.eval.datasets import EvalDataError
-from model.eval.seg_eval import evaluate_segmentation, pair_images_and_masks, read_classes
+from model.eval.seg_eval import (
+    drop_zero_label,
+    evaluate_segmentation,
+    pair_images_and_masks,
+    read_classes,
+    upsampled_argmax,
+)
 from model.eval.segmenter import TrainingFreeSegmenter, semantic_to_panoptic
 
 
@@ -81,3 +87,18 @@ def test_bad_inputs_are_clear_errors(colour_dataset, tmp_path):
     Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(colour_dataset / "masks" / "img2.png")
     with pytest.raises(ValueError, match="mode RGB"):
         _run(colour_dataset)
+
+
+def test_reduce_zero_label_reads_raw_ade_and_voc_maps(colour_dataset):
+    assert drop_zero_label(np.array([[0, 1, 2], [151, 255, 3]])).tolist() == [[255, 0, 1], [150, 255, 2]]
+    for path in (colour_dataset / "masks").glob("*.png"):  # shift to ADE-style: 0 = "other", class c stored as c + 1
+        label = np.array(Image.open(path)).astype(np.int64)
+        Image.fromarray(np.where(label == 255, 0, label + 1).astype(np.uint8)).save(path)
+    result = _run(colour_dataset, reduce_zero_label=True)
+    assert result["metrics"]["miou"] == pytest.approx(1.0)
+
+
+def test_chunked_upsampled_argmax_equals_one_argmax():
+    probs = torch.rand(150, 12, 12, generator=torch.Generator().manual_seed(0))
+    full = torch.nn.functional.interpolate(probs[None], size=(37, 29), mode="bilinear", align_corners=False)[0]
+    assert torch.equal(upsampled_argmax(probs, (37, 29), chunk=16), full.argmax(dim=0))
