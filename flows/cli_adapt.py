@@ -10,6 +10,8 @@ from typing import Annotated, Optional
 import typer
 
 TASKS = ("global", "seg")
+# The tiny CPU schedules beside the package (a checkout / editable install); without it the paper's recipe.
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "adapt_smoke.yaml"
 
 
 def adapt(
@@ -25,8 +27,9 @@ def adapt(
     images: Annotated[Optional[Path], typer.Option(help="seg: image folder (with --annotations)")] = None,
     train_classes: Annotated[Optional[str], typer.Option(
         "--train-classes", help="seg: comma-separated training vocabulary (default: all categories)")] = None,
-    config: Annotated[Path, typer.Option(help="YAML with adapt_global: / adapt_seg: sections")] = Path(
-        "configs/adapt_smoke.yaml"),
+    config: Annotated[Optional[Path], typer.Option(
+        help="YAML with adapt_global: / adapt_seg: sections [default: the project's configs/adapt_smoke.yaml, "
+             "else the paper's recipe in data_schemas/adapt_config.py]")] = None,
     steps: Annotated[Optional[int], typer.Option(help="optimizer steps (overrides the config)")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override, e.g. convpass.dim=16")] = None,
 ) -> None:
@@ -39,6 +42,8 @@ def adapt(
     if task not in TASKS:
         _fail(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
     overrides = list(set_ or [])
+    if config is None and DEFAULT_CONFIG.is_file():
+        config = DEFAULT_CONFIG
     try:
         if task == "global":
             if not shards:

@@ -60,9 +60,10 @@ def test_global_round_trip_gives_identical_outputs(tmp_path):
                                                            if ".adapter_" in n)
 
 
-def test_umg_adapt_global_cli_writes_a_loadable_checkpoint(tmp_path, shards, tiny_checkpoint):
+def test_umg_adapt_global_cli_writes_a_loadable_checkpoint(tmp_path, shards, tiny_checkpoint, monkeypatch):
     _, base_ckpt = tiny_checkpoint  # its config has token clustering on: adaptation turns it off
     out = tmp_path / "adapted"
+    monkeypatch.chdir(tmp_path)  # the default config is found from any working directory
     result = CliRunner().invoke(app, ["adapt", "--task", "global", "--checkpoint", str(base_ckpt), "--shards",
                                       str(shards), "--out", str(out), "--steps", "2", *FAST])
     assert result.exit_code == 0, result.output
