@@ -84,7 +84,12 @@ class OptimSection(_Section):
     lr: float = Field(default=2e-4, gt=0, description="parameters outside both towers (logit_scale)")
     visual_lr: float | None = Field(default=None, gt=0, description="image tower; null = lr")
     text_lr: float | None = Field(default=None, gt=0, description="text tower; null = lr")
-    weight_decay: float = Field(default=0.05, ge=0.0, description="not on norms, biases, embeddings, logit_scale")
+    visual_ld: float = Field(default=1.0, gt=0.0, le=1.0, description="layer-wise LR decay of the image tower "
+                             "(EVA-CLIP --visual-ld; B/16: 0.75); 1 = off")
+    text_ld: float = Field(default=1.0, gt=0.0, le=1.0, description="layer-wise LR decay of the text tower "
+                           "(EVA-CLIP --text-ld; B/16: 0.75); 1 = off")
+    weight_decay: float = Field(default=0.05, ge=0.0, description="not on norms, biases, position/class embeddings, "
+                                "logit_scale (EVA-CLIP); the token embedding is decayed")
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = Field(default=1e-6, gt=0)
     warmup_steps: int = Field(default=0, ge=0, description="linear warmup, then cosine to min_lr_ratio * lr")
@@ -102,8 +107,11 @@ class LossSection(_Section):
     lambda_region_tag: float = Field(default=1.0, ge=0.0, description="paper: 1.0")
     smooth_l1_beta: float = Field(default=1.0, gt=0.0, description="paper: not given; torch default")
     tag_vocab: Literal["global", "rank"] = Field(
-        default="global", description="tag vocabulary of the whole global batch (ranks agree with one process) "
-        "or of each rank's batch (cheaper, no object all-gather)")
+        default="global", description="tag vocabulary of the whole global batch (ranks agree with one process; "
+        "each rank encodes a slice of it) or of each rank's batch (no object all-gather)")
+    duplicate_captions: Literal["mask", "multi_positive", "negatives"] = Field(
+        default="mask", description="pairs whose captions are the same token sequence (compared across ranks): "
+        "mask them out of each other's softmax (ours), uniform multi-positive targets, or CLIP's negatives")
 
 
 class DistributedSection(_Section):

@@ -41,7 +41,7 @@ def shards(tmp_path_factory):
     return out / "train"
 
 
-def test_param_groups_split_towers_and_exempt_norms_biases_embeddings_logit_scale():
+def test_param_groups_split_towers_and_exempt_norms_biases_position_embeddings_logit_scale():
     torch.manual_seed(0)
     umg = create_umg_clip("umg-tiny-vit")
     optim = OptimSection(lr=1e-3, visual_lr=2e-4, text_lr=2e-5, weight_decay=0.05)
@@ -50,7 +50,9 @@ def test_param_groups_split_towers_and_exempt_norms_biases_embeddings_logit_scal
     names = {id(p): n for n, p in umg.named_parameters()}
     named = {k: {names[id(p)] for p in g["params"]} for k, g in groups.items()}
     assert named["other_no_decay"] == {"clip.logit_scale"}
-    assert "clip.visual.conv1.weight" in named["visual"] and "clip.token_embedding.weight" in named["text_no_decay"]
+    # EVA-CLIP / open_clip decay the token embedding; position and class embeddings are exempt (EVA-CLIP)
+    assert "clip.visual.conv1.weight" in named["visual"] and "clip.token_embedding.weight" in named["text"]
+    assert "clip.positional_embedding" in named["text_no_decay"]
     assert {"clip.visual.ln_post.bias", "clip.visual.positional_embedding"} <= named["visual_no_decay"]
     assert "clip.transformer.resblocks.0.mlp.c_fc.weight" in named["text"]
     assert [(g["lr"], g["weight_decay"]) for g in groups.values()] == [
@@ -58,6 +60,31 @@ def test_param_groups_split_towers_and_exempt_norms_biases_embeddings_logit_scal
     assert sum(len(g) for g in named.values()) == len(names)
     lamb = build_optimizer(umg, optim)
     assert type(lamb).__name__ == "Lamb" and lamb.defaults["max_grad_norm"] is None  # we clip once, globally
+
+
+@pytest.mark.parametrize("name", ["umg-tiny-vit", "umg-tiny-eva"])
+def test_layer_decay_follows_eva_clip_layer_ids(name):
+    torch.manual_seed(0)
+    umg = create_umg_clip(name)
+    optim = OptimSection(lr=1e-3, visual_lr=2e-4, text_lr=2e-5, visual_ld=0.5, text_ld=0.8)
+    groups = param_groups(umg, optim)
+    lr_of = {n: g["lr"] for g in groups for n, p in umg.named_parameters() if any(p is q for q in g["params"])}
+    assert len(lr_of) == sum(1 for _ in umg.parameters())
+    blocks = {t: 1 + max(int(n.split("blocks.")[1].split(".")[0]) for n in lr_of if ("visual" in n) == (t == "v")
+                         and "blocks." in n) for t in ("v", "t")}
+    v, t = blocks["v"], blocks["t"]  # depth; layer l trains at lr * ld ** (depth + 1 - l)
+    patch = "clip.visual.trunk.patch_embed.proj.weight" if name == "umg-tiny-eva" else "clip.visual.conv1.weight"
+    block0 = next(n for n in lr_of if "visual" in n and "blocks.0." in n)
+    last = next(n for n in lr_of if "visual" in n and f"blocks.{v - 1}." in n)
+    assert lr_of[patch] == pytest.approx(2e-4 * 0.5 ** (v + 1))
+    assert lr_of[block0] == pytest.approx(2e-4 * 0.5 ** v) and lr_of[last] == pytest.approx(2e-4 * 0.5)
+    text = "clip.text." if name == "umg-tiny-eva" else "clip."  # EVA configs use open_clip's CustomTextCLIP
+    assert lr_of[f"{text}token_embedding.weight"] == pytest.approx(2e-5 * 0.8 ** (t + 1))
+    assert lr_of[f"{text}transformer.resblocks.1.mlp.c_fc.weight"] == pytest.approx(2e-5 * 0.8 ** (t - 1))
+    assert lr_of[f"{text}ln_final.weight"] == pytest.approx(2e-5) and lr_of["clip.logit_scale"] == 1e-3
+    assert len({g["name"] for g in groups}) == len(groups)
+    # the trainer logs each tower's top-layer rate
+    assert max(g["lr"] for g in groups if g["tower"] == "visual") == pytest.approx(2e-4)
 
 
 def test_warmup_then_cosine():
