@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -32,16 +31,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from peak_memory import ENV, peak_mib  # benchmarks/peak_memory.py (this script's directory)
+
 
 def _config_json(width: int, layers: int, image_size: int) -> dict:
     return {"embed_dim": 128,
             "vision_cfg": {"image_size": image_size, "layers": layers, "width": width, "head_width": 64,
                            "mlp_ratio": 4.0, "patch_size": 16},
             "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 2}}
-
-
-def _rss_kib(field: str) -> int:
-    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
 
 
 def _measure(opts: argparse.Namespace) -> dict:
@@ -71,18 +68,7 @@ def _measure(opts: argparse.Namespace) -> dict:
     batch = next(iter(make_dataset(trainer.tars, cfg.data, trainer.spec, trainer.tokens, opts.batch)))
     trainer.train_step([batch])  # warm-up: optimizer state, gradient buffers
     gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        trainer.train_step([batch])
-        torch.cuda.synchronize()
-        peak_mib = (torch.cuda.max_memory_allocated() - before) / 2**20
-    else:
-        before = _rss_kib("VmRSS")
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-        trainer.train_step([batch])
-        peak_mib = (_rss_kib("VmHWM") - before) / 1024
+    step_peak = peak_mib(lambda: trainer.train_step([batch]), device.type)
     times = []
     for _ in range(opts.steps):
         start = time.perf_counter()
@@ -91,12 +77,12 @@ def _measure(opts: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     grid = batch.images.shape[-1] // 16
-    return {"peak_mib": peak_mib, "step_s": statistics.median(times), "device": str(device),
+    return {"peak_mib": step_peak, "step_s": statistics.median(times), "device": str(device),
             "tokens": grid * grid, "kept": trainer.model.cluster.num_kept(grid * grid) if trainer.model.cluster else None}
 
 
 def _run_arm(arm: str, opts: argparse.Namespace, workdir: str) -> dict:
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, **ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     cmd = [sys.executable, __file__, "--arm", arm, "--workdir", workdir, "--batch", str(opts.batch),
            "--steps", str(opts.steps), "--threads", str(opts.threads), "--layers", str(opts.layers),
            "--cluster-layer", str(opts.cluster_layer)]
