@@ -62,6 +62,16 @@ class TrainResult:
     metrics_csv: Path
     final_losses: dict[str, float]
 
+    def summary(self) -> dict:
+        """JSON-able form (what a Ray worker sends back)."""
+        return {"checkpoint": str(self.checkpoint), "steps": self.steps, "metrics_csv": str(self.metrics_csv),
+                "final_losses": self.final_losses}
+
+    @classmethod
+    def from_summary(cls, done: dict) -> TrainResult:
+        return cls(checkpoint=Path(done["checkpoint"]), steps=int(done["steps"]),
+                   metrics_csv=Path(done["metrics_csv"]), final_losses=dict(done["final_losses"]))
+
 
 def train(cfg: TrainConfig, shards: Path | str | Sequence[Path | str], out_dir: Path | str) -> TrainResult:
     """Train UMG-CLIP on shard build dirs / tars; resumes from ``out_dir`` per ``cfg.resume``.
@@ -72,12 +82,21 @@ def train(cfg: TrainConfig, shards: Path | str | Sequence[Path | str], out_dir: 
     tars = resolve_tars(shards)
     out_dir = Path(out_dir)
     if cfg.distributed.launcher == "ray":
-        return run_with_ray(cfg, tars, out_dir)
+        return TrainResult.from_summary(run_with_ray(cfg, tars, out_dir, train_rank))
+    return _train_here(cfg, tars, out_dir)
+
+
+def _train_here(cfg: TrainConfig, tars: list[Path], out_dir: Path) -> TrainResult:
     ctx = init_distributed(cfg.distributed, cfg.device, need_group=cfg.deepspeed.enabled)
     try:
         return Trainer(cfg, tars, out_dir, ctx).fit()
     finally:
         cleanup(ctx)
+
+
+def train_rank(cfg: TrainConfig, tars: list[Path], out_dir: Path) -> dict:
+    """One rank of a launched run (a Ray Train worker): train here, return the JSON-able summary."""
+    return _train_here(cfg, tars, out_dir).summary()
 
 
 def resolve_tars(shards: Path | str | Sequence[Path | str]) -> list[Path]:
