@@ -2,8 +2,8 @@
 
 One full trainer step (``model.trainer.Trainer.train_step``: forward, all four UMG losses with regions
 and tags, backward, clip, LAMB) of a 12-block ViT (``--width`` 192 = ViT-Ti/16, patch 16) at
-``2 x --base`` pixels, once without clustering and once with ``reduction 0.75`` after half the blocks
-(``TokenClusterCfg.layer`` = depth / 2, our default for B/16; ``--cluster-layer`` to change it).
+``2 x --base`` pixels, once without clustering and once with ``reduction 0.75`` after the default layer
+(``TokenClusterCfg.layer``, our default for B/16: 4 of 12 blocks; ``--cluster-layer`` to change it).
 Each arm runs in a fresh subprocess:
 
 - peak memory of the step: on CUDA ``torch.cuda.max_memory_allocated`` minus the memory allocated before
@@ -95,7 +95,7 @@ def main() -> None:
     parser.add_argument("--base", type=int, default=224, help="base resolution; the benchmark runs at 2x")
     parser.add_argument("--width", type=int, default=192)
     parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--cluster-layer", type=int, help="blocks before clustering (default: half the depth)")
+    parser.add_argument("--cluster-layer", type=int, help="blocks before clustering (default: the config default)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per arm and round (median)")
     parser.add_argument("--rounds", type=int, default=2)
@@ -103,7 +103,10 @@ def main() -> None:
     parser.add_argument("--arm", choices=["plain", "clustered"], help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     opts = parser.parse_args()
-    opts.cluster_layer = opts.layers // 2 if opts.cluster_layer is None else opts.cluster_layer
+    if opts.cluster_layer is None:
+        from data_schemas.train_config import ClusterSection
+
+        opts.cluster_layer = ClusterSection().layer
     if opts.arm:
         print(json.dumps(_measure(opts)))
         return

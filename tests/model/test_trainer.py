@@ -104,12 +104,44 @@ def test_train_config_section_overrides_and_errors(tmp_path):
     paper = load_config(ROOT / "configs" / "umg41m_train.yaml", model=TrainConfig, section="train")
     assert (paper.model.name, paper.epochs, paper.optim.name, paper.model.cluster.reduction) == (
         "EVA02-B-16", 10, "lamb", 0.75)
+    assert (paper.optim.visual_ld, paper.optim.text_ld, paper.loss.duplicate_captions) == (0.75, 0.75, "mask")
     with pytest.raises(ConfigError, match=r"optim\.betaz: Extra inputs"):
         load_config(path, ["optim.betaz=1"], model=TrainConfig, section="train")
     with pytest.raises(ConfigError, match="either steps or epochs"):
         load_config(path, ["steps=3", "epochs=1"], model=TrainConfig, section="train")
     with pytest.raises(ConfigError, match=r"data\.crop_scale"):
         load_config(path, ["data.crop_scale=[0.9, 0.5]"], model=TrainConfig, section="train")
+
+
+def test_paper_448_config_builds_b16_at_448_with_clustering():
+    from model.checkpoint import model_from_config
+
+    cfg = load_config(ROOT / "configs" / "umg41m_train_448.yaml", model=TrainConfig, section="train")
+    assert (cfg.model.name, cfg.model.image_size, cfg.model.cluster.reduction) == ("EVA02-B-16", 448, 0.75)
+    umg = model_from_config(cfg.model, initial_weights=False)  # no weights fetched
+    trunk = umg.clip.visual.trunk
+    assert trunk.patch_embed.grid_size == (28, 28) and umg.clip.visual.preprocess_cfg["size"] == (448, 448)
+    assert trunk.pos_embed.shape[1] == 1 + 28 * 28 and trunk.rope.get_embed().shape[0] == 28 * 28
+    assert umg.cluster.num_kept(28 * 28) == 196 and umg.cluster.layer == cfg.model.cluster.layer < len(trunk.blocks)
+
+
+def test_image_size_override_resamples_pretrained_position_embeddings(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    # weights at the tower's own size (timm eva02_tiny: 224 px, 16 x 16), as EVA-CLIP's B/16 weights are 224 px
+    small = create_umg_clip("umg-tiny-eva", image_size=224)
+    save_file({k: v.contiguous() for k, v in small.clip.state_dict().items()}, str(tmp_path / "clip.safetensors"))
+    large = create_umg_clip("umg-tiny-eva", pretrained=str(tmp_path / "clip.safetensors"), image_size=336)
+    old, new = small.clip.visual.trunk.pos_embed, large.clip.visual.trunk.pos_embed
+    assert new.shape == (1, 1 + 24 * 24, old.shape[-1]) and large.clip.visual.trunk.patch_embed.grid_size == (24, 24)
+    assert torch.equal(new[:, :1], old[:, :1])  # the class position is kept; the grid is resampled from the weights
+    resampled = torch.nn.functional.interpolate(old[:, 1:].reshape(1, 16, 16, -1).permute(0, 3, 1, 2),
+                                                size=(24, 24), mode="bicubic", antialias=True)
+    torch.testing.assert_close(new[:, 1:], resampled.permute(0, 2, 3, 1).reshape(1, 576, -1), rtol=1e-4, atol=1e-5)
+    assert torch.equal(large.clip.visual.trunk.blocks[3].mlp.fc1.weight, small.clip.visual.trunk.blocks[3].mlp.fc1.weight)
+    emb, grid = large.encode_image(torch.randn(1, 3, 336, 336))
+    assert grid.shape == (1, 24, 24, 192) and torch.isfinite(emb).all()
 
 
 def test_schedule_steps_from_epochs(shards, tmp_path):
