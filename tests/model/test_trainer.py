@@ -139,7 +139,8 @@ def test_image_size_override_resamples_pretrained_position_embeddings(tmp_path):
     resampled = torch.nn.functional.interpolate(old[:, 1:].reshape(1, 16, 16, -1).permute(0, 3, 1, 2),
                                                 size=(24, 24), mode="bicubic", antialias=True)
     torch.testing.assert_close(new[:, 1:], resampled.permute(0, 2, 3, 1).reshape(1, 576, -1), rtol=1e-4, atol=1e-5)
-    assert torch.equal(large.clip.visual.trunk.blocks[3].mlp.fc1.weight, small.clip.visual.trunk.blocks[3].mlp.fc1.weight)
+    fc1 = [m.clip.visual.trunk.blocks[3].mlp.fc1.weight for m in (large, small)]
+    assert torch.equal(*fc1)
     emb, grid = large.encode_image(torch.randn(1, 3, 336, 336))
     assert grid.shape == (1, 24, 24, 192) and torch.isfinite(emb).all()
 
