@@ -21,7 +21,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +49,7 @@ from model.launch import DistContext, cleanup, deepspeed_engine, init_distribute
 from model.losses import LOSS_KEYS, UMGLoss, build_tag_targets, text_ids, total_loss
 from model.metrics import MetricsLog, plot_losses, progress_bar
 from model.schedule import build_optimizer, build_scheduler
+from model.umg_clip import UMGCLIP
 from pipeline.shards import shard_tars
 
 log = logging.getLogger(__name__)
@@ -73,23 +74,28 @@ class TrainResult:
                    metrics_csv=Path(done["metrics_csv"]), final_losses=dict(done["final_losses"]))
 
 
-def train(cfg: TrainConfig, shards: Path | str | Sequence[Path | str], out_dir: Path | str) -> TrainResult:
+def train(cfg: TrainConfig, shards: Path | str | Sequence[Path | str], out_dir: Path | str, *,
+          prepare_model: Callable[[UMGCLIP], UMGCLIP] | None = None) -> TrainResult:
     """Train UMG-CLIP on shard build dirs / tars; resumes from ``out_dir`` per ``cfg.resume``.
 
     Single process, torchrun (``RANK``/``WORLD_SIZE`` env) or, with ``distributed.launcher: ray``,
-    Ray Train workers. Every rank returns the same ``TrainResult``.
+    Ray Train workers. Every rank returns the same ``TrainResult``. ``prepare_model`` (see
+    :class:`Trainer`) is for torchrun / single-process runs.
     """
     tars = resolve_tars(shards)
     out_dir = Path(out_dir)
     if cfg.distributed.launcher == "ray":
+        if prepare_model is not None:
+            raise ValueError("prepare_model is not passed to Ray Train workers; use the torchrun launcher")
         return TrainResult.from_summary(run_with_ray(cfg, tars, out_dir, train_rank))
-    return _train_here(cfg, tars, out_dir)
+    return _train_here(cfg, tars, out_dir, prepare_model)
 
 
-def _train_here(cfg: TrainConfig, tars: list[Path], out_dir: Path) -> TrainResult:
+def _train_here(cfg: TrainConfig, tars: list[Path], out_dir: Path,
+                prepare_model: Callable[[UMGCLIP], UMGCLIP] | None = None) -> TrainResult:
     ctx = init_distributed(cfg.distributed, cfg.device, need_group=cfg.deepspeed.enabled)
     try:
-        return Trainer(cfg, tars, out_dir, ctx).fit()
+        return Trainer(cfg, tars, out_dir, ctx, prepare_model=prepare_model).fit()
     finally:
         cleanup(ctx)
 
@@ -119,9 +125,15 @@ def schedule_steps(cfg: TrainConfig, samples: int | None, world_size: int) -> in
 
 
 class Trainer:
-    """Model, optimizer, schedule, data position and the step; :meth:`fit` runs the loop."""
+    """Model, optimizer, schedule, data position and the step; :meth:`fit` runs the loop.
 
-    def __init__(self, cfg: TrainConfig, tars: Sequence[Path], out_dir: Path, ctx: DistContext):
+    ``prepare_model`` changes the freshly built model before weights are resumed and the optimizer is
+    built, e.g. ``model.convpass.add_convpass`` (adapters in, backbone frozen): only parameters that
+    still require grad are optimised.
+    """
+
+    def __init__(self, cfg: TrainConfig, tars: Sequence[Path], out_dir: Path, ctx: DistContext,
+                 prepare_model: Callable[[UMGCLIP], UMGCLIP] | None = None):
         self.cfg, self.tars, self.out_dir, self.ctx = cfg, list(tars), Path(out_dir), ctx
         if cfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -129,6 +141,8 @@ class Trainer:
         _seed_everything(cfg.seed)
         resume = self._resume_dir()
         self.model = model_from_config(cfg.model, initial_weights=resume is None, device=ctx.device).train()
+        if prepare_model is not None:
+            self.model = prepare_model(self.model).train()
         if resume is not None:
             load_umg_checkpoint(self.model, resume / WEIGHTS)
         preprocess = self.model.clip.visual.preprocess_cfg

@@ -91,7 +91,9 @@ def test_runner_counts_and_zero_reduction_is_plain():
 @pytest.fixture(scope="module")
 def vit():
     torch.manual_seed(0)
-    return create_umg_clip("umg-tiny-vit").eval()
+    model = create_umg_clip("umg-tiny-vit").eval()
+    model.cluster_in_eval = True  # these tests exercise clustering itself (off in eval() by default)
+    return model
 
 
 def test_zero_reduction_reproduces_plain_model_bit_for_bit(vit):
@@ -136,6 +138,7 @@ def test_clustered_forward_is_deterministic_and_gradients_flow(vit):
 def test_eva_tower_clusters_with_rope():
     torch.manual_seed(0)
     model = create_umg_clip("umg-tiny-eva", cluster=TokenClusterCfg(reduction=0.75, layer=6)).eval()
+    model.cluster_in_eval = True
     images = torch.randn(2, 3, 112, 112)
     emb, grid = model.encode_image(images)
     assert model.tokens.last_block_tokens == [65] * 6 + [17] * 6
