@@ -106,6 +106,8 @@ def create_umg_clip(
                                   weights_only=True)
     model = UMGCLIP(clip, cluster=cluster, region_output_size=region_output_size)
     if cfg:
+        if image_size is not None:  # the saved config describes the towers as built
+            cfg = {**cfg, "vision_cfg": {**vision_cfg, "image_size": image_size}}
         model.open_clip_config = json.loads(json.dumps(  # plain JSON values (tuples -> lists)
             {"model_cfg": cfg, "preprocess_cfg": dict(clip.visual.preprocess_cfg)}))
     if checkpoint is not None:

@@ -156,7 +156,7 @@ def test_eva_representatives_get_their_centre_rope_position(monkeypatch):
 
     torch.manual_seed(0)
     layer = 4
-    model = create_umg_clip("umg-tiny-eva", cluster=TokenClusterCfg(reduction=0.75, layer=layer)).eval()
+    model = create_umg_clip("umg-tiny-eva", cluster=TokenClusterCfg(reduction=0.75, layer=layer))  # train(): clusters
     trunk = model.clip.visual.trunk
     clusters, ropes = [], {}
     cluster = token_cluster.density_peak_cluster

@@ -123,6 +123,7 @@ def test_paper_448_config_builds_b16_at_448_with_clustering():
     assert trunk.patch_embed.grid_size == (28, 28) and umg.clip.visual.preprocess_cfg["size"] == (448, 448)
     assert trunk.pos_embed.shape[1] == 1 + 28 * 28 and trunk.rope.get_embed().shape[0] == 28 * 28
     assert umg.cluster.num_kept(28 * 28) == 196 and umg.cluster.layer == cfg.model.cluster.layer < len(trunk.blocks)
+    assert umg.open_clip_config["model_cfg"]["vision_cfg"]["image_size"] == 448  # saved with checkpoints
 
 
 def test_image_size_override_resamples_pretrained_position_embeddings(tmp_path):
