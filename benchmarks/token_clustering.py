@@ -77,8 +77,9 @@ def _measure(opts: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     grid = batch.images.shape[-1] // 16
+    kept = trainer.model.cluster.num_kept(grid * grid) if trainer.model.cluster else None
     return {"peak_mib": step_peak, "step_s": statistics.median(times), "device": str(device),
-            "tokens": grid * grid, "kept": trainer.model.cluster.num_kept(grid * grid) if trainer.model.cluster else None}
+            "tokens": grid * grid, "kept": kept}
 
 
 def _run_arm(arm: str, opts: argparse.Namespace, workdir: str) -> dict:

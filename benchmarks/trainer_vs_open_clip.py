@@ -92,7 +92,8 @@ def main() -> None:
         write_sample_shards(Path(tmp) / "shards", n=max(40, args.batch * 5 // 4 + 8), seed=0, shard_size=64)
         cfg = TrainConfig.model_validate({
             "model": {"name": args.model}, "batch_size": args.batch, "steps": 10**6, "seed": 0,
-            "loss": {"regions": False, "tags": False, "duplicate_captions": "negatives"}, "optim": {"lr": 1e-4, "grad_clip_norm": 1.0},
+            "loss": {"regions": False, "tags": False, "duplicate_captions": "negatives"},
+            "optim": {"lr": 1e-4, "grad_clip_norm": 1.0},
             "data": {"workers": 0, "crop": "full"}, "progress": False, "tensorboard": False, "plot": False})
         ours = Trainer(cfg, resolve_tars(Path(tmp) / "shards" / "train"), Path(tmp) / "run",
                        DistContext(0, 1, 0, device))
