@@ -69,6 +69,7 @@ def model_from_config(section: ModelSection, *, initial_weights: bool = True,
         checkpoint=section.checkpoint if initial_weights else None,
         cluster=cluster_cfg(section),
         region_output_size=section.region_output_size,
+        image_size=section.image_size,
         device=device,
         preprocess_cfg=None if open_clip_config is None else open_clip_config["preprocess_cfg"],
     )

@@ -73,6 +73,7 @@ def create_umg_clip(
     checkpoint: str | Path | None = None,
     cluster: TokenClusterCfg | None = None,
     region_output_size: int = 1,
+    image_size: int | None = None,
     precision: str = "fp32",
     device: str | torch.device = "cpu",
     preprocess_cfg: dict | None = None,
@@ -85,6 +86,8 @@ def create_umg_clip(
         checkpoint: UMG-CLIP weights to load after construction (see :func:`load_umg_checkpoint`).
         cluster: token clustering settings (None = off).
         region_output_size: RoIAlign output side for region embeddings.
+        image_size: input side overriding the config's (e.g. 448 for EVA02-B-16; pretrained position
+            embeddings are resampled by open_clip / timm, EVA02's RoPE is rebuilt for the new grid).
         precision, device: as in ``open_clip.create_model``.
         preprocess_cfg: overrides of the image preprocessing config (``force_preprocess_cfg``), e.g. a
             checkpoint's saved one.
@@ -94,8 +97,8 @@ def create_umg_clip(
     """
     cfg = open_clip.get_model_config(model_name) or {}
     vision_cfg = cfg.get("vision_cfg", {})
-    force_image_size = None
-    if vision_cfg.get("timm_model_name") and vision_cfg.get("image_size"):
+    force_image_size = image_size
+    if force_image_size is None and vision_cfg.get("timm_model_name") and vision_cfg.get("image_size"):
         # open_clip builds timm towers at the timm default size and only resizes on force_image_size.
         force_image_size = vision_cfg["image_size"]
     clip = open_clip.create_model(model_name, pretrained=pretrained, precision=precision, device=device,
@@ -103,6 +106,8 @@ def create_umg_clip(
                                   weights_only=True)
     model = UMGCLIP(clip, cluster=cluster, region_output_size=region_output_size)
     if cfg:
+        if image_size is not None:  # the saved config describes the towers as built
+            cfg = {**cfg, "vision_cfg": {**vision_cfg, "image_size": image_size}}
         model.open_clip_config = json.loads(json.dumps(  # plain JSON values (tuples -> lists)
             {"model_cfg": cfg, "preprocess_cfg": dict(clip.visual.preprocess_cfg)}))
     if checkpoint is not None:
