@@ -2,7 +2,8 @@
 
 - ``resolve_device`` / ``resolve_dtype`` / ``chunks``: re-exported from ``annotators._devices``.
 - ``check_model_path`` / ``from_pretrained``: clear ``AnnotatorError`` for a missing path or a non-model folder.
-- ``clean_texts``: strip, drop empty, dedup (order kept); ``generation_kwargs``: checked ``generate`` settings.
+- ``clean_texts`` / ``clean_pairs``: strip, drop empty, dedup on ``caption_key`` (order kept);
+  ``generation_kwargs``: checked ``generate`` settings.
 - ``ImageTextGenerator``: ``AutoModelForImageTextToText`` + ``AutoProcessor`` chat-prompted batched generation
   (left padding); ``VlmBackend``: the base of the backends that prompt one (the ``vlm`` captioner, the
   ``vlm-box`` region captioner), with their tiny LLaVA (``write_tiny_llava``).
@@ -14,7 +15,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from annotators._devices import (  # noqa: F401 - chunks re-exported
     seeded,
 )
 from annotators.base import AnnotatorError, Backend
+from annotators.prompts import PromptChoice, caption_key
 
 logger = logging.getLogger(__name__)
 
@@ -56,14 +58,20 @@ def from_pretrained(loader: Any, path: str, **kwargs: Any) -> Any:
         raise AnnotatorError(f"cannot load {getattr(loader, '__name__', loader)} from {path}: {exc}") from exc
 
 
-def clean_texts(texts: Sequence[str]) -> list[str]:
-    """Strip whitespace, drop empty strings and duplicates, keep first-seen order."""
-    seen: dict[str, None] = {}
-    for text in texts:
+def clean_pairs(pairs: Iterable[tuple[str, str | None]]) -> list[tuple[str, str | None]]:
+    """``(text, prompt)`` pairs with whitespace collapsed, empty texts dropped and duplicates (same
+    ``caption_key``: case and punctuation ignored) dropped; first-seen order and prompt kept."""
+    seen: dict[str, tuple[str, str | None]] = {}
+    for text, prompt in pairs:
         text = " ".join(text.split())
         if text:
-            seen.setdefault(text, None)
-    return list(seen)
+            seen.setdefault(caption_key(text), (text, prompt))
+    return list(seen.values())
+
+
+def clean_texts(texts: Sequence[str]) -> list[str]:
+    """Strip whitespace, drop empty strings and duplicates (``caption_key``), keep first-seen order."""
+    return [text for text, _ in clean_pairs((t, None) for t in texts)]
 
 
 def check_generation(num_beams: int, num_return_sequences: int, generate_kwargs: Mapping[str, Any]) -> None:
@@ -161,7 +169,8 @@ class ImageTextGenerator:
 
 
 class VlmBackend(Backend):
-    """Base of the backends that prompt one ``ImageTextGenerator`` with ``prompt``, ``batch_size`` inputs a call.
+    """Base of the backends that prompt one ``ImageTextGenerator`` (``prompts``: a ``PromptChoice``), ``batch_size``
+    inputs a call.
 
     A subclass keeps its own keyword-only ``__init__`` (its config keys and their defaults) and passes them
     on here; ``version`` is the model path, ``create_tiny`` writes the tiny LLaVA.
@@ -171,7 +180,7 @@ class VlmBackend(Backend):
         self,
         *,
         model: str,
-        prompt: str,
+        prompts: PromptChoice,
         max_new_tokens: int,
         num_beams: int,
         num_return_sequences: int,
@@ -189,7 +198,7 @@ class VlmBackend(Backend):
             device=device,
             dtype=dtype,
         )
-        self.prompt, self.batch_size = prompt, batch_size
+        self.prompts, self.batch_size = prompts, batch_size
 
     @classmethod
     def create_tiny(cls, out_dir: str | Path) -> dict[str, Any]:

@@ -60,10 +60,12 @@ class DetectorOutput:
 
 @dataclass
 class SegmentOutput:
-    """Masks for one image: ``masks`` (N, H, W) bool, ``scores`` (N,) float32 (model's own quality score)."""
+    """Masks for one image: ``masks`` (N, H, W) bool, ``scores`` (N,) float32 (model's own quality score), and
+    ``stability`` (N,) float64 mean IoU under box jitter when the call was given jittered boxes, else None."""
 
     masks: np.ndarray
     scores: np.ndarray
+    stability: np.ndarray | None = None
 
 
 @dataclass

@@ -1,16 +1,19 @@
 """Image captioners (DESIGN.md "Annotation stages" 2): ``images -> list[list[Caption]]``.
 
-Every caption comes back stripped, deduplicated per image, empty ones dropped, ``kept=True`` and
-``clip_score=None`` (the scorer stage fills those). Several captions per image: ``num_return_sequences``
-(beam search returns the best ``num_return_sequences <= num_beams`` beams; with
-``generate_kwargs: {do_sample: true, top_p: 0.9}`` any number).
+Every caption comes back stripped, deduplicated per image (``caption_key``: case and punctuation ignored), empty
+ones dropped, ``kept=True``, ``clip_score=None`` (the scorer stage fills those) and ``prompt`` set to the prompt it
+answered. Several captions per image: ``num_return_sequences`` (beam search returns the best
+``num_return_sequences <= num_beams`` beams; with ``generate_kwargs: {do_sample: true, top_p: 0.9}`` any number),
+and ``prompts`` + ``prompts_per_image``: that many distinct prompts drawn per image from a prompt set (built-in
+``blip2_image`` / ``shikra_image``, a file, or a list; ``annotators/prompts``), seeded by ``seed`` and the image's
+content, each answered separately. ``prompt`` instead gives every image one fixed prompt.
 
 - ``Blip2Captioner`` (``blip2``): ``Blip2ForConditionalGeneration`` + ``Blip2Processor`` (paper: BLIP-2, e.g.
-  ``Salesforce/blip2-opt-2.7b``). An optional ``prompt`` conditions the language model; only the generated
-  continuation is returned.
+  ``Salesforce/blip2-opt-2.7b``). A prompt conditions the language model (left-padded in a batch); only the
+  generated continuation is returned.
 - ``VlmCaptioner`` (``vlm``): a Shikra-style chat VLM through ``AutoModelForImageTextToText`` + ``AutoProcessor``
   (e.g. ``llava-hf/llava-1.5-7b-hf``; Shikra's own delta checkpoints are not a transformers architecture, any
-  image-text-to-text chat checkpoint with a chat template works), prompted with ``prompt`` in the chat template.
+  image-text-to-text chat checkpoint with a chat template works), prompted in the chat template.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from annotators._hf import (  # noqa: F401 - TINY_CHAT_TEMPLATE, write_tiny_llav
     VlmBackend,
     check_model_path,
     chunks,
-    clean_texts,
+    clean_pairs,
     decode_generated,
     from_pretrained,
     generation_kwargs,
@@ -39,14 +42,33 @@ from annotators._hf import (  # noqa: F401 - TINY_CHAT_TEMPLATE, write_tiny_llav
     write_tiny_llava,
 )
 from annotators.base import AnnotatorError, Backend
+from annotators.prompts import PromptChoice, image_digest
 from data_schemas import Caption
 
 logger = logging.getLogger(__name__)
 
 
-def to_captions(texts_per_image: Sequence[Sequence[str]], annotator: str) -> list[list[Caption]]:
-    """Raw generated texts per image -> cleaned ``Caption`` lists (stripped, deduplicated, no empties)."""
-    return [[Caption(text=t, annotator=annotator) for t in clean_texts(texts)] for texts in texts_per_image]
+def to_captions(
+    pairs_per_image: Sequence[Sequence[tuple[str, str | None]]], annotator: str
+) -> list[list[Caption]]:
+    """Raw ``(text, prompt)`` pairs per image -> cleaned ``Caption`` lists (stripped, deduplicated on
+    ``caption_key``, no empties), each with the prompt it answered."""
+    return [[Caption(text=t, annotator=annotator, prompt=p) for t, p in clean_pairs(pairs)]
+            for pairs in pairs_per_image]
+
+
+def prompt_jobs(images: Sequence[Image.Image], choice: PromptChoice) -> list[tuple[int, str]]:
+    """``(image index, prompt)`` for every prompt each image gets (sampled by the image's content)."""
+    return [(i, p) for i, image in enumerate(images) for p in choice.for_item(image_digest(image))]
+
+
+def gather(n_images: int, jobs: Sequence[tuple[int, str]], texts: Sequence[Sequence[str]],
+           recorded: Sequence[str | None]) -> list[list[tuple[str, str | None]]]:
+    """Generated ``texts`` per job -> ``(text, prompt)`` pairs per image; ``recorded[j]`` is the prompt to record."""
+    pairs: list[list[tuple[str, str | None]]] = [[] for _ in range(n_images)]
+    for (i, _), job_texts, prompt in zip(jobs, texts, recorded, strict=True):
+        pairs[i] += [(t, prompt) for t in job_texts]
+    return pairs
 
 
 class Blip2Captioner(Backend):
@@ -60,6 +82,9 @@ class Blip2Captioner(Backend):
         *,
         model: str,
         prompt: str | None = None,
+        prompts: str | list[str] | None = None,
+        prompts_per_image: int = 1,
+        seed: int = 0,
         max_new_tokens: int = 30,
         num_beams: int = 3,
         num_return_sequences: int = 1,
@@ -69,7 +94,8 @@ class Blip2Captioner(Backend):
         batch_size: int = 8,
     ) -> None:
         self.gen_kwargs = generation_kwargs(max_new_tokens, num_beams, num_return_sequences, generate_kwargs or {})
-        self.model_path, self.prompt, self.batch_size = model, prompt or "", batch_size
+        self.prompts = PromptChoice(prompt, prompts, prompts_per_image, seed, default="")
+        self.model_path, self.batch_size = model, batch_size
         self.num_return_sequences = num_return_sequences
         self.device_name, self.dtype_name = device, dtype
         self.model: Any = None
@@ -96,6 +122,7 @@ class Blip2Captioner(Backend):
         self.device = resolve_device(self.device_name)
         self.dtype = resolve_dtype(self.dtype_name, self.device)
         self.processor = from_pretrained(Blip2Processor, path)
+        self.processor.tokenizer.padding_side = "left"  # prompts of different lengths in one decoder-only batch
         self.model = from_pretrained(Blip2ForConditionalGeneration, path, dtype=self.dtype).to(self.device).eval()
         n_query = self.model.config.num_query_tokens
         if self.processor.num_query_tokens != n_query:
@@ -111,17 +138,19 @@ class Blip2Captioner(Backend):
 
         if self.model is None:
             raise AnnotatorError("call load() before captioning")
+        rgb = [im.convert("RGB") for im in images]
+        jobs = prompt_jobs(rgb, self.prompts)
         texts: list[list[str]] = []
-        for batch in chunks(images, self.batch_size):
-            batch = [im.convert("RGB") for im in batch]
-            inputs = self.processor(images=batch, text=[self.prompt] * len(batch), return_tensors="pt")
+        for batch in chunks(jobs, self.batch_size):
+            inputs = self.processor(images=[rgb[i] for i, _ in batch], text=[p for _, p in batch], padding=True,
+                                    return_tensors="pt")
             inputs = inputs.to(self.device, self.dtype)
             with torch.inference_mode():
                 output_ids = self.model.generate(**inputs, **self.gen_kwargs)
             # Decoder-only LMs return prompt + continuation, encoder-decoder (Flan-T5) only the continuation.
             n_prompt = inputs["input_ids"].shape[1] if self.model.config.use_decoder_only_language_model else 0
             texts += decode_generated(self.processor, output_ids, n_prompt, len(batch), self.num_return_sequences)
-        return to_captions(texts, self.name)
+        return to_captions(gather(len(rgb), jobs, texts, [p or None for _, p in jobs]), self.name)
 
 
 class VlmCaptioner(VlmBackend):
@@ -134,7 +163,10 @@ class VlmCaptioner(VlmBackend):
         self,
         *,
         model: str,
-        prompt: str = "Describe the image briefly.",
+        prompt: str | None = None,
+        prompts: str | list[str] | None = None,
+        prompts_per_image: int = 1,
+        seed: int = 0,
         max_new_tokens: int = 40,
         num_beams: int = 1,
         num_return_sequences: int = 1,
@@ -144,16 +176,18 @@ class VlmCaptioner(VlmBackend):
         batch_size: int = 8,
     ) -> None:
         super().__init__(
-            model=model, prompt=prompt, max_new_tokens=max_new_tokens, num_beams=num_beams,
-            num_return_sequences=num_return_sequences, generate_kwargs=generate_kwargs, device=device, dtype=dtype,
-            batch_size=batch_size,
+            model=model, prompts=PromptChoice(prompt, prompts, prompts_per_image, seed, "Describe the image briefly."),
+            max_new_tokens=max_new_tokens, num_beams=num_beams, num_return_sequences=num_return_sequences,
+            generate_kwargs=generate_kwargs, device=device, dtype=dtype, batch_size=batch_size,
         )
 
     def __call__(self, images: Sequence[Image.Image]) -> list[list[Caption]]:
+        rgb = [im.convert("RGB") for im in images]
+        jobs = prompt_jobs(rgb, self.prompts)
         texts: list[list[str]] = []
-        for batch in chunks(images, self.batch_size):
-            texts += self.generator.generate([im.convert("RGB") for im in batch], [self.prompt] * len(batch))
-        return to_captions(texts, self.name)
+        for batch in chunks(jobs, self.batch_size):
+            texts += self.generator.generate([rgb[i] for i, _ in batch], [p for _, p in batch])
+        return to_captions(gather(len(rgb), jobs, texts, [p for _, p in jobs]), self.name)
 
 
 def write_tiny_blip2(out_dir: str | Path) -> None:

@@ -3,9 +3,11 @@
 Boxes are float arrays (N_i, 4) xyxy in pixels of their image; N_i may be 0. Captions per box are stripped,
 deduplicated and non-empty (a box may get an empty list when the model produced only whitespace).
 
-- ``VlmBoxCaptioner`` (``vlm-box``): Shikra-style box-in-prompt. The box is written into the prompt as
-  normalised ``[x1,y1,x2,y2]`` with 3 decimals (Shikra's format, e.g. ``[0.102,0.250,0.480,0.911]``); same model
-  loading as the ``vlm`` captioner; all boxes of the batch are flattened and generated in chunks of ``batch_size``.
+- ``VlmBoxCaptioner`` (``vlm-box``): Shikra-style box-in-prompt. The box is written into the prompt in the frame of
+  the pixels the model receives (``annotators/box_prompt.py``: pad to square for Shikra / LLaVA-1.5, then the
+  processor's resize and centre crop), normalised ``[x1,y1,x2,y2]`` in the family's format (Shikra:
+  ``[0.102,0.250,0.480,0.911]``); prompts fixed or sampled per box from a set (built-in ``region``); all jobs of the
+  batch are flattened and generated in chunks of ``batch_size``.
 - ``CropCaptioner`` (``crop``): the portable backend; crops each box (padded by ``pad`` x box size per side, grown
   to at least ``min_size`` px) and captions all crops of the batch with a wrapped captioner backend.
 - ``gpt4roi``: the paper's GPT4RoI, in ``annotators/region_captioner_gpt4roi.py``.
@@ -22,12 +24,15 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
-from annotators._hf import VlmBackend, chunks, clean_texts
+from annotators import box_prompt
+from annotators._hf import VlmBackend, chunks, clean_pairs
 from annotators.base import AnnotatorError, Backend, check_batch, config_kwargs
+from annotators.prompts import PromptChoice, image_digest
 from data_schemas import RegionCaption
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_REGION_PROMPT = "What is in the region {box}? Answer briefly."
 
 
 def as_boxes(boxes: Any) -> np.ndarray:
@@ -38,13 +43,6 @@ def as_boxes(boxes: Any) -> np.ndarray:
     if array.ndim != 2 or array.shape[1] != 4:
         raise ValueError(f"boxes must have shape (N, 4) xyxy, got {array.shape}")
     return array
-
-
-def shikra_box(box_xyxy: Sequence[float], width: int, height: int) -> str:
-    """Pixel box -> Shikra's normalised ``[x1,y1,x2,y2]`` string (3 decimals, clipped to [0, 1])."""
-    x1, y1, x2, y2 = (float(v) for v in box_xyxy)
-    coords = [x1 / width, y1 / height, x2 / width, y2 / height]
-    return "[" + ",".join(f"{min(max(c, 0.0), 1.0):.3f}" for c in coords) + "]"
 
 
 def crop_box(image: Image.Image, box_xyxy: Sequence[float], pad: float, min_size: int) -> Image.Image:
@@ -83,7 +81,14 @@ def _regroup(boxes: list[np.ndarray], flat: list[list[RegionCaption]]) -> list[l
 
 
 class VlmBoxCaptioner(VlmBackend):
-    """Shikra-style region captions: one prompt per box with its normalised coordinates (module docstring)."""
+    """Shikra-style region captions: one prompt per box with its coordinates in the model-input frame.
+
+    ``box_format`` names the model family (``annotators/box_prompt.py``): ``shikra`` / ``llava-1.5`` pad the image
+    to a square (as those models were trained) and write 3 / 2 decimals; ``plain`` uses the processor's own
+    frame. The prompt box is mapped through the same padding, resize and centre crop as the pixels; a box the
+    crop removes gets no caption. ``prompts`` + ``prompts_per_region`` draw that many distinct prompts per box
+    (seeded by ``seed``, the image's content and the box), each answered separately.
+    """
 
     kind: ClassVar[str] = "region_captioner"
     name: ClassVar[str] = "vlm-box"
@@ -92,7 +97,11 @@ class VlmBoxCaptioner(VlmBackend):
         self,
         *,
         model: str,
-        prompt: str = "What is in the region {box}? Answer briefly.",
+        box_format: str = "shikra",
+        prompt: str | None = None,
+        prompts: str | list[str] | None = None,
+        prompts_per_region: int = 1,
+        seed: int = 0,
         max_new_tokens: int = 20,
         num_beams: int = 1,
         num_return_sequences: int = 1,
@@ -101,24 +110,50 @@ class VlmBoxCaptioner(VlmBackend):
         dtype: str = "auto",
         batch_size: int = 16,
     ) -> None:
-        if "{box}" not in prompt:
-            raise AnnotatorError(f"vlm-box prompt {prompt!r} needs a '{{box}}' placeholder")
+        choice = PromptChoice(prompt, prompts, prompts_per_region, seed, default=DEFAULT_REGION_PROMPT,
+                              placeholder="{box}")
         super().__init__(
-            model=model, prompt=prompt, max_new_tokens=max_new_tokens, num_beams=num_beams,
+            model=model, prompts=choice, max_new_tokens=max_new_tokens, num_beams=num_beams,
             num_return_sequences=num_return_sequences, generate_kwargs=generate_kwargs, device=device, dtype=dtype,
             batch_size=batch_size,
         )
+        self.box_format = box_prompt.box_format(box_format)
+        self.frame: box_prompt.ProcessorFrame | None = None
+
+    def load(self) -> None:
+        super().load()
+        self.frame = box_prompt.ProcessorFrame.from_processor(self.generator.processor.image_processor)
+
+    def model_inputs(self, images: Sequence[Image.Image], boxes: list[np.ndarray]) -> tuple[list, list]:
+        """Per image: the image the model gets (padded to square when the family expects it) and its prompt
+        boxes (``None`` where the model cannot see the box)."""
+        if self.frame is None:
+            raise AnnotatorError("call load() before captioning")
+        fmt, fill = self.box_format, box_prompt.pad_fill(self.box_format, self.generator.processor.image_processor)
+        inputs, texts = [], []
+        for image, image_boxes in zip(images, boxes, strict=True):
+            rgb = image.convert("RGB")
+            texts.append(box_prompt.prompt_boxes(image_boxes, rgb.width, rgb.height, self.frame, fmt))
+            inputs.append(box_prompt.pad_to_square(rgb, fill) if fmt.pad_to_square else rgb)
+        return inputs, texts
 
     def __call__(
         self, images: Sequence[Image.Image], boxes_per_image: Sequence[Any]
     ) -> list[list[list[RegionCaption]]]:
-        boxes, jobs = _flatten(images, boxes_per_image)
-        rgb = [im.convert("RGB") for im in images]
-        flat: list[list[RegionCaption]] = []
+        boxes, _ = _flatten(images, boxes_per_image)
+        inputs, box_texts = self.model_inputs(images, boxes)
+        keys = [image_digest(image) for image in inputs]
+        jobs = []  # (flat box index, image index, prompt)
+        for flat_index, (i, j) in enumerate((i, j) for i, b in enumerate(boxes) for j in range(len(b))):
+            if box_texts[i][j] is not None:
+                prompts = self.prompts.for_item(keys[i], box_texts[i][j])
+                jobs += [(flat_index, i, p.format(box=box_texts[i][j])) for p in prompts]
+        pairs: list[list[tuple[str, str | None]]] = [[] for _ in range(sum(len(b) for b in boxes))]
         for batch in chunks(jobs, self.batch_size):
-            prompts = [self.prompt.format(box=shikra_box(box, *rgb[i].size)) for i, box in batch]
-            texts = self.generator.generate([rgb[i] for i, _ in batch], prompts)
-            flat += [[RegionCaption(text=t, annotator=self.name) for t in clean_texts(ts)] for ts in texts]
+            texts = self.generator.generate([inputs[i] for _, i, _ in batch], [p for _, _, p in batch])
+            for (flat_index, _, prompt), job_texts in zip(batch, texts, strict=True):
+                pairs[flat_index] += [(t, prompt) for t in job_texts]
+        flat = [[RegionCaption(text=t, annotator=self.name, prompt=p) for t, p in clean_pairs(ps)] for ps in pairs]
         return _regroup(boxes, flat)
 
 
@@ -167,6 +202,7 @@ class CropCaptioner(Backend):
         rgb = [im.convert("RGB") for im in images]
         crops = [crop_box(rgb[i], box, self.pad, self.min_size) for i, box in jobs]
         captions = self.captioner(crops) if crops else []
-        flat = [[RegionCaption(text=c.text, annotator=self.annotator) for c in caps] for caps in captions]
+        flat = [[RegionCaption(text=c.text, annotator=self.annotator, prompt=c.prompt) for c in caps]
+                for caps in captions]
         return _regroup(boxes, flat)
 

@@ -267,7 +267,8 @@ class Gpt4RoiCaptioner(Backend):
         for batch in chunks(jobs, self.batch_size):
             relative = [gpt4roi_boxes(box, *images[i].size)[0] for i, box in batch]
             answers = self._generate([pixels[i] for i, _ in batch], relative)
-            flat += [[RegionCaption(text=t, annotator=self.name) for t in clean_texts([a])] for a in answers]
+            flat += [[RegionCaption(text=t, annotator=self.name, prompt=self.prompt) for t in clean_texts([a])]
+                     for a in answers]
         return _regroup(boxes, flat)
 
     def _pixels(self, image: Image.Image) -> Any:

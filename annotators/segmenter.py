@@ -1,11 +1,14 @@
-"""Box-prompted foreground masks (stage 5, paper §3): ``segmenter(images, boxes) -> list[SegmentOutput]``.
+"""Box-prompted foreground masks (stage 5, paper §3): ``segmenter(images, boxes[, jittered]) -> list[SegmentOutput]``.
 
 Backend ``sam`` (:class:`SamSegmenter`): ``segment_anything.SamPredictor``. Per image: ``set_image`` once
-(the expensive image encoder), then ALL its boxes in ONE batched ``predict_torch`` call (the light mask
-decoder, one prompt per box). Image embeddings are kept in a small LRU cache keyed by the image's
-pixels (a digest, not the object: Ray workers receive copies), so re-segmenting the same images with
-jittered boxes (the stability stage) costs decoder calls only. ``segment_boxes(image, boxes)`` is the
-single-image form that ``pipeline.filters.mask_stability`` takes as its ``segment`` callable.
+(the expensive image encoder), then its boxes through the light mask decoder, ``box_chunk`` prompts per call
+(full-resolution masks are upsampled per chunk, which bounds memory on large images). Given each box's jittered
+copies, the same call decodes those too and returns every mask's jitter stability, computed at the model's input
+resolution (longest side 1024, not the original 12 MP): the image is encoded once for masks and stability, and no
+jitter mask is upsampled to full size or leaves the actor.
+A small LRU cache keyed by the image's pixels (a digest, not the object: Ray workers receive copies) serves
+later calls on the same image. ``segment_boxes(image, boxes)`` is the single-image form that
+``pipeline.filters.mask_stability`` (the full-resolution reference) takes as its ``segment`` callable.
 
 Model types: ``SAM_BUILDERS`` holds segment_anything's ``vit_h`` / ``vit_l`` / ``vit_b`` (same names as
 ``segment_anything.sam_model_registry``) plus ``vit_tiny``, a small model for tests and smoke runs built by
@@ -20,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -133,6 +137,12 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise AnnotatorError(f"cannot read SAM checkpoint {path}: {exc}") from exc
 
 
+def overlap_counts(masks_a: torch.Tensor, masks_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairwise intersection and union pixel counts of ``(M, h, w)`` bool masks: two ``(M,)`` float64 tensors."""
+    a, b = masks_a.flatten(1), masks_b.flatten(1)
+    return (a & b).sum(dim=1, dtype=torch.float64), (a | b).sum(dim=1, dtype=torch.float64)
+
+
 class SamSegmenter(Backend):
     """SAM prompted with region boxes, one mask per box.
 
@@ -144,7 +154,10 @@ class SamSegmenter(Backend):
             The weights stay float32: segment_anything's prompt encoder casts box coordinates to float32 before
             its positional-encoding matmul, so a model cast to half precision fails there.
         multimask: ask SAM for 3 masks per box and keep the one with the highest predicted IoU (default: one mask).
-        embedding_cache: how many image embeddings to keep (vit_h: 4 MB each at float32); 0 disables the cache.
+        embedding_cache: how many image embeddings to keep for later calls on the same image (vit_h: 4 MB each at
+            float32); 0 disables the cache. A call never needs it: masks and jitter stability share one encoding.
+        box_chunk: boxes per mask-decoder call and per full-resolution upsample: peak memory is about
+            ``box_chunk * H * W * 4`` bytes (16 boxes of a 12 MP image: 0.8 GB) instead of all boxes at once.
     """
 
     kind: ClassVar[str] = "segmenter"
@@ -159,12 +172,17 @@ class SamSegmenter(Backend):
         dtype: str = "float32",
         multimask: bool = False,
         embedding_cache: int = 16,
+        box_chunk: int = 16,
     ) -> None:
         if model_type not in SAM_BUILDERS:
             raise AnnotatorError(f"unknown SAM model_type {model_type!r}; known: {', '.join(sorted(SAM_BUILDERS))}")
         self.model_type, self.checkpoint = model_type, str(checkpoint)
         self.device_spec, self.dtype_spec, self.multimask = device, dtype, bool(multimask)
         self.embedding_cache = max(int(embedding_cache), 0)
+        if int(box_chunk) < 1:
+            raise AnnotatorError(f"sam: box_chunk must be >= 1, got {box_chunk}")
+        self.box_chunk = int(box_chunk)
+        self._lock = threading.Lock()  # the predictor holds one image at a time: one call at a time
         self.predictor: Any = None
         self._dtype = torch.float32
         # pixel digest -> (features (1, C, h, w), original_size, input_size)
@@ -195,48 +213,113 @@ class SamSegmenter(Backend):
         self._dtype = dtype
         log.info("loaded SAM %s on %s %s", self.version, device, dtype)
 
-    def __call__(self, images: Sequence[Image.Image], boxes: Sequence[np.ndarray]) -> list[SegmentOutput]:
-        """Masks for every box of every image.
+    def __call__(
+        self,
+        images: Sequence[Image.Image],
+        boxes: Sequence[np.ndarray],
+        jittered: Sequence[np.ndarray] | None = None,
+    ) -> list[SegmentOutput]:
+        """Masks for every box of every image, and with ``jittered`` each mask's stability under box jitter.
+
+        Each image is encoded once; its boxes are decoded ``box_chunk`` at a time (full-resolution masks are
+        upsampled per chunk, bounding memory). Stability is the mean IoU of a box's mask with the masks of its
+        jittered copies, both at the model's input resolution (longest side 1024 for SAM), computed here
+        so no jitter mask is upsampled to full size or returned.
 
         Args:
             images: ``B`` PIL images.
             boxes: ``B`` arrays ``(N_i, 4)`` xyxy pixels of the matching image.
+            jittered: ``B`` arrays ``(N_i, K, 4)``: each box's ``K`` jittered copies
+                (``pipeline.filters.jitter_boxes``).
 
         Returns:
             ``B`` :class:`SegmentOutput`: ``masks (N_i, H_i, W_i)`` bool at the image's size, ``scores (N_i,)``
-            float32 SAM IoU predictions.
+            float32 SAM IoU predictions, ``stability (N_i,)`` float64 when ``jittered`` is given.
         """
-        check_batch(images, boxes)
-        outputs = []
-        for image, image_boxes in zip(images, boxes, strict=True):
-            masks, scores = self._predict(image, image_boxes)
-            outputs.append(SegmentOutput(masks=masks, scores=scores))
-        return outputs
+        check_batch(images, boxes, *([jittered] if jittered is not None else []))
+        with self._lock:
+            return [
+                self._segment(image, image_boxes, None if jittered is None else jittered[i])
+                for i, (image, image_boxes) in enumerate(zip(images, boxes, strict=True))
+            ]
 
     def segment_boxes(self, image: Image.Image, boxes_xyxy: np.ndarray) -> np.ndarray:
         """``pipeline.filters.SegmentFn``: ``(M, 4)`` boxes of one image -> ``(M, H, W)`` bool masks."""
-        return self._predict(image, boxes_xyxy)[0]
+        with self._lock:
+            return self._segment(image, boxes_xyxy, None).masks
 
-    def _predict(self, image: Image.Image, boxes_xyxy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _segment(self, image: Image.Image, boxes_xyxy: np.ndarray, jittered: np.ndarray | None) -> SegmentOutput:
         if self.predictor is None:
             raise AnnotatorError("segmenter is not loaded: call load() first")
         boxes = np.asarray(boxes_xyxy, dtype=np.float32)
         if boxes.size == 0:
-            return np.zeros((0, image.height, image.width), dtype=bool), np.zeros(0, dtype=np.float32)
+            boxes = boxes.reshape(0, 4)
         if boxes.ndim != 2 or boxes.shape[1] != 4:
             raise ValueError(f"boxes must be (N, 4) xyxy, got shape {boxes.shape}")
-        predictor = self.predictor
-        boxes_torch = torch.as_tensor(boxes, device=predictor.device)
-        transformed = predictor.transform.apply_boxes_torch(boxes_torch, (image.height, image.width))
-        with self._autocast():
+        n = len(boxes)
+        if jittered is not None:
+            jittered = np.asarray(jittered, dtype=np.float32)
+            if jittered.ndim != 3 or jittered.shape[0] != n or jittered.shape[2] != 4 or jittered.shape[1] == 0:
+                raise ValueError(f"jittered boxes must be (N={n}, K>0, 4), got shape {jittered.shape}")
+        masks = np.zeros((n, image.height, image.width), dtype=bool)
+        scores = np.zeros(n, dtype=np.float32)
+        if n == 0:
+            return SegmentOutput(masks, scores, None if jittered is None else np.zeros(0, dtype=np.float64))
+        model, at_input = self.predictor.model, []
+        with torch.inference_mode(), self._autocast():
             self._set_image(image)
-            masks, iou_predictions, _ = predictor.predict_torch(
-                point_coords=None, point_labels=None, boxes=transformed, multimask_output=self.multimask
-            )
-        # masks (N, C, H, W) bool, iou_predictions (N, C); C = 3 with multimask, else 1
-        best = iou_predictions.argmax(dim=1)
+            for start in range(0, n, self.box_chunk):
+                logits, iou = self._decode(boxes[start : start + self.box_chunk])
+                full = model.postprocess_masks(logits, self.predictor.input_size, self.predictor.original_size)
+                masks[start : start + len(logits)] = (full[:, 0] > model.mask_threshold).cpu().numpy()
+                scores[start : start + len(logits)] = iou.float().cpu().numpy()
+                if jittered is not None:
+                    at_input.append(self._input_res_masks(logits))
+            if jittered is None:
+                return SegmentOutput(masks, scores)
+            stability = self._jitter_stability(torch.cat(at_input), jittered)
+        return SegmentOutput(masks, scores, stability)
+
+    def _jitter_stability(self, masks: torch.Tensor, jittered: np.ndarray) -> np.ndarray:
+        """Mean IoU of ``masks`` ``(N, h, w)`` (input resolution) with the masks of ``jittered`` ``(N, K, 4)``,
+        decoded ``box_chunk`` boxes at a time; only counts are kept, never the jitter masks."""
+        n, k = jittered.shape[:2]
+        flat = jittered.reshape(-1, 4)
+        inter = torch.zeros(n * k, dtype=torch.float64, device=masks.device)
+        union = torch.zeros_like(inter)
+        for start in range(0, len(flat), self.box_chunk):
+            moved = self._input_res_masks(self._decode(flat[start : start + self.box_chunk])[0])
+            rows = torch.arange(start, start + len(moved), device=masks.device)
+            inter[rows], union[rows] = overlap_counts(masks[rows // k], moved)
+        ious = torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(inter))
+        return ious.reshape(n, k).mean(dim=1).cpu().numpy()
+
+    def _decode(self, boxes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """SAM's prompt encoder + mask decoder for ``(M, 4)`` boxes of the image the predictor holds (what
+        ``SamPredictor.predict_torch`` does, without upsampling): low-res logits ``(M, 1, h, w)`` float32 of
+        the best mask per box and its predicted IoU ``(M,)``."""
+        predictor, model = self.predictor, self.predictor.model
+        boxes_torch = torch.as_tensor(boxes, device=predictor.device)
+        transformed = predictor.transform.apply_boxes_torch(boxes_torch, predictor.original_size)
+        sparse, dense = model.prompt_encoder(points=None, boxes=transformed, masks=None)
+        logits, iou = model.mask_decoder(
+            image_embeddings=predictor.features, image_pe=model.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=self.multimask,
+        )
+        # logits (M, C, h, w), iou (M, C); C = 3 with multimask, else 1: keep the best-rated mask per box
+        best = iou.argmax(dim=1)
         rows = torch.arange(len(best), device=best.device)
-        return masks[rows, best].cpu().numpy(), iou_predictions[rows, best].float().cpu().numpy()
+        return logits[rows, best][:, None].float(), iou[rows, best]
+
+    def _input_res_masks(self, logits: torch.Tensor) -> torch.Tensor:
+        """``(M, 1, h, w)`` low-res logits -> ``(M, H_in, W_in)`` bool masks at the model's input resolution (the
+        image resized to a longest side of 1024 for SAM, padding removed): the first half of SAM's own
+        ``postprocess_masks``, without the upsample to the original size (12 MP images: ~12x fewer pixels)."""
+        model = self.predictor.model
+        size = model.image_encoder.img_size
+        rows, cols = self.predictor.input_size
+        upsampled = torch.nn.functional.interpolate(logits, (size, size), mode="bilinear", align_corners=False)
+        return upsampled[:, 0, :rows, :cols] > model.mask_threshold
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self._dtype == torch.float32:

@@ -2,8 +2,8 @@
 
 One full trainer step (``model.trainer.Trainer.train_step``: forward, all four UMG losses with regions
 and tags, backward, clip, LAMB) of a 12-block ViT (``--width`` 192 = ViT-Ti/16, patch 16) at
-``2 x --base`` pixels, once without clustering and once with ``reduction 0.75`` after half the blocks
-(``TokenClusterCfg.layer`` = depth / 2, our default for B/16; ``--cluster-layer`` to change it).
+``2 x --base`` pixels, once without clustering and once with ``reduction 0.75`` after the default layer
+(``TokenClusterCfg.layer``, our default for B/16: 4 of 12 blocks; ``--cluster-layer`` to change it).
 Each arm runs in a fresh subprocess:
 
 - peak memory of the step: on CUDA ``torch.cuda.max_memory_allocated`` minus the memory allocated before
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -32,16 +31,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from peak_memory import ENV, peak_mib  # benchmarks/peak_memory.py (this script's directory)
+
 
 def _config_json(width: int, layers: int, image_size: int) -> dict:
     return {"embed_dim": 128,
             "vision_cfg": {"image_size": image_size, "layers": layers, "width": width, "head_width": 64,
                            "mlp_ratio": 4.0, "patch_size": 16},
             "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 2}}
-
-
-def _rss_kib(field: str) -> int:
-    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
 
 
 def _measure(opts: argparse.Namespace) -> dict:
@@ -71,18 +68,7 @@ def _measure(opts: argparse.Namespace) -> dict:
     batch = next(iter(make_dataset(trainer.tars, cfg.data, trainer.spec, trainer.tokens, opts.batch)))
     trainer.train_step([batch])  # warm-up: optimizer state, gradient buffers
     gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        trainer.train_step([batch])
-        torch.cuda.synchronize()
-        peak_mib = (torch.cuda.max_memory_allocated() - before) / 2**20
-    else:
-        before = _rss_kib("VmRSS")
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-        trainer.train_step([batch])
-        peak_mib = (_rss_kib("VmHWM") - before) / 1024
+    step_peak = peak_mib(lambda: trainer.train_step([batch]), device.type)
     times = []
     for _ in range(opts.steps):
         start = time.perf_counter()
@@ -91,12 +77,13 @@ def _measure(opts: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     grid = batch.images.shape[-1] // 16
-    return {"peak_mib": peak_mib, "step_s": statistics.median(times), "device": str(device),
-            "tokens": grid * grid, "kept": trainer.model.cluster.num_kept(grid * grid) if trainer.model.cluster else None}
+    kept = trainer.model.cluster.num_kept(grid * grid) if trainer.model.cluster else None
+    return {"peak_mib": step_peak, "step_s": statistics.median(times), "device": str(device),
+            "tokens": grid * grid, "kept": kept}
 
 
 def _run_arm(arm: str, opts: argparse.Namespace, workdir: str) -> dict:
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, **ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     cmd = [sys.executable, __file__, "--arm", arm, "--workdir", workdir, "--batch", str(opts.batch),
            "--steps", str(opts.steps), "--threads", str(opts.threads), "--layers", str(opts.layers),
            "--cluster-layer", str(opts.cluster_layer)]
@@ -109,7 +96,7 @@ def main() -> None:
     parser.add_argument("--base", type=int, default=224, help="base resolution; the benchmark runs at 2x")
     parser.add_argument("--width", type=int, default=192)
     parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--cluster-layer", type=int, help="blocks before clustering (default: half the depth)")
+    parser.add_argument("--cluster-layer", type=int, help="blocks before clustering (default: the config default)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per arm and round (median)")
     parser.add_argument("--rounds", type=int, default=2)
@@ -117,7 +104,10 @@ def main() -> None:
     parser.add_argument("--arm", choices=["plain", "clustered"], help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     opts = parser.parse_args()
-    opts.cluster_layer = opts.layers // 2 if opts.cluster_layer is None else opts.cluster_layer
+    if opts.cluster_layer is None:
+        from data_schemas.train_config import ClusterSection
+
+        opts.cluster_layer = ClusterSection().layer
     if opts.arm:
         print(json.dumps(_measure(opts)))
         return

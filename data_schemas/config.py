@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -31,6 +31,14 @@ class SourceConfig(_Config):
     annotations: Path | None = Field(default=None, description="COCO instances / VG region_descriptions JSON")
     captions: Path | None = Field(default=None, description="COCO captions JSON (optional)")
     image_dir: Path | None = Field(default=None, description="image folder for COCO / VG annotations")
+    follow_symlinks: list[Path] = Field(
+        default_factory=list,
+        description="folders outside the input root that symlinked inputs may point into (default: none; "
+        "a link resolving outside the root is an error row `outside_root`)")
+    max_image_bytes: int = Field(default=256 * 2**20, gt=0, description="image files (and tar members) above "
+                                 "this many bytes are error rows `too_large`, refused before reading")
+    max_text_bytes: int = Field(default=2**20, gt=0, description="caption sidecars / tar text members above "
+                                "this many bytes are skipped with a note, before reading")
 
 
 BackendConfig = dict[str, Any]
@@ -38,11 +46,18 @@ BackendConfig = dict[str, Any]
 
 
 class MergeConfig(_Config):
-    """Paper §3: drop boxes under ``score_threshold`` (0.3), then NMS across both detectors."""
+    """Paper §3: drop boxes under ``score_threshold`` (0.3), then NMS across both detectors.
+
+    The two detectors have different vocabularies (BigDetection 600 classes, V3Det 13k): class-aware NMS on
+    raw label strings keeps one object once per synonym, so the default is class-agnostic; ``label_map``
+    (synonym -> shared label) makes class-aware merging compare labels in one vocabulary.
+    """
 
     score_threshold: float = Field(default=0.3, ge=0.0, le=1.0)
     iou_threshold: float = Field(default=0.5, gt=0.0, le=1.0, description="not given in the paper")
-    class_aware: bool = True
+    class_aware: bool = Field(default=False, description="NMS only among boxes of one label (after label_map)")
+    label_map: dict[str, str] | Path | None = Field(
+        default=None, description="synonym -> shared label, inline or a YAML/JSON mapping file; output labels mapped")
     max_regions: int = Field(default=50, gt=0, description="highest-scoring boxes kept per image")
     min_box_side: float = Field(default=2.0, ge=0.0, description="pixels; smaller boxes are dropped")
 
@@ -54,10 +69,20 @@ class CaptionFilterConfig(_Config):
 
 
 class StabilityConfig(_Config):
-    """Box-jitter mask stability (paper App. C); offsets and threshold are not given in the paper."""
+    """Box-jitter mask stability (paper App. C); shifts and threshold are not given in the paper (ours)."""
 
-    offsets: list[float] = Field(default_factory=lambda: [2.0, 4.0, 8.0], min_length=1)
-    threshold: float = Field(default=0.8, ge=0.0, le=1.0)
+    diagonal_fractions: list[Annotated[float, Field(gt=0.0, lt=1.0)]] = Field(
+        default_factory=lambda: [0.05, 0.1, 0.15], min_length=1,
+        description="each box is shifted by +-f of its own diagonal, along that diagonal, for each f")
+    threshold: float = Field(default=0.8, ge=0.0, le=1.0, description="mean IoU under jitter; below -> mask dropped")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_pixel_offsets(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "offsets" in data:
+            raise ValueError("stability.offsets (fixed pixels) was replaced by diagonal_fractions "
+                             "(fractions of each box's diagonal, e.g. [0.05, 0.1, 0.15])")
+        return data
 
 
 class AnnotateConfig(_Config):
@@ -70,6 +95,9 @@ class AnnotateConfig(_Config):
     detectors: dict[str, BackendConfig] = Field(default_factory=dict, description="name -> backend config")
     merge: MergeConfig = Field(default_factory=MergeConfig)
     region_captioners: dict[str, BackendConfig] = Field(default_factory=dict)
+    min_region_captions: int = Field(
+        default=0, ge=0, description="detected regions with fewer distinct captions (after de-duplication across "
+        "region captioners) are dropped; the paper keeps >= 4 per region (0: keep all)")
     segmenter: BackendConfig | None = None
     stability: StabilityConfig | None = Field(default_factory=StabilityConfig, description="null skips jitter")
     background: BackendConfig | None = None

@@ -37,11 +37,13 @@ class Caption(_Strict):
     annotator: str
     clip_score: float | None = None
     kept: bool = True
+    prompt: str | None = Field(default=None, description="the prompt the captioner answered; None: unprompted")
 
 
 class RegionCaption(_Strict):
     text: str = Field(min_length=1)
     annotator: str
+    prompt: str | None = Field(default=None, description="the prompt (with its box) the captioner answered")
 
 
 class RLE(_Strict):

@@ -28,7 +28,7 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug l
 
 
 def _fail(message: str) -> None:
-    console.print("[red]error:[/red]", escape(message))
+    console.print("[red]error:[/red]", escape(" ".join(message.split())), soft_wrap=True)  # one line, never wrapped
     raise typer.Exit(code=2)
 
 
@@ -39,15 +39,20 @@ def sample(
     seed: Annotated[int, typer.Option(help="random seed; same seed gives byte-identical files")] = 0,
     shards: Annotated[bool, typer.Option("--shards", help="write ground-truth shards per split instead")] = False,
     shard_size: Annotated[int, typer.Option(help="inputs per shard (with --shards)")] = 64,
+    eval_: Annotated[bool, typer.Option("--eval", help="also write the umg eval layouts (docs/evaluation.md); "
+                                        "with --shards under OUT/raw")] = False,
 ) -> None:
     """Generate the "digit scenes" sample data: images + COCO JSON, or ground-truth shards."""
     from pipeline.sample_data import generate_sample
+    from pipeline.sample_data.eval_formats import write_eval_layouts
     from pipeline.sample_shards import write_sample_shards
 
     if shards:
         summary = write_sample_shards(out, n=n, seed=seed, shard_size=shard_size)
     else:
         summary = generate_sample(out, n=n, seed=seed).model_dump(mode="json")
+    if eval_:
+        summary["eval"] = write_eval_layouts(out / "raw" if shards else out)
     typer.echo(json.dumps(summary, sort_keys=True, default=str))
 
 
@@ -58,6 +63,9 @@ def build(
     config: Annotated[Optional[Path], typer.Option(help="YAML BuildConfig")] = None,
     source_kind: Annotated[str, typer.Option(help="auto|folder|img2dataset|coco|vg")] = "auto",
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override, e.g. shard_size=64")] = None,
+    follow_symlinks: Annotated[Optional[list[Path]], typer.Option(
+        "--follow-symlinks", help="folder outside the input that symlinked inputs may point into (repeatable; "
+        "default: a link resolving outside the input is an error row)")] = None,
     retry_errors: Annotated[bool, typer.Option(
         "--retry-errors", help="also rebuild error rows of an infrastructure kind (annotator / internal failures) "
         "in finished shards")] = False,
@@ -66,26 +74,33 @@ def build(
     from annotators import AnnotatorError
     from data_schemas import ConfigError, load_config
     from pipeline.breaker import ShardTripped
-    from pipeline.shard_build import build_shards
+    from pipeline.shard_build import build_shards, prepare_build
+    from pipeline.shards import ShardError
     from pipeline.sources.registry import build_source
     from pipeline.tiny_models import prepare_chain
 
     overrides = [f"source.path={input}", f"source.kind={source_kind}", *(set_ or [])]
+    if follow_symlinks:
+        overrides.append(f"source.follow_symlinks={json.dumps([str(p) for p in follow_symlinks])}")
     try:
         cfg = load_config(config, overrides)
         source = build_source(cfg.source)
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        prepared = prepare_build(output, source, cfg.shard_size)  # output and plan checked before any model loads
+    except (ConfigError, ValueError, FileNotFoundError, ShardError) as exc:
         _fail(str(exc))
-    try:
-        chain = prepare_chain(cfg.annotate)
-    except AnnotatorError as exc:
-        _fail(str(exc))
+    plan, done, _ = prepared
+    chain = None
+    if retry_errors or any(shard.name not in done for shard in plan):  # else no model is needed
+        try:
+            chain = prepare_chain(cfg.annotate)
+        except AnnotatorError as exc:
+            _fail(str(exc))
     with progress_bar(console) as bar:
         task = bar.add_task("shards", total=None)
         try:
             summary = build_shards(
                 source, output, cfg.shard_size, cfg.images, annotate=chain, breaker=cfg.breaker,
-                retry_errors=retry_errors,
+                retry_errors=retry_errors, prepared=prepared,
                 on_shard=lambda stats: bar.advance(task),
                 on_plan=lambda planned, finished: bar.update(task, total=planned, completed=finished),
             )
@@ -157,6 +172,11 @@ def train(
                                "metrics_csv": str(result.metrics_csv), "final_losses": result.final_losses}))
 
 
+from flows.cli_adapt import adapt  # noqa: E402 - the umg adapt command (flows/cli_adapt.py)
+
+app.command("adapt")(adapt)
+
+
 # --- orchestration commands (umg export-coco, umg serve …; flows/) ---
 
 
@@ -177,13 +197,29 @@ def export_coco(
     typer.echo(json.dumps({"out": str(out), **counts}))
 
 
+@app.command("export-open-clip")
+def export_open_clip(
+    checkpoint: Annotated[Path, typer.Argument(help="run dir, checkpoint dir or .safetensors in one")],
+    out: Annotated[Path, typer.Option("--out", help="folder for open_clip_config.json + open_clip_model.safetensors")],
+) -> None:
+    """The checkpoint's towers as a plain open_clip folder (open_clip / clip_benchmark: local-dir:OUT)."""
+    from model.export import export_open_clip as run_export
+
+    try:
+        folder = run_export(checkpoint, out)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps({"out": str(folder), "open_clip_name": f"local-dir:{folder}"}))
+
+
 @app.command()
 def serve(
     train_out: Annotated[Path, typer.Option(help="run dir of the train runs the build triggers")] = Path("out/train"),
     limit: Annotated[int, typer.Option(help="flow runs at once")] = 1,
     no_train: Annotated[bool, typer.Option("--no-train", help="serve build-umg41m/local only")] = False,
 ) -> None:
-    """Serve build-umg41m/local and train/local (needs PREFECT_API_URL); runs until stopped."""
+    """Serve build-umg41m/local, train/local, adapt/local and evaluate/local (needs PREFECT_API_URL); runs until
+    stopped."""
     import os
 
     from flows.serve import main as serve_main
@@ -192,6 +228,10 @@ def serve(
         _fail("set PREFECT_API_URL to a running Prefect server (see docs/orchestration.md)")
     serve_main(["--train-out", str(train_out), "--limit", str(limit), *(["--no-train"] if no_train else [])])
 
+
+from flows.cli_eval import eval_app  # noqa: E402  (sub-app; imports nothing heavy)
+
+app.add_typer(eval_app, name="eval")
 
 if __name__ == "__main__":
     app()

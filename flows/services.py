@@ -109,7 +109,7 @@ def wait_healthy(api_url: str, timeout: float = 90.0, pid: int | None = None) ->
 
 def start_serve(api_url: str, home: Path, args: Sequence[str] = (), log: Path | None = None,
                 cwd: Path = ROOT, extra_env: dict[str, str] | None = None) -> Service:
-    """``python -m flows.serve ARGS`` (serves build-umg41m/local and train/local) against ``api_url``."""
+    """``python -m flows.serve ARGS`` (serves build-umg41m/local, train/local, evaluate/local) against ``api_url``."""
     env = prefect_env(home, api_url)
     env.update(extra_env or {})
     return spawn("prefect-serve", [sys.executable, "-m", "flows.serve", *args], env, log, cwd)

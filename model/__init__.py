@@ -23,6 +23,8 @@ _EXPORTS = {
     "load_umg_checkpoint": "model.factory",
     "save_umg_weights": "model.factory",
     "load_checkpoint": "model.checkpoint",
+    "create_model_and_transforms": "model.loading",
+    "eval_transform": "model.preprocess",
     "TrainResult": "model.trainer",
     "train": "model.trainer",
 }

@@ -5,7 +5,10 @@ A run directory (``train(..., out_dir)``) holds::
     checkpoints/step_00000100/model.safetensors   UMG-CLIP weights (``save_umg_weights``)
     checkpoints/step_00000100/train_state.pt      step, epoch, per-rank data position and RNG states,
                                                   optimizer + scheduler state dicts (torch.save)
-    checkpoints/step_00000100/config.json         the TrainConfig of the run (rebuilds the architecture)
+    checkpoints/step_00000100/config.json         the TrainConfig of the run (clustering, RoIAlign size, ...)
+    checkpoints/step_00000100/open_clip_config.json  the resolved open_clip config ({"model_cfg",
+                                                  "preprocess_cfg"}): rebuilds the towers without the
+                                                  name's source (a moved local-dir:, an unregistered config)
     checkpoints/step_00000100/deepspeed/          DeepSpeed engine state (ZeRO partitions), DeepSpeed runs only
     checkpoints/latest                            name of the newest complete checkpoint
 
@@ -17,18 +20,20 @@ with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from data_schemas.train_config import ModelSection, TrainConfig
-from model.factory import create_umg_clip, load_umg_checkpoint, save_umg_weights
+from model.factory import create_umg_clip, load_umg_checkpoint, register_config, save_umg_weights
 from model.token_cluster import TokenClusterCfg
 from model.umg_clip import UMGCLIP
 
@@ -39,6 +44,7 @@ LATEST = "latest"
 WEIGHTS = "model.safetensors"
 STATE = "train_state.pt"
 CONFIG = "config.json"
+OPEN_CLIP_CONFIG = "open_clip_config.json"
 DEEPSPEED = "deepspeed"
 
 
@@ -52,16 +58,20 @@ def cluster_cfg(section: ModelSection) -> TokenClusterCfg | None:
 
 
 def model_from_config(section: ModelSection, *, initial_weights: bool = True,
-                      device: str | torch.device = "cpu") -> UMGCLIP:
+                      device: str | torch.device = "cpu", open_clip_config: dict | None = None) -> UMGCLIP:
     """Build the run's model; ``initial_weights`` loads ``pretrained`` / ``checkpoint`` (off when a
-    checkpoint's own weights follow anyway)."""
+    checkpoint's own weights follow anyway). ``open_clip_config`` (a checkpoint's saved config) replaces
+    ``section.name`` as the source of the architecture."""
+    name = section.name if open_clip_config is None else register_config(open_clip_config)
     model = create_umg_clip(
-        section.name,
+        name,
         pretrained=section.pretrained if initial_weights else None,
         checkpoint=section.checkpoint if initial_weights else None,
         cluster=cluster_cfg(section),
         region_output_size=section.region_output_size,
+        image_size=section.image_size,
         device=device,
+        preprocess_cfg=None if open_clip_config is None else open_clip_config["preprocess_cfg"],
     )
     if section.grad_checkpointing:
         model.clip.set_grad_checkpointing(True)
@@ -134,6 +144,8 @@ def save_checkpoint(
         save_umg_weights(model, tmp / WEIGHTS)
         torch.save(state, tmp / STATE)
         (tmp / CONFIG).write_text(config.model_dump_json(indent=1), encoding="utf-8")
+        if model.open_clip_config is not None:
+            (tmp / OPEN_CLIP_CONFIG).write_text(json.dumps(model.open_clip_config, indent=1), encoding="utf-8")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _write_atomic(root / LATEST, final.name)
@@ -165,13 +177,13 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A run dir, a checkpoint dir or its ``model.safetensors`` -> the checkpoint dir.
+    """A run dir, a checkpoint dir or a ``.safetensors`` file in one -> the checkpoint dir.
 
     Raises:
         FileNotFoundError: naming the path when it holds no checkpoint.
     """
     path = Path(path)
-    if path.is_file() and path.name == WEIGHTS:
+    if path.is_file() and path.suffix == ".safetensors":
         path = path.parent
     if (path / WEIGHTS).exists() and (path / CONFIG).exists():
         return path
@@ -190,13 +202,38 @@ def load_train_state(checkpoint_dir: Path) -> dict:
     return torch.load(Path(checkpoint_dir) / STATE, map_location="cpu", weights_only=True)
 
 
-def load_checkpoint(path_or_run_dir: str | Path, device: str | torch.device = "cpu") -> UMGCLIP:
-    """Rebuild a trained UMG-CLIP from a run dir, a checkpoint dir or its ``model.safetensors``.
+@contextmanager
+def _without_random_init_warning() -> Iterator[None]:
+    """Drop open_clip's "No pretrained weights loaded ... initialized randomly" (logged to the root logger)."""
+    def keep(record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
 
-    The architecture (model name, token clustering, RoIAlign size) comes from the checkpoint's
-    ``config.json``; no pretrained weights are fetched. Returns the model in eval mode on ``device``.
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
+def read_open_clip_config(checkpoint_dir: Path) -> dict | None:
+    """The checkpoint's saved open_clip config, or None (checkpoints written before it existed)."""
+    path = Path(checkpoint_dir) / OPEN_CLIP_CONFIG
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def load_checkpoint(path_or_run_dir: str | Path, device: str | torch.device = "cpu") -> UMGCLIP:
+    """Rebuild a trained UMG-CLIP from a run dir, a checkpoint dir or a ``.safetensors`` file in one.
+
+    The towers come from the checkpoint's ``open_clip_config.json`` (older checkpoints: the model name
+    in ``config.json``), token clustering and RoIAlign size from ``config.json``; no pretrained weights
+    are fetched. The weights are ``model.safetensors``, or the given ``.safetensors`` file. Returns the
+    model in eval mode on ``device``.
     """
-    ckpt = resolve_checkpoint(path_or_run_dir)
-    model = model_from_config(read_config(ckpt).model, initial_weights=False, device=device)
-    load_umg_checkpoint(model, ckpt / WEIGHTS)
+    path = Path(path_or_run_dir)
+    ckpt = resolve_checkpoint(path)
+    with _without_random_init_warning():  # the checkpoint's weights follow
+        model = model_from_config(read_config(ckpt).model, initial_weights=False, device=device,
+                                  open_clip_config=read_open_clip_config(ckpt))
+    load_umg_checkpoint(model, path if path.is_file() else ckpt / WEIGHTS)
     return model.eval()

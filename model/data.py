@@ -29,6 +29,7 @@ import math
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
+from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import NamedTuple
@@ -318,6 +319,12 @@ def _seeded_shuffle(bufsize: int, initial: int, seed: str):
     return stage
 
 
+def _resample_seed(seed: int) -> int:
+    # Our seed folded into webdataset's per-rank/worker seed: ``worker_seed`` is the one seeding hook that
+    # webdataset 0.2.x (open_clip_train's pin) and 1.x share (1.x alone also takes ``seed=``).
+    return hash_seed(seed, wds.utils.pytorch_worker_seed())
+
+
 def _count_and_skip(skip: dict[int, int]):
     def stage(src: Iterator[dict]) -> Iterator[dict]:
         n = skip.get(_worker()[1], 0)
@@ -354,7 +361,8 @@ def make_dataset(tars: Sequence[str | Path], data: DataSection, spec: TransformS
     if data.resampled:
         n_samples = data.samples_per_epoch or count_samples(tars)
         per_worker = math.ceil(n_samples / (world_size * max(1, data.workers) * batch_size))
-        source = [wds.ResampledShards(urls, seed=hash_seed(spec.seed, "shards", epoch), deterministic=True)]
+        worker_seed = partial(_resample_seed, hash_seed(spec.seed, "shards", epoch))
+        source = [wds.ResampledShards(urls, worker_seed=worker_seed, deterministic=True)]
     else:
         if data.shuffle:
             random.Random(f"{spec.seed}/shards/{epoch}").shuffle(urls)

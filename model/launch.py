@@ -7,9 +7,9 @@
   A group that already exists (Ray Train, tests) is used as it is.
 - DeepSpeed: :func:`deepspeed_engine` wraps the model and the client optimizer (LAMB) in an engine
   with ZeRO stage ``deepspeed.zero_stage``. Autocast stays ours (fp32 master weights, bf16 compute).
-- Ray Train: :func:`run_with_ray` runs the same ``model.trainer.train`` in ``ray_num_workers``
-  ``TorchTrainer`` workers on a local Ray bound to 127.0.0.1 (or a cluster at ``ray_address``); Ray creates
-  the process group and each worker calls ``train``.
+- Ray Train: :func:`run_with_ray` runs the trainer's single-rank entry (passed in) in ``ray_num_workers``
+  ``TorchTrainer`` workers on a local Ray bound to 127.0.0.1 (``ray_runtime``; or a cluster at
+  ``ray_address``); Ray creates the process group. This module never imports ``model.trainer``.
 """
 
 from __future__ import annotations
@@ -18,16 +18,17 @@ import logging
 import math
 import os
 import socket
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+import ray_runtime
 from data_schemas.train_config import DistributedSection, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -167,62 +168,33 @@ def _broadcast_model_scalar_safe(engine) -> None:
         dist.broadcast(data, src=0)
 
 
-#: Ray reads this at import: "0" makes a local node use the loopback address for every server it starts. The
-#: same switch as ``pipeline.ray_pool.start_ray`` (model/ may import only ``pipeline.shards`` from pipeline).
-RAY_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-#: Where a cluster address comes from when ``distributed.ray_address`` is null (as ``pipeline.ray_pool``).
-RAY_ADDRESS_ENV = ("UMG_RAY_ADDRESS", "RAY_ADDRESS")
 #: "0" selects Ray Train v1, whose Result has no return value and whose trainer actor wants a CPU of its own.
 RAY_TRAIN_V2_ENV = "RAY_TRAIN_V2_ENABLED"
+#: What one rank runs: ``(cfg, shard tars, out_dir) -> JSON-able summary`` (``model.trainer.train_rank``).
+RankFn = Callable[[TrainConfig, list[Path], Path], dict]
 
 
 def start_ray_for_training(section: DistributedSection) -> bool:
     """Join the cluster at ``ray_address`` / ``$UMG_RAY_ADDRESS`` / ``$RAY_ADDRESS``, else start a local Ray
-    bound to 127.0.0.1. Returns True when this call initialised Ray (the caller then owns ``ray.shutdown()``).
+    bound to 127.0.0.1 (``ray_runtime``). Returns True when this call initialised Ray (the caller then owns
+    ``ray.shutdown()``).
 
     The local runtime gets at least ``ray_num_workers * ray_cpus_per_worker`` logical CPUs (oversubscribing a
     small machine, as ``torchrun --nproc-per-node`` would) and its dashboard, on 127.0.0.1: Ray Train's controller
     watches itself through the State API the dashboard serves, and warns every few seconds without it.
     """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = section.ray_address or next((os.environ[k] for k in RAY_ADDRESS_ENV if os.environ.get(k)), None)
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return True
     num_cpus = max(os.cpu_count() or 1, math.ceil(section.ray_num_workers * section.ray_cpus_per_worker))
-    with _ray_loopback():
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
-    log.info("started a local Ray on 127.0.0.1 (%d CPUs)", num_cpus)
-    return True
+    owns = ray_runtime.start_ray(section.ray_address, include_dashboard=True, num_cpus=num_cpus, log_to_driver=True)
+    if owns and not ray_runtime.cluster_address(section.ray_address):
+        log.info("started a local Ray on 127.0.0.1 (%d CPUs)", num_cpus)
+    return owns
 
 
-@contextmanager
-def _ray_loopback() -> Iterator[None]:
-    """While a local Ray starts: every server it spawns (gcs, raylet, agents, workers) binds 127.0.0.1.
+def run_with_ray(cfg: TrainConfig, tars: list[Path], out_dir: Path, rank_fn: RankFn) -> dict:
+    """Run ``rank_fn`` on ``ray_num_workers`` Ray Train workers (each one rank); returns rank 0's summary.
 
-    Ray resolves a local node's IP through ``ENABLE_RAY_CLUSTER`` (read from the env var at import, so the module
-    attribute is set too). The processes started inside keep the setting; this process gets its own back.
-    """
-    from ray._private import ray_constants
-
-    env, attr = os.environ.get(RAY_LOOPBACK_ENV), ray_constants.ENABLE_RAY_CLUSTER
-    os.environ[RAY_LOOPBACK_ENV] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = attr
-        if env is None:
-            os.environ.pop(RAY_LOOPBACK_ENV, None)
-        else:
-            os.environ[RAY_LOOPBACK_ENV] = env
-
-
-def run_with_ray(cfg: TrainConfig, tars: list[Path], out_dir: Path):
-    """Run ``model.trainer.train`` on ``ray_num_workers`` Ray Train workers; returns rank 0's ``TrainResult``.
+    ``rank_fn`` is the trainer's single-rank entry (``model.trainer.train_rank``), passed in so this module
+    does not import the trainer (which imports this one); Ray ships it to the workers by reference.
 
     Ray is started here (loopback only) or joined (:func:`start_ray_for_training`) and shut down again if this
     call started it. ``out_dir`` and the shards must be reachable from every worker (a shared filesystem on a
@@ -242,8 +214,6 @@ def run_with_ray(cfg: TrainConfig, tars: list[Path], out_dir: Path):
         raise RuntimeError(
             f"distributed.launcher 'ray' needs Ray Train, which is not importable here ({exc}); install it with "
             "pip install 'ray[train]==2.60.0', or launch with torchrun (docs/training.md)") from exc
-    from model.trainer import TrainResult
-
     if os.environ.get(RAY_TRAIN_V2_ENV, "1").strip().lower() in ("0", "false"):
         raise RuntimeError(f"distributed.launcher 'ray' runs on Ray Train v2 (the default); unset {RAY_TRAIN_V2_ENV}")
     section = cfg.distributed
@@ -257,7 +227,7 @@ def run_with_ray(cfg: TrainConfig, tars: list[Path], out_dir: Path):
         worker_cfg = cfg.model_copy(update={"distributed": section.model_copy(update={"launcher": "torchrun"})})
         backend = section.backend if section.backend != "auto" else ("nccl" if use_gpu else "gloo")
         trainer = TorchTrainer(
-            _ray_worker_loop,
+            partial(_ray_worker_loop, rank_fn=rank_fn),
             train_loop_config={"config": worker_cfg.model_dump(mode="json"), "cwd": os.getcwd(),
                                "shards": [str(Path(t).resolve()) for t in tars], "out_dir": str(out_dir)},
             torch_config=TorchConfig(backend=backend, timeout_s=section.timeout_s),
@@ -272,22 +242,16 @@ def run_with_ray(cfg: TrainConfig, tars: list[Path], out_dir: Path):
     finally:
         if owns_ray:
             ray.shutdown()
-    done = result.return_value  # rank 0's
-    return TrainResult(checkpoint=Path(done["checkpoint"]), steps=int(done["steps"]),
-                       metrics_csv=Path(done["metrics_csv"]), final_losses=dict(done["final_losses"]))
+    return result.return_value  # rank 0's
 
 
-def _ray_worker_loop(config: dict) -> dict:
+def _ray_worker_loop(config: dict, rank_fn: RankFn) -> dict:
     """One Ray Train worker: the process group exists already; run the ordinary trainer."""
     from ray.train.torch import get_device
-
-    from model.trainer import train
 
     if Path(config["cwd"]).is_dir():  # Ray Train starts workers in its own run directory
         os.chdir(config["cwd"])
     cfg = TrainConfig.model_validate(config["config"])
     cfg = cfg.model_copy(update={"device": str(get_device())})
-    result = train(cfg, [Path(s) for s in config["shards"]], Path(config["out_dir"]))
     # Ray Train v2 hands rank 0's return value to the driver (Result.return_value); no ray.train.report needed.
-    return {"checkpoint": str(result.checkpoint), "steps": result.steps, "metrics_csv": str(result.metrics_csv),
-            "final_losses": result.final_losses}
+    return rank_fn(cfg, [Path(s) for s in config["shards"]], Path(config["out_dir"]))

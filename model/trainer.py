@@ -21,7 +21,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,9 +46,10 @@ from model.checkpoint import (
 from model.data import RegionBatch, TextTokens, TransformSpec, count_samples, make_dataset, make_loader
 from model.factory import get_tokenizer, load_umg_checkpoint
 from model.launch import DistContext, cleanup, deepspeed_engine, init_distributed, run_with_ray
-from model.losses import LOSS_KEYS, UMGLoss, build_tag_targets, total_loss
+from model.losses import LOSS_KEYS, UMGLoss, build_tag_targets, text_ids, total_loss
 from model.metrics import MetricsLog, plot_losses, progress_bar
 from model.schedule import build_optimizer, build_scheduler
+from model.umg_clip import UMGCLIP
 from pipeline.shards import shard_tars
 
 log = logging.getLogger(__name__)
@@ -62,22 +63,46 @@ class TrainResult:
     metrics_csv: Path
     final_losses: dict[str, float]
 
+    def summary(self) -> dict:
+        """JSON-able form (what a Ray worker sends back)."""
+        return {"checkpoint": str(self.checkpoint), "steps": self.steps, "metrics_csv": str(self.metrics_csv),
+                "final_losses": self.final_losses}
 
-def train(cfg: TrainConfig, shards: Path | str | Sequence[Path | str], out_dir: Path | str) -> TrainResult:
+    @classmethod
+    def from_summary(cls, done: dict) -> TrainResult:
+        return cls(checkpoint=Path(done["checkpoint"]), steps=int(done["steps"]),
+                   metrics_csv=Path(done["metrics_csv"]), final_losses=dict(done["final_losses"]))
+
+
+def train(cfg: TrainConfig, shards: Path | str | Sequence[Path | str], out_dir: Path | str, *,
+          prepare_model: Callable[[UMGCLIP], UMGCLIP] | None = None) -> TrainResult:
     """Train UMG-CLIP on shard build dirs / tars; resumes from ``out_dir`` per ``cfg.resume``.
 
     Single process, torchrun (``RANK``/``WORLD_SIZE`` env) or, with ``distributed.launcher: ray``,
-    Ray Train workers. Every rank returns the same ``TrainResult``.
+    Ray Train workers. Every rank returns the same ``TrainResult``. ``prepare_model`` (see
+    :class:`Trainer`) is for torchrun / single-process runs.
     """
     tars = resolve_tars(shards)
     out_dir = Path(out_dir)
     if cfg.distributed.launcher == "ray":
-        return run_with_ray(cfg, tars, out_dir)
+        if prepare_model is not None:
+            raise ValueError("prepare_model is not passed to Ray Train workers; use the torchrun launcher")
+        return TrainResult.from_summary(run_with_ray(cfg, tars, out_dir, train_rank))
+    return _train_here(cfg, tars, out_dir, prepare_model)
+
+
+def _train_here(cfg: TrainConfig, tars: list[Path], out_dir: Path,
+                prepare_model: Callable[[UMGCLIP], UMGCLIP] | None = None) -> TrainResult:
     ctx = init_distributed(cfg.distributed, cfg.device, need_group=cfg.deepspeed.enabled)
     try:
-        return Trainer(cfg, tars, out_dir, ctx).fit()
+        return Trainer(cfg, tars, out_dir, ctx, prepare_model=prepare_model).fit()
     finally:
         cleanup(ctx)
+
+
+def train_rank(cfg: TrainConfig, tars: list[Path], out_dir: Path) -> dict:
+    """One rank of a launched run (a Ray Train worker): train here, return the JSON-able summary."""
+    return _train_here(cfg, tars, out_dir).summary()
 
 
 def resolve_tars(shards: Path | str | Sequence[Path | str]) -> list[Path]:
@@ -100,9 +125,15 @@ def schedule_steps(cfg: TrainConfig, samples: int | None, world_size: int) -> in
 
 
 class Trainer:
-    """Model, optimizer, schedule, data position and the step; :meth:`fit` runs the loop."""
+    """Model, optimizer, schedule, data position and the step; :meth:`fit` runs the loop.
 
-    def __init__(self, cfg: TrainConfig, tars: Sequence[Path], out_dir: Path, ctx: DistContext):
+    ``prepare_model`` changes the freshly built model before weights are resumed and the optimizer is
+    built, e.g. ``model.convpass.add_convpass`` (adapters in, backbone frozen): only parameters that
+    still require grad are optimised.
+    """
+
+    def __init__(self, cfg: TrainConfig, tars: Sequence[Path], out_dir: Path, ctx: DistContext,
+                 prepare_model: Callable[[UMGCLIP], UMGCLIP] | None = None):
         self.cfg, self.tars, self.out_dir, self.ctx = cfg, list(tars), Path(out_dir), ctx
         if cfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -110,6 +141,8 @@ class Trainer:
         _seed_everything(cfg.seed)
         resume = self._resume_dir()
         self.model = model_from_config(cfg.model, initial_weights=resume is None, device=ctx.device).train()
+        if prepare_model is not None:
+            self.model = prepare_model(self.model).train()
         if resume is not None:
             load_umg_checkpoint(self.model, resume / WEIGHTS)
         preprocess = self.model.clip.visual.preprocess_cfg
@@ -117,7 +150,9 @@ class Trainer:
                                               cfg.seed)
         self.tokens = TextTokens(get_tokenizer(cfg.model.name))
         _seed_everything(cfg.seed + ctx.rank)  # same init everywhere, per-rank streams from here (as open_clip)
-        self.loss_fn = UMGLoss(cfg.loss.lambda_image_tag, cfg.loss.lambda_region_tag, cfg.loss.smooth_l1_beta)
+        self.shared_tags = cfg.loss.tag_vocab == "global" and ctx.world_size > 1
+        self.loss_fn = UMGLoss(cfg.loss.lambda_image_tag, cfg.loss.lambda_region_tag, cfg.loss.smooth_l1_beta,
+                               duplicate_captions=cfg.loss.duplicate_captions, shared_tag_vocab=self.shared_tags)
         self.data_cfg = cfg.data
         if cfg.steps is None or cfg.data.resampled:  # count the shards' samples once, not every epoch
             samples = cfg.data.samples_per_epoch or count_samples(self.tars)
@@ -146,7 +181,9 @@ class Trainer:
 
         Gradients stay in ``.grad`` after the step (zeroed at the start of the next one).
         """
-        lrs = {g.get("name", ""): g["lr"] for g in self.optimizer.param_groups}  # the rates this step uses
+        lrs: dict[str, float] = {}  # the rates this step uses (a tower's top layer under layer decay)
+        for group in self.optimizer.param_groups:
+            lrs[group.get("tower", "")] = max(lrs.get(group.get("tower", ""), 0.0), group["lr"])
         if self.engine is None:
             self.optimizer.zero_grad(set_to_none=True)
         sums = torch.zeros(len(LOSS_KEYS), device=self.ctx.device)
@@ -179,13 +216,18 @@ class Trainer:
 
     def _inputs(self, batch: RegionBatch) -> tuple[dict, dict]:
         """Model inputs and tag targets of a micro-batch, on the device, per ``cfg.loss``."""
-        if self.cfg.loss.tags and self.cfg.loss.tag_vocab == "global" and self.ctx.world_size > 1:
+        if self.cfg.loss.tags and self.shared_tags:
             batch = self._global_tags(batch)
         batch = batch.to(self.ctx.device, non_blocking=True)
         inputs = {"images": batch.images, "caption_tokens": batch.caption_tokens}
         targets = {}
+        with_ids = self.cfg.loss.duplicate_captions != "negatives"
+        if with_ids:
+            targets["caption_ids"] = text_ids(batch.caption_tokens)
         if self.cfg.loss.regions:
             inputs.update(rois=batch.rois, region_caption_tokens=batch.region_caption_tokens)
+            if with_ids:
+                targets["region_caption_ids"] = text_ids(batch.region_caption_tokens)
         if self.cfg.loss.tags:
             inputs["image_tag_tokens"] = batch.image_tag_tokens
             targets["image_tag_targets"] = batch.image_tag_targets
@@ -195,7 +237,11 @@ class Trainer:
         return inputs, targets
 
     def _global_tags(self, batch: RegionBatch) -> RegionBatch:
-        """Replace the rank's tag vocabularies by those of the global batch (one process would see)."""
+        """Replace the rank's tag vocabularies by those of the global batch (one process would see).
+
+        Targets index the whole vocabulary; the tokens are this rank's contiguous slice of it (rank order), so
+        the ranks together encode every tag once and ``UMGLoss(shared_tag_vocab=True)`` gathers the slices.
+        """
         gathered: list = [None] * self.ctx.world_size
         dist.all_gather_object(gathered, (batch.image_tags, batch.region_tags))
         out = {}
@@ -203,7 +249,10 @@ class Trainer:
             lists = [tags for rank_tags in gathered for tags in rank_tags[0 if kind == "image" else 1]]
             offset = sum(len(rank_tags[0 if kind == "image" else 1]) for rank_tags in gathered[: self.ctx.rank])
             vocab, targets = build_tag_targets(lists)
-            out[f"{kind}_tag_tokens"] = self.tokens.cached(vocab)
+            share = len(vocab) // self.ctx.world_size
+            lo = self.ctx.rank * share + min(self.ctx.rank, len(vocab) % self.ctx.world_size)
+            hi = lo + share + (self.ctx.rank < len(vocab) % self.ctx.world_size)
+            out[f"{kind}_tag_tokens"] = self.tokens.cached(vocab[lo:hi])
             out[f"{kind}_tag_targets"] = targets[offset: offset + len(local)]
         return RegionBatch(**{**vars(batch), **out})
 

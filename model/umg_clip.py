@@ -169,21 +169,33 @@ class UMGCLIP(nn.Module):
         clip: an open_clip ``CLIP``/``CustomTextCLIP`` (``open_clip.create_model(...)``).
         cluster: token clustering settings; None (or reduction 0) runs the plain tower.
         region_output_size: RoIAlign output side (bins are averaged), see ``model.regions``.
+        cluster_in_eval: also cluster in ``eval()``. Off by default: clustering is a pre-training
+            memory device (paper §4.1); inference uses the full token grid.
+
+    ``open_clip_config`` is the resolved open_clip config (``{"model_cfg", "preprocess_cfg"}``) when the
+    model was built by ``model.factory.create_umg_clip`` (None otherwise); checkpoints store it.
 
     The learnable temperature is the wrapped model's ``logit_scale`` (log scale, CLIP init
     log(1/0.07)); :meth:`logit_scale_exp` clamps its exp at 100.
     """
 
-    def __init__(self, clip: nn.Module, *, cluster: TokenClusterCfg | None = None, region_output_size: int = 1):
+    def __init__(self, clip: nn.Module, *, cluster: TokenClusterCfg | None = None, region_output_size: int = 1,
+                 cluster_in_eval: bool = False):
         super().__init__()
         self.clip = clip
         self.cluster = cluster
+        self.cluster_in_eval = cluster_in_eval
+        self.open_clip_config: dict | None = None
         self.region_output_size = region_output_size
         self.tokens = make_token_adapter(clip.visual)  # plain object: parameters stay under clip.visual
 
     def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 3, H, W) -> normalised image embeddings (B, E), visual token grid (B, h, w, D)."""
-        pooled, grid = self.tokens.forward(images, self.cluster)
+        """(B, 3, H, W) -> normalised image embeddings (B, E), visual token grid (B, h, w, D).
+
+        Token clustering runs in training mode, and in eval mode only with ``cluster_in_eval``.
+        """
+        cluster = self.cluster if self.training or self.cluster_in_eval else None
+        pooled, grid = self.tokens.forward(images, cluster)
         return F.normalize(pooled, dim=-1), grid
 
     def encode_regions(self, token_grid: torch.Tensor, boxes: torch.Tensor | Sequence[torch.Tensor],

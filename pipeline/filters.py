@@ -1,9 +1,11 @@
 """Pure filters of the annotation pipeline (DESIGN.md "Annotation stages", paper §3 and App. C).
 
 * boxes: :func:`clip_boxes_to_image`, :func:`threshold_and_merge` (score threshold, then NMS
-  across detectors with ``torchvision.ops.batched_nms``) on :class:`Detections`;
+  across detectors with ``torchvision.ops.batched_nms``, class-agnostic or in a shared vocabulary:
+  :func:`map_labels`) on :class:`Detections`;
 * captions: :func:`caption_score_filter`, :func:`apply_caption_scores`;
-* foreground masks: :func:`jitter_boxes`, :func:`mask_stability`, :func:`stability_filter`.
+* foreground masks: :func:`jitter_boxes`, :func:`jitter_stability`, :func:`mask_stability`,
+  :func:`stability_filter`.
 
 Boxes are ``(x1, y1, x2, y2)`` pixels. Every threshold keeps the boundary value (``>=``).
 Every function accepts ``N = 0`` and then returns empty outputs of the documented shape and dtype.
@@ -12,7 +14,7 @@ No model loading, no I/O: the segmenter enters :func:`mask_stability` as a calla
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,20 +27,26 @@ from data_schemas import Caption
 from pipeline.masks import mask_iou
 
 __all__ = [
-    "DEFAULT_JITTER_OFFSETS",
+    "DEFAULT_JITTER_FRACTIONS",
     "Detections",
     "SegmentFn",
     "apply_caption_scores",
     "caption_score_filter",
     "clip_boxes_to_image",
     "jitter_boxes",
+    "jitter_stability",
+    "map_labels",
+    "normalize_label",
+    "jittered_mask_stability",
     "mask_stability",
     "stability_filter",
     "threshold_and_merge",
 ]
 
-# The paper gives no offsets ("slightly translating ... along the diagonal"); configs override this.
-DEFAULT_JITTER_OFFSETS: tuple[float, ...] = (2.0, 4.0, 8.0)
+# The paper gives no offsets ("slightly translating ... along the diagonal"): ours, as fractions of the
+# box diagonal so the check is the same for small and large boxes. A mask that merely follows its box
+# scores mean((1-f)^2 / (2-(1-f)^2)) = 0.69 with these, clearly under the default threshold 0.8.
+DEFAULT_JITTER_FRACTIONS: tuple[float, ...] = (0.05, 0.1, 0.15)
 
 SegmentFn = Callable[[Any, np.ndarray], np.ndarray]
 """``segment(image, boxes_xyxy (M, 4) float32) -> masks (M, H, W) bool``, one batched call."""
@@ -147,13 +155,31 @@ def clip_boxes_to_image(
     return clipped, valid
 
 
+def normalize_label(label: str) -> str:
+    """A detector label as a vocabulary key: lower case, ``_`` / ``-`` as spaces, whitespace collapsed
+    (``"Traffic_Light"`` and ``"traffic light"`` are one class)."""
+    return " ".join(label.lower().replace("_", " ").replace("-", " ").split())
+
+
+def map_labels(labels: Sequence[str], label_map: Mapping[str, str]) -> list[str]:
+    """Labels of several detectors in one shared vocabulary: ``label_map[normalize_label(l)]``, else the
+    normalised label. ``label_map`` keys are normalised too (``{"Automobile": "car"}`` maps ``"automobile"``)."""
+    table = {normalize_label(k): v for k, v in label_map.items()}
+    return [table.get(key, key) for key in map(normalize_label, labels)]
+
+
 def threshold_and_merge(
     detections: Sequence[Detections],
     score_threshold: float = 0.3,
     iou_threshold: float = 0.5,
-    class_aware: bool = True,
+    class_aware: bool = False,
+    label_map: Mapping[str, str] | None = None,
 ) -> Detections:
     """Merge the boxes of several detectors: drop low scores, then NMS across detectors.
+
+    Detectors trained on different vocabularies (BigDetection 600 classes, V3Det 13k) name one object
+    differently, so class-aware NMS on raw label strings keeps it once per synonym: the default is
+    class-agnostic, or give ``label_map`` to merge class-aware in a shared vocabulary.
 
     Args:
         detections: one :class:`Detections` per detector (any number, each may be empty).
@@ -161,7 +187,9 @@ def threshold_and_merge(
             in float32, the dtype of ``Detections.scores``.
         iou_threshold: NMS suppresses a box whose IoU with a higher-ranked kept box is ``>`` this
             (``torchvision.ops.batched_nms`` semantics).
-        class_aware: NMS only between boxes of the same label string; otherwise all boxes compete.
+        class_aware: NMS only between boxes of the same label; otherwise all boxes compete.
+        label_map: synonym -> shared-vocabulary label (:func:`map_labels`); the output carries the
+            mapped labels. Without it, class-aware NMS compares the label strings as given.
 
     Returns:
         Surviving detections with their ``sources``, sorted by score descending. Ties are broken by
@@ -169,6 +197,8 @@ def threshold_and_merge(
         and in which of two equal-score overlapping boxes survives.
     """
     merged = Detections.cat(detections)
+    if label_map is not None:
+        merged.labels = map_labels(merged.labels, label_map)
     threshold = torch.tensor(score_threshold, dtype=merged.scores.dtype)
     merged = merged.take(merged.scores >= threshold)
     if len(merged) == 0:
@@ -221,36 +251,71 @@ def apply_caption_scores(
 
 
 def jitter_boxes(
-    box_xyxy: Sequence[float] | np.ndarray,
-    offsets: Sequence[float],
+    boxes_xyxy: Sequence[float] | np.ndarray,
+    fractions: Sequence[float],
     width: int | None = None,
     height: int | None = None,
 ) -> np.ndarray:
-    """Translate a box along its diagonal: for each ``k`` in ``offsets``, by ``+k`` then by ``-k``.
+    """Translate boxes along their own diagonal by ``±f`` of its length, for each ``f`` in ``fractions``.
 
-    A shift by ``d`` adds ``d`` to all four coordinates, i.e. moves the box by ``(d, d)`` in the
-    ``(x, y)`` direction, keeping its size. With ``width`` and ``height`` given, the shifted boxes
-    are clipped to ``[0, width] × [0, height]`` (a clipped box may shrink).
+    A box ``w × h`` moved by ``t`` times its diagonal along that diagonal moves by ``(t·w, t·h)``:
+    the shift scales with the box, so a mask that merely follows its box scores the same IoU at every
+    box size (paper App. C: "slightly translating the box along its diagonal").
+
+    Borders: with ``width`` and ``height`` given, each shift is limited per axis so the box stays
+    inside ``[0, width] × [0, height]`` with its size kept (a box touching the right edge still moves
+    vertically); a box that already sticks out on an axis does not move on it, and the result is clipped.
 
     Args:
-        box_xyxy: ``(4,)`` box ``(x1, y1, x2, y2)``.
-        offsets: ``K0`` positive shifts in pixels.
+        boxes_xyxy: ``(..., 4)`` boxes ``(x1, y1, x2, y2)``, e.g. ``(4,)`` or ``(N, 4)``.
+        fractions: ``K0`` fractions of the diagonal, each in ``(0, 1)``.
 
     Returns:
-        ``(2 * K0, 4)`` float32 array, rows ``[+k0, -k0, +k1, -k1, ...]``.
+        ``(..., 2 * K0, 4)`` float32 array, per box rows ``[+f0, -f0, +f1, -f1, ...]``.
     """
-    box = np.asarray(box_xyxy, dtype=np.float64).reshape(4)
-    steps = np.asarray(offsets, dtype=np.float64).reshape(-1)
-    if np.any(~(steps > 0)):
-        raise ValueError(f"jitter offsets must be positive pixels, got {list(offsets)}")
+    boxes = np.asarray(boxes_xyxy, dtype=np.float64)
+    if boxes.shape[-1:] != (4,):
+        raise ValueError(f"boxes must have shape (..., 4), got {boxes.shape}")
+    steps = np.asarray(fractions, dtype=np.float64).reshape(-1)
+    if np.any(~((steps > 0) & (steps < 1))):
+        raise ValueError(f"jitter fractions of the box diagonal must be in (0, 1), got {list(fractions)}")
     if (width is None) != (height is None):
         raise ValueError("give both width and height to clip, or neither")
-    shifts = np.stack([steps, -steps], axis=1).reshape(-1, 1)
-    jittered = box[None, :] + shifts
+    lead = boxes.shape[:-1]
+    flat = boxes.reshape(-1, 1, 4)
+    signed = np.stack([steps, -steps], axis=1).reshape(1, -1)  # (1, 2K)
+    sizes = flat[..., 2:] - flat[..., :2]  # (N, 1, 2): w, h
+    shift = signed[..., None] * sizes  # (N, 2K, 2): (dx, dy) = t·(w, h)
     if width is not None:
-        jittered[:, 0::2] = np.clip(jittered[:, 0::2], 0, width)
-        jittered[:, 1::2] = np.clip(jittered[:, 1::2], 0, height)
-    return jittered.astype(np.float32)
+        limits = np.array([width, height], dtype=np.float64)
+        room_lo = np.minimum(-flat[..., :2], 0.0)  # how far the box may move left/up (<= 0)
+        room_hi = np.maximum(limits - flat[..., 2:], 0.0)  # ... right/down (>= 0)
+        shift = np.clip(shift, room_lo, room_hi)
+    jittered = flat + np.concatenate([shift, shift], axis=-1)
+    if width is not None:
+        jittered[..., 0::2] = np.clip(jittered[..., 0::2], 0, width)
+        jittered[..., 1::2] = np.clip(jittered[..., 1::2], 0, height)
+    return jittered.reshape(*lead, 2 * len(steps), 4).astype(np.float32)
+
+
+def jitter_stability(masks: np.ndarray, jittered_masks: np.ndarray) -> np.ndarray:
+    """Mean IoU of each mask with the masks of its jittered boxes (:func:`~pipeline.masks.mask_iou`).
+
+    Args:
+        masks: ``(N, H, W)`` bool masks of the original boxes.
+        jittered_masks: ``(N, K, H, W)`` bool masks of each box's ``K`` jittered copies.
+
+    Returns:
+        ``(N,)`` float64 in ``[0, 1]``.
+    """
+    masks, jittered_masks = np.asarray(masks), np.asarray(jittered_masks)
+    if jittered_masks.ndim != 4 or jittered_masks.shape[:1] + jittered_masks.shape[2:] != masks.shape:
+        raise ValueError(f"jittered masks {jittered_masks.shape} do not match masks {masks.shape} as (N, K, H, W)")
+    n, k = jittered_masks.shape[:2]
+    if n == 0:
+        return np.zeros(0, dtype=np.float64)
+    ious = np.stack([mask_iou(masks, jittered_masks[:, j]) for j in range(k)], axis=1)
+    return ious.mean(axis=1)
 
 
 def mask_stability(
@@ -258,21 +323,23 @@ def mask_stability(
     boxes_xyxy: np.ndarray | torch.Tensor,
     masks: np.ndarray,
     segment: SegmentFn,
-    offsets: Sequence[float] = DEFAULT_JITTER_OFFSETS,
+    fractions: Sequence[float] = DEFAULT_JITTER_FRACTIONS,
 ) -> np.ndarray:
-    """Stability of each mask under box jitter (paper App. C).
+    """Stability of each mask under box jitter (paper App. C), with full-resolution masks.
 
-    For box ``i`` with mask ``masks[i]``: jitter the box with :func:`jitter_boxes` (clipped to the
-    image), segment every jittered box, and average the IoU (:func:`~pipeline.masks.mask_iou`) of
-    ``masks[i]`` with each resulting mask. ``segment`` is called once with all ``N * K`` jittered
-    boxes (box-major: rows ``i*K .. i*K+K-1`` belong to box ``i``); with ``N = 0`` it is not called.
+    For box ``i`` with mask ``masks[i]``: jitter the box with :func:`jitter_boxes` (kept inside the
+    image), segment every jittered box, and average the IoU of ``masks[i]`` with each resulting mask
+    (:func:`jitter_stability`). ``segment`` is called once with all ``N * K`` jittered boxes
+    (box-major: rows ``i*K .. i*K+K-1`` belong to box ``i``); with ``N = 0`` it is not called.
+    (The SAM segmenter computes the same inside its mask call, at its input resolution; this is the
+    reference for any ``segment`` callable.)
 
     Args:
         image: passed unchanged to ``segment``.
         boxes_xyxy: ``(N, 4)`` prompt boxes that produced ``masks``.
         masks: ``(N, H, W)`` bool original masks.
         segment: ``segment(image, boxes (M, 4) float32) -> (M, H, W) bool``.
-        offsets: positive diagonal shifts in pixels; ``K = 2 * len(offsets)``.
+        fractions: shifts as fractions of each box's diagonal; ``K = 2 * len(fractions)``.
 
     Returns:
         ``(N,)`` float64 stability in ``[0, 1]``.
@@ -281,19 +348,26 @@ def mask_stability(
     masks = np.asarray(masks)
     if masks.ndim != 3 or masks.shape[0] != boxes.shape[0]:
         raise ValueError(f"need masks (N, H, W) for boxes (N, 4), got {masks.shape} and {boxes.shape}")
-    if len(offsets) == 0:
-        raise ValueError("mask_stability needs at least one jitter offset")
+    if len(fractions) == 0:
+        raise ValueError("mask_stability needs at least one jitter fraction")
+    height, width = masks.shape[1:]
+    return jittered_mask_stability(image, masks, jitter_boxes(boxes, fractions, width, height), segment)
+
+
+def jittered_mask_stability(image: Any, masks: np.ndarray, jittered: np.ndarray, segment: SegmentFn) -> np.ndarray:
+    """Stability of ``masks`` ``(N, H, W)`` under given jittered boxes ``(N, K, 4)``: one ``segment`` call
+    with all ``N * K`` boxes (box-major), then :func:`jitter_stability`. Not called when ``N = 0``."""
+    masks, jittered = np.asarray(masks), np.asarray(jittered, dtype=np.float32)
     n, height, width = masks.shape
+    if jittered.ndim != 3 or jittered.shape[0] != n or jittered.shape[2] != 4:
+        raise ValueError(f"need jittered boxes (N={n}, K, 4), got {jittered.shape}")
     if n == 0:
         return np.zeros(0, dtype=np.float64)
-    jittered = np.concatenate([jitter_boxes(box, offsets, width, height) for box in boxes])
-    jittered_masks = np.asarray(segment(image, jittered))
-    k = jittered.shape[0] // n
+    k = jittered.shape[1]
+    jittered_masks = np.asarray(segment(image, jittered.reshape(-1, 4)))
     if jittered_masks.shape != (n * k, height, width):
         raise ValueError(f"segment returned {jittered_masks.shape}, expected {(n * k, height, width)}")
-    jittered_masks = jittered_masks.reshape(n, k, height, width)
-    ious = np.stack([mask_iou(masks, jittered_masks[:, j]) for j in range(k)], axis=1)
-    return ious.mean(axis=1)
+    return jitter_stability(masks, jittered_masks.reshape(n, k, height, width))
 
 
 def stability_filter(stability: Sequence[float] | np.ndarray, threshold: float) -> np.ndarray:

@@ -12,6 +12,7 @@ become an ``error`` row in the shard.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 
@@ -39,7 +40,7 @@ class IngestedItem:
 
 
 def _fit_regions(regions: list[Region], decoded: DecodedImage, notes: list[str]) -> list[Region]:
-    """Clip upright boxes to the image, drop empty boxes and wrongly sized masks."""
+    """Clip upright boxes to the image and drop boxes with no area left."""
     if not regions:
         return []
     boxes = np.array([r.box_xyxy for r in regions], dtype=np.float64).reshape(-1, 4)
@@ -51,24 +52,30 @@ def _fit_regions(regions: list[Region], decoded: DecodedImage, notes: list[str])
             continue
         if not np.allclose(box, raw):
             notes.append(f"clipped region {region.id} box {np.round(raw, 2).tolist()} to the image")
-        update: dict = {"box_xyxy": tuple(float(v) for v in box)}
-        mask = region.mask
-        if mask is not None and tuple(mask.rle.size) != (decoded.height, decoded.width):
-            notes.append(f"dropped mask of region {region.id}: size {list(mask.rle.size)} != image")
-            mask = None
-        update["mask"] = mask
-        fitted.append(region.model_copy(update=update))
+        fitted.append(region.model_copy(update={"box_xyxy": tuple(float(v) for v in box)}))
     return fitted
 
 
-def _fit_background(known: KnownAnnotations, decoded: DecodedImage, notes: list[str]) -> list:
-    kept = []
+def _drop_misfit_masks(known: KnownAnnotations, size_wh: tuple[int, int], notes: list[str]) -> KnownAnnotations:
+    """``known`` without the region / background masks whose size is not the stored image's ``(w, h)``.
+
+    Runs before the EXIF transform, which decodes every mask: a mask claiming a huge size is dropped
+    here, never decoded.
+    """
+    size_hw = (size_wh[1], size_wh[0])
+    regions = []
+    for region in known.regions:
+        if region.mask is not None and tuple(region.mask.rle.size) != size_hw:
+            notes.append(f"dropped mask of region {region.id}: size {list(region.mask.rle.size)} != image")
+            region = region.model_copy(update={"mask": None})
+        regions.append(region)
+    background = []
     for bg in known.background:
-        if tuple(bg.rle.size) != (decoded.height, decoded.width):
+        if tuple(bg.rle.size) != size_hw:
             notes.append(f"dropped background {bg.label!r}: mask size {list(bg.rle.size)} != image")
             continue
-        kept.append(bg)
-    return kept
+        background.append(bg)
+    return dataclasses.replace(known, regions=regions, background=background, notes=[])
 
 
 def ingest_item(item: SourceItem, source_kind: str, limits: ImageLimits) -> IngestedItem:
@@ -81,10 +88,10 @@ def ingest_item(item: SourceItem, source_kind: str, limits: ImageLimits) -> Inge
     if item.error is not None or item.image_bytes is None:
         raise ValueError(item.error or "missing_image: source gave no bytes")
     decoded = decode_image(item.image_bytes, limits)
-    known = item.known
+    notes = list(item.known.notes)
+    known = _drop_misfit_masks(item.known, decoded.original_size, notes)
     if decoded.orientation != 1:
         known = transform_known_for_orientation(known, decoded.orientation, decoded.original_size)
-    notes = list(known.notes)
     record = ImageRecord(
         key=item.key,
         source=source_kind,
@@ -95,7 +102,7 @@ def ingest_item(item: SourceItem, source_kind: str, limits: ImageLimits) -> Inge
         tags=known.tags,
         captions=known.captions,
         regions=_fit_regions(known.regions, decoded, notes),
-        background=_fit_background(known, decoded, notes),
+        background=known.background,
         provenance={"source": source_kind} if _has_annotations(known) else {},
     )
     return IngestedItem(decoded=decoded, record=record, notes=notes)

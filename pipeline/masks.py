@@ -23,9 +23,84 @@ from pycocotools import mask as mask_utils
 
 from data_schemas import RLE
 
-__all__ = ["decode_mask", "encode_mask", "mask_area", "mask_bbox_xyxy", "mask_iou"]
+__all__ = ["check_mask_size", "check_rle", "decode_mask", "encode_mask", "mask_area", "mask_bbox_xyxy", "mask_iou", "rle_string_counts"]
 
 RLELike = RLE | Mapping[str, Any]
+#: pycocotools keeps runs and ``h * w`` in 32-bit unsigned ints (and polygon rasters in ``int``).
+MAX_MASK_PIXELS = 2**31 - 1
+_MAX_DIGITS = 7  # 7 x 5 bits covers any 32-bit run
+
+
+def rle_string_counts(counts: str) -> list[int]:
+    """The run lengths of a compressed COCO RLE string, decoded as pycocotools' ``rleFrString`` does.
+
+    pycocotools decodes without bounds checks: a character outside ``'0'..'o'`` or a number cut short
+    makes it read past the string. This decoder refuses those instead.
+
+    Raises:
+        ValueError: a character outside the alphabet, a number cut short or longer than 7 characters.
+    """
+    runs: list[int] = []
+    pos = 0
+    while pos < len(counts):
+        value, digits, more = 0, 0, True
+        while more:
+            if pos >= len(counts):
+                raise ValueError("RLE counts string ends inside a number")
+            code = ord(counts[pos]) - 48
+            if not 0 <= code < 64:
+                raise ValueError(f"RLE counts has character {counts[pos]!r} outside '0'..'o'")
+            value |= (code & 0x1F) << (5 * digits)
+            more = bool(code & 0x20)
+            pos, digits = pos + 1, digits + 1
+            if digits > _MAX_DIGITS:
+                raise ValueError("RLE counts has a number longer than 7 characters")
+            if not more and code & 0x10:
+                value |= -1 << (5 * digits)
+        if len(runs) > 2:
+            value += runs[-2]
+        runs.append(value & 0xFFFFFFFF)  # the C decoder's (uint) cast
+    return runs
+
+
+def check_rle(size: Any, counts: str | list[Any]) -> tuple[int, int]:
+    """Validate an RLE before pycocotools touches it; returns ``(h, w)``.
+
+    ``counts`` is the compressed string or the uncompressed list of runs. The runs must be non-negative
+    32-bit ints covering exactly ``h * w`` pixels: pycocotools' decoder writes ``sum(runs)`` pixels into an
+    ``h * w`` buffer without checking, so a longer RLE is a heap overflow, not an exception.
+
+    Raises:
+        ValueError: naming what is wrong (size, a run, the total).
+    """
+    h, w = check_mask_size(size)
+    if isinstance(counts, str):
+        runs = rle_string_counts(counts)
+    elif isinstance(counts, list) and all(_is_int(v) and 0 <= v <= 0xFFFFFFFF for v in counts):
+        runs = [int(v) for v in counts]
+    else:
+        raise ValueError("RLE counts is neither a string nor a list of non-negative 32-bit ints")
+    if not runs or sum(runs) != h * w:
+        raise ValueError(f"RLE runs cover {sum(runs)} pixels, not h*w = {h * w}")
+    return h, w
+
+
+def check_mask_size(size: Any) -> tuple[int, int]:
+    """``(h, w)`` of a mask size ``[h, w]``: positive ints, at most ``MAX_MASK_PIXELS`` pixels.
+
+    Raises:
+        ValueError: anything else.
+    """
+    if not (isinstance(size, list | tuple) and len(size) == 2 and all(_is_int(v) for v in size)):
+        raise ValueError(f"mask size {size!r} is not [h, w] of ints")
+    h, w = int(size[0]), int(size[1])
+    if h <= 0 or w <= 0 or h * w > MAX_MASK_PIXELS:
+        raise ValueError(f"mask size [{h}, {w}] is empty or over {MAX_MASK_PIXELS} pixels")
+    return h, w
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
 def _require_bool(masks: np.ndarray, ndim: int, name: str) -> np.ndarray:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import annotators
+import ray_runtime
 from data_schemas import PIPELINE_VERSION, AnnotateConfig
 from data_schemas.config import RayConfig, StageResources
 from pipeline.chain_runner import ChainMetrics, PipelinedChain, run_chain_measured
@@ -38,44 +39,16 @@ if TYPE_CHECKING:  # the stage chain imports torch: actors of plain backends sta
 
 log = logging.getLogger(__name__)
 
-#: Ray reads this at import: "0" makes a local node use the loopback address for every server it starts.
-LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-
-
 # ----------------------------------------------------------------------------------------------------- runtime
-ADDRESS_ENV = ("UMG_RAY_ADDRESS", "RAY_ADDRESS")
-
-
 def start_ray(cfg: RayConfig) -> bool:
     """Connect to a cluster or start a local Ray (loopback only unless ``cfg.loopback`` is False).
 
     The cluster address is ``cfg.address``, else ``$UMG_RAY_ADDRESS`` / ``$RAY_ADDRESS`` (docker/compose.yaml
     sets the first). Returns True when this call initialised Ray (the caller then owns ``ray.shutdown()``),
-    False when this process was already connected.
+    False when this process was already connected. (``ray_runtime.start_ray``, shared with ``model.launch``.)
     """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    common = {"runtime_env": cfg.runtime_env, "ignore_reinit_error": True, "log_to_driver": True}
-    address = cfg.address or next((os.environ[k] for k in ADDRESS_ENV if os.environ.get(k)), None)
-    if address:
-        ray.init(address=address, **common)
-        return True
-    if cfg.loopback:
-        _force_loopback()
-    ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False, **common)
-    return True
-
-
-def _force_loopback() -> None:
-    # Ray resolves a local node's IP through ENABLE_RAY_CLUSTER (False on macOS/Windows -> 127.0.0.1); with it
-    # off, gcs, raylet, workers and agents all bind 127.0.0.1 instead of every interface. The env var reaches
-    # the child processes; the module attribute covers a ``ray`` imported before this call.
-    os.environ[LOOPBACK_ENV] = "0"
-    from ray._private import ray_constants
-
-    ray_constants.ENABLE_RAY_CLUSTER = False
+    return ray_runtime.start_ray(cfg.address, loopback=cfg.loopback, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
+                                 runtime_env=cfg.runtime_env, ignore_reinit_error=True, log_to_driver=True)
 
 
 # ----------------------------------------------------------------------------------------------------- actors

@@ -11,9 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from data_schemas import ImageLimits, ImageRecord, ShardStats
 from data_schemas.config import BreakerConfig
@@ -50,18 +52,46 @@ def _plan_fingerprint(refs: Sequence[str], shard_size: int) -> dict:
     return {"n_refs": len(refs), "shard_size": shard_size, "refs_sha256": digest}
 
 
+def check_output_dir(build_dir: Path) -> None:
+    """Refuse an output that cannot hold this build, before any model is loaded or file touched.
+
+    The output must be a writable folder that is new, empty, or holds a build (``_plan.json``): resuming
+    deletes unfinished shard files (``*.tmp``, ``NNNNN.tar`` without its parquet), which must never hit
+    unrelated files in a folder given by mistake.
+
+    Raises:
+        ShardError: naming the output and what is wrong with it (one line).
+    """
+    if build_dir.exists() and not build_dir.is_dir():
+        raise ShardError(f"output {build_dir} exists and is not a directory")
+    if build_dir.is_dir() and not (build_dir / PLAN_NAME).exists():
+        others = sorted(p.name for p in build_dir.iterdir())
+        if others:
+            shown = ", ".join(others[:3]) + (", …" if len(others) > 3 else "")
+            raise ShardError(f"output {build_dir} is not empty ({shown}) and holds no build ({PLAN_NAME}); "
+                             "choose a new or empty directory")
+    try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=build_dir):
+            pass
+    except OSError as exc:
+        raise ShardError(f"output {build_dir} is not a writable directory: {exc.strerror or exc}") from exc
+
+
 def pin_plan(build_dir: Path, source: Source, shard_size: int) -> list[InputShard]:
     """Plan the shards; refuse to continue a build that was planned differently."""
     refs = source.list_refs()
     fingerprint = _plan_fingerprint(refs, shard_size)
     plan_file = build_dir / PLAN_NAME
     if plan_file.exists():
-        previous = json.loads(plan_file.read_text("utf-8"))
+        try:
+            previous = json.loads(plan_file.read_text("utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ShardError(f"{plan_file} is unreadable ({exc}); use a new output directory") from exc
         if previous != fingerprint:
-            raise ShardError(
-                f"{build_dir} was built with a different plan ({previous}) than now ({fingerprint}); "
-                "use a new output directory or the same inputs and shard_size"
-            )
+            raise ShardError(f"{build_dir} holds a build with a different plan ({_describe(previous)}) than now "
+                             f"({_describe(fingerprint)}); use a new output directory or the same inputs and "
+                             "shard_size")
     else:
         build_dir.mkdir(parents=True, exist_ok=True)
         tmp = plan_file.with_suffix(".tmp")
@@ -70,8 +100,24 @@ def pin_plan(build_dir: Path, source: Source, shard_size: int) -> list[InputShar
     return plan_shards(refs, shard_size)
 
 
+def _describe(plan: Any) -> str:
+    if not isinstance(plan, dict):
+        return repr(plan)
+    return (f"shard_size={plan.get('shard_size')}, {plan.get('n_refs')} inputs, "
+            f"input list sha256 {str(plan.get('refs_sha256'))[:12]}")
+
+
 def prepare_build(build_dir: Path, source: Source, shard_size: int) -> tuple[list[InputShard], set[str], set[str]]:
-    """Discard partial files, pin the plan; return ``(plan, finished shard names, keys already written)``."""
+    """Check the output, discard partial files, pin the plan.
+
+    Returns ``(plan, finished shard names, keys already written)``; a caller with nothing left to do
+    (every planned shard finished) can stop before loading any model.
+
+    Raises:
+        ShardError: the output is not a usable folder (``check_output_dir``) or holds another plan.
+    """
+    build_dir = Path(build_dir)
+    check_output_dir(build_dir)
     discard_partial(build_dir)
     plan = pin_plan(build_dir, source, shard_size)
     return plan, set(finished_shards(build_dir)), taken_keys(build_dir)
@@ -159,15 +205,17 @@ def build_shards(
     on_plan: Callable[[int, int], None] | None = None,
     breaker: BreakerConfig | None = None,
     retry_errors: bool = False,
+    prepared: tuple[list[InputShard], set[str], set[str]] | None = None,
 ) -> BuildSummary:
     """Write every unfinished planned shard of ``source`` into ``build_dir`` and refresh the manifest.
 
     ``on_plan(n_planned, n_finished)`` is called once after planning, ``on_shard(stats)`` per written shard.
     ``retry_errors``: then rebuild the error rows of an infrastructure kind in finished shards
     (``pipeline.repair``); the repaired shards are listed in ``summary.repaired``.
+    ``prepared`` is ``prepare_build``'s result when the caller already ran it (e.g. to skip loading models).
     """
     build_dir = Path(build_dir)
-    plan, done, keys_in_use = prepare_build(build_dir, source, shard_size)
+    plan, done, keys_in_use = prepared if prepared is not None else prepare_build(build_dir, source, shard_size)
     keys = KeyLedger(keys_in_use)
     if on_plan is not None:
         on_plan(len(plan), len(done & {s.name for s in plan}))

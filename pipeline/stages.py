@@ -18,18 +18,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 import annotators
+from annotators.prompts import caption_key
 from data_schemas import AnnotateConfig, BackgroundMask, Mask, MergeConfig, Region, StabilityConfig
 from pipeline.filters import (
     Detections,
     apply_caption_scores,
     clip_boxes_to_image,
     jitter_boxes,
-    mask_stability,
     stability_filter,
     threshold_and_merge,
 )
@@ -67,9 +69,22 @@ class TagStage(Stage):
         item.record.tags = [*item.record.tags, *output]
 
 
+def new_captions(existing: Sequence[Any], found: Sequence[Any]) -> list[Any]:
+    """``found`` captions whose text (``caption_key``: case, punctuation, spacing ignored) is not yet among
+    ``existing`` or earlier in ``found``: captions are de-duplicated across captioners (paper App. D)."""
+    seen = {caption_key(c.text) for c in existing}
+    fresh = []
+    for caption in found:
+        key = caption_key(caption.text)
+        if key not in seen:
+            seen.add(key)
+            fresh.append(caption)
+    return fresh
+
+
 class CaptionStage(Stage):
     def apply(self, item, output):
-        item.record.captions = [*item.record.captions, *output]
+        item.record.captions = [*item.record.captions, *new_captions(item.record.captions, output)]
 
 
 @dataclass
@@ -92,18 +107,35 @@ class DetectStage(Stage):
         item.scratch.setdefault("detections", []).append(found)
 
 
+def load_label_map(source: dict[str, str] | Path | None) -> dict[str, str] | None:
+    """``merge.label_map``: a mapping as given, or read from a YAML / JSON file holding one (safe loader)."""
+    if source is None or isinstance(source, dict):
+        return source
+    try:
+        table = yaml.safe_load(Path(source).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"merge.label_map {source}: cannot read it: {exc}") from exc
+    if not isinstance(table, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in table.items()):
+        raise ValueError(f"merge.label_map {source}: must hold a mapping of label -> shared label (strings)")
+    return table
+
+
 @dataclass
 class MergeStage(Stage):
-    """Threshold + class-aware NMS across detectors, clip to the image, keep the top ``max_regions``."""
+    """Threshold + NMS across detectors (class-agnostic, or class-aware in the ``label_map`` vocabulary),
+    clip to the image, keep the top ``max_regions``."""
 
     config: MergeConfig = field(default_factory=MergeConfig)
+
+    def __post_init__(self) -> None:
+        self.label_map = load_label_map(self.config.label_map)
 
     def apply(self, item, output):
         parts = item.scratch.pop("detections", [])
         if not parts:
             return
         cfg = self.config
-        merged = threshold_and_merge(parts, cfg.score_threshold, cfg.iou_threshold, cfg.class_aware)
+        merged = threshold_and_merge(parts, cfg.score_threshold, cfg.iou_threshold, cfg.class_aware, self.label_map)
         boxes, valid = clip_boxes_to_image(merged.boxes, item.record.width, item.record.height, cfg.min_box_side)
         next_id = max((r.id for r in item.record.regions), default=-1) + 1
         new_regions = []
@@ -114,7 +146,8 @@ class MergeStage(Stage):
             new_regions.append(Region(id=next_id + len(new_regions), box_xyxy=tuple(box), label=label,
                                       score=min(max(score, 0.0), 1.0), annotator=f"detector_{source}"))
         item.record.regions = [*item.record.regions, *new_regions]
-        item.record.provenance[self.name] = f"nms@iou{cfg.iou_threshold}_score{cfg.score_threshold}"
+        mode = ("aware" if cfg.class_aware else "agnostic") + ("_mapped" if self.label_map is not None else "")
+        item.record.provenance[self.name] = f"nms@iou{cfg.iou_threshold}_score{cfg.score_threshold}_{mode}"
 
 
 def _region_boxes(item: IngestedItem, regions: Sequence[Region]) -> np.ndarray:
@@ -129,26 +162,57 @@ class RegionCaptionStage(Stage):
         if len(output) != len(item.record.regions):
             raise ValueError(f"{len(output)} caption lists for {len(item.record.regions)} regions")
         item.record.regions = [
-            region.model_copy(update={"captions": [*region.captions, *captions]})
+            region.model_copy(update={"captions": [*region.captions, *new_captions(region.captions, captions)]})
             for region, captions in zip(item.record.regions, output)
         ]
+
+
+@dataclass
+class RegionCaptionCountStage(Stage):
+    """Drop detected regions with fewer than ``min_captions`` distinct captions after all region captioners
+    (paper App. D: every region keeps >= 4); regions that came with the input are kept. A pure stage."""
+
+    min_captions: int = 0
+
+    def apply(self, item, output):
+        item.record.regions = [r for r in item.record.regions
+                               if not r.annotator.startswith("detector_") or len(r.captions) >= self.min_captions]
+        item.record.provenance[self.name] = f"min_captions@{self.min_captions}"
 
 
 def _unmasked(item: IngestedItem) -> list[int]:
     return [i for i, region in enumerate(item.record.regions) if region.mask is None]
 
 
+@dataclass
 class SegmentStage(Stage):
-    """SAM masks for every region without a mask; remembers which regions it segmented for jitter."""
+    """SAM masks for every region without a mask.
+
+    With ``stability`` set, each box's jittered copies (:func:`~pipeline.filters.jitter_boxes`, ``(N_i, K, 4)``
+    per image) go into the same segmenter call, which returns each mask's stability: the image is encoded once
+    for both, and no jitter mask leaves the segmenter. ``StabilityStage`` then applies the threshold.
+    """
+
+    stability: StabilityConfig | None = None
 
     def arguments(self, items):
         boxes = [_region_boxes(it, [it.record.regions[i] for i in _unmasked(it)]) for it in items]
-        return [it.decoded.image for it in items], boxes
+        images = [it.decoded.image for it in items]
+        if self.stability is None:
+            return images, boxes
+        fractions = self.stability.diagonal_fractions
+        jittered = [jitter_boxes(b, fractions, it.record.width, it.record.height) for b, it in zip(boxes, items)]
+        return images, boxes, jittered
 
     def apply(self, item, output):
         indices = _unmasked(item)
         if len(output.masks) != len(indices):
             raise ValueError(f"{len(output.masks)} masks for {len(indices)} boxes")
+        stability = None
+        if self.stability is not None:
+            if output.stability is None or len(output.stability) != len(indices):
+                raise ValueError(f"segmenter returned no stability per box for {len(indices)} jittered boxes")
+            stability = np.asarray(output.stability, dtype=np.float64)
         regions = list(item.record.regions)
         for index, mask in zip(indices, output.masks):
             rle = encode_mask(np.asarray(mask, dtype=bool))
@@ -156,32 +220,24 @@ class SegmentStage(Stage):
                 update={"mask": Mask(rle=rle, annotator=f"segmenter_{self.annotator.name}")}
             )
         item.record.regions = regions
-        item.scratch["segmented"] = (indices, np.asarray(output.masks, dtype=bool))
+        item.scratch["segmented"] = (indices, stability)
 
 
 @dataclass
 class StabilityStage(Stage):
-    """Re-segment each SAM box shifted along its diagonal; drop masks whose mean IoU is under threshold."""
+    """Keep masks whose jitter stability (computed by the segmenter call) is ``>= threshold``; a pure stage."""
 
     config: StabilityConfig = field(default_factory=StabilityConfig)
 
-    def arguments(self, items):
-        jittered = []
-        for it in items:
-            indices, _ = it.scratch.get("segmented", ([], None))
-            boxes = _region_boxes(it, [it.record.regions[i] for i in indices])
-            per_box = [jitter_boxes(box, self.config.offsets, it.record.width, it.record.height) for box in boxes]
-            jittered.append(np.concatenate(per_box) if per_box else np.zeros((0, 4), np.float32))
-        return [it.decoded.image for it in items], jittered
-
     def apply(self, item, output):
-        indices, masks = item.scratch.pop("segmented", ([], None))
+        indices, stability = item.scratch.pop("segmented", ([], None))
+        cfg = self.config
+        item.record.provenance[self.name] = f"jitter@diag{cfg.diagonal_fractions}_thr{cfg.threshold}"
         if not indices:
             return
-        boxes = _region_boxes(item, [item.record.regions[i] for i in indices])
-        stability = mask_stability(item.decoded.image, boxes, masks, lambda _image, _boxes: output.masks,
-                                   self.config.offsets)
-        keep = stability_filter(stability, self.config.threshold)
+        if stability is None:
+            raise ValueError("the segmenter stage ran without stability config: no stability to filter on")
+        keep = stability_filter(stability, cfg.threshold)
         regions = list(item.record.regions)
         for index, score, kept in zip(indices, stability.tolist(), keep.tolist()):
             mask = regions[index].mask.model_copy(update={"stability": round(score, 4)}) if kept else None
@@ -215,11 +271,12 @@ def build_chain(cfg: AnnotateConfig) -> list[Stage]:
         RegionCaptionStage(f"region_captioner_{n}", build("region_captioner", c))
         for n, c in cfg.region_captioners.items()
     ]
+    if cfg.region_captioners and cfg.min_region_captions:
+        stages.append(RegionCaptionCountStage("region_caption_count", min_captions=cfg.min_region_captions))
     if cfg.segmenter:
-        segmenter = build("segmenter", cfg.segmenter)
-        stages.append(SegmentStage("segmenter", segmenter))
+        stages.append(SegmentStage("segmenter", build("segmenter", cfg.segmenter), stability=cfg.stability))
         if cfg.stability is not None:
-            stages.append(StabilityStage("stability", segmenter, config=cfg.stability))
+            stages.append(StabilityStage("stability", config=cfg.stability))
     if cfg.background:
         stages.append(BackgroundStage("background", build("background", cfg.background)))
     return stages

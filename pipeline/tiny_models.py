@@ -35,9 +35,11 @@ def materialize_backend(kind: str, name: str, cfg: dict[str, Any], root: Path) -
         return cfg
     target = root / f"{kind}_{name}"
     cache = target / CACHE_NAME
-    if cache.exists():
-        created = json.loads(cache.read_text("utf-8"))
-    else:
+    created = json.loads(cache.read_text("utf-8")) if cache.exists() else None
+    if created is not None and not _paths_exist(created, target):
+        log.info("tiny %s backend cache %s names missing paths (relative cache?): recreating", kind, cache)
+        created = None
+    if created is None:
         log.info("creating tiny %s backend %r in %s", kind, cfg["backend"], target)
         target.mkdir(parents=True, exist_ok=True)
         created = resolve(kind, cfg["backend"]).create_tiny(target)
@@ -48,9 +50,16 @@ def materialize_backend(kind: str, name: str, cfg: dict[str, Any], root: Path) -
     return {**created, **user}
 
 
+def _paths_exist(created: dict[str, Any], target: Path) -> bool:
+    """Whether every string of a cached config that names a file under ``target`` is absolute and exists
+    (caches written from a relative ``tiny_models_dir`` by older versions are not)."""
+    paths = [v for v in created.values() if isinstance(v, str) and target.name in v]
+    return all(Path(v).is_absolute() and Path(v).exists() for v in paths)
+
+
 def materialize_tiny(cfg: AnnotateConfig, root: str | Path) -> AnnotateConfig:
     """A copy of ``cfg`` with every ``tiny: true`` backend replaced by a config loading its tiny model."""
-    root = Path(root)
+    root = Path(root).resolve()  # cached configs hold absolute paths: builds from any cwd load them
     update: dict[str, Any] = {}
     for field in SINGLE_KINDS:
         backend = getattr(cfg, field)

@@ -58,3 +58,30 @@ def record_factory():
         return make_record(key, jpg, n_regions=n_regions), jpg
 
     return build
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """``(run_dir, checkpoint_dir)`` of an untrained ``umg-tiny-vit`` saved through the real save path
+    (``model.checkpoint.save_checkpoint``), with token clustering on in its config."""
+    import torch
+
+    from data_schemas import TrainConfig
+    from model.checkpoint import model_from_config, save_checkpoint
+
+    config = TrainConfig.model_validate({"model": {"name": "umg-tiny-vit", "cluster": {"reduction": 0.75, "layer": 1}}})
+    torch.manual_seed(0)
+    model = model_from_config(config.model)
+    run = tmp_path_factory.mktemp("tiny-run")
+    return run, save_checkpoint(run, 1, model, config, {"step": 1})
+
+
+@pytest.fixture
+def single_thread():
+    """torch on one thread for the test (a shared 2-core box: OpenMP hand-offs slow small models down)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -3,8 +3,10 @@
 A source lists its inputs as sorted, stable string refs (``list_refs``); the build plans input
 shards by slicing that list (``plan_shards``), so shard *i* always holds the same inputs and a
 rerun can skip finished shards. ``read(refs)`` yields exactly one ``SourceItem`` per ref, in order:
-an input that cannot be read (missing image, unreadable file) is yielded with ``error`` set instead
-of raising, so it becomes an error row and nothing else in the shard is lost.
+an input that cannot be read (missing image, unreadable file, or refused by ``confine``: outside the
+input root, not a regular file, over its size cap) is yielded with ``error`` set instead of raising, so
+it becomes an error row and nothing else in the shard is lost. Everything a source enumerates is a ref:
+duplicates, orphans and malformed entries get refs of their own that read as error items.
 """
 
 from __future__ import annotations

@@ -10,7 +10,13 @@
   is known only after decoding); an annotation whose box has ``w <= 0`` or ``h <= 0``, an unknown category
   or a segmentation that cannot be read is skipped/left without mask, with a line in ``known.notes``.
 * ``segmentation`` may be polygons (merged into one mask), uncompressed RLE (``counts`` a list) or
-  compressed RLE (``counts`` a string); all become a compressed-string ``Mask``.
+  compressed RLE (``counts`` a string); all become a compressed-string ``Mask``. Coordinates and runs are
+  validated before pycocotools sees them (``segmentation_to_rle``); a bad one drops the mask with a note.
+* Every input is one row: a repeated image id adds the ref ``<id>#<n>`` (error ``duplicate_id``), an image id
+  that only annotations or captions name adds its ref (error ``orphan_annotations``), an entry that is not an
+  object adds ``!images/<i>`` / ``!annotations/<i>`` / ``!captions/<i>`` (error ``bad_annotation``).
+* Images are read through ``pipeline.sources.confine`` under ``image_dir``: an absolute ``file_name`` or one
+  whose ``../`` leaves the folder is an error row ``outside_root``.
 * The sample-data generator's ``"umg"`` extension is read when present: on images ``tags`` ->
   ``known.tags`` and ``background`` -> ``known.background``; on annotations ``captions`` -> region
   captions and ``tags`` -> region tags (other fields such as ``color`` are ignored). Image captions come
@@ -22,9 +28,8 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -34,9 +39,9 @@ from pydantic import ValidationError
 
 from data_schemas import RLE, BackgroundMask, Caption, Mask, Region, RegionCaption, Tag
 from pipeline.sources.base import KnownAnnotations, SourceItem
+from pipeline.masks import check_mask_size, check_rle
+from pipeline.sources.confine import ReadPolicy
 from pipeline.sources.folder import decode_text, item_key, read_file_item
-
-log = logging.getLogger(__name__)
 
 GROUND_TRUTH = "ground_truth"
 
@@ -58,39 +63,62 @@ def load_json(path: str | Path) -> Any:
 def segmentation_to_rle(segmentation: Any, height: int | None, width: int | None) -> RLE:
     """A COCO ``segmentation`` (polygons, uncompressed or compressed RLE) as a compressed RLE.
 
-    ``height``/``width`` are the image's, needed for polygons and uncompressed RLE.
+    ``height``/``width`` are the image's, needed for polygons and uncompressed RLE. Everything is checked
+    before pycocotools sees it (its C code neither bounds-checks RLE runs nor polygon coordinates): RLE runs
+    must cover exactly ``h * w`` pixels (``pipeline.masks.check_rle``); polygon coordinates must be finite
+    numbers within one image size of the image (``x`` in ``[-w, 2w]``, ``y`` in ``[-h, 2h]``).
 
     Raises:
         ValueError: the segmentation is malformed or does not match the image size.
     """
     if isinstance(segmentation, dict):
-        size = segmentation.get("size")
-        counts = segmentation.get("counts")
-        if not (isinstance(size, list | tuple) and len(size) == 2):
-            raise ValueError(f"RLE size {size!r} is not [h, w]")
-        h, w = int(size[0]), int(size[1])
-        if isinstance(counts, list):
-            counts = mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)["counts"]
+        size, counts = segmentation.get("size"), segmentation.get("counts")
         if isinstance(counts, bytes):
-            counts = counts.decode("ascii")
-        if not isinstance(counts, str) or not counts:
-            raise ValueError("RLE counts is neither a list nor a non-empty string")
+            counts = counts.decode("ascii", errors="replace")
+        h, w = check_mask_size(size)
         if height is not None and width is not None and (h, w) != (height, width):
             raise ValueError(f"RLE size [{h}, {w}] != image [h, w] [{height}, {width}]")
+        check_rle(size, counts)
+        if isinstance(counts, list):
+            counts = mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)["counts"].decode("ascii")
         return RLE(size=(h, w), counts=counts)
     if isinstance(segmentation, list):
         if height is None or width is None:
             raise ValueError("polygons need the image's height and width")
-        polygons = [
-            [float(v) for v in poly]
-            for poly in segmentation
-            if isinstance(poly, list) and len(poly) >= 6 and len(poly) % 2 == 0
-        ]
+        polygons = [_polygon(i, poly, height, width) for i, poly in enumerate(segmentation)]
         if not polygons:
             raise ValueError("no polygon with at least 3 points")
         merged = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
         return RLE(size=(height, width), counts=merged["counts"].decode("ascii"))
     raise ValueError(f"segmentation of type {type(segmentation).__name__} is neither polygons nor RLE")
+
+
+def _polygon(index: int, poly: Any, height: int, width: int) -> list[float]:
+    """One polygon ``[x0, y0, x1, y1, ...]`` as floats, checked (see ``segmentation_to_rle``)."""
+    if not (isinstance(poly, list) and len(poly) >= 6 and len(poly) % 2 == 0):
+        size = len(poly) if isinstance(poly, list) else type(poly).__name__
+        raise ValueError(f"polygon {index} has {size} values, not an even number >= 6 (3 points)")
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in poly):
+        raise ValueError(f"polygon {index} has a coordinate that is not a number")
+    coords = [float(v) for v in poly]
+    for axis, side, values in (("x", width, coords[0::2]), ("y", height, coords[1::2])):
+        bad = next((v for v in values if not (math.isfinite(v) and -side <= v <= 2 * side)), None)
+        if bad is not None:
+            raise ValueError(f"polygon {index}: {axis}={bad} is not finite or lies over one image size "
+                             f"outside the image ({axis} must be in [{-side}, {2 * side}])")
+    return coords
+
+
+def _image_size(image: dict[str, Any], notes: list[str]) -> tuple[int | None, int | None]:
+    """``(height, width)`` from an image entry, or ``(None, None)`` with a note when they are unusable."""
+    height, width = image.get("height"), image.get("width")
+    if height is None and width is None:
+        return None, None
+    try:
+        return check_mask_size([height, width])
+    except ValueError as exc:
+        notes.append(f"image height/width not usable ({exc}): polygon masks of this image are not read")
+        return None, None
 
 
 def _box_xyxy(bbox: Any) -> tuple[float, float, float, float]:
@@ -121,18 +149,21 @@ class CocoSource:
     kind = "coco"
 
     def __init__(
-        self, annotations_json: str | Path, image_dir: str | Path, captions_json: str | Path | None = None
+        self, annotations_json: str | Path, image_dir: str | Path, captions_json: str | Path | None = None,
+        policy: ReadPolicy | None = None,
     ) -> None:
         self.annotations_json = Path(annotations_json)
         self.image_dir = Path(image_dir)
         self.captions_json = Path(captions_json) if captions_json is not None else None
+        self.policy = policy if policy is not None else ReadPolicy()
         self._images: dict[str, dict[str, Any]] | None = None
-        self._anns: dict[Any, list[dict[str, Any]]] = defaultdict(list)
-        self._captions: dict[Any, list[str]] = defaultdict(list)
+        self._anns: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self._captions: dict[str, list[Any]] = defaultdict(list)
         self._categories: dict[Any, str] = {}
+        self._entry_errors: dict[str, str] = {}  # refs that read as error rows (duplicates, orphans, non-objects)
 
     def _index(self) -> dict[str, dict[str, Any]]:
-        """Load the JSON files once: ref -> image entry, plus annotations/captions by image id."""
+        """Load the JSON files once: ref -> image entry, annotations/captions by image ref, error refs."""
         if self._images is not None:
             return self._images
         data = load_json(self.annotations_json)
@@ -141,27 +172,42 @@ class CocoSource:
         captions = load_json(self.captions_json) if self.captions_json is not None else {"annotations": []}
         if not isinstance(captions, dict):
             raise ValueError(f"{self.captions_json}: not a COCO captions file (no 'annotations' list)")
+        categories = _entries(data, "categories", self.annotations_json)
+        self._categories = {c.get("id"): str(c.get("name", "")) for c in categories if isinstance(c, dict)}
+        self._group(data, "annotations", self._anns, lambda ann: ann)
+        self._group(captions, "captions", self._captions, lambda entry: entry.get("caption"), field="annotations")
         images: dict[str, dict[str, Any]] = {}
-        try:
-            self._categories = {c.get("id"): str(c.get("name", "")) for c in data.get("categories", [])}
-            for ann in data.get("annotations", []):
-                self._anns[ann.get("image_id")].append(ann)
-            for entry in captions.get("annotations", []):
-                self._captions[entry.get("image_id")].append(entry.get("caption"))
-            for image in data["images"]:
-                ref = image_ref(image.get("id"))
-                if ref in images:
-                    log.warning("%s: duplicate image id %s; keeping the first entry", self.annotations_json, ref)
-                    continue
-                images[ref] = image
-        except (AttributeError, TypeError) as exc:  # an entry that is not an object
-            raise ValueError(f"{self.annotations_json}: malformed COCO entry: {exc}") from exc
+        repeats: Counter = Counter()
+        for index, image in enumerate(data["images"]):
+            if not isinstance(image, dict):
+                self._entry_errors[f"!images/{index}"] = f"bad_annotation: images[{index}] is not an object"
+                continue
+            ref = image_ref(image.get("id"))
+            if ref in images:
+                repeats[ref] += 1
+                self._entry_errors[f"{ref}#{repeats[ref] + 1}"] = (
+                    f"duplicate_id: images[{index}] (file_name {image.get('file_name')!r}) repeats image id "
+                    f"{image.get('id')!r}; the first entry (file_name {images[ref].get('file_name')!r}) is kept")
+                continue
+            images[ref] = image
+        for ref in sorted((self._anns.keys() | self._captions.keys()) - images.keys()):
+            n_anns, n_caps = len(self._anns.get(ref, [])), len(self._captions.get(ref, []))
+            self._entry_errors[ref] = (f"orphan_annotations: {n_anns} annotations and {n_caps} captions name image "
+                                       f"id {ref}, which is not in 'images'")
         self._images = images
         return images
 
+    def _group(self, document: dict[str, Any], what: str, into: dict[str, list[Any]], value, field: str = "") -> None:
+        """Entries of ``document[field or what]`` grouped by image ref; a non-object entry is an error ref."""
+        for index, entry in enumerate(_entries(document, field or what, what)):
+            if isinstance(entry, dict):
+                into[image_ref(entry.get("image_id"))].append(value(entry))
+            else:
+                self._entry_errors[f"!{what}/{index}"] = f"bad_annotation: {what}[{index}] is not an object"
+
     def list_refs(self) -> list[str]:
-        """Sorted zero-padded image ids (parses the JSON once; opens no image)."""
-        return sorted(self._index())
+        """Sorted zero-padded image ids plus the error refs (parses the JSON once; opens no image)."""
+        return sorted(self._index().keys() | self._entry_errors.keys())
 
     def read(self, refs: Sequence[str]) -> Iterator[SourceItem]:
         """One item per ref in order: the image file's bytes plus its known annotations."""
@@ -170,7 +216,9 @@ class CocoSource:
             image = images.get(ref)
             file_name = image.get("file_name") if image is not None else None
             if image is None or not isinstance(file_name, str) or not file_name:
-                problem = "bad_ref: image id not in annotations" if image is None else "bad_annotation: no file_name"
+                problem = self._entry_errors.get(ref, "bad_ref: image id not in annotations")
+                if image is not None:
+                    problem = "bad_annotation: no file_name"
                 yield SourceItem(item_key(f"coco-{ref}"), ref, None, error=f"{problem} ({ref})")
                 continue
             key = item_key(str(PurePosixPath(file_name).with_suffix("")))
@@ -179,11 +227,11 @@ class CocoSource:
             except (ValueError, TypeError, KeyError, AttributeError) as exc:  # read() must not raise per input
                 yield SourceItem(key, file_name, None, error=f"bad_annotation: image {ref}: {_short(exc)}")
                 continue
-            yield read_file_item(key, file_name, self.image_dir / file_name, known)
+            yield read_file_item(key, file_name, self.image_dir / file_name, self.image_dir, self.policy, known)
 
     def _known(self, image: dict[str, Any]) -> KnownAnnotations:
         known = KnownAnnotations()
-        height, width = image.get("height"), image.get("width")
+        height, width = _image_size(image, known.notes)
         extension = _extension(image)
         try:
             known.tags = _tags(extension.get("tags"))
@@ -196,13 +244,14 @@ class CocoSource:
             except (ValidationError, ValueError, KeyError, TypeError) as exc:
                 known.notes.append(f"skipped background {i}: {_short(exc)}")
         # The generator repeats image captions in umg.captions; the captions JSON wins when configured.
-        texts = self._captions.get(image.get("id"), []) if self.captions_json else extension.get("captions") or []
+        ref = image_ref(image.get("id"))
+        texts = self._captions.get(ref, []) if self.captions_json else extension.get("captions") or []
         for text in texts:
             if isinstance(text, str) and text.strip():
                 known.captions.append(Caption(text=text.strip(), annotator=GROUND_TRUTH))
             else:
                 known.notes.append(f"skipped empty caption {text!r}")
-        for index, ann in enumerate(self._anns.get(image.get("id"), [])):
+        for index, ann in enumerate(self._anns.get(ref, [])):
             region = self._region(index, ann, height, width, known.notes)
             if region is not None:
                 known.regions.append(region)
@@ -235,6 +284,13 @@ class CocoSource:
         except (ValidationError, KeyError, TypeError, AttributeError) as exc:
             notes.append(f"skipped {where}: {_short(exc)}")
             return None
+
+
+def _entries(document: dict[str, Any], field: str, origin: Any) -> list[Any]:
+    entries = document.get(field) or []
+    if not isinstance(entries, list):
+        raise ValueError(f"{origin}: {field!r} is a {type(entries).__name__}, not a list")
+    return entries
 
 
 def _extension(entry: dict[str, Any]) -> dict[str, Any]:

@@ -1,15 +1,23 @@
 """A folder of image files (recursive), with optional ``<stem>.txt`` caption sidecars.
 
 Refs are the image paths relative to the root in posix form (``sub/dir/cat.jpg``), which are also the
-``source_id``; the key is the sanitised relative path without extension (``sub_dir_cat``). Hidden files
-and folders (name starting with ``.``, e.g. macOS ``._cat.jpg`` resource forks) are skipped, and symlinked
-folders are not followed, so the listing is finite and stable. Two files differing only in extension
-(``cat.jpg``, ``cat.png``) get the same key; the shard writer reports that collision.
+``source_id``; the key is the sanitised relative path without extension (``sub_dir_cat``). Every entry whose
+name has an image extension is an input and ends as one row — including hidden files (``._cat.jpg`` macOS
+forks become ``not_an_image`` rows; ``..%2f..%2fevil.jpg`` is read under the safe key ``2f_-2fevil``), FIFOs, devices
+and symlinks. Hidden folders (``.git``, ``.cache``) and symlinked folders are not walked, so the listing is
+finite and stable; a symlinked folder is walked only when it points into ``source.follow_symlinks``.
+A folder that cannot be listed (permission denied) is the ref ``<folder>/``, an ``unreadable:`` error row.
+Two files differing only in extension (``cat.jpg``, ``cat.png``) get the same key; the shard writer
+reports that collision.
+
+Files are read through ``pipeline.sources.confine``: a file (image or sidecar) that resolves outside the
+root, is not a regular file or is over its size cap (``source.max_image_bytes`` / ``max_text_bytes``) is
+refused before a byte is read — an image as an error row, a sidecar as a ``sidecar_skipped:`` note.
 
 Sidecar text is decoded as UTF-8 with ``errors="replace"`` (invalid bytes become U+FFFD) and stripped:
 a caption with a few bad bytes is still worth keeping, and a non-UTF-8 sidecar never fails the image.
 
-``decode_text`` and ``item_key`` are shared by every reader in this package.
+``decode_text``, ``item_key`` and ``read_file_item`` are shared by every reader in this package.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from pathlib import Path, PurePosixPath
 
 from data_schemas import Caption, sanitize_key
 from pipeline.sources.base import KnownAnnotations, SourceItem
+from pipeline.sources.confine import ReadPolicy, RefusedRead, read_confined
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 ALT_TEXT = "alt_text"
@@ -48,15 +57,16 @@ def item_key(raw: str) -> str:
         return "x" + hashlib.sha1(raw.encode("utf-8", errors="surrogatepass")).hexdigest()[:16]
 
 
-def read_file_item(key: str, source_id: str, path: Path, known: KnownAnnotations | None = None) -> SourceItem:
-    """An item with ``path``'s bytes, or an error item (``missing_image:`` / ``unreadable:``) — never raises."""
+def read_file_item(key: str, source_id: str, path: Path, root: Path, policy: ReadPolicy,
+                   known: KnownAnnotations | None = None) -> SourceItem:
+    """An item with ``path``'s bytes read through ``read_confined`` (``path`` must lie under ``root``), or an
+    error item whose reason is the refusal (``missing_image:``, ``outside_root:``, ``not_a_regular_file:``,
+    ``too_large:``, ``unreadable:``) — never raises."""
     known = known if known is not None else KnownAnnotations()
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return SourceItem(key, source_id, None, known, error=f"missing_image: {path}")
-    except OSError as exc:  # permission denied, a folder named like an image, I/O error ...
-        return SourceItem(key, source_id, None, known, error=f"unreadable: {path}: {exc.strerror or exc}")
+        data = read_confined(path, root, policy, policy.max_image_bytes)
+    except RefusedRead as exc:
+        return SourceItem(key, source_id, None, known, error=exc.reason)
     return SourceItem(key, source_id, data, known)
 
 
@@ -65,39 +75,75 @@ class FolderSource:
 
     kind = "folder"
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, policy: ReadPolicy | None = None) -> None:
         self.root = Path(root)
+        self.policy = policy if policy is not None else ReadPolicy()
 
     def list_refs(self) -> list[str]:
-        """Sorted relative posix paths of the image files under ``root`` (no file is opened)."""
+        """Sorted relative posix paths of the image-named entries under ``root`` (no file is opened)."""
         if not self.root.is_dir():
             raise FileNotFoundError(f"folder source root {self.root} is not a directory")
         refs = []
-        for dirpath, dirnames, filenames in os.walk(self.root):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        walked = {self.root.resolve()}
+
+        def unlistable(exc: OSError) -> None:  # a folder that cannot be listed is one error row, not silence
+            refs.append(Path(exc.filename).relative_to(self.root).as_posix() + "/")
+
+        for dirpath, dirnames, filenames in os.walk(self.root, onerror=unlistable, followlinks=True):
             rel_dir = Path(dirpath).relative_to(self.root)
-            for name in filenames:
-                if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+            kept = []
+            for name in dirnames:
+                if self._walk_into(Path(dirpath) / name, walked):
+                    kept.append(name)
+                elif looks_like_image(name):  # e.g. a link named cat.jpg to a folder: an input we refuse
                     refs.append((rel_dir / name).as_posix())
+            dirnames[:] = kept
+            refs.extend((rel_dir / name).as_posix() for name in filenames if looks_like_image(name))
         return sorted(refs)
+
+    def _walk_into(self, path: Path, walked: set[Path]) -> bool:
+        """Hidden folders are never walked; a symlinked folder only when it points into ``follow_symlinks``."""
+        if path.name.startswith("."):
+            return False
+        if path.is_symlink():
+            target = path.resolve()
+            if target in walked or not any(target.is_relative_to(p) for p in self.policy.follow_symlinks):
+                return False
+            walked.add(target)
+        return True
 
     def read(self, refs: Sequence[str]) -> Iterator[SourceItem]:
         """One item per ref in order: the file's bytes plus the sidecar caption when there is one."""
         for ref in refs:
+            if ref.endswith("/"):
+                yield SourceItem(item_key(ref), ref, None, error=self._unlistable_reason(ref))
+                continue
             known = KnownAnnotations()
             path = self.root / ref
             caption = self._sidecar_caption(path, known)
             if caption:
                 known.captions.append(Caption(text=caption, annotator=ALT_TEXT))
-            yield read_file_item(item_key(str(PurePosixPath(ref).with_suffix(""))), ref, path, known)
+            key = item_key(str(PurePosixPath(ref).with_suffix("")))
+            yield read_file_item(key, ref, path, self.root, self.policy, known)
 
-    @staticmethod
-    def _sidecar_caption(image_path: Path, known: KnownAnnotations) -> str:
+    def _unlistable_reason(self, ref: str) -> str:
+        try:
+            os.listdir(self.root / ref)
+        except OSError as exc:
+            return f"unreadable: folder {self.root / ref} cannot be listed: {exc.strerror or exc}"
+        return f"unreadable: folder {self.root / ref} could not be listed when the build was planned"
+
+    def _sidecar_caption(self, image_path: Path, known: KnownAnnotations) -> str:
         sidecar = image_path.with_suffix(".txt")
         try:
-            return decode_text(sidecar.read_bytes(), known.notes, sidecar.name).strip()
-        except FileNotFoundError:
+            data = read_confined(sidecar, self.root, self.policy, self.policy.max_text_bytes, "source.max_text_bytes")
+        except RefusedRead as exc:
+            if exc.tag != "missing_image" or sidecar.is_symlink():  # a dangling link is worth a note
+                known.notes.append(f"sidecar_skipped: {exc.reason}")
             return ""
-        except OSError as exc:
-            known.notes.append(f"sidecar_unreadable: {sidecar.name}: {exc.strerror or exc}")
-            return ""
+        return decode_text(data, known.notes, sidecar.name).strip()
+
+
+def looks_like_image(name: str) -> bool:
+    """Whether a file name has one of ``IMAGE_EXTENSIONS`` (case-insensitive)."""
+    return Path(name).suffix.lower() in IMAGE_EXTENSIONS

@@ -1,19 +1,29 @@
 """img2dataset output: WebDataset tars and/or parquet files with the image bytes inside.
 
-Containers are the ``*.tar`` and ``*.parquet`` files directly under ``root`` (img2dataset writes them
+Containers are the ``*.tar`` and ``*.parquet`` entries directly under ``root`` (img2dataset writes them
 flat: ``00000.tar`` + ``00000.parquet`` metadata for ``output_format=webdataset``, or parquet files with
 an image column for ``output_format=parquet``). A parquet file without an image column (``jpg``,
-``jpeg``, ``png``, ``webp``) is metadata only and is skipped when a tar of the same stem exists.
+``jpeg``, ``png``, ``webp``) is metadata only and is skipped when a tar of the same stem exists. Containers
+are opened through ``pipeline.sources.confine``: one that is a FIFO, a device or a link out of the root
+becomes a single error row (``not_a_regular_file:`` / ``outside_root:``).
 
 * Refs are ``<container>/<sample key>`` (``00000.tar/000000012``); the item key is the sanitised
   sample key (img2dataset keys are unique across shards), ``source_id`` the ref.
 * Tar members follow the WebDataset convention ``<key>.<ext>``: ``jpg``/``jpeg``/``png``/``webp`` hold
   the image, ``txt`` the alt text, ``json`` the metadata (its ``caption`` is used when there is no ``txt``).
+  Member names are never used as paths (``../x.jpg`` is just the key ``../x``, sanitised).
+* Every sample-looking member is accounted for: the n-th repeat of a member name (or of a parquet key)
+  adds the ref ``<container>#dup<n>/<key>``, an error row ``duplicate_key:`` (the first is kept); a
+  symlink, hard link or device member is ``not_a_regular_file:`` (a note when the sample still has a
+  regular image); a member over ``source.max_image_bytes`` (text: ``max_text_bytes``) is ``too_large:``;
+  an image-named member whose name starts with ``.`` (no WebDataset key) adds ``<container>#hidden/<name>``,
+  an error row ``hidden_member:``.
 * Parquet rows use the ``key`` column (the row number, zero-padded to 9 digits, when absent), the
   image column and ``caption``; a row whose image is null (img2dataset keeps failed downloads with
   ``status``/``error_message``) becomes a ``missing_image:`` item.
-* A container that cannot be listed (corrupt, cut short) adds the ref ``<container>/`` that reads as an
-  ``unreadable:`` error item, so the problem reaches the shard's error rows instead of vanishing.
+* A container that cannot be listed (corrupt, cut inside a header, garbage after the last member) adds
+  the ref ``<container>/`` that reads as an ``unreadable:`` error item, so the problem reaches the shard's
+  error rows instead of vanishing; the samples listed before the damage are kept.
 * Text is decoded as UTF-8 with invalid bytes replaced (noted in ``known.notes``).
 
 ``read`` opens each container at most once per call and keeps only the members the batch asks for; tars
@@ -26,21 +36,26 @@ import json
 import logging
 import re
 import tarfile
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import pyarrow.parquet as pq
 
 from data_schemas import Caption
 from pipeline.sources.base import KnownAnnotations, SourceItem
-from pipeline.sources.folder import ALT_TEXT, decode_text, item_key
+from pipeline.sources.confine import ReadPolicy, RefusedRead, open_confined
+from pipeline.sources.folder import ALT_TEXT, decode_text, item_key, looks_like_image
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _MEMBER = re.compile(r"^((?:.*/|)[^./][^.]*)\.([^/]*)$")  # webdataset's key/extension split
-_Members = dict[str, bytes]  # extension -> bytes (tar) or column -> value (parquet)
+_DUP = re.compile(r"^(.+)#dup(\d+)$")  # container part of a duplicate's ref: 00000.tar#dup2
+_HIDDEN = "#hidden"
+_REFUSED = "!refused"  # members key holding the reasons a sample's members were not read
+_Members = dict[str, Any]  # extension -> bytes (tar) or column -> value (parquet); _REFUSED -> [reason]
 
 
 def _split_member(name: str) -> tuple[str, str] | None:
@@ -48,41 +63,47 @@ def _split_member(name: str) -> tuple[str, str] | None:
     return (match.group(1), match.group(2).lower()) if match else None
 
 
+def _sample_refs(container: str, occurrences: Counter) -> list[str]:
+    """``<container>/<key>`` per key, plus ``<container>#dup<n>/<key>`` for its n-th repeat (n >= 2)."""
+    return [f"{container}/{key}" if n == 1 else f"{container}#dup{n}/{key}"
+            for key, count in occurrences.items() for n in range(1, count + 1)]
+
+
 class Img2DatasetSource:
     """Samples of an img2dataset output folder; see the module docstring."""
 
     kind = "img2dataset"
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, policy: ReadPolicy | None = None) -> None:
         self.root = Path(root)
+        self.policy = policy if policy is not None else ReadPolicy()
         self._listing_errors: dict[str, str] = {}
 
     def containers(self) -> list[str]:
-        """Sorted names of the tar/parquet files under ``root`` holding images."""
+        """Sorted names of the tar/parquet entries under ``root`` holding images (real folders skipped)."""
         if not self.root.is_dir():
             raise FileNotFoundError(f"img2dataset root {self.root} is not a directory")
-        files = [p for p in self.root.iterdir() if p.is_file() and not p.name.startswith(".")]
-        tar_stems = {p.stem for p in files if p.suffix == ".tar"}
+        entries = [p for p in self.root.iterdir()
+                   if p.suffix in (".tar", ".parquet") and (p.is_symlink() or not p.is_dir())]
+        tar_stems = {p.stem for p in entries if p.suffix == ".tar"}
         names = []
-        for path in files:
-            if path.suffix == ".tar":
-                names.append(path.name)
-            elif path.suffix == ".parquet" and not (path.stem in tar_stems and _image_column(path) is None):
-                names.append(path.name)
+        for path in entries:
+            if path.suffix == ".parquet" and path.stem in tar_stems and self._metadata_only(path.name):
+                continue
+            names.append(path.name)
         return sorted(names)
 
     def list_refs(self) -> list[str]:
-        """Sorted ``<container>/<key>`` refs; reads tar headers and parquet key columns only."""
+        """Sorted refs (see the module docstring); reads tar headers and parquet key columns only."""
         refs: set[str] = set()
         for name in self.containers():
             try:
-                keys = self._keys(name)
+                refs.update(self._refs(name))
             except _ListingError as exc:
-                keys = exc.keys
                 self._listing_errors[name] = exc.reason
                 log.warning("img2dataset container %s: %s", name, exc.reason)
                 refs.add(f"{name}/")
-            refs.update(f"{name}/{key}" for key in keys)
+                refs.update(exc.refs)
         return sorted(refs)
 
     def read(self, refs: Sequence[str]) -> Iterator[SourceItem]:
@@ -94,29 +115,42 @@ class Img2DatasetSource:
         scanned: dict[str, tuple[dict[str, _Members], str | None]] = {}
         for ref in refs:
             container, _, key = ref.partition("/")
+            if container.endswith(_HIDDEN):
+                name = container.removesuffix(_HIDDEN)
+                yield SourceItem(item_key(f"{name}-{key}"), ref, None,
+                                 error=f"hidden_member: {key} in {name} starts with '.'; WebDataset readers skip it")
+                continue
+            duplicate = _DUP.match(container)
+            if duplicate:
+                name, n = duplicate.groups()
+                yield SourceItem(item_key(key), ref, None, error=f"duplicate_key: {key!r} occurs again in {name} "
+                                 f"(occurrence {n}, a repeated member name or key); the first is kept")
+                continue
             if container not in scanned:
                 scanned[container] = self._scan(container, wanted[container])
             found, scan_error = scanned[container]
             yield self._item(ref, key, found.get(key), scan_error)
 
+    def _open(self, container: str) -> BinaryIO:
+        return open_confined(self.root / container, self.root, self.policy)
+
     def _scan(self, container: str, keys: set[str]) -> tuple[dict[str, _Members], str | None]:
         """Members of the wanted ``keys`` in ``container``, and the error that stopped the scan (if any)."""
         found: dict[str, _Members] = {}
-        path = self.root / container
         try:
             if container.endswith(".tar"):
-                self._scan_tar(path, keys, found)
+                self._scan_tar(container, keys, found)
             elif container.endswith(".parquet"):
-                self._scan_parquet(path, keys, found)
+                self._scan_parquet(container, keys, found)
             else:
                 return found, f"unreadable: {container}: not a .tar or .parquet container"
-        except FileNotFoundError:
-            return found, f"missing_image: {path}"
+        except RefusedRead as exc:
+            return found, exc.reason
         except (OSError, tarfile.TarError, EOFError, ValueError) as exc:  # pyarrow errors are OSError/ValueError
             return found, f"unreadable: {container}: {exc}"
         if "" in keys and container not in self._listing_errors:  # a container ref read by a fresh instance
             try:
-                self._keys(container)
+                self._refs(container)
             except _ListingError as exc:
                 self._listing_errors[container] = exc.reason
         return found, self._listing_errors.get(container)
@@ -132,84 +166,141 @@ class Img2DatasetSource:
         if caption:
             known.captions.append(Caption(text=caption, annotator=ALT_TEXT))
         image = next((members[ext] for ext in IMAGE_EXTS if members.get(ext) is not None), None)
+        refused = members.get(_REFUSED, [])
         if image is None:
-            if scan_error:
-                return SourceItem(item_id, ref, None, known, error=scan_error)
+            if scan_error or refused:
+                return SourceItem(item_id, ref, None, known, error=scan_error or refused[0])
             status = members.get("status")
             detail = f" (status={_as_text(status)}: {_as_text(members.get('error_message'))})" if status else ""
             return SourceItem(item_id, ref, None, known, error=f"missing_image: {ref}{detail}")
+        if len(image) > self.policy.max_image_bytes:  # a parquet cell; tar members are refused before reading
+            return SourceItem(item_id, ref, None, known, error=f"too_large: {ref} image is {len(image)} bytes, "
+                              f"over source.max_image_bytes={self.policy.max_image_bytes}")
+        known.notes.extend(f"skipped member: {reason}" for reason in refused)
         return SourceItem(item_id, ref, bytes(image), known)
 
-    def _keys(self, container: str) -> list[str]:
-        """Sample keys of one container; raises ``_ListingError`` (with the keys read so far) when broken."""
-        return self._tar_keys(container) if container.endswith(".tar") else self._parquet_keys(container)
+    def _refs(self, container: str) -> list[str]:
+        """Refs of one container; raises ``_ListingError`` (with the refs read so far) when broken."""
+        return self._tar_refs(container) if container.endswith(".tar") else self._parquet_refs(container)
 
     # --- tar -------------------------------------------------------------------------------------
 
-    def _tar_keys(self, name: str) -> list[str]:
-        keys: list[str] = []
+    def _tar_refs(self, name: str) -> list[str]:
+        occurrences: Counter = Counter()
+        hidden: list[str] = []
         try:
-            with tarfile.open(self.root / name, mode="r:*") as tar:
+            with self._open(name) as handle, tarfile.open(fileobj=handle, mode="r:*") as tar:
                 for member in tar:
-                    split = _split_member(member.name) if member.isfile() else None
-                    if split and (not keys or keys[-1] != split[0]):
-                        keys.append(split[0])
+                    split = _split_member(member.name) if not member.isdir() else None
+                    if split is not None:
+                        occurrences[split] += 1
+                    elif not member.isdir() and looks_like_image(member.name):
+                        hidden.append(f"{name}{_HIDDEN}/{member.name}")
+                damage = _damaged_end(tar)
+        except RefusedRead as exc:
+            raise _ListingError([], exc.reason) from exc
         except (OSError, tarfile.TarError, EOFError) as exc:
-            raise _ListingError(keys, f"unreadable: {name}: {exc} (after {len(set(keys))} samples)") from exc
-        return sorted(set(keys))
+            refs = self._tar_sample_refs(name, occurrences) + hidden
+            raise _ListingError(refs, f"unreadable: {name}: {exc} (after {len(refs)} samples)") from exc
+        refs = self._tar_sample_refs(name, occurrences) + hidden
+        if damage:
+            raise _ListingError(refs, f"unreadable: {name}: {damage} (after {len(refs)} samples)")
+        return refs
 
     @staticmethod
-    def _scan_tar(path: Path, keys: set[str], found: dict[str, _Members]) -> None:
-        with tarfile.open(path, mode="r:*") as tar:
+    def _tar_sample_refs(name: str, occurrences: Counter) -> list[str]:
+        per_key: Counter = Counter()
+        for (key, _), count in occurrences.items():
+            per_key[key] = max(per_key[key], count)
+        return _sample_refs(name, per_key)
+
+    def _scan_tar(self, container: str, keys: set[str], found: dict[str, _Members]) -> None:
+        seen: Counter = Counter()
+        with self._open(container) as handle, tarfile.open(fileobj=handle, mode="r:*") as tar:
             for member in tar:
-                split = _split_member(member.name) if member.isfile() else None
+                split = _split_member(member.name) if not member.isdir() else None
                 if split is None or split[0] not in keys:
                     continue
-                handle = tar.extractfile(member)
-                if handle is not None:
-                    found.setdefault(split[0], {})[split[1]] = handle.read()
+                seen[split] += 1
+                if seen[split] > 1:  # a repeat: its own ref reads as duplicate_key
+                    continue
+                members = found.setdefault(split[0], {})
+                refused = self._refusal(container, member, split[1])
+                if refused:
+                    members.setdefault(_REFUSED, []).append(refused)
+                    continue
+                extracted = tar.extractfile(member)
+                if extracted is not None:
+                    members[split[1]] = extracted.read()
+
+    def _refusal(self, container: str, member: tarfile.TarInfo, ext: str) -> str | None:
+        if not member.isfile():
+            kind = "symlink" if member.issym() else "hard link" if member.islnk() else "special"
+            return f"not_a_regular_file: {member.name} is a {kind} member of {container}"
+        cap, cap_name = ((self.policy.max_image_bytes, "source.max_image_bytes") if ext in IMAGE_EXTS
+                         else (self.policy.max_text_bytes, "source.max_text_bytes"))
+        if member.size > cap:
+            return f"too_large: member {member.name} of {container} is {member.size} bytes, over {cap_name}={cap}"
+        return None
 
     # --- parquet ---------------------------------------------------------------------------------
 
-    def _parquet_keys(self, name: str) -> list[str]:
+    def _metadata_only(self, name: str) -> bool:
         try:
-            pf = pq.ParquetFile(self.root / name)
-            if _image_column(self.root / name, pf) is None:
-                raise _ListingError([], f"unreadable: {name}: no image column (looked for {', '.join(IMAGE_EXTS)})")
-            if "key" not in pf.schema_arrow.names:
-                return [f"{i:09d}" for i in range(pf.metadata.num_rows)]
-            keys = pf.read(columns=["key"]).column("key").to_pylist()
+            with self._open(name) as handle:
+                return _image_column(pq.ParquetFile(handle)) is None
+        except (RefusedRead, OSError, ValueError):
+            return False  # unreadable: list it so the error is reported
+
+    def _parquet_refs(self, name: str) -> list[str]:
+        try:
+            with self._open(name) as handle:
+                pf = pq.ParquetFile(handle)
+                if _image_column(pf) is None:
+                    raise _ListingError([], f"unreadable: {name}: no image column (looked for {', '.join(IMAGE_EXTS)})")
+                if "key" not in pf.schema_arrow.names:
+                    return [f"{name}/{i:09d}" for i in range(pf.metadata.num_rows)]
+                keys = pf.read(columns=["key"]).column("key").to_pylist()
+        except RefusedRead as exc:
+            raise _ListingError([], exc.reason) from exc
         except (OSError, ValueError) as exc:
             raise _ListingError([], f"unreadable: {name}: {exc}") from exc
-        return [key if key else f"{i:09d}" for i, key in enumerate(keys)]
+        return _sample_refs(name, Counter(key if key else f"{i:09d}" for i, key in enumerate(keys)))
 
-    @staticmethod
-    def _scan_parquet(path: Path, keys: set[str], found: dict[str, _Members]) -> None:
-        pf = pq.ParquetFile(path)
-        names = pf.schema_arrow.names
-        image_col = _image_column(path, pf)
-        columns = [c for c in ("key", image_col, "caption", "status", "error_message") if c and c in names]
-        row = 0
-        for batch in pf.iter_batches(columns=columns, batch_size=256):
-            for values in batch.to_pylist():
-                key = values.get("key") or f"{row:09d}"
-                row += 1
-                if key in keys and key not in found:
-                    found[key] = {("jpg" if col == image_col else col): val for col, val in values.items()}
+    def _scan_parquet(self, container: str, keys: set[str], found: dict[str, _Members]) -> None:
+        with self._open(container) as handle:
+            pf = pq.ParquetFile(handle)
+            names = pf.schema_arrow.names
+            image_col = _image_column(pf)
+            columns = [c for c in ("key", image_col, "caption", "status", "error_message") if c and c in names]
+            row = 0
+            for batch in pf.iter_batches(columns=columns, batch_size=256):
+                for values in batch.to_pylist():
+                    key = values.get("key") or f"{row:09d}"
+                    row += 1
+                    if key in keys and key not in found:
+                        found[key] = {("jpg" if col == image_col else col): val for col, val in values.items()}
 
 
 class _ListingError(Exception):
-    def __init__(self, keys: list[str], reason: str) -> None:
+    def __init__(self, refs: list[str], reason: str) -> None:
         super().__init__(reason)
-        self.keys = keys
+        self.refs = refs
         self.reason = reason
 
 
-def _image_column(path: Path, pf: pq.ParquetFile | None = None) -> str | None:
-    try:
-        names = (pf or pq.ParquetFile(path)).schema_arrow.names
-    except (OSError, ValueError):
-        return IMAGE_EXTS[0]  # unreadable: claim an image column so the file is listed and its error reported
+def _damaged_end(tar: tarfile.TarFile) -> str | None:
+    """Why the archive ended early, or None: tarfile silently stops at a header cut short or garbage."""
+    tar.fileobj.seek(tar.offset)
+    block = tar.fileobj.read(tarfile.BLOCKSIZE)
+    if not block.strip(b"\0"):
+        return None  # the end-of-archive zero block, or the file ends exactly after a member
+    what = "cut inside a header" if len(block) < tarfile.BLOCKSIZE else "an invalid header"
+    return f"archive ends with {what} at byte {tar.offset}"
+
+
+def _image_column(pf: pq.ParquetFile) -> str | None:
+    names = pf.schema_arrow.names
     return next((ext for ext in IMAGE_EXTS if ext in names), None)
 
 

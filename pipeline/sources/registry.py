@@ -28,7 +28,8 @@ from pathlib import Path
 from data_schemas import ConfigError, SourceConfig
 from pipeline.sources.base import Source, SourceItem
 from pipeline.sources.coco import CocoSource
-from pipeline.sources.folder import IMAGE_EXTENSIONS, FolderSource, item_key
+from pipeline.sources.confine import ReadPolicy
+from pipeline.sources.folder import IMAGE_EXTENSIONS, FolderSource, item_key, looks_like_image
 from pipeline.sources.img2dataset import Img2DatasetSource
 from pipeline.sources.vg import VisualGenomeSource
 
@@ -94,7 +95,7 @@ def detect_kind(path: Path) -> str:
 def _has_image(root: Path) -> bool:
     for _, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        if any(Path(name).suffix.lower() in IMAGE_EXTENSIONS and not name.startswith(".") for name in filenames):
+        if any(looks_like_image(name) for name in filenames):
             return True
     return False
 
@@ -120,7 +121,15 @@ def build_source(cfg: SourceConfig) -> Source:
     if kind not in SOURCES:
         raise ConfigError(f"source.kind {kind!r} is unknown; known kinds: auto, {', '.join(sorted(SOURCES))}")
     root = _require_dir(cfg.path, "source.path", kind)
-    return SOURCES[kind](root)
+    return SOURCES[kind](root, policy=read_policy(cfg))
+
+
+def read_policy(cfg: SourceConfig) -> ReadPolicy:
+    """The confined-read policy of ``cfg`` (size caps, ``follow_symlinks``); see ``pipeline.sources.confine``."""
+    for folder in cfg.follow_symlinks:
+        if not Path(folder).is_dir():
+            raise ConfigError(f"source.follow_symlinks: {folder} is not a directory")
+    return ReadPolicy.create(cfg.max_image_bytes, cfg.max_text_bytes, cfg.follow_symlinks)
 
 
 def _require_dir(path: Path | None, field: str, kind: str) -> Path:
@@ -137,7 +146,8 @@ def _build_coco(cfg: SourceConfig) -> Source:
         annotations = Path(cfg.path)
     if annotations is not None:
         instances = Path(annotations)
-        return _coco_split(instances, cfg.captions, _image_dirs(instances.parent.parent, _split_name(instances), cfg))
+        image_dirs = _image_dirs(instances.parent.parent, _split_name(instances), cfg)
+        return _coco_split(instances, cfg.captions, image_dirs, read_policy(cfg))
     root = _require_dir(cfg.path, "source.path", "coco")
     files = sorted((root / "annotations").glob("instances_*.json"))
     if not files:
@@ -146,8 +156,9 @@ def _build_coco(cfg: SourceConfig) -> Source:
         raise ConfigError(
             f"source.captions names one file but {root} has {len(files)} splits; set source.annotations to choose one"
         )
+    policy = read_policy(cfg)
     parts: dict[str, Source] = {
-        _split_name(f): _coco_split(f, cfg.captions, _image_dirs(root, _split_name(f), cfg, several=True))
+        _split_name(f): _coco_split(f, cfg.captions, _image_dirs(root, _split_name(f), cfg, several=True), policy)
         for f in files
     }
     return SplitSource("coco", parts)
@@ -164,7 +175,7 @@ def _image_dirs(root: Path, split: str, cfg: SourceConfig, several: bool = False
     return [root / "images" / split, root / split, root / "images"]
 
 
-def _coco_split(instances: Path, captions: Path | None, image_dirs: list[Path]) -> CocoSource:
+def _coco_split(instances: Path, captions: Path | None, image_dirs: list[Path], policy: ReadPolicy) -> CocoSource:
     """A ``CocoSource`` for one instances file; the image folder is the first existing candidate."""
     if not instances.is_file():
         raise ConfigError(f"source.annotations {instances} does not exist")
@@ -177,7 +188,7 @@ def _coco_split(instances: Path, captions: Path | None, image_dirs: list[Path]) 
     if image_dir is None:
         tried = ", ".join(str(d) for d in image_dirs)
         raise ConfigError(f"no image folder for coco split {split!r}: tried {tried} (set source.image_dir)")
-    return CocoSource(instances, image_dir, captions)
+    return CocoSource(instances, image_dir, captions, policy)
 
 
 def _build_vg(cfg: SourceConfig) -> Source:
@@ -193,4 +204,4 @@ def _build_vg(cfg: SourceConfig) -> Source:
     image_dir = cfg.image_dir if cfg.image_dir is not None else annotations.parent
     if not Path(image_dir).is_dir():
         raise ConfigError(f"source.image_dir {image_dir} is not a directory (source kind vg)")
-    return VisualGenomeSource(annotations, image_dir)
+    return VisualGenomeSource(annotations, image_dir, read_policy(cfg))

@@ -11,12 +11,14 @@ the official download unpacks them. ``image_data.json`` is not needed: the true 
   ``captions == [phrase]`` (annotator ``ground_truth``): VG regions carry a free-text phrase and no
   class, so the phrase doubles as the label. Regions with ``width``/``height`` <= 0, a non-finite
   coordinate or an empty phrase are skipped with a line in ``known.notes``; boxes are not clipped.
-* Several entries for the same image id are merged (regions concatenated in file order).
+* Several entries for the same image id are merged (regions concatenated in file order). An entry without
+  an id (or not an object) adds the ref ``!entries/<index>``, an error row ``bad_annotation:``.
+* Images are read through ``pipeline.sources.confine`` under ``image_dir``: an id such as ``"../x"`` that
+  escapes it is an error row ``outside_root:``.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -27,9 +29,8 @@ from pydantic import ValidationError
 from data_schemas import Region, RegionCaption
 from pipeline.sources.base import KnownAnnotations, SourceItem
 from pipeline.sources.coco import GROUND_TRUTH, image_ref, load_json
+from pipeline.sources.confine import ReadPolicy
 from pipeline.sources.folder import item_key, read_file_item
-
-log = logging.getLogger(__name__)
 
 IMAGE_SUBDIRS = ("", "VG_100K", "VG_100K_2")
 
@@ -39,10 +40,13 @@ class VisualGenomeSource:
 
     kind = "vg"
 
-    def __init__(self, region_descriptions_json: str | Path, image_dir: str | Path) -> None:
+    def __init__(self, region_descriptions_json: str | Path, image_dir: str | Path,
+                 policy: ReadPolicy | None = None) -> None:
         self.region_descriptions_json = Path(region_descriptions_json)
         self.image_dir = Path(image_dir)
+        self.policy = policy if policy is not None else ReadPolicy()
         self._images: dict[str, tuple[Any, list[dict[str, Any]]]] | None = None
+        self._entry_errors: dict[str, str] = {}  # refs of entries that read as error rows
 
     def _index(self) -> dict[str, tuple[Any, list[dict[str, Any]]]]:
         """ref -> (image id, regions), loaded once."""
@@ -52,26 +56,28 @@ class VisualGenomeSource:
         if not isinstance(data, list):
             raise ValueError(f"{self.region_descriptions_json}: expected a list of images with 'regions'")
         images: dict[str, tuple[Any, list[dict[str, Any]]]] = {}
-        for entry in data:
+        for index, entry in enumerate(data):
             image_id = entry.get("id", entry.get("image_id")) if isinstance(entry, dict) else None
-            if image_id is None:
-                log.warning("%s: entry without 'id' skipped", self.region_descriptions_json)
+            regions = entry.get("regions") if isinstance(entry, dict) else None
+            if image_id is None or not isinstance(regions, list | None):
+                self._entry_errors[f"!entries/{index}"] = (
+                    f"bad_annotation: entry {index} is not an object with an 'id' and a 'regions' list")
                 continue
-            ref = image_ref(image_id)
-            images.setdefault(ref, (image_id, []))[1].extend(entry.get("regions") or [])
+            images.setdefault(image_ref(image_id), (image_id, []))[1].extend(regions or [])
         self._images = images
         return images
 
     def list_refs(self) -> list[str]:
         """Sorted zero-padded image ids (parses the JSON once; opens no image)."""
-        return sorted(self._index())
+        return sorted(self._index().keys() | self._entry_errors.keys())
 
     def read(self, refs: Sequence[str]) -> Iterator[SourceItem]:
         """One item per ref in order: ``<image_id>.jpg`` bytes plus the image's regions."""
         images = self._index()
         for ref in refs:
             if ref not in images:
-                yield SourceItem(item_key(f"vg-{ref}"), ref, None, error=f"bad_ref: image id {ref} not in annotations")
+                reason = self._entry_errors.get(ref, f"bad_ref: image id {ref} not in annotations")
+                yield SourceItem(item_key(f"vg-{ref}"), ref, None, error=reason)
                 continue
             image_id, raw_regions = images[ref]
             name = f"{image_id}.jpg"
@@ -80,7 +86,8 @@ class VisualGenomeSource:
                 region = _region(index, raw, known.notes)
                 if region is not None:
                     known.regions.append(region)
-            yield read_file_item(item_key(str(image_id)), name, self._image_path(name), known)
+            path = self._image_path(name)
+            yield read_file_item(item_key(str(image_id)), name, path, self.image_dir, self.policy, known)
 
     def _image_path(self, name: str) -> Path:
         """The first existing candidate, else the plain ``image_dir/name`` (reported as missing)."""

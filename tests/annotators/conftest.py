@@ -54,3 +54,19 @@ def images() -> list[Image.Image]:
 def load():
     """``load(kind, cfg, **overrides)``: the ``kind`` backend built from ``cfg`` updated by ``overrides``, loaded."""
     return build_and_load
+
+
+@pytest.fixture(scope="module")
+def blip2_cfg(tmp_path_factory) -> dict:
+    """A tiny BLIP-2 captioner config on CPU."""
+    from annotators.captioner import Blip2Captioner
+
+    return Blip2Captioner.create_tiny(tmp_path_factory.mktemp("tiny_blip2")) | {"device": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def vlm_cfg(tmp_path_factory) -> dict:
+    """A tiny LLaVA ``vlm`` captioner config on CPU."""
+    from annotators.captioner import VlmCaptioner
+
+    return VlmCaptioner.create_tiny(tmp_path_factory.mktemp("tiny_vlm")) | {"device": "cpu"}

@@ -13,18 +13,7 @@ import torch
 
 import annotators
 from annotators import AnnotatorError
-from annotators.captioner import Blip2Captioner, VlmCaptioner
 from data_schemas import Caption
-
-
-@pytest.fixture(scope="module")
-def blip2_cfg(tmp_path_factory) -> dict:
-    return Blip2Captioner.create_tiny(tmp_path_factory.mktemp("tiny_blip2")) | {"device": "cpu"}
-
-
-@pytest.fixture(scope="module")
-def vlm_cfg(tmp_path_factory) -> dict:
-    return VlmCaptioner.create_tiny(tmp_path_factory.mktemp("tiny_vlm")) | {"device": "cpu"}
 
 
 def _check_captions(out, n_images: int, max_per_image: int, annotator: str) -> None:

@@ -11,7 +11,7 @@ from PIL import Image
 
 import annotators
 from annotators import AnnotatorError, MissingDependencyError
-from annotators.region_captioner import CropCaptioner, VlmBoxCaptioner, crop_box, shikra_box
+from annotators.region_captioner import CropCaptioner, VlmBoxCaptioner, crop_box
 from annotators.region_captioner_gpt4roi import (
     Gpt4RoiCaptioner,
     StopWhenAllAnswered,
@@ -55,11 +55,6 @@ def _texts(out) -> list[list[list[str]]]:
     return [[[c.text for c in caps] for caps in per_image] for per_image in out]
 
 
-def test_shikra_box_format():
-    assert shikra_box([10, 20, 50, 90], 100, 100) == "[0.100,0.200,0.500,0.900]"
-    assert shikra_box([-4, 0, 130, 25.5], 120, 51) == "[0.000,0.000,1.000,0.500]"
-
-
 def test_crop_box_pads_grows_and_clips():
     image = Image.new("RGB", (100, 80))
     assert crop_box(image, [20, 20, 40, 60], pad=0.1, min_size=1).size == (24, 48)  # 18..42 x 16..64
@@ -81,11 +76,13 @@ def test_vlm_box_structure_batching_and_prompts(vlm_box_cfg, images, load):
     captioner.generator.generate = spy
     out = captioner(images, BOXES)
     _check(out, [2, 0, 1], 1, "vlm-box")
+    # Shikra's frame: 64x48 padded to 64x64 (8 px on top), 37x81 to 81x81 (22 px on the left)
     assert prompts == [
-        "What is in the region [0.031,0.062,0.469,0.833]? Answer briefly.",
-        "What is in the region [0.000,0.000,1.000,1.000]? Answer briefly.",
-        "What is in the region [0.135,0.741,0.324,0.864]? Answer briefly.",
+        "What is in the region [0.031,0.172,0.469,0.750]? Answer briefly.",
+        "What is in the region [0.000,0.125,1.000,0.875]? Answer briefly.",
+        "What is in the region [0.333,0.741,0.420,0.864]? Answer briefly.",
     ]
+    assert all(c.prompt == prompts[0] for c in out[0][0])
     one = load("region_captioner", vlm_box_cfg, batch_size=1)
     assert _texts(one(images, BOXES)) == _texts(out)
     assert _texts(one(images[2:], BOXES[2:])) == _texts(out)[2:]
@@ -131,7 +128,7 @@ def test_empty_boxes_and_bad_inputs(request, fixture, images, load):
 
 
 def test_config_errors(vlm_box_cfg, crop_cfg, tmp_path, load):
-    with pytest.raises(AnnotatorError, match=r"unknown config keys \['box_format'\]"):
+    with pytest.raises(AnnotatorError, match="unknown box_format 'xyxy'"):
         annotators.build("region_captioner", {**vlm_box_cfg, "box_format": "xyxy"})
     with pytest.raises(AnnotatorError, match="placeholder"):
         annotators.build("region_captioner", {**vlm_box_cfg, "prompt": "What is this?"})

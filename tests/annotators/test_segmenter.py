@@ -22,23 +22,23 @@ def make_boxes(images, counts=(3, 5, 2), seed: int = 0) -> list[np.ndarray]:
 
 
 class PredictorSpy:
-    """Counts ``set_image`` / ``predict_torch`` calls on a loaded segmenter's predictor."""
+    """Counts image-encoder runs and the box batches of the mask decoder of a loaded segmenter."""
 
     def __init__(self, segmenter, monkeypatch):
         self.set_image_calls, self.box_batches = 0, []
-        predictor = segmenter.predictor
-        set_image, predict_torch = predictor.set_image, predictor.predict_torch
+        model = segmenter.predictor.model
+        encode, decode = model.image_encoder.forward, model.mask_decoder.forward
 
-        def spy_set_image(*args, **kwargs):
+        def spy_encode(*args, **kwargs):
             self.set_image_calls += 1
-            return set_image(*args, **kwargs)
+            return encode(*args, **kwargs)
 
-        def spy_predict_torch(*args, **kwargs):
-            self.box_batches.append(tuple(kwargs["boxes"].shape))
-            return predict_torch(*args, **kwargs)
+        def spy_decode(*args, **kwargs):
+            self.box_batches.append(kwargs["sparse_prompt_embeddings"].shape[0])
+            return decode(*args, **kwargs)
 
-        monkeypatch.setattr(predictor, "set_image", spy_set_image)
-        monkeypatch.setattr(predictor, "predict_torch", spy_predict_torch)
+        monkeypatch.setattr(model.image_encoder, "forward", spy_encode)
+        monkeypatch.setattr(model.mask_decoder, "forward", spy_decode)
 
 
 @pytest.fixture(scope="module")
@@ -78,13 +78,14 @@ def test_masks_at_each_image_size(segmenter, images):
     check_outputs(segmenter(images, boxes), images, boxes)
 
 
-def test_one_set_image_and_one_predict_call_per_image(fresh, monkeypatch, images):
+def test_one_encoding_and_one_decoder_call_per_image(fresh, monkeypatch, images):
     boxes = make_boxes(images, counts=(4, 0, 7))
     spy = PredictorSpy(fresh, monkeypatch)
     outputs = fresh(images, boxes)
     check_outputs(outputs, images, boxes)
     assert spy.set_image_calls == 2  # the image without boxes is never encoded
-    assert spy.box_batches == [(4, 4), (7, 4)]
+    assert spy.box_batches == [4, 7]
+    assert all(output.stability is None for output in outputs)
 
 
 def test_empty_boxes_do_not_call_the_model(fresh, monkeypatch, images):
@@ -219,3 +220,75 @@ def test_cuda(tiny_cfg, dtype, images, load):
     seg = load("segmenter", tiny_cfg, device="cuda", dtype=dtype)
     boxes = make_boxes(images)
     check_outputs(seg(images, boxes), images, boxes)
+
+
+# ---------------------------------------------------------------- jitter stability inside the call (defect 7)
+FRACTIONS = (0.05, 0.1, 0.15)
+
+
+def jitter(images, boxes, fractions=FRACTIONS):
+    from pipeline.filters import jitter_boxes
+
+    return [jitter_boxes(b, fractions, im.width, im.height) for b, im in zip(boxes, images, strict=True)]
+
+
+def test_masks_and_stability_encode_each_image_once(fresh, monkeypatch, images):
+    boxes = make_boxes(images, counts=(4, 0, 7))
+    spy = PredictorSpy(fresh, monkeypatch)
+    outputs = fresh(images, boxes, jitter(images, boxes))
+    check_outputs(outputs, images, boxes)
+    assert spy.set_image_calls == 2  # one encoding per image with boxes, shared by masks and jitter
+    assert spy.box_batches == [4, 16, 8, 7, 16, 16, 10]  # 4 x 6, 7 x 6 jittered boxes in chunks of box_chunk=16
+    for output, image_boxes in zip(outputs, boxes, strict=True):
+        assert output.stability.shape == (len(image_boxes),) and output.stability.dtype == np.float64
+        assert ((output.stability >= 0) & (output.stability <= 1)).all()
+
+
+def test_unmoved_jitter_is_perfectly_stable(segmenter, images):
+    boxes = make_boxes(images)
+    outputs = segmenter(images, boxes, [np.repeat(b[:, None], 2, axis=1) for b in boxes])
+    for output in outputs:
+        nonempty = output.masks.any(axis=(1, 2))
+        np.testing.assert_array_equal(output.stability[nonempty], 1.0)
+
+
+def test_stability_equals_the_full_resolution_reference_at_input_size(segmenter, make_images):
+    from pipeline.filters import mask_stability
+
+    # 64 x 48 is the tiny model's own input size: the input-resolution masks are the full-resolution masks.
+    images = make_images(sizes=[(64, 48), (64, 48)], seed=4)
+    boxes = make_boxes(images, counts=(5, 3), seed=4)
+    for image, image_boxes, output in zip(images, boxes, segmenter(images, boxes, jitter(images, boxes)), strict=True):
+        reference = mask_stability(image, image_boxes, output.masks, segmenter.segment_boxes, FRACTIONS)
+        np.testing.assert_allclose(output.stability, reference, atol=1e-12)
+
+
+@pytest.mark.parametrize("box_chunk", [1, 3])
+def test_box_chunks_give_identical_masks_and_stability(tiny_cfg, load, segmenter, make_images, box_chunk):
+    images = make_images(sizes=[(640, 480), (100, 100), (37, 81)], seed=3)
+    boxes = make_boxes(images, counts=(6, 5, 4), seed=3)
+    whole = segmenter(images, boxes, jitter(images, boxes))
+    chunked = load("segmenter", tiny_cfg, box_chunk=box_chunk)(images, boxes, jitter(images, boxes))
+    for a, b in zip(whole, chunked, strict=True):
+        np.testing.assert_array_equal(a.masks, b.masks)
+        np.testing.assert_array_equal(a.stability, b.stability)
+        np.testing.assert_allclose(a.scores, b.scores, atol=1e-6)
+
+
+def test_overlap_counts_exact():
+    from annotators.segmenter import overlap_counts
+
+    a = torch.zeros(2, 4, 4, dtype=torch.bool)
+    b = torch.zeros(2, 4, 4, dtype=torch.bool)
+    a[0, :2, :2], b[0, 1:3, 1:3] = True, True  # 4 and 4 pixels, 1 shared
+    inter, union = overlap_counts(a, b)
+    assert inter.tolist() == [1.0, 0.0] and union.tolist() == [7.0, 0.0]
+
+
+def test_jittered_boxes_must_match_the_boxes(segmenter, images):
+    boxes = make_boxes(images)
+    bad = [np.zeros((len(b) + 1, 6, 4), np.float32) for b in boxes]
+    with pytest.raises(ValueError, match=r"jittered boxes must be \(N=3, K>0, 4\)"):
+        segmenter(images, boxes, bad)
+    with pytest.raises(AnnotatorError, match="box_chunk must be >= 1"):
+        annotators.build("segmenter", {"backend": "sam", "model_type": "vit_tiny", "checkpoint": "x", "box_chunk": 0})

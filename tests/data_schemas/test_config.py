@@ -21,6 +21,10 @@ def test_defaults_and_overrides(tmp_path):
         ("source:\n  kind: ftp\n", r"source\.kind: Input should be 'auto', 'folder'"),
         ("- a\n- b\n", r"top level must be a mapping"),
         ("a: [1,\n", r"not valid YAML"),
+        ("annotate:\n  stability: {offsets: [2, 4]}\n", r"annotate\.stability: Value error, stability\.offsets "
+         r"\(fixed pixels\) was replaced by diagonal_fractions"),
+        ("annotate:\n  stability: {diagonal_fractions: [0.1, 2]}\n",
+         r"annotate\.stability\.diagonal_fractions\.1: Input should be less than 1"),
     ],
 )
 def test_errors_name_the_bad_field_and_file(tmp_path, text, message):

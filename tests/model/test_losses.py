@@ -7,7 +7,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from model.losses import LOSS_KEYS, UMGLoss, build_tag_targets, contrastive_loss, tag_loss, total_loss
+from model.losses import LOSS_KEYS, UMGLoss, build_tag_targets, contrastive_loss, tag_loss, text_ids, total_loss
 
 
 def test_build_tag_targets_with_overlapping_tags():
@@ -26,6 +26,61 @@ def test_contrastive_loss_hand_computed():
     col = (-math.log(math.exp(0.6 * s) / (math.exp(0.6 * s) + math.exp(0.8 * s)))
            - math.log(math.exp(s) / (1 + math.exp(s)))) / 2
     assert contrastive_loss(a, b, torch.tensor(s)).item() == pytest.approx((row + col) / 2, rel=1e-6)
+
+
+def _lse(*values):
+    return math.log(sum(math.exp(v) for v in values))
+
+
+A_DUP = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])  # images (or regions)
+B_DUP = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])  # their captions: 0 and 2 are the same text
+IDS_DUP = torch.tensor([7, 3, 7])
+# logits a->b: [1, 0, 1], [0, 1, 0], [.6, .8, .6];  b->a: [1, 0, .6], [0, 1, .8], [1, 0, .6]
+
+
+def test_identical_captions_masked_hand_computed():
+    # the other same-text pair leaves both softmaxes (row 0: column 2, row 2: column 0)
+    a_to_b = (_lse(1, 0) - 1) + (_lse(0, 1, 0) - 1) + (_lse(.8, .6) - .6)
+    b_to_a = (_lse(1, 0) - 1) + (_lse(0, 1, .8) - 1) + (_lse(0, .6) - .6)
+    got = contrastive_loss(A_DUP, B_DUP, torch.tensor(1.0), ids=IDS_DUP, duplicates="mask")
+    assert got.item() == pytest.approx((a_to_b + b_to_a) / 6, rel=1e-6)
+    assert contrastive_loss(A_DUP, B_DUP, torch.tensor(1.0)).item() > got.item() + 0.1
+    # ids all distinct: CLIP's arange labels, whatever the mode
+    for mode in ("mask", "multi_positive"):
+        assert contrastive_loss(A_DUP, B_DUP, torch.tensor(3.0), ids=torch.tensor([1, 2, 3]), duplicates=mode
+                                ).item() == pytest.approx(contrastive_loss(A_DUP, B_DUP, torch.tensor(3.0)).item())
+
+
+def test_identical_captions_multi_positive_hand_computed_and_equal_to_clip_for_identical_embeddings():
+    # targets spread over the columns with the row's text
+    a_to_b = (_lse(1, 0, 1) - 1) + (_lse(0, 1, 0) - 1) + (_lse(.6, .8, .6) - .6)
+    b_to_a = 2 * (_lse(1, 0, .6) - (1 + .6) / 2) + (_lse(0, 1, .8) - 1)
+    a, b = A_DUP.clone().requires_grad_(), B_DUP.clone().requires_grad_()
+    got = contrastive_loss(a, b, torch.tensor(1.0), ids=IDS_DUP, duplicates="multi_positive")
+    assert got.item() == pytest.approx((a_to_b + b_to_a) / 6, rel=1e-6)
+    # identical texts have identical embeddings: CLIP's labels give the same value and the same gradient
+    # once the two copies of the caption are one tensor (what a text tower makes of one token sequence)
+    clip = contrastive_loss(A_DUP, B_DUP, torch.tensor(1.0))
+    assert clip.item() == pytest.approx(got.item(), rel=1e-6)
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0]], requires_grad=True)
+    grads = []
+    for mode in ("multi_positive", "negatives"):
+        (g,) = torch.autograd.grad(contrastive_loss(A_DUP, text[[0, 1, 0]], torch.tensor(1.0), ids=IDS_DUP,
+                                                    duplicates=mode), text)
+        grads.append(g)
+    torch.testing.assert_close(grads[0], grads[1])
+    # with embeddings that differ within a text group, the two differ
+    b_noisy = B_DUP + torch.tensor([[0.0, 0.1], [0.0, 0.0], [0.0, -0.1]])
+    assert contrastive_loss(A_DUP, b_noisy, torch.tensor(1.0), ids=IDS_DUP, duplicates="multi_positive").item() != (
+        pytest.approx(contrastive_loss(A_DUP, b_noisy, torch.tensor(1.0)).item()))
+
+
+def test_text_ids_equal_exactly_for_equal_token_rows():
+    tokens = torch.tensor([[49406, 320, 2368, 49407, 0], [49406, 320, 2368, 49407, 0], [49406, 2368, 320, 49407, 0],
+                           [49406, 320, 2369, 49407, 0]])
+    ids = text_ids(tokens)
+    assert ids.dtype == torch.long and ids[0] == ids[1] and len(set(ids.tolist())) == 3
+    assert torch.equal(text_ids(tokens[[3, 0]]), ids[[3, 0]])  # per row, order free
 
 
 def test_tag_loss_hand_computed_with_overlapping_tags():
@@ -72,6 +127,12 @@ def test_zero_regions_and_no_tags_give_zero_with_grad_path():
 # ---- distributed: 2 gloo ranks with b images each == 1 process with 2b images --------------------------------
 
 REGION_SPLITS = [(3, 1), (2, 0), (0, 0)]  # regions on rank 0 / rank 1
+# (region split, duplicate-caption mode with text ids repeated within and across ranks (None: no ids),
+#  tag vocabulary shared and sliced over ranks)
+CASES = [(split, None, False) for split in REGION_SPLITS] + [
+    ((3, 1), "mask", True), ((3, 1), "multi_positive", False), ((2, 0), "mask", False), ((0, 0), "mask", True)]
+CAPTION_IDS = [7, 3, 7, 5]  # images 0 (rank 0) and 2 (rank 1) have the same caption
+REGION_IDS = [1, 2, 1, 2]   # regions 0 and 2 (rank 0) and 1 and 3 (across ranks) share captions
 
 
 class _Towers(nn.Module):
@@ -89,42 +150,52 @@ class _Towers(nn.Module):
         def txt(x):
             return F.normalize(self.text(x), dim=-1)
 
-        return {
+        out = {
             "image_emb": img(batch["images"]), "caption_emb": txt(batch["captions"]),
             "region_emb": img(batch["regions"]), "region_caption_emb": txt(batch["region_captions"]),
             "image_tag_emb": txt(batch["tags"]), "image_tag_targets": batch["image_tag_targets"],
-            "region_tag_emb": txt(batch["tags"][:2]), "region_tag_targets": batch["region_tag_targets"],
+            "region_tag_emb": txt(batch["region_tags"]), "region_tag_targets": batch["region_tag_targets"],
             "logit_scale": self.logit_scale.exp(),
         }
+        return {**out, **{k: batch[k] for k in ("caption_ids", "region_caption_ids") if k in batch}}
 
 
-def _global_batch(regions: int, b: int = 2):
+def _global_batch(regions: int, ids: bool = False, b: int = 2):
     g = torch.Generator().manual_seed(regions)
 
     def r(*shape):
         return torch.randn(*shape, generator=g)
 
-    return {
+    out = {
         "images": r(2 * b, 6), "captions": r(2 * b, 5), "tags": r(3, 5),
         "regions": r(regions, 6), "region_captions": r(regions, 5),
         "image_tag_targets": (r(2 * b, 3) > 0).float(), "region_tag_targets": (r(regions, 2) > 0).float(),
     }
+    out["region_tags"] = out["tags"][:2]
+    if ids:
+        out.update(caption_ids=torch.tensor(CAPTION_IDS), region_caption_ids=torch.tensor(REGION_IDS[:regions]))
+    return out
 
 
-def _rank_batch(split, rank: int, b: int = 2):
-    full = _global_batch(sum(split), b)
+def _rank_batch(split, rank: int, ids: bool, shared_tags: bool, b: int = 2):
+    full = _global_batch(sum(split), ids, b)
     lo = sum(split[:rank])
     regions = slice(lo, lo + split[rank])
     images = slice(rank * b, (rank + 1) * b)
-    per_image = ("images", "captions", "image_tag_targets")
-    per_region = ("regions", "region_captions", "region_tag_targets")
-    return {"tags": full["tags"], **{k: full[k][images] for k in per_image},
-            **{k: full[k][regions] for k in per_region}}
+    per_image = ("images", "captions", "image_tag_targets", "caption_ids")
+    per_region = ("regions", "region_captions", "region_tag_targets", "region_caption_ids")
+    out = {"tags": full["tags"], "region_tags": full["region_tags"],
+           **{k: full[k][images] for k in per_image if k in full},
+           **{k: full[k][regions] for k in per_region if k in full}}
+    if shared_tags:  # each rank encodes a contiguous slice of the vocabulary; targets keep the whole one
+        out["tags"] = full["tags"].tensor_split(2)[rank]
+        out["region_tags"] = full["region_tags"].tensor_split(2)[rank]
+    return out
 
 
-def _loss_and_grads(batch):
+def _loss_and_grads(batch, shared_tags: bool = False, mode: str | None = None):
     towers = _Towers()
-    losses = UMGLoss()(**towers(batch))
+    losses = UMGLoss(duplicate_captions=mode or "negatives", shared_tag_vocab=shared_tags)(**towers(batch))
     total_loss(losses).backward()
     return {k: v.item() for k, v in losses.items()}, {n: p.grad.clone() for n, p in towers.named_parameters()}
 
@@ -133,8 +204,8 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         results = []
-        for split in REGION_SPLITS:
-            losses, grads = _loss_and_grads(_rank_batch(split, rank))
+        for split, ids, shared in CASES:
+            losses, grads = _loss_and_grads(_rank_batch(split, rank, ids is not None, shared), shared, ids)
             for g in grads.values():  # what DDP does: average over ranks
                 dist.all_reduce(g)
                 g /= world
@@ -144,14 +215,17 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str):
         dist.destroy_process_group()
 
 
-def test_two_rank_gather_matches_single_process_loss_and_gradients(tmp_path):
+def test_two_rank_local_loss_matches_single_process_loss_and_gradients(tmp_path):
     mp.spawn(_worker, args=(2, str(tmp_path / "pg_init"), str(tmp_path)), nprocs=2, join=True)
     per_rank = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    for i, split in enumerate(REGION_SPLITS):
-        losses, grads = _loss_and_grads(_global_batch(sum(split)))
+    for i, (split, ids, shared) in enumerate(CASES):
+        losses, grads = _loss_and_grads(_global_batch(sum(split), ids is not None), mode=ids)
         for rank_results in per_rank:
             rank_losses, rank_grads = rank_results[i]
-            assert rank_losses == pytest.approx(losses, rel=1e-5, abs=1e-7), split
+            assert rank_losses == pytest.approx(losses, rel=1e-5, abs=1e-7), (split, ids, shared)
             for name, g in grads.items():
-                torch.testing.assert_close(rank_grads[name], g, rtol=1e-5, atol=1e-6, msg=f"{split} {name}")
+                torch.testing.assert_close(rank_grads[name], g, rtol=1e-5, atol=1e-6, msg=f"{split} {ids} {name}")
         assert all(math.isfinite(v) for v in losses.values())
+        if ids is not None:  # the duplicates changed the loss: the ids reached both ranks' terms
+            clip = _loss_and_grads(_global_batch(sum(split), True), mode="negatives")[0]
+            assert clip["image_caption_loss"] != pytest.approx(losses["image_caption_loss"])

@@ -18,11 +18,12 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 import model
+import ray_runtime
 from data_schemas import TrainConfig
 from model import launch
 from model.checkpoint import WEIGHTS, load_train_state
 from model.launch import free_port, run_with_ray
-from model.trainer import resolve_tars, train
+from model.trainer import resolve_tars, train, train_rank
 from pipeline.sample_shards import write_sample_shards
 
 B, STEPS = 4, 3
@@ -80,7 +81,7 @@ def test_two_ray_workers_match_two_torchrun_ranks(tars, tmp_path, monkeypatch):
     if ray.is_initialized():
         pytest.skip("Ray is already initialised in this process: the launcher would use it as it is")
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # the driver sees the end sooner
-    for name in launch.RAY_ADDRESS_ENV:
+    for name in ray_runtime.ADDRESS_ENV:
         monkeypatch.delenv(name, raising=False)
     seen = {}
     start = launch.start_ray_for_training
@@ -131,4 +132,4 @@ def test_two_ray_workers_match_two_torchrun_ranks(tars, tmp_path, monkeypatch):
 def test_ray_launcher_fails_clearly_without_ray_train(tars, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray.train", None)  # what a Ray without the [train] extra looks like
     with pytest.raises(RuntimeError, match=r"pip install 'ray\[train\]==2.60.0'"):
-        run_with_ray(TrainConfig(distributed={"launcher": "ray"}), tars, tmp_path)
+        run_with_ray(TrainConfig(distributed={"launcher": "ray"}), tars, tmp_path, train_rank)

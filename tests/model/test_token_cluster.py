@@ -91,7 +91,9 @@ def test_runner_counts_and_zero_reduction_is_plain():
 @pytest.fixture(scope="module")
 def vit():
     torch.manual_seed(0)
-    return create_umg_clip("umg-tiny-vit").eval()
+    model = create_umg_clip("umg-tiny-vit").eval()
+    model.cluster_in_eval = True  # these tests exercise clustering itself (off in eval() by default)
+    return model
 
 
 def test_zero_reduction_reproduces_plain_model_bit_for_bit(vit):
@@ -136,6 +138,7 @@ def test_clustered_forward_is_deterministic_and_gradients_flow(vit):
 def test_eva_tower_clusters_with_rope():
     torch.manual_seed(0)
     model = create_umg_clip("umg-tiny-eva", cluster=TokenClusterCfg(reduction=0.75, layer=6)).eval()
+    model.cluster_in_eval = True
     images = torch.randn(2, 3, 112, 112)
     emb, grid = model.encode_image(images)
     assert model.tokens.last_block_tokens == [65] * 6 + [17] * 6
@@ -146,3 +149,33 @@ def test_eva_tower_clusters_with_rope():
     with torch.no_grad():
         plain = torch.nn.functional.normalize(model.clip.visual(images), dim=-1)
         assert torch.equal(model.encode_image(images)[0], plain)
+
+
+def test_eva_representatives_get_their_centre_rope_position(monkeypatch):
+    import model.token_cluster as token_cluster
+
+    torch.manual_seed(0)
+    layer = 4
+    model = create_umg_clip("umg-tiny-eva", cluster=TokenClusterCfg(reduction=0.75, layer=layer))  # train(): clusters
+    trunk = model.clip.visual.trunk
+    clusters, ropes = [], {}
+    cluster = token_cluster.density_peak_cluster
+    monkeypatch.setattr(token_cluster, "density_peak_cluster", lambda *a, **k: clusters.append(cluster(*a, **k))
+                        or clusters[-1])
+    for i, block in enumerate(trunk.blocks):
+        block.register_forward_pre_hook(lambda _m, _args, kwargs, i=i: ropes.__setitem__(i, kwargs["rope"]),
+                                        with_kwargs=True)
+    with torch.no_grad():
+        model.encode_image(torch.randn(2, 3, 112, 112))
+    table = trunk.rope.get_embed()  # (64, dim): the rotary embedding of every grid position, row-major
+    (centres, assign), = clusters
+    assert centres.shape == (2, 16) and not torch.equal(centres[0], centres[1])  # different per image
+    for i in range(layer):
+        assert torch.equal(ropes[i], table)  # all tokens, their own positions
+    for i in range(layer, len(trunk.blocks)):
+        # (B, 1, K, dim): representative k of image b rotates as the grid position of its centre token
+        assert ropes[i].shape == (2, 1, 16, table.shape[-1])
+        for b in range(2):
+            assert torch.equal(ropes[i][b, 0], table[centres[b]])
+    # the centre is a member of its own cluster, so the position is one of the merged tokens'
+    assert torch.equal(assign.gather(1, centres), torch.arange(16).expand(2, -1))

@@ -41,7 +41,7 @@ def shards(tmp_path_factory):
     return out / "train"
 
 
-def test_param_groups_split_towers_and_exempt_norms_biases_embeddings_logit_scale():
+def test_param_groups_split_towers_and_exempt_norms_biases_position_embeddings_logit_scale():
     torch.manual_seed(0)
     umg = create_umg_clip("umg-tiny-vit")
     optim = OptimSection(lr=1e-3, visual_lr=2e-4, text_lr=2e-5, weight_decay=0.05)
@@ -50,7 +50,9 @@ def test_param_groups_split_towers_and_exempt_norms_biases_embeddings_logit_scal
     names = {id(p): n for n, p in umg.named_parameters()}
     named = {k: {names[id(p)] for p in g["params"]} for k, g in groups.items()}
     assert named["other_no_decay"] == {"clip.logit_scale"}
-    assert "clip.visual.conv1.weight" in named["visual"] and "clip.token_embedding.weight" in named["text_no_decay"]
+    # EVA-CLIP / open_clip decay the token embedding; position and class embeddings are exempt (EVA-CLIP)
+    assert "clip.visual.conv1.weight" in named["visual"] and "clip.token_embedding.weight" in named["text"]
+    assert "clip.positional_embedding" in named["text_no_decay"]
     assert {"clip.visual.ln_post.bias", "clip.visual.positional_embedding"} <= named["visual_no_decay"]
     assert "clip.transformer.resblocks.0.mlp.c_fc.weight" in named["text"]
     assert [(g["lr"], g["weight_decay"]) for g in groups.values()] == [
@@ -58,6 +60,31 @@ def test_param_groups_split_towers_and_exempt_norms_biases_embeddings_logit_scal
     assert sum(len(g) for g in named.values()) == len(names)
     lamb = build_optimizer(umg, optim)
     assert type(lamb).__name__ == "Lamb" and lamb.defaults["max_grad_norm"] is None  # we clip once, globally
+
+
+@pytest.mark.parametrize("name", ["umg-tiny-vit", "umg-tiny-eva"])
+def test_layer_decay_follows_eva_clip_layer_ids(name):
+    torch.manual_seed(0)
+    umg = create_umg_clip(name)
+    optim = OptimSection(lr=1e-3, visual_lr=2e-4, text_lr=2e-5, visual_ld=0.5, text_ld=0.8)
+    groups = param_groups(umg, optim)
+    lr_of = {n: g["lr"] for g in groups for n, p in umg.named_parameters() if any(p is q for q in g["params"])}
+    assert len(lr_of) == sum(1 for _ in umg.parameters())
+    blocks = {t: 1 + max(int(n.split("blocks.")[1].split(".")[0]) for n in lr_of if ("visual" in n) == (t == "v")
+                         and "blocks." in n) for t in ("v", "t")}
+    v, t = blocks["v"], blocks["t"]  # depth; layer l trains at lr * ld ** (depth + 1 - l)
+    patch = "clip.visual.trunk.patch_embed.proj.weight" if name == "umg-tiny-eva" else "clip.visual.conv1.weight"
+    block0 = next(n for n in lr_of if "visual" in n and "blocks.0." in n)
+    last = next(n for n in lr_of if "visual" in n and f"blocks.{v - 1}." in n)
+    assert lr_of[patch] == pytest.approx(2e-4 * 0.5 ** (v + 1))
+    assert lr_of[block0] == pytest.approx(2e-4 * 0.5 ** v) and lr_of[last] == pytest.approx(2e-4 * 0.5)
+    text = "clip.text." if name == "umg-tiny-eva" else "clip."  # EVA configs use open_clip's CustomTextCLIP
+    assert lr_of[f"{text}token_embedding.weight"] == pytest.approx(2e-5 * 0.8 ** (t + 1))
+    assert lr_of[f"{text}transformer.resblocks.1.mlp.c_fc.weight"] == pytest.approx(2e-5 * 0.8 ** (t - 1))
+    assert lr_of[f"{text}ln_final.weight"] == pytest.approx(2e-5) and lr_of["clip.logit_scale"] == 1e-3
+    assert len({g["name"] for g in groups}) == len(groups)
+    # the trainer logs each tower's top-layer rate
+    assert max(g["lr"] for g in groups if g["tower"] == "visual") == pytest.approx(2e-4)
 
 
 def test_warmup_then_cosine():
@@ -77,12 +104,46 @@ def test_train_config_section_overrides_and_errors(tmp_path):
     paper = load_config(ROOT / "configs" / "umg41m_train.yaml", model=TrainConfig, section="train")
     assert (paper.model.name, paper.epochs, paper.optim.name, paper.model.cluster.reduction) == (
         "EVA02-B-16", 10, "lamb", 0.75)
+    assert (paper.optim.visual_ld, paper.optim.text_ld, paper.loss.duplicate_captions) == (0.75, 0.75, "mask")
     with pytest.raises(ConfigError, match=r"optim\.betaz: Extra inputs"):
         load_config(path, ["optim.betaz=1"], model=TrainConfig, section="train")
     with pytest.raises(ConfigError, match="either steps or epochs"):
         load_config(path, ["steps=3", "epochs=1"], model=TrainConfig, section="train")
     with pytest.raises(ConfigError, match=r"data\.crop_scale"):
         load_config(path, ["data.crop_scale=[0.9, 0.5]"], model=TrainConfig, section="train")
+
+
+def test_paper_448_config_builds_b16_at_448_with_clustering():
+    from model.checkpoint import model_from_config
+
+    cfg = load_config(ROOT / "configs" / "umg41m_train_448.yaml", model=TrainConfig, section="train")
+    assert (cfg.model.name, cfg.model.image_size, cfg.model.cluster.reduction) == ("EVA02-B-16", 448, 0.75)
+    umg = model_from_config(cfg.model, initial_weights=False)  # no weights fetched
+    trunk = umg.clip.visual.trunk
+    assert trunk.patch_embed.grid_size == (28, 28) and umg.clip.visual.preprocess_cfg["size"] == (448, 448)
+    assert trunk.pos_embed.shape[1] == 1 + 28 * 28 and trunk.rope.get_embed().shape[0] == 28 * 28
+    assert umg.cluster.num_kept(28 * 28) == 196 and umg.cluster.layer == cfg.model.cluster.layer < len(trunk.blocks)
+    assert umg.open_clip_config["model_cfg"]["vision_cfg"]["image_size"] == 448  # saved with checkpoints
+
+
+def test_image_size_override_resamples_pretrained_position_embeddings(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    # weights at the tower's own size (timm eva02_tiny: 224 px, 16 x 16), as EVA-CLIP's B/16 weights are 224 px
+    small = create_umg_clip("umg-tiny-eva", image_size=224)
+    save_file({k: v.contiguous() for k, v in small.clip.state_dict().items()}, str(tmp_path / "clip.safetensors"))
+    large = create_umg_clip("umg-tiny-eva", pretrained=str(tmp_path / "clip.safetensors"), image_size=336)
+    old, new = small.clip.visual.trunk.pos_embed, large.clip.visual.trunk.pos_embed
+    assert new.shape == (1, 1 + 24 * 24, old.shape[-1]) and large.clip.visual.trunk.patch_embed.grid_size == (24, 24)
+    assert torch.equal(new[:, :1], old[:, :1])  # the class position is kept; the grid is resampled from the weights
+    resampled = torch.nn.functional.interpolate(old[:, 1:].reshape(1, 16, 16, -1).permute(0, 3, 1, 2),
+                                                size=(24, 24), mode="bicubic", antialias=True)
+    torch.testing.assert_close(new[:, 1:], resampled.permute(0, 2, 3, 1).reshape(1, 576, -1), rtol=1e-4, atol=1e-5)
+    fc1 = [m.clip.visual.trunk.blocks[3].mlp.fc1.weight for m in (large, small)]
+    assert torch.equal(*fc1)
+    emb, grid = large.encode_image(torch.randn(1, 3, 336, 336))
+    assert grid.shape == (1, 24, 24, 192) and torch.isfinite(emb).all()
 
 
 def test_schedule_steps_from_epochs(shards, tmp_path):

@@ -130,3 +130,24 @@ def test_unsupported_towers_fail_loudly():
         "image_size": 32, "timm_model_name": "resnet18", "timm_pool": "avg", "timm_proj": "linear"})
     with pytest.raises(NotImplementedError, match="ResNet"):
         UMGCLIP(resnet)
+
+
+def test_token_clustering_is_off_in_eval_unless_asked_for():
+    torch.manual_seed(0)
+    clustered = create_umg_clip("umg-tiny-vit", cluster=TokenClusterCfg(reduction=0.75, layer=1)).eval()
+    plain = create_umg_clip("umg-tiny-vit").eval()
+    plain.load_state_dict(clustered.state_dict())
+    images = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        emb, grid = clustered.encode_image(images)
+        emb_plain, grid_plain = plain.encode_image(images)
+        assert torch.equal(emb, emb_plain) and torch.equal(grid, grid_plain)
+        assert clustered.tokens.last_block_tokens == [65, 65]
+        clustered.cluster_in_eval = True
+        emb_c, grid_c = clustered.encode_image(images)
+        assert clustered.tokens.last_block_tokens == [65, 17]
+        assert not torch.allclose(emb_c, emb_plain) and not torch.allclose(grid_c, grid_plain)
+        clustered.cluster_in_eval = False
+        clustered.train()
+        emb_t, _ = clustered.encode_image(images)  # training mode clusters (tiny model has no dropout)
+        assert clustered.tokens.last_block_tokens == [65, 17] and torch.allclose(emb_t, emb_c, atol=1e-5)

@@ -11,7 +11,10 @@ from pipeline.filters import (
     caption_score_filter,
     clip_boxes_to_image,
     jitter_boxes,
+    jitter_stability,
+    map_labels,
     mask_stability,
+    normalize_label,
     stability_filter,
     threshold_and_merge,
 )
@@ -99,6 +102,41 @@ def test_different_class_overlap_kept_when_class_aware_merged_when_agnostic():
     assert agnostic.labels == ["dog"] and agnostic.sources == [BIGDET]
 
 
+# Two detectors with different vocabularies (BigDetection-like / V3Det-like) seeing the same two objects.
+SYNONYMS = {"automobile": "car", "Motor_Car": "car", "puppy": "dog"}
+
+
+def _two_vocabularies():
+    bigdet = Detections.from_detector([[0, 0, 50, 40], [60, 10, 90, 50]], [0.9, 0.7], ["car", "dog"], BIGDET)
+    v3det = Detections.from_detector([[2, 1, 51, 42], [61, 9, 90, 52], [1, 0, 49, 40]], [0.8, 0.75, 0.6],
+                                     ["automobile", "puppy", "motor-car"], V3DET)
+    return bigdet, v3det
+
+
+def test_same_object_under_synonyms_survives_once_by_default():
+    merged = threshold_and_merge(_two_vocabularies())  # the default: class-agnostic
+    assert merged.labels == ["car", "puppy"] and merged.sources == [BIGDET, V3DET]
+
+
+def test_class_aware_on_raw_strings_keeps_every_synonym():
+    # the defect: exact label strings differ, so each synonym survives and fills max_regions
+    assert len(threshold_and_merge(_two_vocabularies(), class_aware=True)) == 5
+
+
+def test_class_aware_with_a_label_map_merges_in_one_vocabulary():
+    merged = threshold_and_merge(_two_vocabularies(), class_aware=True, label_map=SYNONYMS)
+    assert merged.labels == ["car", "dog"] and merged.sources == [BIGDET, V3DET]
+    # a different class overlapping the car is still kept class-aware
+    truck = Detections.from_detector([[0, 0, 50, 41]], [0.5], ["Truck"], V3DET)
+    merged = threshold_and_merge([*_two_vocabularies(), truck], class_aware=True, label_map=SYNONYMS)
+    assert merged.labels == ["car", "dog", "truck"]
+
+
+def test_map_labels_normalises_case_separators_and_keys():
+    assert normalize_label("  Traffic_Light-pole ") == "traffic light pole"
+    assert map_labels(["Automobile", "motor car", "Bus"], SYNONYMS) == ["car", "car", "bus"]
+
+
 def test_score_threshold_boundary_kept():
     dets = Detections.from_detector([[0, 0, 5, 5], [20, 20, 25, 25]], [0.3, 0.2999], ["a", "a"], BIGDET)
     merged = threshold_and_merge([dets], score_threshold=0.3)
@@ -159,23 +197,53 @@ def test_apply_caption_scores_returns_new_captions():
 # ---------------------------------------------------------------- jitter_boxes
 
 
-def test_jitter_boxes_along_diagonal_plus_then_minus():
-    jittered = jitter_boxes([10, 10, 20, 20], offsets=(1, 2))
+def test_jitter_boxes_shift_by_fractions_of_the_box_diagonal():
+    # a 10 x 20 box: 0.1 of its diagonal along it is (1, 2); 0.5 is (5, 10)
+    jittered = jitter_boxes([10, 10, 20, 30], fractions=(0.1, 0.5))
     assert jittered.dtype == np.float32
-    np.testing.assert_array_equal(jittered, [[11, 11, 21, 21], [9, 9, 19, 19], [12, 12, 22, 22], [8, 8, 18, 18]])
+    np.testing.assert_array_equal(
+        jittered, [[11, 12, 21, 32], [9, 8, 19, 28], [15, 20, 25, 40], [5, 0, 15, 20]])
 
 
-def test_jitter_boxes_clipped_to_image():
-    jittered = jitter_boxes([0, 0, 10, 10], offsets=(2,), width=11, height=20)
-    np.testing.assert_array_equal(jittered, [[2, 2, 11, 12], [0, 0, 8, 8]])
+def test_jitter_boxes_scale_with_the_box():
+    small, large = jitter_boxes([[10, 10, 14, 14], [0, 0, 400, 400]], fractions=(0.25,))
+    np.testing.assert_array_equal(small, [[11, 11, 15, 15], [9, 9, 13, 13]])
+    np.testing.assert_array_equal(large, [[100, 100, 500, 500], [-100, -100, 300, 300]])
 
 
-def test_jitter_boxes_rejects_bad_offsets_and_half_size():
-    with pytest.raises(ValueError, match="positive"):
-        jitter_boxes([0, 0, 5, 5], offsets=(0,))
+def test_jitter_boxes_batched_shape_is_box_major():
+    boxes = np.array([[0, 0, 10, 10], [5, 5, 7, 9], [1, 2, 3, 4]], np.float32)
+    batched = jitter_boxes(boxes, (0.1, 0.2, 0.3))
+    assert batched.shape == (3, 6, 4)
+    for box, rows in zip(boxes, batched):
+        np.testing.assert_array_equal(rows, jitter_boxes(box, (0.1, 0.2, 0.3)))
+    assert jitter_boxes(np.zeros((0, 4)), (0.1,), 10, 10).shape == (0, 2, 4)
+
+
+def test_jitter_boxes_stay_inside_the_image_with_their_size():
+    # 0.2 of a 10 x 10 box is (2, 2). At the right edge of an 11 x 40 image: +: x cannot move, y moves 2;
+    # -: x has 1 px of room (x1 = 1), y none (y1 = 0)
+    jittered = jitter_boxes([1, 0, 11, 10], fractions=(0.2,), width=11, height=40)
+    np.testing.assert_array_equal(jittered, [[1, 2, 11, 12], [0, 0, 10, 10]])
+    sizes = jittered[:, 2:] - jittered[:, :2]
+    np.testing.assert_array_equal(sizes, [[10, 10], [10, 10]])
+
+
+def test_jitter_boxes_larger_than_the_image_do_not_move_and_are_clipped():
+    jittered = jitter_boxes([-5, 2, 30, 8], fractions=(0.1,), width=20, height=10)
+    # x sticks out on both sides: no x shift, clipped to [0, 20]; y: +0.6 fits (room 2), -0.6 fits (room 2)
+    np.testing.assert_allclose(jittered, [[0, 2.6, 20, 8.6], [0, 1.4, 20, 7.4]], atol=1e-6)
+
+
+def test_jitter_boxes_rejects_bad_fractions_and_half_size():
+    for bad in ((0,), (1.0,), (-0.1,)):
+        with pytest.raises(ValueError, match=r"in \(0, 1\)"):
+            jitter_boxes([0, 0, 5, 5], fractions=bad)
     with pytest.raises(ValueError, match="both width and height"):
-        jitter_boxes([0, 0, 5, 5], offsets=(1,), width=10)
-    assert jitter_boxes([0, 0, 5, 5], offsets=()).shape == (0, 4)
+        jitter_boxes([0, 0, 5, 5], fractions=(0.1,), width=10)
+    with pytest.raises(ValueError, match=r"\(\.\.\., 4\)"):
+        jitter_boxes([0, 0, 5], fractions=(0.1,))
+    assert jitter_boxes([0, 0, 5, 5], fractions=()).shape == (0, 4)
 
 
 # ---------------------------------------------------------------- mask stability
@@ -206,39 +274,46 @@ class RectSegmenter:
 IMAGE = np.zeros((H, W, 3), dtype=np.uint8)
 
 
-def _stability(boxes, offsets, segment=None):
+def _stability(boxes, fractions, segment=None):
     segment = segment or RectSegmenter()
     masks = np.stack([_rect(b) for b in boxes])
-    return mask_stability(IMAGE, np.array(boxes, dtype=np.float32), masks, segment, offsets=offsets)
+    return mask_stability(IMAGE, np.array(boxes, dtype=np.float32), masks, segment, fractions=fractions)
 
 
 def test_stability_one_pixel_shift_is_81_over_119():
-    stability = _stability([[10, 10, 20, 20]], offsets=(1,))
+    stability = _stability([[10, 10, 20, 20]], fractions=(0.1,))
     assert stability.dtype == np.float64
     assert stability.tolist() == [81 / 119]
 
 
 def test_stability_averages_over_all_shifts():
     # +-1: 9x9 overlap of two 10x10 -> 81/119; +-2: 8x8 -> 64/136
-    stability = _stability([[10, 10, 20, 20]], offsets=(1, 2))
+    stability = _stability([[10, 10, 20, 20]], fractions=(0.1, 0.2))
     assert stability[0] == pytest.approx((81 / 119 + 64 / 136) / 2, abs=1e-15)
 
 
-def test_stability_jitter_is_clipped_to_image():
-    # +1: (1,1,11,11) -> 81/119; -1: (-1,-1,9,9) clipped to (0,0,9,9) -> 81/100
-    stability = _stability([[0, 0, 10, 10]], offsets=(1,))
-    assert stability[0] == pytest.approx((81 / 119 + 81 / 100) / 2, abs=1e-15)
+def test_stability_jitter_stays_inside_the_image():
+    # +0.1: (1,1,11,11) -> 81/119; -0.1: no room up-left, the box stays (0,0,10,10) -> 1
+    stability = _stability([[0, 0, 10, 10]], fractions=(0.1,))
+    assert stability[0] == pytest.approx((81 / 119 + 1) / 2, abs=1e-15)
+
+
+def test_stability_of_a_box_following_mask_is_the_same_at_every_box_size():
+    # A mask that only follows its box scores (1-f)^2 / (2 - (1-f)^2) at any size: with fixed pixel
+    # shifts small boxes always failed and large ones always passed.
+    stability = _stability([[10, 10, 14, 14], [8, 8, 24, 24], [10, 12, 30, 20]], fractions=(0.25,))
+    np.testing.assert_allclose(stability, [0.5625 / 1.4375] * 3, rtol=1e-12)
 
 
 def test_stability_calls_segment_once_with_all_jittered_boxes_box_major():
     segment = RectSegmenter()
     boxes = [[10, 10, 20, 20], [5, 20, 25, 30]]
-    stability = _stability(boxes, offsets=(1, 2, 4), segment=segment)
+    stability = _stability(boxes, fractions=(0.1, 0.2, 0.4), segment=segment)
     assert segment.calls == 1
     seen = segment.boxes_seen[0]
     assert seen.shape == (12, 4)
-    np.testing.assert_array_equal(seen[:6], jitter_boxes(boxes[0], (1, 2, 4), W, H))
-    np.testing.assert_array_equal(seen[6:], jitter_boxes(boxes[1], (1, 2, 4), W, H))
+    np.testing.assert_array_equal(seen[:6], jitter_boxes(boxes[0], (0.1, 0.2, 0.4), W, H))
+    np.testing.assert_array_equal(seen[6:], jitter_boxes(boxes[1], (0.1, 0.2, 0.4), W, H))
     assert stability.shape == (2,)
     assert stability[0] == pytest.approx((81 / 119 + 64 / 136 + 36 / 164) / 3, abs=1e-15)
 
@@ -257,15 +332,33 @@ def test_stability_rejects_wrong_segment_output_and_mismatched_inputs():
 
     masks = _rect([10, 10, 20, 20])[None]
     with pytest.raises(ValueError, match="segment returned"):
-        mask_stability(IMAGE, np.array([[10, 10, 20, 20]]), masks, bad_segment, offsets=(1,))
+        mask_stability(IMAGE, np.array([[10, 10, 20, 20]]), masks, bad_segment, fractions=(0.1,))
     with pytest.raises(ValueError, match=r"masks \(N, H, W\)"):
-        mask_stability(IMAGE, np.zeros((2, 4)), masks, RectSegmenter(), offsets=(1,))
+        mask_stability(IMAGE, np.zeros((2, 4)), masks, RectSegmenter(), fractions=(0.1,))
     with pytest.raises(ValueError, match="at least one"):
-        mask_stability(IMAGE, np.array([[10, 10, 20, 20]]), masks, RectSegmenter(), offsets=())
+        mask_stability(IMAGE, np.array([[10, 10, 20, 20]]), masks, RectSegmenter(), fractions=())
 
 
 def test_stability_filter_boundary():
-    stability = _stability([[10, 10, 20, 20]], offsets=(1,))
+    stability = _stability([[10, 10, 20, 20]], fractions=(0.1,))
     keep = stability_filter(stability, 81 / 119)
     assert keep.dtype == np.bool_ and keep.tolist() == [True]
     assert stability_filter(stability, np.nextafter(81 / 119, 1.0)).tolist() == [False]
+
+
+def test_jitter_stability_is_the_mean_iou_over_jitters():
+    masks = np.stack([_rect([10, 10, 20, 20]), np.zeros((H, W), bool)])
+    jittered = np.stack([np.stack([_rect([11, 11, 21, 21]), _rect([10, 10, 20, 20])]), np.zeros((2, H, W), bool)])
+    np.testing.assert_allclose(jitter_stability(masks, jittered), [(81 / 119 + 1) / 2, 0.0], rtol=1e-15)
+    with pytest.raises(ValueError, match=r"\(N, K, H, W\)"):
+        jitter_stability(masks, jittered[:1])
+
+
+def test_default_jitter_fails_a_box_following_mask_by_a_margin():
+    from data_schemas import StabilityConfig
+    from pipeline.filters import DEFAULT_JITTER_FRACTIONS
+
+    cfg = StabilityConfig()
+    assert tuple(cfg.diagonal_fractions) == DEFAULT_JITTER_FRACTIONS
+    follow = np.mean([(1 - f) ** 2 / (2 - (1 - f) ** 2) for f in DEFAULT_JITTER_FRACTIONS])
+    assert follow < cfg.threshold - 0.1  # the filter separates box-following blobs from objects

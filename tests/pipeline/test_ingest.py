@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_schemas import ImageLimits, Mask, Region
+import pipeline.images as images_module
+from data_schemas import RLE, BackgroundMask, ImageLimits, Mask, Region
 from pipeline.images import ImageError
 from pipeline.ingest import ingest_item
 from pipeline.masks import decode_mask, encode_mask
@@ -48,9 +49,9 @@ def test_boxes_are_clipped_or_dropped_and_noted():
     assert 2 not in regions
     assert regions[3].mask is None and regions[3].box_xyxy == (5, 5, 20, 20)
     assert done.notes == [
+        "dropped mask of region 3: size [10, 10] != image",  # checked first, before any mask is decoded
         "clipped region 1 box [50.0, 20.0, 90.0, 45.0] to the image",
         "dropped region 2: box [70.0, 10.0, 90.0, 20.0] has no area inside the image",
-        "dropped mask of region 3: size [10, 10] != image",
     ]
     assert (done.record.width, done.record.height, done.record.source) == (64, 48, "coco")
 
@@ -80,3 +81,20 @@ def test_source_notes_are_carried():
     done = ingest_item(SourceItem("n", "n.jpg", _jpeg(8, 8), known), "folder", ImageLimits())
     assert done.notes == ["not_utf8: caption: invalid bytes replaced"]
     assert done.record.provenance == {}
+
+
+def test_wrongly_sized_masks_are_dropped_before_the_exif_transform_decodes_them(monkeypatch):
+    huge = RLE(size=(40_000, 40_000), counts="0")  # decoding it would allocate 1.6 GB
+    known = KnownAnnotations(
+        regions=[Region(id=0, box_xyxy=(0, 0, 10, 10), label="three", annotator="ground_truth",
+                        mask=Mask(rle=huge, annotator="ground_truth"))],
+        background=[BackgroundMask(label="sky", rle=huge, annotator="ground_truth")],
+    )
+    decoded_sizes = []
+    real_decode = images_module.decode_mask
+    monkeypatch.setattr(images_module, "decode_mask", lambda rle: decoded_sizes.append(rle.size) or real_decode(rle))
+    done = ingest_item(SourceItem("r", "r.jpg", _jpeg(60, 40, orientation=6), known), "folder", ImageLimits())
+    assert decoded_sizes == []
+    assert done.record.regions[0].mask is None and done.record.background == []
+    assert done.notes == ["dropped mask of region 0: size [40000, 40000] != image",
+                          "dropped background 'sky': mask size [40000, 40000] != image"]

@@ -2,9 +2,19 @@
 
 import numpy as np
 import pytest
+from pycocotools import mask as mask_utils
 
 from data_schemas import RLE
-from pipeline.masks import decode_mask, encode_mask, mask_area, mask_bbox_xyxy, mask_iou
+from pipeline.masks import (
+    check_mask_size,
+    check_rle,
+    decode_mask,
+    encode_mask,
+    mask_area,
+    mask_bbox_xyxy,
+    mask_iou,
+    rle_string_counts,
+)
 
 
 def _block(height: int, width: int, rows: slice, cols: slice) -> np.ndarray:
@@ -115,3 +125,28 @@ def test_encode_rejects_non_bool_and_wrong_ndim():
         encode_mask(np.ones((3, 3), dtype=np.float32))
     with pytest.raises(ValueError, match="dims"):
         encode_mask(np.ones((1, 3, 3), dtype=bool))
+
+
+def test_rle_string_counts_match_pycocotools_runs_and_check_rle_accepts_them():
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        h, w = (int(v) for v in rng.integers(1, 40, 2))
+        mask = rng.random((h, w)) < rng.random()
+        compressed = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))["counts"].decode()
+        flat = mask.flatten(order="F")
+        changes = np.flatnonzero(np.diff(flat.astype(np.int8))) + 1
+        runs = np.diff(np.concatenate([[0], changes, [flat.size]])).tolist()
+        if flat[0]:
+            runs = [0, *runs]  # COCO runs start with background
+        assert rle_string_counts(compressed) == runs
+        assert check_rle([h, w], compressed) == (h, w)
+        assert check_rle([h, w], runs) == (h, w)
+
+
+def test_check_rle_refuses_what_would_overflow_the_decoder():
+    with pytest.raises(ValueError, match="cover 11 pixels"):
+        check_rle([2, 5], [5, 6])
+    with pytest.raises(ValueError, match="over"):
+        check_rle([2**16, 2**16], [2**32 - 1])
+    with pytest.raises(ValueError, match="not \\[h, w\\] of ints"):
+        check_mask_size([2.0, 5])

@@ -140,7 +140,7 @@ def test_bad_masks_are_dropped_with_notes_and_box_kept(tmp_path) -> None:
     assert item.error == f"missing_image: {tmp_path / 'a.jpg'}"
     assert [r.mask for r in item.known.regions] == [None, None]
     assert item.known.notes == [
-        "annotation 0 (id 1): mask dropped: no polygon with at least 3 points",
+        "annotation 0 (id 1): mask dropped: polygon 0 has 4 values, not an even number >= 6 (3 points)",
         "annotation 1 (id 2): mask dropped: RLE size [60, 80] != image [h, w] [6, 8]",
     ]
 
@@ -198,3 +198,80 @@ def test_malformed_entries_never_raise_from_read(tmp_path, image_bytes) -> None:
         "skipped annotation 0 (id 2): text: String should have at least 1 character",
     ]
     assert c.error == "bad_annotation: no file_name (000000000003)" and c.image_bytes is None
+
+
+@pytest.mark.parametrize("bad", [float("nan"), 1e12, -1e9, float("inf"), True, "12"])
+def test_polygon_coordinates_are_checked_before_pycocotools(bad) -> None:
+    # NaN, 1e12 and -1e9 used to reach frPyObjects: a ~22 GB allocation or a segfault.
+    polygon = [[2.0, 2.0, 12.0, 2.0, 12.0, 12.0, 2.0, bad]]
+    with pytest.raises(ValueError, match="polygon 0"):
+        segmentation_to_rle(polygon, H, W)
+    assert decode(segmentation_to_rle([[-W, -H, 2 * W, -H, 2 * W, 2 * H]], H, W)).any()  # the margin is allowed
+
+
+@pytest.mark.parametrize("counts, match", [
+    ("PP5", "cover"),             # runs past h*w: pycocotools' decoder would write past its buffer
+    ("0", "cover"),               # too few runs
+    ("P", "ends inside a number"),  # the C decoder reads past the string's end
+    ("0\x7f", "outside"),
+    ([10, -2, 10], "non-negative"),
+    ([H * W + 1], "cover"),
+])
+def test_rle_runs_must_cover_exactly_the_mask(counts, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        segmentation_to_rle({"size": [H, W], "counts": counts}, H, W)
+
+
+def _doc_with(images, annotations=(), categories=({"id": 1, "name": "thing"},)):
+    return {"images": list(images), "annotations": list(annotations), "categories": list(categories)}
+
+
+def test_file_names_escaping_the_image_folder_are_error_rows(tmp_path, image_bytes) -> None:
+    images_dir, outside = tmp_path / "images", tmp_path / "outside"
+    images_dir.mkdir()
+    outside.mkdir()
+    (outside / "secret.jpg").write_bytes(image_bytes())
+    doc = _doc_with([{"id": 1, "file_name": "../outside/secret.jpg"},
+                     {"id": 2, "file_name": str(outside / "secret.jpg")}])
+    (tmp_path / "i.json").write_text(json.dumps(doc))
+    source = CocoSource(tmp_path / "i.json", images_dir)
+    items = list(source.read(source.list_refs()))
+    assert [i.error.split(":")[0] for i in items] == ["outside_root", "outside_root"]
+    assert all(i.image_bytes is None for i in items)
+
+
+def test_duplicate_ids_orphans_and_non_objects_each_become_one_error_ref(tmp_path, image_bytes) -> None:
+    doc = _doc_with(
+        [{"id": 1, "file_name": "a.jpg"}, {"id": 1, "file_name": "b.jpg"}, {"id": 1, "file_name": "c.jpg"}, "junk"],
+        [{"id": 7, "image_id": 1, "category_id": 1, "bbox": [0, 0, 2, 2]},
+         {"id": 8, "image_id": 99, "category_id": 1, "bbox": [0, 0, 2, 2]},
+         {"id": 9, "image_id": 99, "category_id": 1, "bbox": [0, 0, 2, 2]}, 5],
+    )
+    (tmp_path / "i.json").write_text(json.dumps(doc))
+    (tmp_path / "a.jpg").write_bytes(image_bytes())
+    source = CocoSource(tmp_path / "i.json", tmp_path)
+    refs = source.list_refs()
+    assert refs == ["!annotations/3", "!images/3", "000000000001", "000000000001#2", "000000000001#3",
+                    "000000000099"]
+    items = {i.source_id: i for i in CocoSource(tmp_path / "i.json", tmp_path).read(refs)}
+    assert len(items) == len(refs)
+    assert items["a.jpg"].error is None and len(items["a.jpg"].known.regions) == 1
+    assert items["000000000001#2"].error.startswith("duplicate_id: images[1] (file_name 'b.jpg') repeats image id 1")
+    assert items["000000000001#3"].error.startswith("duplicate_id: images[2] (file_name 'c.jpg')")
+    assert items["000000000099"].error.startswith(
+        "orphan_annotations: 2 annotations and 0 captions name image id 000000000099, which is not in 'images'")
+    assert items["!images/3"].error.startswith("bad_annotation: images[3] is not an object")
+    assert items["!annotations/3"].error.startswith("bad_annotation: annotations[3] is not an object")
+
+
+def test_unusable_image_size_skips_polygons_with_a_note(tmp_path, image_bytes) -> None:
+    square = [[1, 1, 5, 1, 5, 5]]
+    doc = _doc_with([{"id": 1, "file_name": "a.jpg", "height": 10**6, "width": 10**6,
+                      "umg": {"background": [{"label": "sky", "segmentation": square}]}}],
+                    [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 4, 4], "segmentation": square}])
+    (tmp_path / "i.json").write_text(json.dumps(doc))
+    (tmp_path / "a.jpg").write_bytes(image_bytes())
+    (item,) = CocoSource(tmp_path / "i.json", tmp_path).read(["000000000001"])
+    assert item.error is None and item.known.regions[0].mask is None and item.known.background == []
+    assert item.known.notes[0].startswith("image height/width not usable (mask size [1000000, 1000000] is empty or")
+    assert "polygons need the image's height and width" in item.known.notes[1]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 from data_schemas import KEY_PATTERN
 from pipeline.sources.base import Source
+from pipeline.sources.confine import ReadPolicy
 from pipeline.sources.folder import FolderSource, decode_text, item_key
 
 
@@ -31,7 +34,8 @@ def test_lists_images_recursively_sorted_and_stable(tmp_path, image_bytes) -> No
     source = FolderSource(tmp_path)
     assert isinstance(source, Source) and source.kind == "folder"
     refs = source.list_refs()
-    assert refs == ["a.jpg", "sub/B.PNG", "sub/deep/c.webp", "zero.jpeg"]
+    # Hidden files are inputs too (the macOS fork becomes a not_an_image row); hidden folders are not walked.
+    assert refs == ["._a.jpg", "a.jpg", "sub/B.PNG", "sub/deep/c.webp", "zero.jpeg"]
     assert FolderSource(tmp_path).list_refs() == refs
 
 
@@ -63,7 +67,8 @@ def test_missing_and_unreadable_become_error_items_in_order(tmp_path, image_byte
     items = list(FolderSource(tmp_path).read(refs))
     assert [i.source_id for i in items] == refs
     assert items[1].error == f"missing_image: {tmp_path / 'gone.jpg'}" and items[1].image_bytes is None
-    assert items[2].error.startswith(f"unreadable: {tmp_path / 'dir.jpg'}: ") and items[2].image_bytes is None
+    assert items[2].error == f"not_a_regular_file: {tmp_path / 'dir.jpg'} is a directory"
+    assert items[2].image_bytes is None
     assert items[0].error is None and items[3].error is None
 
 
@@ -84,3 +89,86 @@ def test_decode_text_and_item_key_helpers() -> None:
     assert notes == ["not_utf8: x.txt: invalid bytes replaced"]
     assert item_key("Sub/Dir/Cat") == "sub_dir_cat"
     assert item_key("日本") == item_key("日本") != item_key("中国")
+
+
+def test_links_out_of_the_root_fifos_and_devices_are_error_rows_never_read(tmp_path, image_bytes) -> None:
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "passwd").write_text("root:x:0:0:SECRET")
+    (outside / "theirs.jpg").write_bytes(image_bytes())
+    (root / "cat.jpg").write_bytes(image_bytes())
+    (root / "cat.txt").symlink_to(outside / "passwd")  # the sidecar must not become the caption
+    (root / "stolen.jpg").symlink_to(outside / "theirs.jpg")
+    (root / "zero.jpg").symlink_to("/dev/zero")
+    os.mkfifo(root / "fifo.jpg")  # reading it would block forever
+    (root / "alias.jpg").symlink_to(root / "cat.jpg")  # a link inside the root is fine
+    source = FolderSource(root)
+    assert source.list_refs() == ["alias.jpg", "cat.jpg", "fifo.jpg", "stolen.jpg", "zero.jpg"]
+    items = {i.source_id: i for i in source.read(source.list_refs())}
+    cat = items["cat.jpg"]
+    assert cat.error is None and cat.known.captions == []
+    assert cat.known.notes == [f"sidecar_skipped: outside_root: {root / 'cat.txt'} resolves to {outside / 'passwd'}, "
+                               f"outside the input root {root} (--follow-symlinks names folders links may point into)"]
+    assert items["alias.jpg"].image_bytes == cat.image_bytes
+    assert items["stolen.jpg"].error.startswith(f"outside_root: {root / 'stolen.jpg'} resolves to ")
+    assert items["zero.jpg"].error.startswith("outside_root: ")
+    assert items["fifo.jpg"].error == f"not_a_regular_file: {root / 'fifo.jpg'} is a FIFO"
+    assert all(items[ref].image_bytes is None for ref in ("stolen.jpg", "zero.jpg", "fifo.jpg"))
+
+
+def test_follow_symlinks_reads_links_and_walks_linked_folders_into_named_targets(tmp_path, image_bytes) -> None:
+    root, outside = tmp_path / "root", tmp_path / "shared"
+    (outside / "more").mkdir(parents=True)
+    root.mkdir()
+    (outside / "theirs.jpg").write_bytes(image_bytes())
+    (outside / "more" / "x.png").write_bytes(image_bytes("PNG"))
+    (outside / "more" / "again").symlink_to(outside / "more")  # a cycle must not loop
+    (root / "stolen.jpg").symlink_to(outside / "theirs.jpg")
+    (root / "linked").symlink_to(outside / "more")
+    assert FolderSource(root).list_refs() == ["stolen.jpg"]  # linked folders are not walked by default
+    source = FolderSource(root, ReadPolicy.create(follow_symlinks=[outside]))
+    refs = source.list_refs()
+    assert refs == ["linked/x.png", "stolen.jpg"]
+    assert all(item.error is None for item in source.read(refs))
+
+
+def test_hidden_image_files_are_read_under_a_safe_key(tmp_path, image_bytes) -> None:
+    (tmp_path / "..%2f..%2fevil.jpg").write_bytes(image_bytes())
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "inside.jpg").write_bytes(image_bytes())  # hidden folders are not inputs
+    source = FolderSource(tmp_path)
+    assert source.list_refs() == ["..%2f..%2fevil.jpg"]
+    (item,) = source.read(source.list_refs())
+    assert item.error is None and KEY_PATTERN.match(item.key)
+
+
+def test_size_caps_apply_before_reading(tmp_path, image_bytes) -> None:
+    (tmp_path / "big.jpg").write_bytes(image_bytes())
+    (tmp_path / "big.txt").write_text("x" * 50)
+    policy = ReadPolicy.create(max_image_bytes=10, max_text_bytes=20)
+    (item,) = FolderSource(tmp_path, policy).read(["big.jpg"])
+    assert item.error.startswith(f"too_large: {tmp_path / 'big.jpg'} is ") and item.error.endswith(
+        "bytes, over source.max_image_bytes=10")
+    assert item.known.notes == [f"sidecar_skipped: too_large: {tmp_path / 'big.txt'} is 50 bytes, "
+                                "over source.max_text_bytes=20"]
+
+
+def test_a_folder_that_cannot_be_listed_is_an_error_row(tmp_path, image_bytes, monkeypatch) -> None:
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "locked" / "x.jpg").write_bytes(image_bytes())
+    (tmp_path / "a.jpg").write_bytes(image_bytes())
+    real_scandir = os.scandir
+
+    def scandir(path):  # as chmod 000 would (root ignores the mode bits)
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    monkeypatch.setattr(os, "listdir", lambda path: scandir(path) and [])
+    source = FolderSource(tmp_path)
+    assert source.list_refs() == ["a.jpg", "locked/"]
+    _, locked = source.read(source.list_refs())
+    assert locked.error == f"unreadable: folder {tmp_path / 'locked'} cannot be listed: Permission denied"
+    assert KEY_PATTERN.match(locked.key)

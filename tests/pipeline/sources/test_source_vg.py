@@ -78,3 +78,16 @@ def test_wrong_json_shape_is_a_clear_error(tmp_path) -> None:
     (tmp_path / "region_descriptions.json").write_text('{"regions": []}')
     with pytest.raises(ValueError, match="expected a list of images"):
         VisualGenomeSource(tmp_path / "region_descriptions.json", tmp_path).list_refs()
+
+
+def test_ids_escaping_the_image_folder_and_entries_without_id_are_error_rows(tmp_path, image_bytes) -> None:
+    (tmp_path / "images").mkdir()
+    (tmp_path / "secret.jpg").write_bytes(image_bytes())
+    doc = [{"id": "../secret", "regions": []}, {"regions": []}, "junk"]
+    (tmp_path / "images" / "region_descriptions.json").write_text(json.dumps(doc))
+    source = VisualGenomeSource(tmp_path / "images" / "region_descriptions.json", tmp_path / "images")
+    refs = source.list_refs()
+    assert refs == ["!entries/1", "!entries/2", "../secret"]
+    items = list(source.read(refs))
+    assert [i.error.split(":")[0] for i in items] == ["bad_annotation", "bad_annotation", "outside_root"]
+    assert all(i.image_bytes is None for i in items)

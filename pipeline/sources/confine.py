@@ -1,0 +1,136 @@
+"""Confined reads: only regular files under the input root (or a link target the user named), size-capped.
+
+Every reader in this package opens input files through ``open_confined`` / ``read_confined``:
+
+1. the path is resolved (symlinks followed) and must lie under the input ``root`` or under one of
+   ``ReadPolicy.follow_symlinks`` (folders the user allowed links to point into, ``--follow-symlinks``);
+2. the resolved file must be a regular file — a FIFO, socket, device or folder is refused before it is
+   opened, and opened with ``O_NONBLOCK | O_NOFOLLOW`` and checked again with ``fstat``;
+3. its size (from ``fstat``, before any byte is read) must not exceed the cap the caller gives, and at
+   most cap + 1 bytes are read, so a file growing under us is still caught.
+
+A refused read raises ``RefusedRead`` whose ``reason`` starts with the tag its error row gets:
+``missing_image``, ``outside_root``, ``not_a_regular_file``, ``too_large`` or ``unreadable``.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+DEFAULT_MAX_IMAGE_BYTES = 256 * 2**20
+DEFAULT_MAX_TEXT_BYTES = 2**20
+
+_KINDS = (
+    (stat.S_ISDIR, "directory"),
+    (stat.S_ISFIFO, "FIFO"),
+    (stat.S_ISSOCK, "socket"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+)
+
+
+class RefusedRead(Exception):
+    """A file the confined reader will not read; ``reason`` is ``"<tag>: <detail>"`` (see module docstring)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+    @property
+    def tag(self) -> str:
+        return self.reason.split(":", 1)[0]
+
+
+@dataclass(frozen=True)
+class ReadPolicy:
+    """What a source may read: caps in bytes and the extra folders symlinks may point into (resolved)."""
+
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES
+    follow_symlinks: tuple[Path, ...] = ()
+
+    @classmethod
+    def create(cls, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES,
+               follow_symlinks: Iterable[str | Path] = ()) -> ReadPolicy:
+        """A policy with ``follow_symlinks`` resolved once (a relative folder is taken from the cwd)."""
+        return cls(max_image_bytes, max_text_bytes, tuple(Path(p).resolve() for p in follow_symlinks))
+
+    def allowed_roots(self, root: Path) -> tuple[Path, ...]:
+        return (Path(root).resolve(), *self.follow_symlinks)
+
+
+def file_kind(mode: int) -> str:
+    """``"directory"``, ``"FIFO"`` … for a non-regular ``st_mode``; ``"regular file"`` otherwise."""
+    return next((name for test, name in _KINDS if test(mode)), "regular file" if stat.S_ISREG(mode) else "special file")
+
+
+def confine(path: str | Path, root: str | Path, policy: ReadPolicy) -> Path:
+    """The resolved ``path`` when it is a regular file under ``root`` (or an allowed link target).
+
+    Raises:
+        RefusedRead: ``missing_image``, ``outside_root``, ``not_a_regular_file`` or ``unreadable``.
+    """
+    path = Path(path)
+    try:
+        resolved = path.resolve(strict=True)
+    except FileNotFoundError as exc:
+        raise RefusedRead(f"missing_image: {path}") from exc
+    except (OSError, RuntimeError) as exc:  # symlink loop (RuntimeError before Python 3.13), permission denied
+        raise RefusedRead(f"unreadable: {path}: {getattr(exc, 'strerror', None) or exc}") from exc
+    if not any(resolved.is_relative_to(allowed) for allowed in policy.allowed_roots(root)):
+        raise RefusedRead(
+            f"outside_root: {path} resolves to {resolved}, outside the input root {root}"
+            " (--follow-symlinks names folders links may point into)"
+        )
+    mode = resolved.stat().st_mode
+    if not stat.S_ISREG(mode):
+        raise RefusedRead(f"not_a_regular_file: {path} is a {file_kind(mode)}")
+    return resolved
+
+
+def open_confined(path: str | Path, root: str | Path, policy: ReadPolicy, max_bytes: int | None = None,
+                  cap_name: str = "source.max_image_bytes") -> BinaryIO:
+    """Open ``path`` for reading after ``confine``; refuse a file over ``max_bytes`` (None: no cap).
+
+    Raises:
+        RefusedRead: see ``confine``; ``too_large`` over the cap (named ``cap_name`` in the reason).
+    """
+    resolved = confine(path, root, policy)
+    try:
+        fd = os.open(resolved, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError as exc:
+        raise RefusedRead(f"missing_image: {path}") from exc
+    except OSError as exc:  # ELOOP: a link swapped in after confine; EACCES …
+        raise RefusedRead(f"unreadable: {path}: {exc.strerror or exc}") from exc
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise RefusedRead(f"not_a_regular_file: {path} is a {file_kind(info.st_mode)}")
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise RefusedRead(f"too_large: {path} is {info.st_size} bytes, over {cap_name}={max_bytes}")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_confined(path: str | Path, root: str | Path, policy: ReadPolicy, max_bytes: int,
+                  cap_name: str = "source.max_image_bytes") -> bytes:
+    """All bytes of ``path`` (at most ``max_bytes``) after ``confine``; never blocks on a FIFO or device.
+
+    Raises:
+        RefusedRead: see ``open_confined``; also ``unreadable`` on an I/O error while reading.
+    """
+    with open_confined(path, root, policy, max_bytes, cap_name) as handle:
+        try:
+            data = handle.read(max_bytes + 1)
+        except OSError as exc:  # EISDIR, EIO …
+            raise RefusedRead(f"unreadable: {path}: {exc.strerror or exc}") from exc
+    if len(data) > max_bytes:
+        raise RefusedRead(f"too_large: {path} grew past {cap_name}={max_bytes} bytes while read")
+    return data
