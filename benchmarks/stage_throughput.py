@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--tiny", action="store_true", help="tiny models: checks the script, figures mean nothing")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", default=None, help="also write the figures here")
+    parser.add_argument("--caption-prompts", type=int, default=2, help="prompts per image (umg41m.yaml: 2)")
+    parser.add_argument("--region-prompts", type=int, default=5, help="prompts per region (umg41m.yaml vlm-box: 5)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -128,13 +130,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     image_tokens = 16 if args.tiny else 576  # LLaVA-1.5: 24 x 24 CLIP patches
     caption_batch = 2 if args.tiny else 16
     per_prompt, seconds = decoder_rates(args.tiny, device, dtype, caption_batch, image_tokens + 32, 40, args.repeats)
-    rates["captioner (7B, 576 image + 32 prompt tokens, 40 new)"] = per_prompt
-    print(f"captioner: {per_prompt:.2f} images/s ({seconds:.2f} s per batch of {caption_batch})")
+    rates["captioner (7B, 576 image + 32 prompt tokens, 40 new)"] = per_prompt / args.caption_prompts
+    print(f"captioner: {per_prompt:.2f} prompts/s = {per_prompt / args.caption_prompts:.2f} images/s at "
+          f"{args.caption_prompts} prompts per image ({seconds:.2f} s per batch of {caption_batch})")
     region_batch = 4 if args.tiny else 32
     per_region, seconds = decoder_rates(args.tiny, device, dtype, region_batch, image_tokens + 48, 20, args.repeats)
-    rates["region captioner (7B, one prompt per region, 20 new)"] = per_region / REGIONS_PER_IMAGE
-    print(f"region captioner: {per_region:.2f} regions/s = {per_region / REGIONS_PER_IMAGE:.2f} images/s at "
-          f"{REGIONS_PER_IMAGE:.1f} regions per image ({seconds:.2f} s per batch of {region_batch})")
+    per_image = REGIONS_PER_IMAGE * args.region_prompts
+    rates["region captioner (7B, box prompts, 20 new)"] = per_region / per_image
+    print(f"region captioner: {per_region:.2f} prompts/s = {per_region / per_image:.3f} images/s at "
+          f"{REGIONS_PER_IMAGE:.1f} regions x {args.region_prompts} prompts per image "
+          f"({seconds:.2f} s per batch of {region_batch})")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump({"device": str(device), "name": torch.cuda.get_device_name(device) if device.type == "cuda"
