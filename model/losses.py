@@ -153,11 +153,16 @@ class UMGLoss(nn.Module):
         lambda_region_tag: λ_reg (paper: 1.0).
         smooth_l1_beta: smooth-L1 β of the tag losses (paper: not given; torch default 1.0).
         group: process group to gather over (default: the world, when initialised).
+        lambda_image_caption, lambda_region_caption: weights of the two InfoNCE terms (paper: 1; 0 for the
+            paper's "tag loss only" ablation, Tab. 7 text).
     """
 
     def __init__(self, lambda_image_tag: float = 1.0, lambda_region_tag: float = 1.0,
-                 smooth_l1_beta: float = 1.0, group=None):
+                 smooth_l1_beta: float = 1.0, group=None, *, lambda_image_caption: float = 1.0,
+                 lambda_region_caption: float = 1.0):
         super().__init__()
+        self.lambda_image_caption = lambda_image_caption
+        self.lambda_region_caption = lambda_region_caption
         self.lambda_image_tag = lambda_image_tag
         self.lambda_region_tag = lambda_region_tag
         self.smooth_l1_beta = smooth_l1_beta
@@ -175,7 +180,7 @@ class UMGLoss(nn.Module):
         region_tag_targets: torch.Tensor | None = None,
         logit_scale: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Compute the named losses (λ already applied); sum the values for the total.
+        """Compute the named losses (weights already applied); sum the values for the total.
 
         Args:
             image_emb, caption_emb: (B, E) local image / paired image-caption embeddings.
@@ -201,8 +206,10 @@ class UMGLoss(nn.Module):
         if region_caption_emb is None:
             raise ValueError("region_emb needs region_caption_emb")
         out = {
-            "image_caption_loss": contrastive_loss(image_emb, caption_emb, logit_scale, self.group),
-            "region_caption_loss": contrastive_loss(region_emb, region_caption_emb, logit_scale, self.group),
+            "image_caption_loss": self.lambda_image_caption * contrastive_loss(
+                image_emb, caption_emb, logit_scale, self.group),
+            "region_caption_loss": self.lambda_region_caption * contrastive_loss(
+                region_emb, region_caption_emb, logit_scale, self.group),
         }
         out["image_tag_loss"] = self._tag_term(self.lambda_image_tag, image_emb, image_tag_emb, image_tag_targets)
         out["region_tag_loss"] = self._tag_term(self.lambda_region_tag, region_emb, region_tag_emb,

@@ -130,7 +130,9 @@ class Trainer:
                                               cfg.seed)
         self.tokens = TextTokens(get_tokenizer(cfg.model.name))
         _seed_everything(cfg.seed + ctx.rank)  # same init everywhere, per-rank streams from here (as open_clip)
-        self.loss_fn = UMGLoss(cfg.loss.lambda_image_tag, cfg.loss.lambda_region_tag, cfg.loss.smooth_l1_beta)
+        self.loss_fn = UMGLoss(cfg.loss.lambda_image_tag, cfg.loss.lambda_region_tag, cfg.loss.smooth_l1_beta,
+                               lambda_image_caption=cfg.loss.lambda_image_caption,
+                               lambda_region_caption=cfg.loss.lambda_region_caption)
         self.data_cfg = cfg.data
         if cfg.steps is None or cfg.data.resampled:  # count the shards' samples once, not every epoch
             samples = cfg.data.samples_per_epoch or count_samples(self.tars)
