@@ -150,15 +150,20 @@ def run(args: argparse.Namespace) -> dict:
                                     args.adapt_steps) if args.adapt_seg else None
             record["metrics"] = evaluate(record["checkpoint"], raw, sample["colors"], adapted)
             runs.append(record)
-    report = {
+            write_report(_report(args, sample, runs, start), out)  # partial results survive an interrupted run
+    report = _report(args, sample, runs, start)
+    write_report(report, out)
+    return report
+
+
+def _report(args: argparse.Namespace, sample: dict, runs: list[dict], start: float) -> dict:
+    return {
         "preset": args.preset, "n": args.n, "data_seed": args.data_seed, "steps": args.steps, "seeds": args.seeds,
         "config": str(args.config), "extra_overrides": args.extra_overrides, "adapt_seg": args.adapt_seg,
         "data": {split: sample[split] for split in ("train", "val", "test") if split in sample},
         "command": " ".join(["python", "experiments/loss_ablation.py", *args.argv]),
         "runs": runs, "summary": aggregate(runs), "wall_s": round(time.perf_counter() - start, 1),
     }
-    write_report(report, out)
-    return report
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
