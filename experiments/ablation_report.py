@@ -85,10 +85,10 @@ def plot_curves(runs: list[dict], png: Path) -> None:
     curves = _curves(runs)
     fig, axes = plt.subplots(1, len(LOSS_PANELS), figsize=(4 * len(LOSS_PANELS), 3.2), squeeze=False)
     for ax, panel in zip(axes[0], LOSS_PANELS):
-        for variant, panels in curves.items():
+        for i, (variant, panels) in enumerate(curves.items()):
             steps, values = panels[panel]
             if any(values):  # a term the variant switches off logs 0 throughout
-                ax.plot(steps, values, label=variant, linewidth=1)
+                ax.plot(steps, values, label=variant, linewidth=1, color=f"C{i}")  # one colour per variant
         ax.set_title(panel)
         ax.set_xlabel("step")
     axes[0][0].legend(fontsize=7)  # the total-loss panel has every variant
