@@ -107,6 +107,10 @@ class LossSection(_Section):
 
     regions: bool = Field(default=True, description="region-caption and region-tag terms")
     tags: bool = Field(default=True, description="image- and region-tag terms")
+    lambda_image_caption: float = Field(
+        default=1.0, ge=0.0, description="weight of the image-caption InfoNCE (paper: 1; 0 = tag-only ablation)")
+    lambda_region_caption: float = Field(
+        default=1.0, ge=0.0, description="weight of the region-caption InfoNCE (paper: 1; 0 = tag-only ablation)")
     lambda_image_tag: float = Field(default=1.0, ge=0.0, description="paper: 1.0")
     lambda_region_tag: float = Field(default=1.0, ge=0.0, description="paper: 1.0")
     smooth_l1_beta: float = Field(default=1.0, gt=0.0, description="paper: not given; torch default")

@@ -41,16 +41,23 @@ def sample(
     shard_size: Annotated[int, typer.Option(help="inputs per shard (with --shards)")] = 64,
     eval_: Annotated[bool, typer.Option("--eval", help="also write the umg eval layouts (docs/evaluation.md); "
                                         "with --shards under OUT/raw")] = False,
+    preset: Annotated[str, typer.Option(help="SampleConfig preset (pipeline/sample_data/presets.py): "
+                                        "learnable, backgrounds, colors, small, default")] = "default",
 ) -> None:
     """Generate the "digit scenes" sample data: images + COCO JSON, or ground-truth shards."""
     from pipeline.sample_data import generate_sample
     from pipeline.sample_data.eval_formats import write_eval_layouts
+    from pipeline.sample_data.presets import preset_config
     from pipeline.sample_shards import write_sample_shards
 
+    try:
+        config = preset_config(preset)
+    except ValueError as exc:
+        _fail(str(exc))
     if shards:
-        summary = write_sample_shards(out, n=n, seed=seed, shard_size=shard_size)
+        summary = write_sample_shards(out, n=n, seed=seed, shard_size=shard_size, config=config)
     else:
-        summary = generate_sample(out, n=n, seed=seed).model_dump(mode="json")
+        summary = generate_sample(out, n=n, seed=seed, config=config).model_dump(mode="json")
     if eval_:
         summary["eval"] = write_eval_layouts(out / "raw" if shards else out)
     typer.echo(json.dumps(summary, sort_keys=True, default=str))

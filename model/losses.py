@@ -209,12 +209,16 @@ class UMGLoss(nn.Module):
             vocabulary shared by all ranks, and the targets index the whole vocabulary; False: each rank's
             tag embeddings are its own whole vocabulary.
         group: process group to gather over (default: the world, when initialised).
+        lambda_image_caption, lambda_region_caption: weights of the two InfoNCE terms (paper: 1; 0 for the
+            paper's "tag loss only" ablation, Tab. 7 text).
     """
 
     def __init__(self, lambda_image_tag: float = 1.0, lambda_region_tag: float = 1.0,
                  smooth_l1_beta: float = 1.0, duplicate_captions: str = "mask", shared_tag_vocab: bool = False,
-                 group=None):
+                 group=None, *, lambda_image_caption: float = 1.0, lambda_region_caption: float = 1.0):
         super().__init__()
+        self.lambda_image_caption = lambda_image_caption
+        self.lambda_region_caption = lambda_region_caption
         if duplicate_captions not in DUPLICATE_MODES:
             raise ValueError(f"duplicate_captions must be one of {DUPLICATE_MODES}, got {duplicate_captions!r}")
         self.duplicate_captions = duplicate_captions
@@ -238,7 +242,7 @@ class UMGLoss(nn.Module):
         caption_ids: torch.Tensor | None = None,
         region_caption_ids: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Compute the named losses (λ already applied); sum the values for the total.
+        """Compute the named losses (weights already applied); sum the values for the total.
 
         Args:
             image_emb, caption_emb: (B, E) local image / paired image-caption embeddings.
@@ -286,8 +290,9 @@ class UMGLoss(nn.Module):
         counts = [2 * image_emb.shape[0], 2 * region_emb.shape[0], image_tag_targets.numel(),
                   region_tag_targets.numel()]
         values = global_means(sums, counts, self.group)
-        values[2] = self.lambda_image_tag * values[2]
-        values[3] = self.lambda_region_tag * values[3]
+        weights = (self.lambda_image_caption, self.lambda_region_caption, self.lambda_image_tag,
+                   self.lambda_region_tag)
+        values = [w * v for w, v in zip(weights, values)]
         return dict(zip(LOSS_KEYS, values))
 
     def _gather_ids(self, caption_ids: torch.Tensor | None, region_caption_ids: torch.Tensor | None

@@ -5,21 +5,23 @@ from __future__ import annotations
 from pathlib import Path
 
 from data_schemas import ImageLimits, SourceConfig
-from pipeline.sample_data import generate_sample
+from pipeline.sample_data import SampleConfig, generate_sample
 from pipeline.shard_build import build_shards
 from pipeline.sources.registry import build_source
 
 SPLITS = ("train", "val", "test")
 
 
-def write_sample_shards(out_dir: str | Path, n: int, seed: int, shard_size: int = 64) -> dict:
-    """Generate ``n`` scenes under ``out_dir/raw`` and write them as shards to ``out_dir/<split>``.
+def write_sample_shards(out_dir: str | Path, n: int, seed: int, shard_size: int = 64,
+                        config: SampleConfig | None = None) -> dict:
+    """Generate ``n`` scenes (``config``, default ``SampleConfig()``) under ``out_dir/raw`` and write them as
+    shards to ``out_dir/<split>``.
 
     Returns ``{split: {"build_dir", "inputs", "ok", "errors"}}`` for the splits that have images.
     """
     out_dir = Path(out_dir)
     raw = out_dir / "raw"
-    generate_sample(raw, n=n, seed=seed)
+    generate_sample(raw, n=n, seed=seed, config=config)
     summary = {}
     for split in SPLITS:
         instances = raw / "annotations" / f"instances_{split}.json"

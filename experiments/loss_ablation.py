@@ -1,0 +1,208 @@
+"""Loss ablation on the digit scenes (paper Tab. 7; issue 9): same init, same budget, four loss mixes.
+
+    python experiments/loss_ablation.py --preset learnable --seeds 0 1 2 --steps 1200 --out out/ablation
+    python experiments/loss_ablation.py --quick --out /tmp/ablation          # ~minutes: checks that it all runs
+
+1. Data: ``umg sample --preset P --n N --seed DATA_SEED --shards --eval`` (the same library calls), once;
+   every variant and seed trains on ``OUT/data/train`` and is evaluated on the held-out ``test`` split.
+2. Pre-training: for every seed and every variant of ``ablation.variants`` in ``--config``
+   (configs/ablation.yaml: image_caption, region_caption, all_losses, tag_only), ``umg train`` with the
+   config's ``train:`` section + the variant's overrides + ``seed`` + ``steps``. The seed fixes the random
+   init and the data order, so the variants of one seed start from the same weights and see the same batches.
+3. Evaluation with the ``umg eval`` library functions (``model.eval.tasks``): zero-shot top-1, retrieval
+   I2T / T2I R@1, region classification of the ground-truth boxes (digit, and colour via
+   ``--attribute umg.color`` when the preset has more than one colour), training-free segmentation mIoU;
+   with ``--adapt-seg`` also mIoU after the same short ``umg adapt --task seg`` (configs/adapt_smoke.yaml).
+4. Report (``experiments/ablation_report.py``): mean ± std over seeds, a markdown table beside the paper's
+   Tab. 7, learning curves (PNG) from each run's metrics.csv, JSON; the JSON is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from a checkout
+    sys.path.insert(0, str(ROOT))
+
+from experiments.ablation_report import aggregate, write_report  # noqa: E402
+
+DEFAULT_CONFIG = ROOT / "configs" / "ablation.yaml"
+QUICK = {"n": 60, "steps": 3, "seeds": [0], "overrides": ["batch_size=8", "optim.warmup_steps=1", "log_every=1"]}
+COLOR_TEMPLATE = "a {} digit"  # docs/evaluation.md: the colour probe of the digit scenes
+
+# eval name -> (umg eval task, options from the raw data dir); metric column -> (eval name, result metric key)
+EVALS = {
+    "zeroshot": ("zeroshot", lambda raw: {"data": raw / "classification" / "test"}),
+    "retrieval": ("retrieval", lambda raw: {"images": raw / "images" / "test",
+                                            "captions": raw / "annotations" / "captions_test.json"}),
+    "region_digit": ("regions", lambda raw: {"images": raw / "images" / "test",
+                                             "annotations": raw / "annotations" / "instances_test.json"}),
+    "region_color": ("regions", lambda raw: {"images": raw / "images" / "test",
+                                             "annotations": raw / "annotations" / "instances_test.json",
+                                             "attribute": "umg.color", "templates_file": raw / "color_templates.txt"}),
+    "seg": ("seg", lambda raw: {"images": raw / "images" / "test", "masks": raw / "annotations" / "semantic_test",
+                                "classes": raw / "annotations" / "classes.txt"}),
+}
+METRICS = {
+    "zeroshot_acc1": ("zeroshot", "acc1"),
+    "i2t_r1": ("retrieval", "text_retrieval_recall@1"),
+    "t2i_r1": ("retrieval", "image_retrieval_recall@1"),
+    "region_digit_acc1": ("region_digit", "acc1"),
+    "region_color_acc1": ("region_color", "acc1"),
+    "seg_miou": ("seg", "miou"),
+}
+
+
+def load_variants(config: Path) -> dict[str, list[str]]:
+    """``ablation.variants`` of ``config``: name -> list of ``key=value`` train overrides."""
+    tree = yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}
+    variants = (tree.get("ablation") or {}).get("variants")
+    if not isinstance(variants, dict) or not variants:
+        raise ValueError(f"{config}: needs an ablation.variants mapping of name -> list of overrides")
+    for name, overrides in variants.items():
+        if not isinstance(overrides, list) or not all(isinstance(o, str) and "=" in o for o in overrides):
+            raise ValueError(f"{config}: ablation.variants.{name} must be a list of key=value strings")
+    return variants
+
+
+def make_data(out: Path, preset: str, n: int, seed: int) -> tuple[Path, Path, dict]:
+    """Shards + eval layouts of ``preset`` (what ``umg sample --preset --shards --eval`` writes).
+
+    Returns (train shard dir, raw dir with the eval layouts, sample summary).
+    """
+    from pipeline.sample_data.eval_formats import write_eval_layouts
+    from pipeline.sample_data.presets import preset_config
+    from pipeline.sample_shards import write_sample_shards
+
+    config = preset_config(preset)
+    summary = write_sample_shards(out, n=n, seed=seed, config=config)
+    summary["eval"] = write_eval_layouts(out / "raw")
+    (out / "raw" / "color_templates.txt").write_text(COLOR_TEMPLATE + "\n", encoding="utf-8")
+    summary["colors"] = len(config.palette)
+    return out / "train", out / "raw", summary
+
+
+def train_run(config: Path, overrides: list[str], shards: Path, out: Path) -> dict:
+    """One ``umg train`` run; returns its TrainResult fields and wall time."""
+    from data_schemas import TrainConfig, load_config
+    from model.trainer import train
+
+    cfg = load_config(config, overrides, model=TrainConfig, section="train")
+    start = time.perf_counter()
+    result = train(cfg, shards, out)
+    return {"checkpoint": str(result.checkpoint), "steps": result.steps, "metrics_csv": str(result.metrics_csv),
+            "final_losses": result.final_losses, "train_s": round(time.perf_counter() - start, 1)}
+
+
+def adapt_seg_run(checkpoint: str, raw: Path, out: Path, steps: int | None) -> str:
+    """The same short dense adaptation for every variant (``umg adapt --task seg`` on the train split)."""
+    from data_schemas import load_config
+    from data_schemas.adapt_config import SegAdaptConfig
+    from flows.cli_adapt import DEFAULT_CONFIG as ADAPT_CONFIG
+    from model.dense.data import coco_source
+    from model.dense.train import adapt_seg
+
+    cfg = load_config(ADAPT_CONFIG, [f"steps={steps}"] if steps else [], model=SegAdaptConfig, section="adapt_seg")
+    return str(adapt_seg(cfg, checkpoint, coco_source(raw, "train", None, None), out).checkpoint)
+
+
+def evaluate(checkpoint: str, raw: Path, colors: int, adapted: str | None = None) -> dict[str, float]:
+    """The metric columns of one checkpoint (fractions). The colour probe needs more than one colour."""
+    from model.eval.tasks import get_task
+
+    results = {}
+    for name, (task, options) in EVALS.items():
+        if name == "region_color" and colors < 2:
+            continue
+        results[name] = get_task(task)(checkpoint=checkpoint, **options(raw))["metrics"]
+    out = {column: results[name][key] for column, (name, key) in METRICS.items() if name in results}
+    if adapted is not None:
+        out["seg_miou_adapted"] = get_task("seg")(checkpoint=adapted, **EVALS["seg"][1](raw))["metrics"]["miou"]
+    return out
+
+
+def run(args: argparse.Namespace) -> dict:
+    """The whole experiment; returns the report JSON (also written to ``OUT/loss_ablation.json``)."""
+    start = time.perf_counter()
+    out = Path(args.out)
+    variants = load_variants(args.config)
+    if args.variants:
+        unknown = sorted(set(args.variants) - set(variants))
+        if unknown:
+            raise ValueError(f"unknown variants {unknown}; {args.config} has {list(variants)}")
+        variants = {k: v for k, v in variants.items() if k in args.variants}
+    shards, raw, sample = make_data(out / "data", args.preset, args.n, args.data_seed)
+    runs = []
+    for seed in args.seeds:
+        for name, overrides in variants.items():
+            run_dir = out / "runs" / f"{name}_seed{seed}"
+            train_overrides = [*args.extra_overrides, *overrides, f"seed={seed}", f"steps={args.steps}"]
+            record = {"variant": name, "seed": seed, "overrides": train_overrides,
+                      **train_run(args.config, train_overrides, shards, run_dir)}
+            adapted = adapt_seg_run(record["checkpoint"], raw, run_dir / "adapted_seg",
+                                    args.adapt_steps) if args.adapt_seg else None
+            record["metrics"] = evaluate(record["checkpoint"], raw, sample["colors"], adapted)
+            runs.append(record)
+            write_report(_report(args, sample, runs, start), out)  # partial results survive an interrupted run
+    report = _report(args, sample, runs, start)
+    write_report(report, out)
+    return report
+
+
+def _report(args: argparse.Namespace, sample: dict, runs: list[dict], start: float) -> dict:
+    return {
+        "preset": args.preset, "n": args.n, "data_seed": args.data_seed, "steps": args.steps, "seeds": args.seeds,
+        "config": str(args.config), "extra_overrides": args.extra_overrides, "adapt_seg": args.adapt_seg,
+        "data": {split: sample[split] for split in ("train", "val", "test") if split in sample},
+        "command": " ".join(["python", "experiments/loss_ablation.py", *args.argv]),
+        "runs": runs, "summary": aggregate(runs), "wall_s": round(time.perf_counter() - start, 1),
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="output dir: data/, runs/, loss_ablation.{json,md,png}")
+    parser.add_argument("--preset", default="learnable", help="sample preset (pipeline/sample_data/presets.py)")
+    parser.add_argument("--n", type=int, default=3000, help="images over all splits (0.8 / 0.1 / 0.1)")
+    parser.add_argument("--data-seed", type=int, default=0, help="seed of the generated data (same for all runs)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (init + order)")
+    parser.add_argument("--steps", type=int, default=1200, help="optimizer steps per run (same for every variant)")
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="train: + ablation.variants YAML")
+    parser.add_argument("--variants", nargs="+", help="only these variants of the config (default: all)")
+    parser.add_argument("--set", dest="extra_overrides", action="append", default=[],
+                        help="extra train override for every run, e.g. --set batch_size=16 (repeatable)")
+    parser.add_argument("--adapt-seg", action="store_true", help="also mIoU after umg adapt --task seg")
+    parser.add_argument("--adapt-steps", type=int, help="dense adaptation steps (default: configs/adapt_smoke.yaml)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"smoke run: n={QUICK['n']}, steps={QUICK['steps']}, one seed, batch 8")
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.quick:
+        args.n, args.steps, args.seeds = QUICK["n"], QUICK["steps"], QUICK["seeds"]
+        args.extra_overrides = [*QUICK["overrides"], *args.extra_overrides]
+        args.adapt_steps = args.adapt_steps or 2
+    if args.n < 10 or args.steps < 1:
+        parser.error("--n must be >= 10 (every split needs images) and --steps >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        report = run(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
