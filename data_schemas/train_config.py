@@ -100,6 +100,9 @@ class OptimSection(_Section):
     min_lr_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
     grad_clip_norm: float | None = Field(default=1.0, gt=0, description="global L2 norm; null = no clipping")
     accum_steps: int = Field(default=1, ge=1, description="micro-batches per optimizer step")
+    fused: bool | Literal["auto"] = Field(
+        default="auto", description="LAMB step as one torch.compile'd function per tensor (model.lamb, ours): "
+        "auto = compile, else eager with a warning; true = compile or fail; false = eager")
 
 
 class LossSection(_Section):

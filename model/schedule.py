@@ -10,9 +10,9 @@
   ``get_num_layer_for_transformer``): embeddings are layer 0, block i is layer i + 1, everything after the
   blocks (final norm, projection) is layer depth + 1, and layer l trains at ``lr * ld ** (depth + 1 - l)``.
   ``ld = 1`` (the default) gives one group per tower and decay kind, as before.
-- LAMB (``timm.optim.Lamb``) with its internal gradient-norm clipping off: the trainer clips once,
-  globally, before the step (and DeepSpeed clips itself), so a config's ``grad_clip_norm`` means
-  the same thing on every path.
+- LAMB: ``model.lamb.Lamb``, timm's ``Lamb`` math with its internal gradient-norm clipping off (the
+  trainer clips once, globally, before the step, and DeepSpeed clips itself, so a config's
+  ``grad_clip_norm`` means the same thing on every path), its per-tensor step compiled per ``optim.fused``.
 - Linear warmup then cosine decay, evaluated per optimizer step as a ``LambdaLR`` factor on each
   group's base learning rate.
 """
@@ -88,10 +88,10 @@ def build_optimizer(model: nn.Module, optim: OptimSection) -> torch.optim.Optimi
     """LAMB (or AdamW) over :func:`param_groups`."""
     groups = param_groups(model, optim)
     if optim.name == "lamb":
-        from timm.optim import Lamb
+        from model.lamb import Lamb
 
         return Lamb(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay,
-                    max_grad_norm=None)
+                    fused=optim.fused)
     return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
                              weight_decay=optim.weight_decay)
 
