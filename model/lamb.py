@@ -143,6 +143,9 @@ class Lamb(torch.optim.Optimizer):
 
     def _run(self, param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, hyper: Tensor,
              constants: dict) -> None:
+        tensors = (param, grad, exp_avg, exp_avg_sq)
+        if all(t.is_contiguous() for t in tensors):  # one 1-D graph for every shape (no recompiles per rank)
+            param, grad, exp_avg, exp_avg_sq = (t.view(-1) for t in tensors)
         if self._update is lamb_update_:
             lamb_update_(param, grad, exp_avg, exp_avg_sq, hyper, **constants)
             return

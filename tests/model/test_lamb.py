@@ -1,0 +1,172 @@
+"""model.lamb.Lamb: same steps as timm's Lamb (compiled and eager), state_dict round trips, compile fallback."""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+
+import pytest
+import torch
+from timm.optim import Lamb as TimmLamb
+from torch import nn
+
+import model.lamb as lamb_module
+from data_schemas.train_config import OptimSection
+from model.factory import create_umg_clip
+from model.lamb import Lamb
+from model.schedule import build_optimizer, param_groups
+
+RTOL, ATOL = 2e-5, 1e-7  # float32 rounding: inductor fuses and reorders the elementwise ops and norm sums
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.Linear(5, 3))
+
+
+def _groups(net: nn.Module) -> list[dict]:
+    """Three groups: decayed weights at two learning rates, and no-decay norms / biases."""
+    first, norm, last = net[0], net[1], net[2]
+    return [{"params": [first.weight], "lr": 3e-2, "weight_decay": 0.1},
+            {"params": [last.weight], "lr": 1e-2, "weight_decay": 0.1},
+            {"params": [first.bias, norm.weight, norm.bias, last.bias], "lr": 2e-2, "weight_decay": 0.0}]
+
+
+def _run(net: nn.Module, opt: torch.optim.Optimizer, steps: int, seed: int = 0) -> None:
+    """``steps`` steps on fresh random gradients (same sequence for the same seed), one gradient left unset."""
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        for i, p in enumerate(net.parameters()):
+            p.grad = None if (i == 3 and step == 1) else torch.randn(p.shape, generator=gen) * 0.1
+        opt.step()
+
+
+def _assert_same(net: nn.Module, ref: nn.Module, opt: torch.optim.Optimizer, ref_opt: torch.optim.Optimizer):
+    for (name, p), q in zip(net.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=RTOL, atol=ATOL, msg=name)
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(opt.state[p][key], ref_opt.state[q][key], rtol=RTOL, atol=ATOL, msg=name)
+    assert [float(g["step"]) for g in opt.param_groups] == [float(g["step"]) for g in ref_opt.param_groups]
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "compiled"])
+def test_matches_timm_lamb_over_steps_with_wd_and_no_wd_groups(fused):
+    net, ref = _net(), _net()
+    kwargs = dict(lr=1e-2, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.05)
+    opt, ref_opt = Lamb(_groups(net), fused=fused, **kwargs), TimmLamb(_groups(ref), max_grad_norm=None, **kwargs)
+    try:
+        _run(net, opt, 5)
+    except RuntimeError as exc:
+        if "torch.compile failed" in str(exc):
+            pytest.skip(f"no torch.compile backend here: {exc}")
+        raise
+    _run(ref, ref_opt, 5)
+    _assert_same(net, ref, opt, ref_opt)
+    assert (net[0].weight - _net()[0].weight).abs().max() > 1e-3  # it did train
+
+
+@pytest.mark.parametrize("options", [
+    dict(always_adapt=True), dict(trust_clip=True), dict(grad_averaging=False), dict(bias_correction=False),
+    dict(weight_decay=0.0)])
+def test_matches_timm_lamb_for_each_option(options):
+    net, ref = _net(), _net()
+    groups, ref_groups = _groups(net), _groups(ref)
+    if "weight_decay" in options:  # every group without decay: no trust ratio anywhere
+        for g in groups + ref_groups:
+            g["weight_decay"] = 0.0
+    kwargs = dict(lr=1e-2, betas=(0.8, 0.9), eps=1e-8, **options)
+    opt, ref_opt = Lamb(groups, fused=False, **kwargs), TimmLamb(ref_groups, max_grad_norm=None, **kwargs)
+    _run(net, opt, 4)
+    _run(ref, ref_opt, 4)
+    _assert_same(net, ref, opt, ref_opt)
+
+
+def test_layer_decay_groups_of_the_tiny_model_match_timm_under_a_changing_lr():
+    """build_optimizer's groups (towers x layers x decay) with a per-step schedule, as the trainer runs it."""
+    torch.manual_seed(0)
+    umg = create_umg_clip("umg-tiny-vit")
+    ref = copy.deepcopy(umg)
+    optim = OptimSection(lr=1e-3, visual_lr=5e-4, visual_ld=0.7, text_ld=0.9, weight_decay=0.05)
+    opt = build_optimizer(umg, optim)
+    ref_opt = TimmLamb(param_groups(ref, optim), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+                       weight_decay=optim.weight_decay, max_grad_norm=None)
+    assert isinstance(opt, Lamb) and len(opt.param_groups) > 10
+    gen = torch.Generator().manual_seed(1)
+    for step in range(3):
+        for o in (opt, ref_opt):
+            for g in o.param_groups:
+                g["lr"] = g.setdefault("initial_lr", g["lr"]) * (1 - 0.3 * step)
+        for p, q in zip(umg.parameters(), ref.parameters()):
+            p.grad = torch.randn(p.shape, generator=gen) * 1e-2
+            q.grad = p.grad.clone()
+        opt.step()
+        ref_opt.step()
+    for (name, p), q in zip(umg.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=RTOL, atol=ATOL, msg=name)
+
+
+def _saved(opt: torch.optim.Optimizer) -> dict:
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("first", ["ours", "timm"])
+def test_state_dict_resume_continues_exactly_and_loads_timm_state(first):
+    """3 steps, save, load into a fresh ``Lamb``, 3 more == 6 steps straight (and timm's state resumes in ours)."""
+    whole = _net()
+    whole_opt = Lamb(_groups(whole), fused=False)
+    _run(whole, whole_opt, 3, seed=0)
+    _run(whole, whole_opt, 3, seed=1)
+
+    part = _net()
+    part_opt = (Lamb(_groups(part), fused=False) if first == "ours"
+                else TimmLamb(_groups(part), weight_decay=0.01, max_grad_norm=None))
+    _run(part, part_opt, 3, seed=0)
+    resumed_opt = Lamb(_groups(part), fused=False)
+    resumed_opt.load_state_dict(_saved(part_opt))
+    _run(part, resumed_opt, 3, seed=1)
+    _assert_same(part, whole, resumed_opt, whole_opt)  # timm's first three steps may differ by rounding only
+    if first == "ours":
+        assert all(torch.equal(p, q) for p, q in zip(part.parameters(), whole.parameters()))
+
+
+def test_auto_falls_back_to_eager_when_compiling_fails(monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(lamb_module, "_compiled_update", lambda: broken)
+    net, ref = _net(), _net()
+    opt, eager = Lamb(_groups(net), fused="auto"), Lamb(_groups(ref), fused=False)
+    with caplog.at_level(logging.WARNING, logger="model.lamb"):
+        _run(net, opt, 2)
+    _run(ref, eager, 2)
+    assert opt._update is lamb_module.lamb_update_ and "running the step eagerly" in caplog.text
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), ref.parameters()))
+
+    strict = Lamb(_groups(_net()), fused=True)
+    _grads(strict)
+    with pytest.raises(RuntimeError, match="optim.fused is true but torch.compile failed"):
+        strict.step()
+
+
+def _grads(opt: torch.optim.Optimizer) -> None:
+    for g in opt.param_groups:
+        for p in g["params"]:
+            p.grad = torch.ones_like(p)
+
+
+def test_bad_settings_are_clear_errors():
+    with pytest.raises(ValueError, match="fused must be true, false or 'auto'"):
+        Lamb(_net().parameters(), fused="yes")
+    with pytest.raises(ValueError, match="betas"):
+        Lamb(_net().parameters(), betas=(0.9, 1.0))
+    opt = Lamb(_net().parameters(), fused=False)
+    opt.param_groups[0]["max_grad_norm"] = 1.0
+    _grads(opt)
+    with pytest.raises(ValueError, match="max_grad_norm clipping is not supported"):
+        opt.step()
+    with pytest.raises(ValueError):
+        OptimSection(fused="sometimes")
