@@ -100,7 +100,21 @@ class Lamb(torch.optim.Optimizer):
                         always_adapt=always_adapt, max_grad_norm=None)
         super().__init__(params, defaults)
         self.fused = fused
-        self._update: Callable[..., None] | None = None if fused is False else _compiled_update()
+        self._update: Callable[..., None] | None = None
+        if fused is not False:
+            try:
+                self._update = _compiled_update()
+            except Exception as exc:  # torch.compile unavailable (e.g. an unsupported Python)
+                self._compile_failed(exc)
+
+    def _compile_failed(self, exc: Exception) -> None:
+        """``fused: true``: a clear error; ``auto``: one warning, then timm's eager step from here on."""
+        if self.fused is True:
+            raise RuntimeError(f"Lamb: optim.fused is true but torch.compile failed ({type(exc).__name__}: "
+                               f"{exc}); set optim.fused to auto or false") from exc
+        log.warning("Lamb: torch.compile of the fused step failed (%s: %s); running timm's eager step",
+                    type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        self._update = None
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
@@ -157,12 +171,7 @@ class Lamb(torch.optim.Optimizer):
             try:
                 self._update(*tensors, hypers[p.device], **constants)
             except Exception as exc:  # compiling failed (before the graph ran): no C++ compiler / Triton, ...
-                if self.fused is True:
-                    raise RuntimeError(f"Lamb: optim.fused is true but torch.compile failed "
-                                       f"({type(exc).__name__}: {exc}); set optim.fused to auto or false") from exc
-                log.warning("Lamb: torch.compile of the fused step failed (%s: %s); running timm's eager step",
-                            type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-                self._update = None
+                self._compile_failed(exc)
                 return i
         return len(params)
 

@@ -155,6 +155,18 @@ def test_auto_falls_back_to_eager_when_compiling_fails(monkeypatch, caplog):
         strict.step()
 
 
+def test_auto_runs_eagerly_when_torch_compile_itself_is_unavailable(monkeypatch, caplog):
+    def unavailable():
+        raise RuntimeError("torch.compile is not supported on this Python")
+
+    monkeypatch.setattr(lamb_module, "_compiled_update", unavailable)
+    with caplog.at_level(logging.WARNING, logger="model.lamb"):
+        opt = Lamb(_groups(_net()), fused="auto")
+    assert opt._update is None and "not supported on this Python" in caplog.text
+    with pytest.raises(RuntimeError, match="optim.fused is true but torch.compile failed"):
+        Lamb(_groups(_net()), fused=True)
+
+
 def _grads(opt: torch.optim.Optimizer) -> None:
     for g in opt.param_groups:
         for p in g["params"]:
