@@ -35,26 +35,32 @@ log = logging.getLogger(__name__)
 
 Fused = bool | Literal["auto"]
 #: Index of each per-(group, step) hyper-parameter in the ``hyper`` tensor of :func:`lamb_update_`.
-LR, WEIGHT_DECAY, ADAPT, BIAS_CORRECTION1, BIAS_CORRECTION2 = range(5)
+LR, WEIGHT_DECAY, ADAPT, BIAS_CORRECTION1, BIAS_CORRECTION2, BETA1, BETA2, ONE_MINUS_BETA1, ONE_MINUS_BETA2, EPS = \
+    range(10)
 
 
 def lamb_update_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, hyper: Tensor, *,
-                 beta1: float, beta2: float, eps: float, grad_averaging: bool, trust_clip: bool) -> None:
+                 grad_averaging: bool, trust_clip: bool) -> None:
     """One tensor's LAMB step, in place on ``param``, ``exp_avg``, ``exp_avg_sq`` (timm's single-tensor math).
 
     Args:
         param, grad, exp_avg, exp_avg_sq: same shape and device, any shape.
-        hyper: ``(5,)`` float32 on the same device: learning rate, weight decay, 1.0 if the trust ratio
-            applies (weight decay != 0 or ``always_adapt``) else 0.0, bias corrections 1 and 2 (1.0 when off).
-        beta1, beta2, eps, grad_averaging, trust_clip: as timm ``Lamb`` (constants of the group).
+        hyper: ``(10,)`` float32 on the same device, indexed by the constants above: learning rate, weight
+            decay, 1.0 if the trust ratio applies (weight decay != 0 or ``always_adapt``) else 0.0, bias
+            corrections 1 and 2 (1.0 when off), beta1, beta2, 1 - beta1, 1 - beta2 (taken in float64, as
+            timm does), eps. Every number is a tensor entry, none a
+            Python float: with ``dynamic=True`` torch 2.14 reuses a graph compiled for
+            ``addcmul_(value=1 - 0.98)`` when called with ``1 - 0.999`` (no guard on the float), so floats
+            here would silently keep the first group's values.
+        grad_averaging, trust_clip: as timm ``Lamb`` (group constants).
     """
     lr, weight_decay, adapt = hyper[LR], hyper[WEIGHT_DECAY], hyper[ADAPT]
     if grad_averaging:
-        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg.lerp_(grad, hyper[ONE_MINUS_BETA1])
     else:
-        exp_avg.mul_(beta1).add_(grad)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    denom = exp_avg_sq.sqrt() / hyper[BIAS_CORRECTION2].sqrt() + eps
+        exp_avg.mul_(hyper[BETA1]).add_(grad)
+    exp_avg_sq.mul_(hyper[BETA2]).add_(grad * grad * hyper[ONE_MINUS_BETA2])
+    denom = exp_avg_sq.sqrt() / hyper[BIAS_CORRECTION2].sqrt() + hyper[EPS]
     update = (exp_avg / hyper[BIAS_CORRECTION1]) / denom + weight_decay * param
     w_norm, u_norm = torch.linalg.vector_norm(param), torch.linalg.vector_norm(update)
     ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, 1.0)
@@ -142,9 +148,11 @@ class Lamb(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         corrections = (1 - beta1 ** step, 1 - beta2 ** step) if group["bias_correction"] else (1.0, 1.0)
         adapt = float(group["weight_decay"] != 0 or group["always_adapt"])
-        values = [0.0] * 5
+        values = [0.0] * 10
         values[LR], values[WEIGHT_DECAY], values[ADAPT] = group["lr"], group["weight_decay"], adapt
         values[BIAS_CORRECTION1], values[BIAS_CORRECTION2] = corrections
+        values[BETA1], values[BETA2], values[EPS] = beta1, beta2, group["eps"]
+        values[ONE_MINUS_BETA1], values[ONE_MINUS_BETA2] = 1 - beta1, 1 - beta2
         states = []
         for p in params:
             state = self.state[p]
@@ -159,9 +167,7 @@ class Lamb(torch.optim.Optimizer):
     def _fused_steps(self, group: dict, params: list[Tensor], states: list[dict], values: list[float]) -> int:
         """Compiled steps of ``params`` in order; returns how many ran (all, unless compiling failed)."""
         hypers: dict[torch.device, Tensor] = {}
-        beta1, beta2 = group["betas"]
-        constants = dict(beta1=beta1, beta2=beta2, eps=group["eps"], grad_averaging=group["grad_averaging"],
-                         trust_clip=group["trust_clip"])
+        constants = dict(grad_averaging=group["grad_averaging"], trust_clip=group["trust_clip"])
         for i, (p, state) in enumerate(zip(params, states)):
             if p.device not in hypers:
                 hypers[p.device] = torch.tensor(values, dtype=torch.float32, device=p.device)
