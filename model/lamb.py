@@ -50,8 +50,8 @@ def lamb_update_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tenso
             corrections 1 and 2 (1.0 when off), beta1, beta2, 1 - beta1, 1 - beta2 (taken in float64, as
             timm does), eps. Every number is a tensor entry, none a
             Python float: with ``dynamic=True`` torch 2.14 reuses a graph compiled for
-            ``addcmul_(value=1 - 0.98)`` when called with ``1 - 0.999`` (no guard on the float), so floats
-            here would silently keep the first group's values.
+            ``addcmul_(value=1 - 0.98)`` when called with ``1 - 0.999`` (a stale dynamic float, cf.
+            pytorch/pytorch#194976), so floats here would silently keep the first group's values.
         grad_averaging, trust_clip: as timm ``Lamb`` (group constants).
     """
     lr, weight_decay, adapt = hyper[LR], hyper[WEIGHT_DECAY], hyper[ADAPT]
