@@ -184,5 +184,8 @@ def test_bad_settings_are_clear_errors():
     _grads(opt)
     with pytest.raises(ValueError, match="max_grad_norm clipping is not supported"):
         opt.step()
+    opt.param_groups[0].update(max_grad_norm=None, caution=True)  # as loaded from a timm state_dict
+    with pytest.raises(ValueError, match="caution / decoupled_decay are not supported"):
+        opt.step()
     with pytest.raises(ValueError):
         OptimSection(fused="sometimes")
