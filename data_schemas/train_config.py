@@ -4,7 +4,7 @@ Read with ``load_config(path, overrides, model=TrainConfig, section="train")``. 
 gives (§5.1: LAMB, weight decay, warmup + cosine, DeepSpeed, 10 epochs for B/L/g, λ = 1) are the
 defaults where the extracted text kept them; everything else is marked "our default". Tensors and
 model classes stay out of here (``data_schemas`` imports nothing of ours): ``model.trainer`` maps
-these fields onto ``TokenClusterCfg``, ``UMGLoss``, ``timm.optim.Lamb`` and DeepSpeed.
+these fields onto ``TokenClusterCfg``, ``UMGLoss``, ``model.lamb.Lamb`` (timm's LAMB math) and DeepSpeed.
 """
 
 from __future__ import annotations
