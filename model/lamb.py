@@ -1,8 +1,8 @@
 """LAMB with a fused per-tensor step: ``timm.optim.Lamb``'s math (the settings we use), in ~3 passes per tensor.
 
 timm's ``Lamb`` on CPU runs its single-tensor path: per parameter ~13 eager ops from Python, each a full
-pass over the tensor (several allocate a temporary). Here one function, :func:`lamb_update_`, does a tensor's whole update and is compiled once with
-``torch.compile(dynamic=True)``: inductor fuses the moment updates, the bias-corrected update, the weight
+pass over the tensor (several allocate a temporary). Here one function, :func:`lamb_update_`, does a
+tensor's whole update and is compiled once with ``torch.compile(dynamic=True)``: inductor fuses the moment updates, the bias-corrected update, the weight
 decay, both norms of the trust ratio and the parameter write into a reduction pass and a write pass. Every
 number (learning rate, bias corrections, weight decay, whether the trust ratio applies, betas, eps) enters
 as one small tensor and tensors are flattened to 1-D, so every group and every step runs the same few
