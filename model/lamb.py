@@ -2,12 +2,12 @@
 
 timm's ``Lamb`` on CPU runs its single-tensor path: per parameter ~13 eager ops from Python, each a full
 pass over the tensor (several allocate a temporary). Here one function, :func:`lamb_update_`, does a
-tensor's whole update and is compiled once with ``torch.compile(dynamic=True)``: inductor fuses the moment updates, the bias-corrected update, the weight
-decay, both norms of the trust ratio and the parameter write into a reduction pass and a write pass. Every
-number (learning rate, bias corrections, weight decay, whether the trust ratio applies, betas, eps) enters
-as one small tensor and tensors are flattened to 1-D, so every group and every step runs the same few
-compiled graphs (one per size class: no recompiles from the scheduler or layer decay; ZeRO's flat
-partitions are just other sizes).
+tensor's whole update and is compiled once with ``torch.compile(dynamic=True)``: inductor fuses the moment
+updates, the bias-corrected update, the weight decay, both norms of the trust ratio and the parameter write
+into a reduction pass and a write pass. Every number (learning rate, bias corrections, weight decay, whether
+the trust ratio applies, betas, eps) enters as one small tensor and tensors are flattened to 1-D, so every
+group and every step runs the same few compiled graphs (one per size class: no recompiles from the scheduler
+or layer decay; ZeRO's flat partitions are just other sizes).
 
 ``fused``: ``"auto"`` compiles and falls back (with one warning) to the eager step when compiling fails,
 e.g. no C++ compiler on a CPU machine or no Triton on a GPU one; ``True`` compiles and raises if it cannot;
