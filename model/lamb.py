@@ -1,4 +1,4 @@
-"""LAMB with a fused per-tensor step: ``timm.optim.Lamb``'s math (the settings we use), in ~3 passes per tensor.
+"""LAMB with a fused per-tensor step: ``timm.optim.Lamb``'s math (the settings we use), in two fused passes per tensor.
 
 timm's ``Lamb`` on CPU runs its single-tensor path: per parameter ~13 eager ops from Python, each a full
 pass over the tensor (several allocate a temporary). Here one function, :func:`lamb_update_`, does a
