@@ -279,3 +279,17 @@ class OracleSegmenter(OracleBackend):
             angle = rng.uniform(0, 2 * np.pi)
             return ot.offset_mask(mask, int(round(pixels * np.cos(angle))), int(round(pixels * np.sin(angle))))
         return ot.morph_mask(mask, pixels if mode == "dilate" else -pixels)
+
+
+def fill_truth(annotate: dict, instances: str | Path, image_dir: str | Path, captions: str | Path | None = None) -> dict:
+    """A copy of an ``annotate:`` config tree with ``instances`` / ``image_dir`` / ``captions`` set on every
+    ``backend: oracle`` entry (so a config file can hold the noise and one call names the ground truth)."""
+    truth = {"instances": str(instances), "image_dir": str(image_dir), "captions": str(captions) if captions else None}
+
+    def fill(node: Any) -> Any:
+        if isinstance(node, dict):
+            node = {k: fill(v) for k, v in node.items()}
+            return {**node, **truth} if node.get("backend") == "oracle" else node
+        return node
+
+    return fill(annotate)
