@@ -251,9 +251,9 @@ class OracleSegmenter(OracleBackend):
             masks = self._masks(truth, image_boxes)
             stability = None
             if jittered is not None:
-                shifted = np.asarray(jittered[i], np.float32).reshape(len(image_boxes), -1, 4)
-                stability = np.array([ot.mask_ious(mask, self._masks(truth, copies)).mean()
-                                      for mask, copies in zip(masks, shifted)], np.float64)
+                shifted = np.asarray(jittered[i], np.float32)
+                stability = np.array([ot.mask_ious(mask, self._masks(truth, copies.reshape(-1, 4))).mean()
+                                      for mask, copies in zip(masks, shifted)], np.float64).reshape(-1)
             out.append(SegmentOutput(masks, np.ones(len(image_boxes), np.float32), stability))
         return out
 

@@ -161,6 +161,14 @@ def test_sloppy_masks(coco, mode):
     assert clean.stability[0] == 1.0 and (clean.masks[0] == true).all()
 
 
+def test_an_image_without_boxes_gets_no_masks(coco):
+    cfg, pictures = coco
+    none = np.zeros((0, 4), np.float32)
+    out = _build("segmenter", cfg)(pictures[:1], [none], [jitter_boxes(none, [0.1], W, H)])[0]
+    assert out.masks.shape == (0, H, W) and out.stability.shape == (0,)
+    assert _build("region_captioner", cfg)(pictures[:1], [none]) == [[]]
+
+
 def test_outputs_depend_on_seed_and_image_only(coco):
     cfg, pictures = coco
     noisy = {"box_shift": 0.2, "label_flip_rate": 0.5, "spurious_per_image": 2.0, "duplicate_rate": 0.5}
