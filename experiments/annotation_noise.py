@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
+from experiments._cli import parse_experiment_args, run_cli  # noqa: E402
 from experiments.ablation_report import COLUMNS  # noqa: E402
 from experiments.annotation_audit import audit_build  # noqa: E402
 from experiments.loss_ablation import DEFAULT_CONFIG, QUICK, evaluate, load_variants, make_data, train_run  # noqa: E402
@@ -201,25 +202,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="extra train override for every run (repeatable)")
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke run: n={QUICK['n']}, steps={QUICK['steps']}, batch 8")
-    args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    if args.quick:
-        args.n, args.steps = QUICK["n"], QUICK["steps"]
-        args.extra_overrides = [*QUICK["overrides"], *args.extra_overrides]
-    if args.n < 10 or args.steps < 1:
-        parser.error("--n must be >= 10 (every split needs images) and --steps >= 1")
-    return args
+    return parse_experiment_args(parser, argv, QUICK)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        report = run(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    print(json.dumps(report, sort_keys=True))
-    return 0
+    return run_cli(parse_args, run, argv)
 
 
 if __name__ == "__main__":
