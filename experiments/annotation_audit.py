@@ -91,3 +91,21 @@ def audit_build(build_dir: str | Path, truth_dir: str | Path) -> dict[str, float
         "mask_mean_iou": rate("mask_iou_sum", "masks"),
     })
     return out
+
+
+def filter_removals(off: dict, on: dict) -> dict[str, int]:
+    """What the filters removed, from the audits of the same build with filters off and on: captions (true /
+    wrong), regions (right / wrong label / duplicate / spurious) and masks. Counts, ``off - on``."""
+    def wrong_label(a: dict) -> int:
+        return a["regions"] - a["regions_right"] - a["regions_spurious"] - a["regions_duplicate"]
+
+    return {
+        "captions_true": off["captions_kept_true"] - on["captions_kept_true"],
+        "captions_wrong": (off["captions_kept"] - off["captions_kept_true"])
+        - (on["captions_kept"] - on["captions_kept_true"]),
+        "regions_right": off["regions_right"] - on["regions_right"],
+        "regions_wrong_label": wrong_label(off) - wrong_label(on),
+        "regions_duplicate": off["regions_duplicate"] - on["regions_duplicate"],
+        "regions_spurious": off["regions_spurious"] - on["regions_spurious"],
+        "masks": off["masks"] - on["masks"],
+    }

@@ -36,7 +36,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout
 
 from experiments._cli import parse_experiment_args, run_cli  # noqa: E402
 from experiments.ablation_report import COLUMNS  # noqa: E402
-from experiments.annotation_audit import audit_build  # noqa: E402
+from experiments.annotation_audit import audit_build, filter_removals  # noqa: E402
 from experiments.loss_ablation import DEFAULT_CONFIG, QUICK, evaluate, load_variants, make_data, train_run  # noqa: E402
 
 DEFAULT_NOISE = ROOT / "configs" / "annotation_noise.yaml"
@@ -178,6 +178,10 @@ def markdown(report: dict) -> str:
         audit = report["builds"][name]["audit"]
         cells = [_pct(audit.get(k)) if k in RATES else str(audit.get(k, 0)) for k in AUDIT_COLUMNS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if all(name in report["builds"] for name in BUILDS):
+        removed = filter_removals(*(report["builds"][name]["audit"] for name in BUILDS))
+        lines += ["", "Removed by the filters (filters_off - filters_on): " + ", ".join(
+            f"{key.replace('_', ' ')} {value}" for key, value in removed.items())]
     metrics = [k for k in COLUMNS if any(k in r["metrics"] for r in report["runs"].values())]
     lines += ["", "| trained on | " + " | ".join(COLUMNS[k] for k in metrics) + " | train s |",
               "|---" * (len(metrics) + 2) + "|"]

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from experiments.annotation_audit import filter_removals
 from experiments.annotation_noise import BUILDS, main
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools + numpy 2
@@ -37,3 +38,13 @@ def test_noise_config_without_filters_off_is_an_error_line(tmp_path, capsys):
     assert main(["--quick", "--out", str(tmp_path / "o"), "--noise", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "filters_off" in err
+
+
+def test_filter_removals_by_hand():
+    off = {"captions_kept": 10, "captions_kept_true": 7, "regions": 12, "regions_right": 5, "regions_spurious": 3,
+           "regions_duplicate": 2, "masks": 12}
+    on = {"captions_kept": 8, "captions_kept_true": 6, "regions": 7, "regions_right": 5, "regions_spurious": 1,
+          "regions_duplicate": 0, "masks": 4}
+    assert filter_removals(off, on) == {"captions_true": 1, "captions_wrong": 1, "regions_right": 0,
+                                        "regions_wrong_label": 1, "regions_duplicate": 2, "regions_spurious": 2,
+                                        "masks": 8}
