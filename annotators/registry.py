@@ -2,7 +2,8 @@
 
 Contract (like detectron2's registries): every entry is a class with ``from_config(cfg: Mapping)``
 returning an unloaded backend; ``build(kind, cfg)`` looks up ``cfg["backend"]`` under ``kind``.
-Adding a backend = one line here (or ``register`` at runtime) + its class.
+Adding a backend = one line here (or ``register`` at runtime) + its class. ``oracle`` (every kind but scorer and
+background) is a test instrument: ground truth with controlled noise (annotators/oracle.py), not a model.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ _ENTRIES: dict[str, dict[str, str]] = {
     "tagger": {
         "clip-vocab": "annotators.tagger:ClipVocabTagger",
         "ram": "annotators.tagger:RamTagger",
+        "oracle": "annotators.oracle:OracleTagger",
     },
     "captioner": {
         "blip2": "annotators.captioner:Blip2Captioner",
         "vlm": "annotators.captioner:VlmCaptioner",
+        "oracle": "annotators.oracle:OracleCaptioner",
     },
     "scorer": {
         "open_clip": "annotators.scorer:OpenClipScorer",
@@ -28,14 +31,17 @@ _ENTRIES: dict[str, dict[str, str]] = {
     "detector": {
         "hf": "annotators.detector:HfDetector",
         "vitdet": "annotators.detector:ViTDetDetector",
+        "oracle": "annotators.oracle:OracleDetector",
     },
     "region_captioner": {
         "vlm-box": "annotators.region_captioner:VlmBoxCaptioner",
         "crop": "annotators.region_captioner:CropCaptioner",
         "gpt4roi": "annotators.region_captioner_gpt4roi:Gpt4RoiCaptioner",
+        "oracle": "annotators.oracle:OracleRegionCaptioner",
     },
     "segmenter": {
         "sam": "annotators.segmenter:SamSegmenter",
+        "oracle": "annotators.oracle:OracleSegmenter",
     },
     "background": {
         "mask2former": "annotators.background:Mask2FormerBackground",

@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
+from experiments._cli import parse_experiment_args, run_cli  # noqa: E402
 from experiments.ablation_report import aggregate, write_report  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "configs" / "ablation.yaml"
@@ -182,26 +182,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--adapt-steps", type=int, help="dense adaptation steps (default: configs/adapt_smoke.yaml)")
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke run: n={QUICK['n']}, steps={QUICK['steps']}, one seed, batch 8")
-    args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_experiment_args(parser, argv, QUICK)
     if args.quick:
-        args.n, args.steps, args.seeds = QUICK["n"], QUICK["steps"], QUICK["seeds"]
-        args.extra_overrides = [*QUICK["overrides"], *args.extra_overrides]
         args.adapt_steps = args.adapt_steps or 2
-    if args.n < 10 or args.steps < 1:
-        parser.error("--n must be >= 10 (every split needs images) and --steps >= 1")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        report = run(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    print(json.dumps(report, sort_keys=True))
-    return 0
+    return run_cli(parse_args, run, argv)
 
 
 if __name__ == "__main__":
