@@ -42,6 +42,9 @@ EVALS = {
     "zeroshot": ("zeroshot", lambda raw: {"data": raw / "classification" / "test"}),
     "retrieval": ("retrieval", lambda raw: {"images": raw / "images" / "test",
                                             "captions": raw / "annotations" / "captions_test.json"}),
+    "retrieval_grouped": ("retrieval", lambda raw: {"images": raw / "images" / "test",
+                                                    "captions": raw / "annotations" / "captions_test.json",
+                                                    "group_identical_texts": True}),
     "region_digit": ("regions", lambda raw: {"images": raw / "images" / "test",
                                              "annotations": raw / "annotations" / "instances_test.json"}),
     "region_color": ("regions", lambda raw: {"images": raw / "images" / "test",
@@ -54,6 +57,8 @@ METRICS = {
     "zeroshot_acc1": ("zeroshot", "acc1"),
     "i2t_r1": ("retrieval", "text_retrieval_recall@1"),
     "t2i_r1": ("retrieval", "image_retrieval_recall@1"),
+    "i2t_r1_grouped": ("retrieval_grouped", "text_retrieval_recall@1"),
+    "t2i_r1_grouped": ("retrieval_grouped", "image_retrieval_recall@1"),
     "region_digit_acc1": ("region_digit", "acc1"),
     "region_color_acc1": ("region_color", "acc1"),
     "seg_miou": ("seg", "miou"),
@@ -128,6 +133,57 @@ def evaluate(checkpoint: str, raw: Path, colors: int, adapted: str | None = None
     return out
 
 
+def run_one(task: dict) -> dict:
+    """Train + (adapt) + evaluate one (seed, variant): the unit a ``--jobs`` worker runs."""
+    run_dir = Path(task["run_dir"])
+    record = {"variant": task["variant"], "seed": task["seed"], "overrides": task["overrides"],
+              **train_run(task["config"], task["overrides"], task["shards"], run_dir)}
+    start = time.perf_counter()
+    adapted = adapt_seg_run(record["checkpoint"], task["raw"], run_dir / "adapted_seg",
+                            task["adapt_steps"]) if task["adapt_seg"] else None
+    record["adapt_s"] = round(time.perf_counter() - start, 1)
+    start = time.perf_counter()
+    record["metrics"] = evaluate(record["checkpoint"], task["raw"], task["colors"], adapted)
+    record["eval_s"] = round(time.perf_counter() - start, 1)
+    return record
+
+
+def _worker_init() -> None:
+    """Each ``--jobs`` worker computes on one thread (N workers on N cores, no oversubscription)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def run_tasks(tasks: list[dict], jobs: int, on_done) -> list[dict]:
+    """Records of ``tasks`` in their (serial) order; ``on_done(records so far, in task order)`` after each.
+
+    ``jobs`` > 1 runs them in that many spawned worker processes; the first failure is raised.
+    """
+    if jobs <= 1:
+        records = []
+        for task in tasks:
+            records.append(run_one(task))
+            on_done(records)
+        return records
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    done: dict[int, dict] = {}
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init) as pool:
+        pending = {pool.submit(run_one, task): i for i, task in enumerate(tasks)}
+        try:
+            while pending:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    done[pending.pop(future)] = future.result()  # re-raises a worker's error
+                on_done([done[i] for i in sorted(done)])
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # let running runs end, start no more
+            raise
+    return [done[i] for i in range(len(tasks))]
+
+
 def run(args: argparse.Namespace) -> dict:
     """The whole experiment; returns the report JSON (also written to ``OUT/loss_ablation.json``)."""
     start = time.perf_counter()
@@ -139,18 +195,13 @@ def run(args: argparse.Namespace) -> dict:
             raise ValueError(f"unknown variants {unknown}; {args.config} has {list(variants)}")
         variants = {k: v for k, v in variants.items() if k in args.variants}
     shards, raw, sample = make_data(out / "data", args.preset, args.n, args.data_seed)
-    runs = []
-    for seed in args.seeds:
-        for name, overrides in variants.items():
-            run_dir = out / "runs" / f"{name}_seed{seed}"
-            train_overrides = [*args.extra_overrides, *overrides, f"seed={seed}", f"steps={args.steps}"]
-            record = {"variant": name, "seed": seed, "overrides": train_overrides,
-                      **train_run(args.config, train_overrides, shards, run_dir)}
-            adapted = adapt_seg_run(record["checkpoint"], raw, run_dir / "adapted_seg",
-                                    args.adapt_steps) if args.adapt_seg else None
-            record["metrics"] = evaluate(record["checkpoint"], raw, sample["colors"], adapted)
-            runs.append(record)
-            write_report(_report(args, sample, runs, start), out)  # partial results survive an interrupted run
+    tasks = [{"variant": name, "seed": seed, "config": args.config, "shards": shards, "raw": raw,
+              "overrides": [*args.extra_overrides, *overrides, f"seed={seed}", f"steps={args.steps}"],
+              "run_dir": out / "runs" / f"{name}_seed{seed}", "colors": sample["colors"],
+              "adapt_seg": args.adapt_seg, "adapt_steps": args.adapt_steps}
+             for seed in args.seeds for name, overrides in variants.items()]
+    # partial results survive an interrupted run
+    runs = run_tasks(tasks, args.jobs, lambda runs: write_report(_report(args, sample, runs, start), out))
     report = _report(args, sample, runs, start)
     write_report(report, out)
     return report
@@ -160,6 +211,7 @@ def _report(args: argparse.Namespace, sample: dict, runs: list[dict], start: flo
     return {
         "preset": args.preset, "n": args.n, "data_seed": args.data_seed, "steps": args.steps, "seeds": args.seeds,
         "config": str(args.config), "extra_overrides": args.extra_overrides, "adapt_seg": args.adapt_seg,
+        "adapt_steps": args.adapt_steps, "jobs": args.jobs,
         "data": {split: sample[split] for split in ("train", "val", "test") if split in sample},
         "command": " ".join(["python", "experiments/loss_ablation.py", *args.argv]),
         "runs": runs, "summary": aggregate(runs), "wall_s": round(time.perf_counter() - start, 1),
@@ -180,6 +232,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="extra train override for every run, e.g. --set batch_size=16 (repeatable)")
     parser.add_argument("--adapt-seg", action="store_true", help="also mIoU after umg adapt --task seg")
     parser.add_argument("--adapt-steps", type=int, help="dense adaptation steps (default: configs/adapt_smoke.yaml)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="(seed, variant) runs in parallel worker processes, one thread each (default 1)")
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke run: n={QUICK['n']}, steps={QUICK['steps']}, one seed, batch 8")
     args = parser.parse_args(argv)
@@ -188,8 +242,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.n, args.steps, args.seeds = QUICK["n"], QUICK["steps"], QUICK["seeds"]
         args.extra_overrides = [*QUICK["overrides"], *args.extra_overrides]
         args.adapt_steps = args.adapt_steps or 2
-    if args.n < 10 or args.steps < 1:
-        parser.error("--n must be >= 10 (every split needs images) and --steps >= 1")
+    if args.n < 10 or args.steps < 1 or args.jobs < 1:
+        parser.error("--n must be >= 10 (every split needs images), --steps >= 1 and --jobs >= 1")
     return args
 
 
