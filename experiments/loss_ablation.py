@@ -1,7 +1,8 @@
 """Loss ablation on the digit scenes (paper Tab. 7; issue 9): same init, same budget, four loss mixes.
 
-    python experiments/loss_ablation.py --preset learnable --seeds 0 1 2 --steps 1200 --out out/ablation
-    python experiments/loss_ablation.py --quick --out /tmp/ablation          # ~minutes: checks that it all runs
+    python experiments/loss_ablation.py --preset learnable --n 1500 --seeds 0 1 2 --steps 600 \
+        --adapt-seg --adapt-steps 600 --jobs 2 --out out/ablation           # the main table of the docs
+    python experiments/loss_ablation.py --quick --out /tmp/ablation          # ~1 min: checks that it all runs
 
 1. Data: ``umg sample --preset P --n N --seed DATA_SEED --shards --eval`` (the same library calls), once;
    every variant and seed trains on ``OUT/data/train`` and is evaluated on the held-out ``test`` split.
@@ -10,9 +11,13 @@
    config's ``train:`` section + the variant's overrides + ``seed`` + ``steps``. The seed fixes the random
    init and the data order, so the variants of one seed start from the same weights and see the same batches.
 3. Evaluation with the ``umg eval`` library functions (``model.eval.tasks``): zero-shot top-1, retrieval
-   I2T / T2I R@1, region classification of the ground-truth boxes (digit, and colour via
+   I2T / T2I R@1 in the standard protocol and with ``group_identical_texts`` (the digit scenes' templated
+   captions repeat across images; docs/evaluation.md), region classification of the ground-truth boxes (digit, and colour via
    ``--attribute umg.color`` when the preset has more than one colour), training-free segmentation mIoU;
-   with ``--adapt-seg`` also mIoU after the same short ``umg adapt --task seg`` (configs/adapt_smoke.yaml).
+   with ``--adapt-seg`` also mIoU after the same short ``umg adapt --task seg`` (configs/adapt_smoke.yaml;
+   trains Convpass + the dense head on the train split's instance masks of the same 10 digit classes).
+``--jobs N`` runs the (seed, variant) units (train + adapt + eval) in N spawned processes of one thread
+each; the report keeps the serial order (seed, then variant) and is rewritten as each run finishes.
 4. Report (``experiments/ablation_report.py``): mean ± std over seeds, a markdown table beside the paper's
    Tab. 7, learning curves (PNG) from each run's metrics.csv, JSON; the JSON is printed last.
 """
