@@ -111,6 +111,28 @@ def train_run(config: Path, overrides: list[str], shards: Path, out: Path) -> di
             "final_losses": result.final_losses, "train_s": round(time.perf_counter() - start, 1)}
 
 
+def reused_run(run_dir: Path, steps: int) -> dict | None:
+    """The ``train_run`` fields of a finished earlier run in ``run_dir`` (``--reuse-runs``), else None.
+
+    Finished = ``checkpoints/step_{steps:08d}/`` exists; its metrics.csv gives the final losses. Only the
+    weights are used (adaptation and evaluation load them), so a run saved by an older trainer whose
+    optimizer state no longer resumes still counts.
+    """
+    import csv
+
+    from model.losses import LOSS_KEYS
+
+    checkpoint, metrics_csv = run_dir / "checkpoints" / f"step_{steps:08d}", run_dir / "metrics.csv"
+    if not (checkpoint / "model.safetensors").is_file() or not metrics_csv.is_file():
+        return None
+    with open(metrics_csv, newline="", encoding="utf-8") as fh:
+        last = list(csv.DictReader(fh))[-1]
+    if int(last["step"]) != steps:
+        return None
+    return {"checkpoint": str(checkpoint), "steps": steps, "metrics_csv": str(metrics_csv),
+            "final_losses": {k: float(last[k]) for k in ("loss", *LOSS_KEYS)}, "train_s": 0.0, "reused": True}
+
+
 def adapt_seg_run(checkpoint: str, raw: Path, out: Path, steps: int | None) -> str:
     """The same short dense adaptation for every variant (``umg adapt --task seg`` on the train split)."""
     from data_schemas import load_config
@@ -141,8 +163,9 @@ def evaluate(checkpoint: str, raw: Path, colors: int, adapted: str | None = None
 def run_one(task: dict) -> dict:
     """Train + (adapt) + evaluate one (seed, variant): the unit a ``--jobs`` worker runs."""
     run_dir = Path(task["run_dir"])
+    trained = reused_run(run_dir, task["steps"]) if task["reuse_runs"] else None
     record = {"variant": task["variant"], "seed": task["seed"], "overrides": task["overrides"],
-              **train_run(task["config"], task["overrides"], task["shards"], run_dir)}
+              **(trained or train_run(task["config"], task["overrides"], task["shards"], run_dir))}
     start = time.perf_counter()
     adapted = adapt_seg_run(record["checkpoint"], task["raw"], run_dir / "adapted_seg",
                             task["adapt_steps"]) if task["adapt_seg"] else None
@@ -203,7 +226,8 @@ def run(args: argparse.Namespace) -> dict:
     tasks = [{"variant": name, "seed": seed, "config": args.config, "shards": shards, "raw": raw,
               "overrides": [*args.extra_overrides, *overrides, f"seed={seed}", f"steps={args.steps}"],
               "run_dir": out / "runs" / f"{name}_seed{seed}", "colors": sample["colors"],
-              "adapt_seg": args.adapt_seg, "adapt_steps": args.adapt_steps}
+              "adapt_seg": args.adapt_seg, "adapt_steps": args.adapt_steps, "steps": args.steps,
+              "reuse_runs": args.reuse_runs}
              for seed in args.seeds for name, overrides in variants.items()]
     # partial results survive an interrupted run
     runs = run_tasks(tasks, args.jobs, lambda runs: write_report(_report(args, sample, runs, start), out))
@@ -216,7 +240,7 @@ def _report(args: argparse.Namespace, sample: dict, runs: list[dict], start: flo
     return {
         "preset": args.preset, "n": args.n, "data_seed": args.data_seed, "steps": args.steps, "seeds": args.seeds,
         "config": str(args.config), "extra_overrides": args.extra_overrides, "adapt_seg": args.adapt_seg,
-        "adapt_steps": args.adapt_steps, "jobs": args.jobs,
+        "adapt_steps": args.adapt_steps, "jobs": args.jobs, "reuse_runs": args.reuse_runs,
         "data": {split: sample[split] for split in ("train", "val", "test") if split in sample},
         "command": " ".join(["python", "experiments/loss_ablation.py", *args.argv]),
         "runs": runs, "summary": aggregate(runs), "wall_s": round(time.perf_counter() - start, 1),
@@ -237,6 +261,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="extra train override for every run, e.g. --set batch_size=16 (repeatable)")
     parser.add_argument("--adapt-seg", action="store_true", help="also mIoU after umg adapt --task seg")
     parser.add_argument("--adapt-steps", type=int, help="dense adaptation steps (default: configs/adapt_smoke.yaml)")
+    parser.add_argument("--reuse-runs", action="store_true",
+                        help="skip training where OUT/runs/VARIANT_seedS already holds a checkpoint at --steps "
+                             "(re-evaluate / adapt earlier runs; the report marks them reused, train_s 0)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="(seed, variant) runs in parallel worker processes, one thread each (default 1)")
     parser.add_argument("--quick", action="store_true",

@@ -37,6 +37,15 @@ def test_quick_run_writes_table_json_plot_and_prints_json_last(tmp_path, capsys)
     assert "| region_caption |" in md and "49.9" in md and report["command"] in md
     assert (out / "loss_ablation.png").stat().st_size > 0
 
+    # --reuse-runs (serial): no training, the same checkpoints re-evaluated -> the same training-free metrics
+    assert main(["--quick", "--out", str(out), "--reuse-runs", "--variants", "image_caption", "tag_only"]) == 0
+    again = json.loads((out / "loss_ablation.json").read_text())
+    before = {r["variant"]: r for r in report["runs"]}
+    for record in again["runs"]:
+        assert record["reused"] and record["train_s"] == 0.0 and record["checkpoint"] == before[record["variant"]][
+            "checkpoint"]
+        assert record["metrics"]["region_digit_acc1"] == before[record["variant"]]["metrics"]["region_digit_acc1"]
+
 
 def test_serial_runs_report_after_each_and_keep_task_order(monkeypatch):
     monkeypatch.setattr(loss_ablation, "run_one", lambda task: {"variant": task["variant"]})
