@@ -18,6 +18,8 @@ COLUMNS = {
     "zeroshot_acc1": "zero-shot top-1",
     "i2t_r1": "I2T R@1",
     "t2i_r1": "T2I R@1",
+    "i2t_r1_grouped": "I2T R@1 (grouped texts)",
+    "t2i_r1_grouped": "T2I R@1 (grouped texts)",
     "region_digit_acc1": "region digit top-1 (GT boxes)",
     "region_color_acc1": "region colour top-1 (GT boxes)",
     "seg_miou": "seg mIoU (training-free)",

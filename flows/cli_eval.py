@@ -87,12 +87,16 @@ def retrieval(
     device: Device = "cpu",
     workers: Workers = 0,
     cluster_in_eval: ClusterInEval = False,
+    group_identical_texts: Annotated[bool, typer.Option(
+        "--group-identical-texts",
+        help="one text per distinct caption string, positives = all images having it (for repeated captions)")
+    ] = False,
 ) -> None:
     """Image-text retrieval: I2T and T2I recall@1/5/10."""
     from model.eval.retrieval import run_retrieval
 
     _run(run_retrieval, out, checkpoint=checkpoint, images=images, captions=captions, batch_size=batch_size,
-         device=device, workers=workers, cluster_in_eval=cluster_in_eval)
+         device=device, workers=workers, cluster_in_eval=cluster_in_eval, group_identical_texts=group_identical_texts)
 
 
 Templates = Annotated[Optional[Path], typer.Option(

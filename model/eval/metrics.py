@@ -58,7 +58,7 @@ def classification_metrics(logits: torch.Tensor, targets: torch.Tensor, ks: Sequ
 
 def retrieval_metrics(scores: torch.Tensor, caption_image: torch.Tensor, ks: Sequence[int] = (1, 5, 10)
                       ) -> dict[str, float]:
-    """Image-text retrieval recall@k with any number of captions per image.
+    """Image-text retrieval recall@k with any number of captions per image (one image per caption).
 
     Args:
         scores: (I, T) image-caption similarities.
@@ -76,10 +76,39 @@ def retrieval_metrics(scores: torch.Tensor, caption_image: torch.Tensor, ks: Seq
     if caption_image.min() < 0 or caption_image.max() >= n_images:
         raise ValueError("caption_image holds an index outside the image rows")
     own = caption_image[None, :] == torch.arange(n_images, device=scores.device)[:, None]  # (I, T)
-    has_caption = own.any(dim=1)
-    best_own = scores.masked_fill(~own, float("-inf")).max(dim=1).values  # (I,)
-    i2t_rank = ((scores >= best_own[:, None]) & ~own).sum(dim=1)[has_caption]
-    t2i_rank = target_rank(scores.T, caption_image)
+    return multi_positive_retrieval_metrics(scores, own, ks)
+
+
+def multi_positive_retrieval_metrics(scores: torch.Tensor, positives: torch.Tensor,
+                                     ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Retrieval recall@k where an image may match several texts and a text several images.
+
+    The general form of ``retrieval_metrics`` (which is the case "every text has exactly one image"); the
+    grouped protocol of ``model.eval.retrieval`` uses it with one text per distinct caption string, whose
+    positives are all images carrying that string.
+
+    Args:
+        scores: (I, T) image-text similarities.
+        positives: (I, T) bool, True where text t is a correct match of image i; every text needs at
+            least one positive image (images without a positive text are skipped for I2T).
+
+    Returns:
+        ``text_retrieval_recall@k`` (I2T): fraction of images with a positive text for which the
+        best-scored positive text has fewer than k negative texts scoring >= it (i.e. ANY positive text in
+        the top k); ``image_retrieval_recall@k`` (T2I): the same per text over images. Other positives never
+        count against a hit; ties with negatives do (module docstring).
+    """
+    if positives.shape != scores.shape or positives.dtype != torch.bool or scores.ndim != 2:
+        raise ValueError(f"need bool positives of shape {tuple(scores.shape)}, got {tuple(positives.shape)} "
+                         f"{positives.dtype}")
+    if scores.shape[1] == 0 or not positives.any(dim=0).all():
+        raise ValueError("every text needs at least one positive image")
+    neg_inf = float("-inf")
+    has_text = positives.any(dim=1)
+    best_text = scores.masked_fill(~positives, neg_inf).max(dim=1).values  # (I,)
+    i2t_rank = ((scores >= best_text[:, None]) & ~positives).sum(dim=1)[has_text]
+    best_image = scores.masked_fill(~positives, neg_inf).max(dim=0).values  # (T,)
+    t2i_rank = ((scores >= best_image[None, :]) & ~positives).sum(dim=0)
     out = {}
     for k in ks:
         out[f"image_retrieval_recall@{k}"] = (t2i_rank < k).float().mean().item()

@@ -57,15 +57,16 @@ def scene_image_entry(image_id: int, file_name: str, scene: Scene) -> dict[str, 
     """The COCO ``images`` entry of one scene, with its ``"umg"`` tags, background mask and captions."""
     instances = [(scene.placements[i].digit, scene.placements[i].color) for i in reading_order(scene)]
     background_mask = ~scene.visible_masks.any(axis=0)  # (0, H, W).any(0) is all False: all background
+    word = scene.background if scene.background_named else None
     return {
         "id": image_id,
         "file_name": file_name,
         "width": scene.width,
         "height": scene.height,
         "umg": {
-            "tags": [{"name": t, "score": 1.0} for t in templates.image_tags(instances, scene.background)],
-            "background": [{"label": scene.background, "segmentation": encode_rle(background_mask)}],
-            "captions": templates.image_captions(instances, scene.background),
+            "tags": [{"name": t, "score": 1.0} for t in templates.image_tags(instances, word)],
+            "background": [{"label": word or "background", "segmentation": encode_rle(background_mask)}],
+            "captions": templates.image_captions(instances, word),
         },
     }
 
@@ -84,7 +85,8 @@ def scene_annotations(image_id: int, first_id: int, scene: Scene) -> list[dict[s
                 "iscrowd": 0,
                 "segmentation": encode_rle(mask),
                 "umg": {
-                    "captions": templates.region_captions(placement.digit, placement.color, scene.background),
+                    "captions": templates.region_captions(placement.digit, placement.color,
+                                                          scene.background if scene.background_named else None),
                     "tags": templates.region_tags(placement.digit, placement.color),
                     "color": placement.color,
                 },

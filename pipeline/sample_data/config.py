@@ -73,6 +73,16 @@ class SampleConfig(BaseModel):
     )
     palette: dict[str, tuple[Channel, Channel, Channel]] = Field(default_factory=lambda: dict(DEFAULT_PALETTE))
     backgrounds: tuple[str, ...] = Field(default=tuple(BACKGROUND_LOADERS))
+    flat_backgrounds: dict[str, tuple[Channel, Channel, Channel]] = Field(
+        default_factory=dict,
+        description="if not empty: each scene gets a flat fill of one of these colours (the key is its background "
+                    "word) instead of a photo of `backgrounds` — background words without texture clutter",
+    )
+    name_background: bool = Field(
+        default=True,
+        description="captions and tags name the background; false drops every caption template with "
+                    "{background} and the background tag — background clutter without the word",
+    )
     crop_frac: tuple[Annotated[float, Field(gt=0, le=1)], Annotated[float, Field(gt=0, le=1)]] = Field(
         default=(0.35, 1.0), description="background crop side as a fraction of the largest crop of that aspect"
     )
@@ -89,10 +99,10 @@ class SampleConfig(BaseModel):
     )
     jpeg_quality: int = Field(default=92, ge=1, le=100)
 
-    @field_validator("palette")
+    @field_validator("palette", "flat_backgrounds")
     @classmethod
-    def _palette_words(cls, palette: dict[str, tuple[int, int, int]]) -> dict[str, tuple[int, int, int]]:
-        if not palette:
+    def _palette_words(cls, palette: dict[str, tuple[int, int, int]], info) -> dict[str, tuple[int, int, int]]:
+        if not palette and info.field_name == "palette":
             raise ValueError("palette needs at least one colour")
         for name in palette:
             if not name.isalpha() or not name.islower():

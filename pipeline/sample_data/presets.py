@@ -21,6 +21,14 @@ below and changes the listed fields); ``preset_config(name)`` validates it into 
 ``learnable`` is the setting issue 9 measured to show the region-caption effect on digit identity
 (one colour, one background, 0.45-0.7, nearest; meant for ``umg-ablation-vit``, patch 8 at 64 px).
 ``colors`` brings back the colour word that the region captions and tags always name: the shortcut cue.
+
+Two probes beside the ladder (not rungs; ``PROBES``) split what ``backgrounds`` adds to ``learnable`` —
+visual clutter and a background word in every caption — into its two parts:
+
+| probe | = | clutter (textured photos) | background word in captions / tags |
+|---|---|---|---|
+| ``backgrounds_unnamed`` | ``backgrounds`` + ``name_background: false`` | yes (12 photos) | no |
+| ``flat_named`` | ``learnable`` + 12 ``flat_backgrounds`` | no (flat colours) | yes (12 colour words) |
 """
 
 from __future__ import annotations
@@ -39,6 +47,12 @@ _LEARNABLE: dict[str, Any] = {
 _BACKGROUNDS: dict[str, Any] = {k: v for k, v in _LEARNABLE.items() if k != "backgrounds"}
 _COLORS: dict[str, Any] = {k: v for k, v in _BACKGROUNDS.items() if k != "palette"}
 _SMALL: dict[str, Any] = {**_COLORS, "digit_height_frac": (0.35, 0.6), "upsample": "bicubic"}
+# 12 flat background colours, none of them the digits' white, each named by one word.
+FLAT_BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "red": (200, 30, 30), "green": (30, 150, 50), "blue": (30, 60, 200), "yellow": (230, 200, 20),
+    "black": (0, 0, 0), "orange": (240, 130, 0), "purple": (130, 40, 180), "gray": (128, 128, 128),
+    "brown": (120, 70, 20), "pink": (240, 120, 170), "teal": (0, 128, 128), "navy": (10, 20, 90),
+}
 
 # name -> (one-line description, SampleConfig overrides); insertion order is the ladder, easiest first.
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -49,6 +63,13 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "small": ("colors + smaller, bicubic-smoothed digits (0.35-0.6 of the short side)", _SMALL),
     "default": ("SampleConfig() itself: 1-5 digits of 0.2-0.5, 8 colours, 12 backgrounds", {}),
 }
+# name -> (description, overrides): probes beside the ladder (module docstring), not rungs of it.
+PROBES: dict[str, tuple[str, dict[str, Any]]] = {
+    "backgrounds_unnamed": ("backgrounds, but no caption or tag names the background (clutter, no word)",
+                            {**_BACKGROUNDS, "name_background": False}),
+    "flat_named": ("learnable on 12 flat colours that captions name (background word, no clutter)",
+                   {**_BACKGROUNDS, "flat_backgrounds": FLAT_BACKGROUNDS}),
+}
 
 
 def preset_names() -> list[str]:
@@ -56,12 +77,18 @@ def preset_names() -> list[str]:
     return list(PRESETS)
 
 
+def probe_names() -> list[str]:
+    """The probes beside the ladder."""
+    return list(PROBES)
+
+
 def preset_config(name: str) -> SampleConfig:
-    """The validated ``SampleConfig`` of preset ``name``.
+    """The validated ``SampleConfig`` of preset (rung or probe) ``name``.
 
     Raises:
         ValueError: unknown name (the message lists the known ones).
     """
-    if name not in PRESETS:
-        raise ValueError(f"unknown sample preset {name!r}; known: {preset_names()}")
-    return SampleConfig(**PRESETS[name][1])
+    presets = {**PRESETS, **PROBES}
+    if name not in presets:
+        raise ValueError(f"unknown sample preset {name!r}; known: {preset_names() + probe_names()}")
+    return SampleConfig(**presets[name][1])

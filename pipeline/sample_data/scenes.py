@@ -49,6 +49,7 @@ class Scene:
     background: str
     placements: tuple[Placement, ...]
     visible_masks: np.ndarray
+    background_named: bool = True  # SampleConfig.name_background: captions and tags carry ``background``
 
     @property
     def height(self) -> int:
@@ -250,13 +251,19 @@ def render_scene(
 
 
 def make_scene(rng: np.random.Generator, cfg: SampleConfig, bank: DigitBank, pool: np.ndarray) -> Scene:
-    """Draw one complete scene: size, background photo and crop, digits, compositing."""
+    """Draw one complete scene: size, background (photo and crop, or a flat colour), digits, compositing."""
     width = int(rng.integers(cfg.image_side[0], cfg.image_side[1] + 1))
     height = int(rng.integers(cfg.image_side[0], cfg.image_side[1] + 1))
-    label = cfg.backgrounds[int(rng.integers(len(cfg.backgrounds)))]
-    photo = load_background(label)
-    box = sample_crop_box(rng, photo.shape[:2], width, height, cfg.crop_frac)
-    background = resize_crop(photo, box, width, height)
+    if cfg.flat_backgrounds:
+        names = list(cfg.flat_backgrounds)
+        label = names[int(rng.integers(len(names)))]
+        background = np.full((height, width, 3), cfg.flat_backgrounds[label], dtype=np.uint8)
+    else:
+        label = cfg.backgrounds[int(rng.integers(len(cfg.backgrounds)))]
+        photo = load_background(label)
+        box = sample_crop_box(rng, photo.shape[:2], width, height, cfg.crop_frac)
+        background = resize_crop(photo, box, width, height)
     placements = plan_digits(rng, cfg, bank, pool, height, width)
     image, visible = render_scene(background, placements, cfg.palette)
-    return Scene(image=image, background=label, placements=tuple(placements), visible_masks=visible)
+    return Scene(image=image, background=label, placements=tuple(placements), visible_masks=visible,
+                 background_named=cfg.name_background)

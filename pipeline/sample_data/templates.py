@@ -7,6 +7,8 @@ evaluation code must run its prompts through it too, so train and eval text matc
 
 Fields: ``{digit}`` digit word, ``{color}`` colour word, ``{background}`` background label,
 ``{count}`` count word, ``{noun}`` "digit"/"digits", ``{listing}`` "a red three and a blue seven".
+A background of ``None`` (``SampleConfig.name_background = False``) drops every template with
+``{background}`` and the background tag: no caption or tag then names the background.
 """
 
 from __future__ import annotations
@@ -86,17 +88,21 @@ def _unique(texts: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(fix_articles(t) for t in texts))
 
 
-def fill(templates: Iterable[str], **fields: str) -> list[str]:
-    """Format every template with ``fields``, fix articles, drop duplicates (first occurrence kept)."""
-    return _unique(t.format(**fields) for t in templates)
+def fill(templates: Iterable[str], **fields: str | None) -> list[str]:
+    """Format every template with ``fields``, fix articles, drop duplicates (first occurrence kept).
+
+    Templates using a field whose value is ``None`` are skipped.
+    """
+    absent = [f"{{{name}}}" for name, value in fields.items() if value is None]
+    return _unique(t.format(**fields) for t in templates if not any(a in t for a in absent))
 
 
-def image_captions(instances: Sequence[tuple[int, str]], background: str) -> list[str]:
+def image_captions(instances: Sequence[tuple[int, str]], background: str | None) -> list[str]:
     """All captions of one scene.
 
     Args:
         instances: ``(digit, colour)`` of each digit in the image, ordered left to right.
-        background: the background label, e.g. ``"coffee"``.
+        background: the background label, e.g. ``"coffee"``; ``None``: no caption names it.
     Returns:
         distinct captions, the scene forms first (fullest first), then the per-digit forms.
     """
@@ -107,22 +113,22 @@ def image_captions(instances: Sequence[tuple[int, str]], background: str) -> lis
         "listing": listing,
         "background": background,
     }
-    texts = [t.format(**scene) for t in IMAGE_SCENE_TEMPLATES if instances or "{listing}" not in t]
+    texts = fill([t for t in IMAGE_SCENE_TEMPLATES if instances or "{listing}" not in t], **scene)
     for digit, color in instances:
-        texts += [t.format(digit=digit_word(digit), color=color, background=background) for t in IMAGE_DIGIT_TEMPLATES]
+        texts += fill(IMAGE_DIGIT_TEMPLATES, digit=digit_word(digit), color=color, background=background)
     return _unique(texts)
 
 
-def region_captions(digit: int, color: str, background: str) -> list[str]:
+def region_captions(digit: int, color: str, background: str | None) -> list[str]:
     """All distinct captions of one digit region."""
     return fill(REGION_TEMPLATES, digit=digit_word(digit), color=color, background=background)
 
 
-def image_tags(instances: Sequence[tuple[int, str]], background: str) -> list[str]:
-    """Digit words (ascending digit), colour words (alphabetical), then the background label."""
+def image_tags(instances: Sequence[tuple[int, str]], background: str | None) -> list[str]:
+    """Digit words (ascending digit), colour words (alphabetical), then the background label (if named)."""
     digits = [digit_word(d) for d in sorted({d for d, _ in instances})]
     colors = sorted({c for _, c in instances})
-    return [*digits, *colors, background]
+    return [*digits, *colors, *([background] if background is not None else [])]
 
 
 def region_tags(digit: int, color: str) -> list[str]:

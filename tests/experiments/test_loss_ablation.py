@@ -1,4 +1,5 @@
-"""experiments/loss_ablation.py --quick: everything runs and writes its outputs (no accuracy thresholds)."""
+"""experiments/loss_ablation.py --quick (with --jobs 2): everything runs and writes its outputs (no accuracy
+thresholds)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import pytest
 
 from experiments.ablation_report import aggregate, markdown_table
+from experiments import loss_ablation
 from experiments.loss_ablation import load_variants, main
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools + numpy 2
@@ -15,13 +17,16 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 
 def test_quick_run_writes_table_json_plot_and_prints_json_last(tmp_path, capsys):
     out = tmp_path / "abl"
-    assert main(["--quick", "--out", str(out), "--variants", "image_caption", "region_caption", "tag_only"]) == 0
+    assert main(["--quick", "--out", str(out), "--jobs", "2", "--adapt-seg",
+                 "--variants", "image_caption", "region_caption", "tag_only"]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     report = json.loads((out / "loss_ablation.json").read_text())
     assert printed == report
-    assert [r["variant"] for r in report["runs"]] == ["image_caption", "region_caption", "tag_only"]
+    assert [r["variant"] for r in report["runs"]] == ["image_caption", "region_caption", "tag_only"]  # serial order
+    assert report["jobs"] == 2 and report["adapt_seg"] is True and report["adapt_steps"] == 2
     for record in report["runs"]:
-        assert set(record["metrics"]) == {"zeroshot_acc1", "i2t_r1", "t2i_r1", "region_digit_acc1", "seg_miou"}
+        assert set(record["metrics"]) == {"zeroshot_acc1", "i2t_r1", "t2i_r1", "i2t_r1_grouped", "t2i_r1_grouped",
+                                          "region_digit_acc1", "seg_miou", "seg_miou_adapted"}
         assert all(0.0 <= v <= 1.0 for v in record["metrics"].values())
     # same seed -> same init and first batch: the step-1 image-caption loss agrees where the term is on
     first = {r["variant"]: next(csv.DictReader(open(r["metrics_csv"]))) for r in report["runs"]}
@@ -31,6 +36,23 @@ def test_quick_run_writes_table_json_plot_and_prints_json_last(tmp_path, capsys)
     md = (out / "loss_ablation.md").read_text()
     assert "| region_caption |" in md and "49.9" in md and report["command"] in md
     assert (out / "loss_ablation.png").stat().st_size > 0
+
+    # --reuse-runs (serial): no training, the same checkpoints re-evaluated -> the same training-free metrics
+    assert main(["--quick", "--out", str(out), "--reuse-runs", "--variants", "image_caption", "tag_only"]) == 0
+    again = json.loads((out / "loss_ablation.json").read_text())
+    before = {r["variant"]: r for r in report["runs"]}
+    for record in again["runs"]:
+        assert record["reused"] and record["train_s"] == 0.0 and record["checkpoint"] == before[record["variant"]][
+            "checkpoint"]
+        assert record["metrics"]["region_digit_acc1"] == before[record["variant"]]["metrics"]["region_digit_acc1"]
+
+
+def test_serial_runs_report_after_each_and_keep_task_order(monkeypatch):
+    monkeypatch.setattr(loss_ablation, "run_one", lambda task: {"variant": task["variant"]})
+    seen = []
+    records = loss_ablation.run_tasks([{"variant": "a"}, {"variant": "b"}], 1, lambda r: seen.append(list(r)))
+    assert records == [{"variant": "a"}, {"variant": "b"}]
+    assert seen == [[{"variant": "a"}], [{"variant": "a"}, {"variant": "b"}]]
 
 
 def test_aggregate_mean_and_sample_std_and_table():

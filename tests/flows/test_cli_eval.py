@@ -98,6 +98,18 @@ def test_retrieval_cli(tiny_checkpoint, caption_set, tmp_path):
     assert "I2T R@1" in out.with_suffix(".md").read_text()
 
 
+def test_retrieval_cli_group_identical_texts(tiny_checkpoint, caption_set):
+    images, captions = caption_set
+    data = json.loads(captions.read_text())
+    data["annotations"].append({"id": 99, "image_id": 1, "caption": "green"})  # "green" now names two images
+    captions.write_text(json.dumps(data))
+    result = _last_json(_invoke("retrieval", "--checkpoint", tiny_checkpoint[1], "--images", images,
+                                "--captions", captions, "--group-identical-texts"))
+    assert result["n_captions"] == 7 and result["n_distinct_texts"] == 6
+    assert result["protocol"] == "grouped_identical_texts"
+    assert result["metrics"]["image_retrieval_recall@5"] == 1.0
+
+
 def test_retrieval_cli_missing_image_is_an_error(tiny_checkpoint, caption_set):
     images, captions = caption_set
     (images / "green.jpg").unlink()

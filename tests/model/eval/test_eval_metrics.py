@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.eval.metrics import classification_metrics, retrieval_metrics, target_rank
+from model.eval.metrics import (
+    classification_metrics,
+    multi_positive_retrieval_metrics,
+    retrieval_metrics,
+    target_rank,
+)
 
 
 def test_topk_and_mean_per_class_recall_by_hand():
@@ -66,3 +71,39 @@ def test_retrieval_skips_images_without_captions_for_i2t_and_checks_indices():
     assert out == {"image_retrieval_recall@1": 1.0, "text_retrieval_recall@1": 1.0}
     with pytest.raises(ValueError, match="outside"):
         retrieval_metrics(scores, torch.tensor([2]), ks=(1,))
+
+
+def test_grouped_texts_any_positive_counts_and_ties_with_negatives_count_against():
+    # 3 images, 3 distinct texts: t0 is the caption of images 0 AND 1, t1 of image 1, t2 of image 2.
+    positives = torch.tensor([[True, False, False], [True, True, False], [False, False, True]])
+    scores = torch.tensor([
+        # t0   t1   t2
+        [0.9, 0.1, 0.5],  # image 0: own t0 0.9 best -> I2T rank 0
+        [0.9, 0.2, 0.3],  # image 1: best own t0 0.9 (t1 is also its own, never counts) -> rank 0
+        [0.2, 0.4, 0.4],  # image 2: own t2 0.4 ties with the negative t1 -> rank 1
+    ])
+    out = multi_positive_retrieval_metrics(scores, positives, ks=(1, 2))
+    assert out["text_retrieval_recall@1"] == pytest.approx(2 / 3)
+    assert out["text_retrieval_recall@2"] == 1.0
+    # T2I per text: t0 best own image 0.9 (images 0 and 1 tie, both positive) -> 0; t1 own image 1 0.2 <
+    # image 2 0.4 -> 1; t2 own image 2 0.4 < image 0 0.5 -> 1.
+    assert out["image_retrieval_recall@1"] == pytest.approx(1 / 3)
+    assert out["image_retrieval_recall@2"] == 1.0
+    # The standard protocol on the same data (t0 written once per image) counts each copy of t0 under the
+    # other image as a tie against: nothing is a hit at k = 1.
+    standard = retrieval_metrics(scores[:, [0, 0, 1, 2]], torch.tensor([0, 1, 1, 2]), ks=(1,))
+    assert standard == {"image_retrieval_recall@1": 0.0, "text_retrieval_recall@1": 0.0}
+
+
+def test_one_positive_per_text_is_the_standard_protocol():
+    scores = torch.randn(7, 12, generator=torch.Generator().manual_seed(0)).round(decimals=1)  # some ties
+    caption_image = torch.tensor([0, 0, 1, 2, 2, 3, 4, 4, 5, 6, 6, 6])
+    positives = caption_image[None, :] == torch.arange(7)[:, None]
+    assert multi_positive_retrieval_metrics(scores, positives) == retrieval_metrics(scores, caption_image)
+
+
+def test_grouped_retrieval_rejects_a_text_without_image_and_bad_shapes():
+    with pytest.raises(ValueError, match="at least one positive image"):
+        multi_positive_retrieval_metrics(torch.zeros(2, 2), torch.tensor([[True, False], [True, False]]))
+    with pytest.raises(ValueError, match="bool positives of shape"):
+        multi_positive_retrieval_metrics(torch.zeros(2, 2), torch.ones(2, 3, dtype=torch.bool))

@@ -91,3 +91,27 @@ def test_retrieval_scores_the_colour_model_exactly(tmp_path):
     metrics, _ = evaluate_retrieval(ColourModel(), to_tensor, tokenizer, tmp_path / "imgs", captions)
     assert metrics["text_retrieval_recall@1"] == pytest.approx(1 / 3)  # only blue is right
     assert metrics["image_retrieval_recall@1"] == pytest.approx(3 / 6)  # blue's three captions
+
+
+def test_grouped_retrieval_gives_repeated_captions_one_text_with_all_their_images(tmp_path):
+    # Two identical red images share the caption "a red"; the green image has "a green" and "green".
+    files = {"r1": COLOURS["red"], "r2": COLOURS["red"], "g": COLOURS["green"]}
+    texts = {"r1": ["a red"], "r2": ["a red"], "g": ["a green", "green"]}
+    images, annotations = [], []
+    for n, (name, colour) in enumerate(files.items()):
+        _save(tmp_path / "imgs" / f"{name}.png", colour)
+        images.append({"id": n, "file_name": f"{name}.png"})
+        annotations += [{"image_id": n, "caption": t} for t in texts[name]]
+    captions = tmp_path / "c.json"
+    captions.write_text(json.dumps({"images": images, "annotations": annotations}))
+
+    standard, info = evaluate_retrieval(ColourModel(), to_tensor, tokenizer, tmp_path / "imgs", captions)
+    # Each "a red" ties with the copy under the other red image (and the two red images tie): misses at k = 1.
+    assert info == {"n_images": 3, "n_captions": 4}
+    assert standard["text_retrieval_recall@1"] == pytest.approx(1 / 3)  # only the green image
+    assert standard["image_retrieval_recall@1"] == pytest.approx(2 / 4)  # the two green captions
+
+    grouped, info = evaluate_retrieval(ColourModel(), to_tensor, tokenizer, tmp_path / "imgs", captions,
+                                       group_identical_texts=True)
+    assert info["n_distinct_texts"] == 3 and info["protocol"] == "grouped_identical_texts"
+    assert all(grouped[f"{side}_retrieval_recall@1"] == 1.0 for side in ("image", "text"))

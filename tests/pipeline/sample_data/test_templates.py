@@ -90,3 +90,11 @@ def test_tags():
 def test_count_word():
     assert T.count_word(3) == "three"
     assert T.count_word(12) == "12"
+
+
+def test_unnamed_background_drops_its_templates_and_tag():
+    named = T.image_captions([(3, "red")], "coffee")
+    unnamed = T.image_captions([(3, "red")], None)
+    assert unnamed == [c for c in named if "coffee" not in c] and unnamed
+    assert T.region_captions(3, "red", None) == [c for c in T.region_captions(3, "red", "coffee") if "coffee" not in c]
+    assert T.image_tags([(3, "red")], None) == ["three", "red"] == T.image_tags([(3, "red")], "coffee")[:-1]
