@@ -21,7 +21,8 @@ def test_quick_run_builds_audits_trains_and_prints_json_last(tmp_path, capsys):
     assert printed == report
     assert list(report["runs"]) == ["clean", *BUILDS]
     for run in report["runs"].values():
-        assert set(run["metrics"]) == {"zeroshot_acc1", "i2t_r1", "t2i_r1", "region_digit_acc1", "seg_miou"}
+        assert set(run["metrics"]) == {"zeroshot_acc1", "i2t_r1", "t2i_r1", "i2t_r1_grouped", "t2i_r1_grouped",
+                                       "region_digit_acc1", "seg_miou"}
     clean, off, on = (report["builds"][name]["audit"] for name in ("clean", *BUILDS))
     assert clean["region_precision"] == clean["caption_precision_kept"] == clean["mask_mean_iou"] == 1.0
     # the same oracle outputs before the filters: filters only ever remove
