@@ -36,7 +36,7 @@ from model.eval.segmenter import TrainingFreeSegmenter
 from model.loading import create_model_and_transforms
 
 TASK = "semantic_segmentation"
-TABLE_COLUMNS[TASK] = [("miou", "mIoU"), ("pixel_acc", "pixel acc"), ("macc", "mean class acc"),
+TABLE_COLUMNS[TASK] = [("miou", "mIoU"), ("fwiou", "fwIoU"), ("pixel_acc", "pixel acc"), ("macc", "mean class acc"),
                         ("pq", "PQ"), ("sq", "SQ"), ("rq", "RQ"),
                         *((f"{m}_{g}", f"{m.upper()} {g}") for g in ("th", "st") for m in ("pq", "sq", "rq"))]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -164,6 +164,7 @@ def evaluate_segmentation(
     panoptic_masks: str | Path | None = None,
     ignore_index: int = IGNORE_INDEX,
     reduce_zero_label: bool = False,
+    miou_convention: str = "detectron2",
     batch_size: int = 8,
     device: str | torch.device = "cpu",
     limit: int | None = None,
@@ -185,7 +186,7 @@ def evaluate_segmentation(
     panoptic_gt, isthing = load_panoptic(panoptic, classnames, panoptic_masks) if panoptic else ({}, {})
     thing_mask = torch.tensor([isthing.get(i, False) for i in range(len(classnames))], device=device)
 
-    confusion, pq = SemanticConfusion(len(classnames), ignore_index), PanopticQuality()
+    confusion, pq = SemanticConfusion(len(classnames), ignore_index, miou_convention), PanopticQuality()
     panoptic_images = 0
     for start in range(0, len(pairs), batch_size):
         batch = pairs[start:start + batch_size]
@@ -220,12 +221,13 @@ def evaluate_segmentation(
         raise EvalDataError(f"{panoptic}: no evaluated image has an entry")
 
     scores = confusion.compute()
-    metrics = {k: scores[k] for k in ("miou", "pixel_acc", "macc")}
+    metrics = {k: scores[k] for k in ("miou", "fwiou", "pixel_acc", "macc")}
     if panoptic:
         metrics.update(pq.compute(isthing))
     iou = {name: (None if math.isnan(v) else v) for name, v in zip(classnames, scores["iou_per_class"], strict=True)}
     info = {"mode": "adapted" if segmenter is model else "training-free", "n_images": len(pairs),
             "n_panoptic_images": panoptic_images, "n_classes": len(classnames), "iou_per_class": iou,
+            "miou_convention": miou_convention,
             "templates": list(templates) if templates is not None else list(DEFAULT_TEMPLATES)}
     return _finite(metrics), info
 
