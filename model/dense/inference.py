@@ -128,8 +128,8 @@ def instance_inference(class_probs: torch.Tensor, mask_logits: torch.Tensor, thi
         topk: pairs kept (FC-CLIP: ``TEST.DETECTIONS_PER_IMAGE`` = 100).
 
     Returns:
-        masks (K, H, W) bool (``logit > 0``), scores (K,) = class probability x mean sigmoid inside the mask,
-        labels (K,) int64 class indices.
+        queries (K,) int64 (the mask of instance k is ``mask_logits[queries[k]] > 0``), scores (K,) = class
+        probability x mean sigmoid inside that mask, labels (K,) int64 class indices.
     """
     num_queries, num_classes = class_probs.shape[0], class_probs.shape[1] - 1
     flat = class_probs[:, :-1].reshape(-1)
@@ -138,8 +138,7 @@ def instance_inference(class_probs: torch.Tensor, mask_logits: torch.Tensor, thi
     if thing_mask is not None:
         keep = thing_mask.to(labels.device)[labels]
         scores, labels, queries = scores[keep], labels[keep], queries[keep]
-    logits = mask_logits[queries]
-    masks = logits > 0
-    binary = masks.flatten(1).to(logits.dtype)
-    mask_scores = (logits.sigmoid().flatten(1) * binary).sum(1) / (binary.sum(1) + 1e-6)
-    return masks, scores * mask_scores, labels
+    logits = mask_logits[queries].flatten(1)
+    binary = (logits > 0).to(logits.dtype)
+    mask_scores = (logits.sigmoid() * binary).sum(1) / (binary.sum(1) + 1e-6)
+    return queries, scores * mask_scores, labels

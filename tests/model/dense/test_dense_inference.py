@@ -83,10 +83,10 @@ def test_panoptic_overlap_test_uses_the_argmax_area_as_fc_clip():
 def test_instance_inference_topk_pairs_things_only_and_mask_scores():
     masks = torch.tensor([[[2.0, 2.0, -1.0]], [[-3.0, 1.0, 1.0]]])  # (Q=2, 1, 3)
     probs = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3]])  # classes 0 (thing), 1 (stuff), void
-    out_masks, scores, labels = instance_inference(probs, masks, torch.tensor([True, False]), topk=3)
+    queries, scores, labels = instance_inference(probs, masks, torch.tensor([True, False]), topk=3)
     # top-3 pairs: (q0, c0) 0.6, (q1, c1) 0.5, (q0, c1) 0.3 -> only the thing pair stays
-    assert labels.tolist() == [0] and out_masks[0, 0].tolist() == [True, True, False]
+    assert labels.tolist() == [0] and queries.tolist() == [0]
     expected = 0.6 * (2 / (1 + math.exp(-2))) / 2
     assert scores.tolist() == pytest.approx([expected], rel=1e-5)
-    out_masks, scores, labels = instance_inference(probs, masks, None, topk=10)  # capped at Q x C = 4 pairs
-    assert len(labels) == 4 and sorted(labels.tolist()) == [0, 0, 1, 1]
+    queries, scores, labels = instance_inference(probs, masks, None, topk=10)  # capped at Q x C = 4 pairs
+    assert sorted(zip(queries.tolist(), labels.tolist())) == [(0, 0), (0, 1), (1, 0), (1, 1)]
