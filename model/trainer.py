@@ -154,7 +154,8 @@ class Trainer:
         self.loss_fn = UMGLoss(cfg.loss.lambda_image_tag, cfg.loss.lambda_region_tag, cfg.loss.smooth_l1_beta,
                                duplicate_captions=cfg.loss.duplicate_captions, shared_tag_vocab=self.shared_tags,
                                lambda_image_caption=cfg.loss.lambda_image_caption,
-                               lambda_region_caption=cfg.loss.lambda_region_caption)
+                               lambda_region_caption=cfg.loss.lambda_region_caption,
+                               contrastive_chunk=cfg.loss.contrastive_chunk)
         self.data_cfg = cfg.data
         if cfg.steps is None or cfg.data.resampled:  # count the shards' samples once, not every epoch
             samples = cfg.data.samples_per_epoch or count_samples(self.tars)
