@@ -5,8 +5,10 @@
 # e.g. the torch 2.14.1 wheels of requirements/lock.txt) reach the build through a throwaway HTTP server on
 # 127.0.0.1 (the build runs with --network host; pip treats loopback as a secure origin), passed as
 # PIP_EXTRA_INDEX_URL. Nothing is copied into the build context. LOCAL_INDEXES="DIR ..." overrides the list
-# (each DIR holds a PEP 503 `simple/`); LOCAL_INDEXES="" uses the package registries only.
-# Variables: TAG (umg-clip:<flavour>), PYTHON (python3).
+# (each DIR holds a PEP 503 `simple/`); LOCAL_INDEXES="" uses the package registries only. The servers listen on
+# fixed ports (LOCAL_INDEX_PORTS, one per index): the URLs are a build arg, part of every later layer's cache key,
+# so a port that changed between builds would reinstall torch.
+# Variables: TAG (umg-clip:<flavour>), PYTHON (python3), LOCAL_INDEX_PORTS ("31410 31411 ...").
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 FLAVOUR=${1:?usage: scripts/docker_build.sh cpu|cuda [docker build args...]}
@@ -25,8 +27,15 @@ PIDS=()
 cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; }
 trap cleanup EXIT INT TERM
 URLS=""
+read -r -a PORTS <<< "${LOCAL_INDEX_PORTS:-31410 31411 31412 31413}"
+i=0
 for dir in $LOCAL_INDEXES; do
-  port=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  port=${PORTS[$i]:?"more local indexes than LOCAL_INDEX_PORTS"}
+  i=$((i + 1))
+  if ! "$PYTHON" -c 'import socket, sys; socket.socket().bind(("127.0.0.1", int(sys.argv[1])))' "$port" 2>/dev/null; then
+    echo "port $port is taken: set LOCAL_INDEX_PORTS to free ones (a new port rebuilds the layers after torch)" >&2
+    exit 1
+  fi
   "$PYTHON" -m http.server --bind 127.0.0.1 --directory "$dir" "$port" >/dev/null 2>&1 &
   PIDS+=($!)
   URLS+=" http://127.0.0.1:$port/simple"
