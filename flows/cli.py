@@ -236,6 +236,10 @@ def serve(
     serve_main(["--train-out", str(train_out), "--limit", str(limit), *(["--no-train"] if no_train else [])])
 
 
+from flows.cli_plan import plan_resources  # noqa: E402 - the umg plan-resources command (flows/cli_plan.py)
+
+app.command("plan-resources")(plan_resources)
+
 from flows.cli_eval import eval_app  # noqa: E402  (sub-app; imports nothing heavy)
 
 app.add_typer(eval_app, name="eval")
