@@ -34,10 +34,12 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import ray_runtime  # noqa: E402
 from data_schemas import ImageLimits, load_config  # noqa: E402
+from data_schemas.config import IMAGE_LEVEL_KINDS  # noqa: E402
 from pipeline import ray_images  # noqa: E402
 from pipeline.ingest import ingest_item  # noqa: E402
-from pipeline.ray_pool import build_ray_chain, start_ray  # noqa: E402
+from pipeline.ray_pool import build_ray_chain  # noqa: E402
 from pipeline.sources.base import SourceItem  # noqa: E402
 
 
@@ -56,18 +58,17 @@ def photo_like(width: int, height: int, seed: int) -> bytes:
     return buffer.getvalue()
 
 
-def run(cfg, jpegs: list[bytes], limits: ImageLimits, overrides: dict) -> tuple[float, ray_images.TransferStats, list]:
-    ray_cfg = cfg.ray.model_copy(update=overrides)
-    chain = build_ray_chain(cfg.annotate, ray_cfg)
-    try:
-        items = [ingest_item(SourceItem(f"k{i}", f"k{i}.jpg", data), "bench", limits) for i, data in enumerate(jpegs)]
-        ray_images.STATS.reset()
-        started = time.perf_counter()
-        chain.run(items)
-        seconds = time.perf_counter() - started
-        stats = ray_images.TransferStats(**vars(ray_images.STATS))
-    finally:
-        chain.close()
+def run(chain, jpegs: list[bytes], limits: ImageLimits, share: bool,
+        max_side: dict[str, int]) -> tuple[float, ray_images.TransferStats, list]:
+    """Images/s, bytes sent and records of ``chain`` (its pools set to ``share`` / ``max_side`` per stage)."""
+    for pool in chain.pools:
+        pool.share_images, pool.max_side = share, max_side.get(pool.label)
+    items = [ingest_item(SourceItem(f"k{i}", f"k{i}.jpg", data), "bench", limits) for i, data in enumerate(jpegs)]
+    ray_images.STATS.reset()
+    started = time.perf_counter()
+    chain.run(items)
+    seconds = time.perf_counter() - started
+    stats = ray_images.TransferStats(**vars(ray_images.STATS))
     records = [(it.error, it.record.model_dump_json(exclude={"provenance"})) for it in items]
     return len(items) / seconds, stats, records
 
@@ -82,30 +83,32 @@ def main() -> None:
     parser.add_argument("--masks", action="store_true", help="keep the segmenter and background stages")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    overrides = ["ray.mode=stages", "ray.resources={}", "ray.batch_size=4", "ray.max_in_flight=2"]
+    overrides = ["ray.mode=stages", "ray.resources={}", "ray.batch_size=4", "ray.max_in_flight=2",
+                 "ray.actor_start_timeout_s=1800", "ray.default.num_cpus=0.25"]
     if not args.masks:
         overrides += ["annotate.segmenter=null", "annotate.background=null"]
     cfg = load_config(args.config, overrides)
     limits = cfg.images
     jpegs = [photo_like(args.width, args.height, seed) for seed in range(args.n)]
     mp = args.width * args.height / 1e6
-    image_level = {stage: {"num_cpus": 0.25, "max_side": args.max_side}
-                   for stage, (kind, _) in cfg.annotate.model_stages().items() if kind in ("tagger", "captioner",
-                                                                                           "scorer")}
-    ways = {"pickled": {"share_images": False}, "shared": {"share_images": True},
-            f"shared + max_side {args.max_side}": {"share_images": True, "resources": {
-                s: cfg.ray.default.model_copy(update=r) for s, r in image_level.items()}}}
+    image_level = {stage: args.max_side for stage, (kind, _) in cfg.annotate.model_stages().items()
+                   if kind in IMAGE_LEVEL_KINDS}
+    ways = {"pickled": (False, {}), "shared": (True, {}), f"shared + max_side {args.max_side}": (True, image_level)}
     with tempfile.TemporaryDirectory(prefix="umg-transfer-bench-") as tmp:
-        start_ray(cfg.ray.model_copy(update={"num_cpus": 2}))
+        ray_runtime.start_ray(None, num_cpus=2, _temp_dir=tmp, log_to_driver=False)
         import ray
 
         results = {}
-        try:
-            for name, overrides in ways.items():
-                results[name] = run(cfg, jpegs, limits, overrides)
+        try:  # one set of actors for every way (their start-up is not what is measured)
+            chain = build_ray_chain(cfg.annotate, cfg.ray)
+            try:
+                run(chain, jpegs[:1], limits, True, {})  # warm-up: first calls load lazily initialised parts
+                for name, (share, max_side) in ways.items():
+                    results[name] = run(chain, jpegs, limits, share, max_side)
+            finally:
+                chain.close()
         finally:
             ray.shutdown()
-        del tmp
     print(f"{args.n} images of {args.width}x{args.height} ({mp:.1f} MP, {args.width * args.height * 3 / 2**20:.1f} MiB "
           f"RGB), smoke chain{'' if args.masks else ' without the mask stages'}, one pool per stage: "
           f"{', '.join(cfg.annotate.model_stages())}")
