@@ -81,6 +81,7 @@ def build(
     from annotators import AnnotatorError
     from data_schemas import ConfigError, load_config
     from pipeline.breaker import ShardTripped
+    from pipeline.placement import in_process_refusal
     from pipeline.shard_build import build_shards, prepare_build
     from pipeline.shards import ShardError
     from pipeline.sources.registry import build_source
@@ -91,6 +92,9 @@ def build(
         overrides.append(f"source.follow_symlinks={json.dumps([str(p) for p in follow_symlinks])}")
     try:
         cfg = load_config(config, overrides)
+        refusal = in_process_refusal(cfg)
+        if refusal:
+            _fail(f"{config}: {refusal}")
         source = build_source(cfg.source)
         prepared = prepare_build(output, source, cfg.shard_size)  # output and plan checked before any model loads
     except (ConfigError, ValueError, FileNotFoundError, ShardError) as exc:
