@@ -226,18 +226,26 @@ def export_open_clip(
 @app.command()
 def serve(
     train_out: Annotated[Path, typer.Option(help="run dir of the train runs the build triggers")] = Path("out/train"),
+    adapt_out: Annotated[Path, typer.Option(help="out dir of the adapt runs training triggers")] = Path("out/adapt"),
+    eval_data: Annotated[Optional[Path], typer.Option(
+        help="data of the evaluate runs adaptation triggers (zeroshot: an ImageFolder such as "
+        "<umg sample --eval>/classification/test); without it evaluate is served untriggered")] = None,
+    eval_out: Annotated[Path, typer.Option(help="result JSON of triggered evaluate runs")] = Path(
+        "out/eval/result.json"),
     limit: Annotated[int, typer.Option(help="flow runs at once")] = 1,
     no_train: Annotated[bool, typer.Option("--no-train", help="serve build-umg41m/local only")] = False,
 ) -> None:
-    """Serve build-umg41m/local, train/local, adapt/local and evaluate/local (needs PREFECT_API_URL); runs until
-    stopped."""
+    """Serve build-umg41m/local, train/local, adapt/local and evaluate/local, chained by events (needs
+    PREFECT_API_URL); runs until stopped."""
     import os
 
     from flows.serve import main as serve_main
 
     if not os.environ.get("PREFECT_API_URL"):
         _fail("set PREFECT_API_URL to a running Prefect server (see docs/orchestration.md)")
-    serve_main(["--train-out", str(train_out), "--limit", str(limit), *(["--no-train"] if no_train else [])])
+    serve_main(["--train-out", str(train_out), "--adapt-out", str(adapt_out), "--eval-out", str(eval_out),
+                "--limit", str(limit), *(["--eval-data", str(eval_data)] if eval_data else []),
+                *(["--no-train"] if no_train else [])])
 
 
 from flows.cli_eval import eval_app  # noqa: E402  (sub-app; imports nothing heavy)
