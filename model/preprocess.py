@@ -28,23 +28,27 @@ from torch import nn
 
 
 def input_size(model: nn.Module) -> int:
-    """The square input side S of a UMG-CLIP (or of a dense model's ``.umg``)."""
-    size = _preprocess_cfg(model)["size"]
+    """The square input side S of a UMG-CLIP (or of a dense model's ``.umg``); a dense model trained at
+    another side (``input_side``, ``umg adapt --set input_size=...``) uses that one."""
+    if getattr(model, "input_side", None):
+        return int(model.input_side)
+    size = preprocess_cfg(model)["size"]
     side = size if isinstance(size, int) else size[0]
     if not isinstance(size, int) and size[0] != size[1]:
         raise ValueError(f"non-square model input {tuple(size)}: evaluation expects S x S")
     return int(side)
 
 
-def _preprocess_cfg(model: nn.Module) -> dict:
+def preprocess_cfg(model: nn.Module) -> dict:
     umg = getattr(model, "umg", model)
     return umg.clip.visual.preprocess_cfg
 
 
-def eval_transform(model: nn.Module) -> Callable[[Image.Image], torch.Tensor]:
-    """PIL image (any mode, any size) -> (3, S, S) float tensor, normalised with the model's mean/std."""
-    cfg = _preprocess_cfg(model)
-    side = input_size(model)
+def eval_transform(model: nn.Module, size: int | None = None) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL image (any mode, any size) -> (3, S, S) float tensor, normalised with the model's mean/std
+    (``size``: another side than :func:`input_size`)."""
+    cfg = preprocess_cfg(model)
+    side = size or input_size(model)
     return image_transform(side, is_train=False, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
                            resize_mode="squash", interpolation=cfg.get("interpolation") or "bicubic")
 
