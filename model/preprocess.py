@@ -57,7 +57,7 @@ def clip_transform(model: nn.Module) -> Callable[[Image.Image], torch.Tensor]:
     """PIL image -> (3, S, S): the towers' own open_clip eval transform (what clip_benchmark uses; module doc)."""
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
-    return image_transform_v2(PreprocessCfg(**_preprocess_cfg(model)), is_train=False)
+    return image_transform_v2(PreprocessCfg(**preprocess_cfg(model)), is_train=False)
 
 
 #: ``--preprocess`` name -> transform factory (module doc).
