@@ -65,8 +65,9 @@ def sample(
 
 @app.command()
 def build(
-    input: Annotated[Path, typer.Option("--input", help="source path (folder, img2dataset dir, COCO/VG root)")],
-    output: Annotated[Path, typer.Option("--output", help="build directory for the shards")],
+    input: Annotated[str, typer.Option("--input", help="source path or URL (s3://bucket/prefix, gs://…, file://…): "
+                                       "a folder, img2dataset dir, COCO/VG root")],
+    output: Annotated[str, typer.Option("--output", help="build directory for the shards (path or URL)")],
     config: Annotated[Optional[Path], typer.Option(help="YAML BuildConfig")] = None,
     source_kind: Annotated[str, typer.Option(help="auto|folder|img2dataset|coco|vg")] = "auto",
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override, e.g. shard_size=64")] = None,
@@ -81,6 +82,7 @@ def build(
     from annotators import AnnotatorError
     from data_schemas import ConfigError, load_config
     from pipeline.breaker import ShardTripped
+    from pipeline.placement import in_process_refusal
     from pipeline.shard_build import build_shards, prepare_build
     from pipeline.shards import ShardError
     from pipeline.sources.registry import build_source
@@ -91,9 +93,12 @@ def build(
         overrides.append(f"source.follow_symlinks={json.dumps([str(p) for p in follow_symlinks])}")
     try:
         cfg = load_config(config, overrides)
+        refusal = in_process_refusal(cfg)
+        if refusal:
+            _fail(f"{config}: {refusal}")
         source = build_source(cfg.source)
         prepared = prepare_build(output, source, cfg.shard_size)  # output and plan checked before any model loads
-    except (ConfigError, ValueError, FileNotFoundError, ShardError) as exc:
+    except (ConfigError, ValueError, OSError, ShardError) as exc:  # OSError: e.g. an object store refusing access
         _fail(str(exc))
     plan, done, _ = prepared
     chain = None
@@ -122,7 +127,7 @@ def build(
 
 
 @app.command()
-def validate(build_dir: Annotated[Path, typer.Argument(help="build directory")]) -> None:
+def validate(build_dir: Annotated[str, typer.Argument(help="build directory (path or URL)")]) -> None:
     """Schema-check every shard; prints counts as JSON last; exits 1 naming any broken shard."""
     from pipeline.validate import validate_build
 
@@ -136,7 +141,7 @@ def validate(build_dir: Annotated[Path, typer.Argument(help="build directory")])
 
 @app.command()
 def show(
-    build_dir: Annotated[Path, typer.Argument(help="build directory")],
+    build_dir: Annotated[str, typer.Argument(help="build directory (path or URL)")],
     key: Annotated[str, typer.Argument(help="sample key")],
     png: Annotated[Path, typer.Option("--png", help="where to write the picture")],
 ) -> None:
@@ -158,7 +163,8 @@ def show(
 
 @app.command()
 def train(
-    shards: Annotated[list[Path], typer.Option("--shards", help="shard build dir or tar (repeatable)")],
+    shards: Annotated[list[str], typer.Option("--shards", help="shard build dir or tar, a path or URL "
+                                              "(s3://…, gs://…, pipe:…; repeatable)")],
     out: Annotated[Path, typer.Option(help="run dir: checkpoints/, metrics.csv, loss_curve.png; resumes")],
     config: Annotated[Path, typer.Option(help="YAML with a train: section")] = Path("configs/smoke.yaml"),
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override, e.g. steps=50")] = None,
@@ -189,7 +195,7 @@ app.command("adapt")(adapt)
 
 @app.command("export-coco")
 def export_coco(
-    build_dir: Annotated[Path, typer.Argument(help="build directory with finished shards")],
+    build_dir: Annotated[str, typer.Argument(help="build directory with finished shards (path or URL)")],
     out: Annotated[Path, typer.Option("--out", help="COCO JSON file to write")],
     images: Annotated[Optional[Path], typer.Option(help="also write the JPEGs into this folder")] = None,
 ) -> None:
@@ -222,19 +228,31 @@ def export_open_clip(
 @app.command()
 def serve(
     train_out: Annotated[Path, typer.Option(help="run dir of the train runs the build triggers")] = Path("out/train"),
+    adapt_out: Annotated[Path, typer.Option(help="out dir of the adapt runs training triggers")] = Path("out/adapt"),
+    eval_data: Annotated[Optional[Path], typer.Option(
+        help="data of the evaluate runs adaptation triggers (zeroshot: an ImageFolder such as "
+        "<umg sample --eval>/classification/test); without it evaluate is served untriggered")] = None,
+    eval_out: Annotated[Path, typer.Option(help="result JSON of triggered evaluate runs")] = Path(
+        "out/eval/result.json"),
     limit: Annotated[int, typer.Option(help="flow runs at once")] = 1,
     no_train: Annotated[bool, typer.Option("--no-train", help="serve build-umg41m/local only")] = False,
 ) -> None:
-    """Serve build-umg41m/local, train/local, adapt/local and evaluate/local (needs PREFECT_API_URL); runs until
-    stopped."""
+    """Serve build-umg41m/local, train/local, adapt/local and evaluate/local, chained by events (needs
+    PREFECT_API_URL); runs until stopped."""
     import os
 
     from flows.serve import main as serve_main
 
     if not os.environ.get("PREFECT_API_URL"):
         _fail("set PREFECT_API_URL to a running Prefect server (see docs/orchestration.md)")
-    serve_main(["--train-out", str(train_out), "--limit", str(limit), *(["--no-train"] if no_train else [])])
+    serve_main(["--train-out", str(train_out), "--adapt-out", str(adapt_out), "--eval-out", str(eval_out),
+                "--limit", str(limit), *(["--eval-data", str(eval_data)] if eval_data else []),
+                *(["--no-train"] if no_train else [])])
 
+
+from flows.cli_plan import plan_resources  # noqa: E402 - the umg plan-resources command (flows/cli_plan.py)
+
+app.command("plan-resources")(plan_resources)
 
 from flows.cli_eval import eval_app  # noqa: E402  (sub-app; imports nothing heavy)
 

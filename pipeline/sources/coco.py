@@ -31,7 +31,7 @@ import json
 import math
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any
 
 from pycocotools import mask as mask_utils
@@ -42,18 +42,19 @@ from pipeline.sources.base import KnownAnnotations, SourceItem
 from pipeline.masks import check_mask_size, check_rle
 from pipeline.sources.confine import ReadPolicy
 from pipeline.sources.folder import decode_text, item_key, read_file_item
+from pipeline.storage import StoragePath, as_path
 
 GROUND_TRUTH = "ground_truth"
 
 
-def load_json(path: str | Path) -> Any:
+def load_json(path: str | StoragePath) -> Any:
     """Parse a JSON file read as UTF-8 with invalid bytes replaced.
 
     Raises:
         FileNotFoundError: the file does not exist.
         ValueError: the file is not JSON (message names the file).
     """
-    path = Path(path)
+    path = as_path(path)
     try:
         return json.loads(decode_text(path.read_bytes()))
     except json.JSONDecodeError as exc:
@@ -149,12 +150,13 @@ class CocoSource:
     kind = "coco"
 
     def __init__(
-        self, annotations_json: str | Path, image_dir: str | Path, captions_json: str | Path | None = None,
+        self, annotations_json: str | StoragePath, image_dir: str | StoragePath,
+        captions_json: str | StoragePath | None = None,
         policy: ReadPolicy | None = None,
     ) -> None:
-        self.annotations_json = Path(annotations_json)
-        self.image_dir = Path(image_dir)
-        self.captions_json = Path(captions_json) if captions_json is not None else None
+        self.annotations_json = as_path(annotations_json)
+        self.image_dir = as_path(image_dir)
+        self.captions_json = as_path(captions_json) if captions_json is not None else None
         self.policy = policy if policy is not None else ReadPolicy()
         self._images: dict[str, dict[str, Any]] | None = None
         self._anns: dict[str, list[dict[str, Any]]] = defaultdict(list)

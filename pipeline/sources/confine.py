@@ -9,6 +9,11 @@ Every reader in this package opens input files through ``open_confined`` / ``rea
 3. its size (from ``fstat``, before any byte is read) must not exceed the cap the caller gives, and at
    most cap + 1 bytes are read, so a file growing under us is still caught.
 
+An input root given as a URL (``s3://bucket/prefix``, ``pipeline.storage``) keeps the same guarantees: the
+object's key must lie under the prefix with no ``.``, ``..`` or empty segments (a gateway may collapse them),
+it must be an object (not a "folder" prefix), and its size from the store must not exceed the cap; at most
+cap + 1 bytes are read. Object stores have no symlinks, FIFOs or devices.
+
 A refused read raises ``RefusedRead`` whose ``reason`` starts with the tag its error row gets:
 ``missing_image``, ``outside_root``, ``not_a_regular_file``, ``too_large`` or ``unreadable``.
 """
@@ -20,7 +25,9 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
+
+from pipeline.storage import inside, is_local
 
 DEFAULT_MAX_IMAGE_BYTES = 256 * 2**20
 DEFAULT_MAX_TEXT_BYTES = 2**20
@@ -75,6 +82,8 @@ def confine(path: str | Path, root: str | Path, policy: ReadPolicy) -> Path:
     Raises:
         RefusedRead: ``missing_image``, ``outside_root``, ``not_a_regular_file`` or ``unreadable``.
     """
+    if not is_local(path) and not isinstance(path, str):
+        return _confine_remote(path, root, None)[0]
     path = Path(path)
     try:
         resolved = path.resolve(strict=True)
@@ -100,6 +109,8 @@ def open_confined(path: str | Path, root: str | Path, policy: ReadPolicy, max_by
     Raises:
         RefusedRead: see ``confine``; ``too_large`` over the cap (named ``cap_name`` in the reason).
     """
+    if not is_local(path) and not isinstance(path, str):
+        return _open_remote(path, root, max_bytes, cap_name)
     resolved = confine(path, root, policy)
     try:
         fd = os.open(resolved, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -134,3 +145,32 @@ def read_confined(path: str | Path, root: str | Path, policy: ReadPolicy, max_by
     if len(data) > max_bytes:
         raise RefusedRead(f"too_large: {path} grew past {cap_name}={max_bytes} bytes while read")
     return data
+
+
+def _confine_remote(path: Any, root: Any, max_bytes: int | None,
+                    cap_name: str = "source.max_image_bytes") -> tuple[Any, int]:
+    """``(path, size)`` of an object under a remote ``root`` (see the module docstring)."""
+    if not inside(path, root):
+        raise RefusedRead(f"outside_root: {path} is not a plain key under the input prefix {root}")
+    try:
+        info = path.fs.info(path.path)
+    except FileNotFoundError as exc:
+        raise RefusedRead(f"missing_image: {path}") from exc
+    except OSError as exc:  # PermissionError (credentials), connection errors
+        raise RefusedRead(f"unreadable: {path}: {exc}") from exc
+    if info.get("type") != "file":
+        raise RefusedRead(f"not_a_regular_file: {path} is a {info.get('type', 'special')} prefix, not an object")
+    size = int(info.get("size") or 0)
+    if max_bytes is not None and size > max_bytes:
+        raise RefusedRead(f"too_large: {path} is {size} bytes, over {cap_name}={max_bytes}")
+    return path, size
+
+
+def _open_remote(path: Any, root: Any, max_bytes: int | None, cap_name: str) -> BinaryIO:
+    _confine_remote(path, root, max_bytes, cap_name)
+    try:
+        return path.open("rb")
+    except FileNotFoundError as exc:
+        raise RefusedRead(f"missing_image: {path}") from exc
+    except OSError as exc:
+        raise RefusedRead(f"unreadable: {path}: {exc}") from exc

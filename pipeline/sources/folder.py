@@ -30,6 +30,7 @@ from pathlib import Path, PurePosixPath
 from data_schemas import Caption, sanitize_key
 from pipeline.sources.base import KnownAnnotations, SourceItem
 from pipeline.sources.confine import ReadPolicy, RefusedRead, read_confined
+from pipeline.storage import StoragePath, as_path, find_files, is_local
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 ALT_TEXT = "alt_text"
@@ -75,14 +76,17 @@ class FolderSource:
 
     kind = "folder"
 
-    def __init__(self, root: str | Path, policy: ReadPolicy | None = None) -> None:
-        self.root = Path(root)
+    def __init__(self, root: str | StoragePath, policy: ReadPolicy | None = None) -> None:
+        self.root = as_path(root)
         self.policy = policy if policy is not None else ReadPolicy()
 
     def list_refs(self) -> list[str]:
         """Sorted relative posix paths of the image-named entries under ``root`` (no file is opened)."""
         if not self.root.is_dir():
             raise FileNotFoundError(f"folder source root {self.root} is not a directory")
+        if not is_local(self.root):  # an object store: one recursive listing; "hidden folders" are key segments
+            return [ref for ref in find_files(self.root)
+                    if looks_like_image(ref) and not any(part.startswith(".") for part in ref.split("/")[:-1])]
         refs = []
         walked = {self.root.resolve()}
 
