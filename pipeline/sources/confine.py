@@ -6,8 +6,9 @@ Every reader in this package opens input files through ``open_confined`` / ``rea
    ``ReadPolicy.follow_symlinks`` (folders the user allowed links to point into, ``--follow-symlinks``);
 2. the resolved file must be a regular file — a FIFO, socket, device or folder is refused before it is
    opened, and opened with ``O_NONBLOCK | O_NOFOLLOW`` and checked again with ``fstat``;
-3. its size (from ``fstat``, before any byte is read) must not exceed the cap the caller gives, and at
-   most cap + 1 bytes are read, so a file growing under us is still caught.
+3. its size (from ``fstat``, before any byte is read) must not exceed the cap the caller gives; the read
+   asks for that size + 1 bytes (never the cap: a 1 KB file reserves ~1 KB, not 256 MiB), so a file
+   growing under us is still caught, and stops at the cap.
 
 A refused read raises ``RefusedRead`` whose ``reason`` starts with the tag its error row gets:
 ``missing_image``, ``outside_root``, ``not_a_regular_file``, ``too_large`` or ``unreadable``.
@@ -128,7 +129,10 @@ def read_confined(path: str | Path, root: str | Path, policy: ReadPolicy, max_by
     """
     with open_confined(path, root, policy, max_bytes, cap_name) as handle:
         try:
-            data = handle.read(max_bytes + 1)
+            size = os.fstat(handle.fileno()).st_size
+            data = handle.read(min(size, max_bytes) + 1)  # the size + 1: a file that grew since fstat shows
+            if len(data) > size:  # it grew: read on up to the cap (rare: only a file being written to)
+                data += handle.read(max_bytes + 1 - len(data))
         except OSError as exc:  # EISDIR, EIO …
             raise RefusedRead(f"unreadable: {path}: {exc.strerror or exc}") from exc
     if len(data) > max_bytes:
