@@ -19,12 +19,13 @@ from typing import Any
 
 from data_schemas import ImageLimits, ImageRecord, ShardStats
 from data_schemas.config import BreakerConfig
-from pipeline.breaker import check_breaker
+from pipeline.breaker import ShardTripped, check_breaker
+from pipeline.canary import failure_is_systematic
 from pipeline.images import ImageError
 from pipeline.ingest import IngestedItem, ingest_item
 from pipeline.key_ledger import KeyLedger
 from pipeline.shards import ShardError, ShardWriter, discard_partial, finished_shards, taken_keys, write_build_manifest
-from pipeline.sources.base import InputShard, Source, SourceItem, plan_shards
+from pipeline.sources.base import InputShard, Source, SourceItem, plan_shards, printable_id
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class BuildSummary:
 
 
 def _plan_fingerprint(refs: Sequence[str], shard_size: int) -> dict:
-    digest = hashlib.sha256("\n".join(refs).encode("utf-8")).hexdigest()
+    digest = hashlib.sha256("\n".join(refs).encode("utf-8", "surrogateescape")).hexdigest()  # non-UTF-8 names
     return {"n_refs": len(refs), "shard_size": shard_size, "refs_sha256": digest}
 
 
@@ -138,6 +139,19 @@ def _revalidate(item: IngestedItem) -> None:
             item.error = f"invalid_record: {exc}"
 
 
+def _check_breaker(shard: str, errors: list[str | None], breaker: BreakerConfig, annotate: Annotate,
+                   limits: ImageLimits) -> None:
+    """``check_breaker``, confirmed on a control image (``pipeline.canary``): a trip only when the stage fails on
+    an ordinary image too; otherwise the inputs failed for reasons of their own and the shard is committed."""
+    try:
+        check_breaker(shard, errors, breaker)
+    except ShardTripped as trip:
+        systematic, why = failure_is_systematic(annotate, limits)
+        if systematic:
+            raise ShardTripped(f"{trip} ({why})", trip.stage) from None
+        log.warning("shard %s: %s; %s, so these inputs failed on their own and become error rows", shard, trip, why)
+
+
 def fill_shard(
     writer: ShardWriter,
     source: Source,
@@ -150,13 +164,18 @@ def fill_shard(
     """Ingest (and annotate) ``items`` into ``writer``, one manifest row each; returns how many were read.
 
     ``keys``: the build's key ledger (keys are claimed just before writing, so shards may run at once).
-    ``breaker``: when one stage failed on most of the annotated inputs, raise ``ShardTripped`` instead of
-    writing (the caller's writer then discards the shard, which stays unfinished).
+    ``breaker``: when one stage failed on most of the annotated inputs and fails on an ordinary control image
+    too (``pipeline.canary``), raise ``ShardTripped`` instead of writing (the caller's writer then discards the
+    shard, which stays unfinished).
     """
     ingested: list[IngestedItem] = []
     n_items = 0
     for item in items:
         n_items += 1
+        shown = printable_id(item.source_id)
+        if shown != item.source_id:  # a non-UTF-8 file or member name: stored readable, the row says so
+            item.known.notes.append("not_utf8: name bytes that are not UTF-8 are shown as \\xNN in source_id")
+            item.source_id = shown
         try:
             ingested.append(ingest_item(item, source.kind, limits))
         except Exception as exc:  # noqa: BLE001 - every failure becomes an error row
@@ -165,7 +184,7 @@ def fill_shard(
     if annotate is not None and ingested:
         ingested = annotate(ingested)
         if breaker is not None:
-            check_breaker(writer.name, [done.error for done in ingested], breaker)
+            _check_breaker(writer.name, [done.error for done in ingested], breaker, annotate, limits)
         for done in ingested:
             _revalidate(done)
     writer.taken_keys |= keys.claim(writer.name, [done.record.key for done in ingested if done.error is None])

@@ -5,7 +5,7 @@
 =========  ==========================================================================
 coco       ``annotations/instances_*.json`` under the path (or the path is such a file)
 vg         ``region_descriptions.json`` under the path (or the path is that file)
-img2dataset  ``*.tar`` or ``*.parquet`` directly under the path
+img2dataset  ``*.tar`` (``.tar.gz`` …) or ``*.parquet`` directly under the path
 folder     any image file below the path
 =========  ==========================================================================
 
@@ -29,8 +29,8 @@ from data_schemas import ConfigError, SourceConfig
 from pipeline.sources.base import Source, SourceItem
 from pipeline.sources.coco import CocoSource
 from pipeline.sources.confine import ReadPolicy
-from pipeline.sources.folder import IMAGE_EXTENSIONS, FolderSource, item_key, looks_like_image
-from pipeline.sources.img2dataset import Img2DatasetSource
+from pipeline.sources.folder import FolderSource, item_key, looks_like_image
+from pipeline.sources.img2dataset import Img2DatasetSource, is_container
 from pipeline.sources.vg import VisualGenomeSource
 
 SOURCES: dict[str, type] = {
@@ -41,7 +41,7 @@ SOURCES: dict[str, type] = {
 }
 _LOOKED_FOR = (
     "annotations/instances_*.json (coco), region_descriptions.json (vg), *.tar / *.parquet (img2dataset), "
-    f"image files {'/'.join(sorted(e.lstrip('.') for e in IMAGE_EXTENSIONS))} (folder)"
+    "image files .jpg/.png/.webp/… (any format Pillow decodes, folder)"
 )
 
 
@@ -85,7 +85,7 @@ def detect_kind(path: Path) -> str:
         return "coco"
     if (path / "region_descriptions.json").is_file():
         return "vg"
-    if any(p.suffix in (".tar", ".parquet") for p in path.iterdir() if p.is_file()):
+    if any(is_container(p.name) for p in path.iterdir() if p.is_file()):
         return "img2dataset"
     if _has_image(path):
         return "folder"
