@@ -8,8 +8,11 @@ refused instead of writing some inputs twice.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
+import os
 import logging
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
@@ -30,6 +33,8 @@ from pipeline.sources.base import InputShard, Source, SourceItem, plan_shards, p
 log = logging.getLogger(__name__)
 
 PLAN_NAME = "_plan.json"
+LOCK_NAME = "_build.lock"
+_HELD_LOCKS: dict[Path, int] = {}  # resolved build dir -> fd of its flock'd lock file, while this process builds
 
 #: Optional annotation step: takes the ingested items of one shard, returns them annotated (same order).
 Annotate = Callable[[list[IngestedItem]], list[IngestedItem]]
@@ -66,7 +71,7 @@ def check_output_dir(build_dir: Path) -> None:
     if build_dir.exists() and not build_dir.is_dir():
         raise ShardError(f"output {build_dir} exists and is not a directory")
     if build_dir.is_dir() and not (build_dir / PLAN_NAME).exists():
-        others = sorted(p.name for p in build_dir.iterdir())
+        others = sorted(p.name for p in build_dir.iterdir() if p.name != LOCK_NAME)
         if others:
             shown = ", ".join(others[:3]) + (", …" if len(others) > 3 else "")
             raise ShardError(f"output {build_dir} is not empty ({shown}) and holds no build ({PLAN_NAME}); "
@@ -77,6 +82,45 @@ def check_output_dir(build_dir: Path) -> None:
             pass
     except OSError as exc:
         raise ShardError(f"output {build_dir} is not a writable directory: {exc.strerror or exc}") from exc
+
+
+def lock_build(build_dir: Path) -> None:
+    """Hold an exclusive ``flock`` on ``build_dir/_build.lock`` until ``release_build`` or this process ends.
+
+    A second build into the same output is refused at once (not after it trips over the first one's temp files);
+    the kernel drops the lock when its process dies, so a killed build never leaves a stale lock. Re-entrant
+    within one process (the flow and ``build_shards`` both prepare).
+
+    Raises:
+        ShardError: another process holds the lock (the message names its pid when it wrote one).
+    """
+    key = build_dir.resolve()
+    if key in _HELD_LOCKS:
+        return
+    path = build_dir / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise ShardError(f"output {build_dir}: cannot create its lock file {path}: {exc.strerror or exc}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.pread(fd, 64, 0).decode("ascii", errors="replace").strip() or "unknown"
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise ShardError(f"output {build_dir} is being written by another build (pid {holder}); wait for it to "
+                             "finish or choose another output") from None
+        raise ShardError(f"output {build_dir}: cannot lock {path}: {exc.strerror or exc}") from exc
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _HELD_LOCKS[key] = fd
+
+
+def release_build(build_dir: Path) -> None:
+    """Drop the lock ``lock_build`` took (no-op when this process holds none)."""
+    fd = _HELD_LOCKS.pop(Path(build_dir).resolve(), None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor releases the flock
 
 
 def pin_plan(build_dir: Path, source: Source, shard_size: int) -> list[InputShard]:
@@ -114,11 +158,15 @@ def prepare_build(build_dir: Path, source: Source, shard_size: int) -> tuple[lis
     Returns ``(plan, finished shard names, keys already written)``; a caller with nothing left to do
     (every planned shard finished) can stop before loading any model.
 
+    Takes the output's lock (``lock_build``): a second build into it is refused until this one ends.
+
     Raises:
-        ShardError: the output is not a usable folder (``check_output_dir``) or holds another plan.
+        ShardError: the output is not a usable folder (``check_output_dir``), another build holds it, or it
+            holds another plan.
     """
     build_dir = Path(build_dir)
     check_output_dir(build_dir)
+    lock_build(build_dir)
     discard_partial(build_dir)
     plan = pin_plan(build_dir, source, shard_size)
     return plan, set(finished_shards(build_dir)), taken_keys(build_dir)
@@ -207,6 +255,9 @@ def process_shard(
 ) -> ShardStats:
     """Ingest (and annotate) every input of ``shard`` and commit it; one manifest row per input
     (``fill_shard``; ``ShardTripped`` when the breaker trips: nothing is committed)."""
+    if not (Path(build_dir) / PLAN_NAME).exists():  # the writer would recreate a removed output as a non-build
+        raise ShardError(f"output {build_dir} lost its {PLAN_NAME} during the build (removed?); nothing more is "
+                         "written: rerun the same command to start it again")
     with ShardWriter(build_dir, shard.name, taken_keys=set()) as writer:
         n_items = fill_shard(writer, source, source.read(shard.refs), limits, keys, annotate, breaker)
         if n_items != len(shard.refs):
@@ -255,4 +306,5 @@ def build_shards(
             summary.repaired.append(repair_shard(source, shard, build_dir, limits, keys, annotate, breaker))
             write_build_manifest(build_dir)
     write_build_manifest(build_dir)
+    release_build(build_dir)  # after a failure the lock stays until the process ends (re-entrant here)
     return summary

@@ -28,7 +28,7 @@ from pathlib import Path
 from data_schemas import ConfigError, SourceConfig
 from pipeline.sources.base import Source, SourceItem
 from pipeline.sources.coco import CocoSource
-from pipeline.sources.confine import ReadPolicy
+from pipeline.sources.confine import ReadPolicy, file_kind
 from pipeline.sources.folder import FolderSource, item_key, looks_like_image
 from pipeline.sources.img2dataset import Img2DatasetSource, is_container
 from pipeline.sources.vg import VisualGenomeSource
@@ -75,6 +75,8 @@ def detect_kind(path: Path) -> str:
     """
     if not path.exists():
         raise ConfigError(f"source.path {path} does not exist")
+    if not path.is_file() and not path.is_dir():
+        raise ConfigError(f"source.path {path} is a {file_kind(path.stat().st_mode)}, not a folder or a file")
     if path.is_file():
         if path.name.startswith("instances_") and path.suffix == ".json":
             return "coco"
@@ -129,7 +131,8 @@ def read_policy(cfg: SourceConfig) -> ReadPolicy:
     for folder in cfg.follow_symlinks:
         if not Path(folder).is_dir():
             raise ConfigError(f"source.follow_symlinks: {folder} is not a directory")
-    return ReadPolicy.create(cfg.max_image_bytes, cfg.max_text_bytes, cfg.follow_symlinks)
+    return ReadPolicy.create(cfg.max_image_bytes, cfg.max_text_bytes, cfg.follow_symlinks, cfg.max_annotation_bytes,
+                             cfg.allow_hard_links)
 
 
 def _require_dir(path: Path | None, field: str, kind: str) -> Path:
@@ -147,7 +150,8 @@ def _build_coco(cfg: SourceConfig) -> Source:
     if annotations is not None:
         instances = Path(annotations)
         image_dirs = _image_dirs(instances.parent.parent, _split_name(instances), cfg)
-        return _coco_split(instances, cfg.captions, image_dirs, read_policy(cfg))
+        root = Path(cfg.path) if cfg.path is not None and Path(cfg.path).is_dir() else None
+        return _coco_split(instances, cfg.captions, image_dirs, read_policy(cfg), root)
     root = _require_dir(cfg.path, "source.path", "coco")
     files = sorted((root / "annotations").glob("instances_*.json"))
     if not files:
@@ -158,7 +162,8 @@ def _build_coco(cfg: SourceConfig) -> Source:
         )
     policy = read_policy(cfg)
     parts: dict[str, Source] = {
-        _split_name(f): _coco_split(f, cfg.captions, _image_dirs(root, _split_name(f), cfg, several=True), policy)
+        _split_name(f): _coco_split(f, cfg.captions, _image_dirs(root, _split_name(f), cfg, several=True), policy,
+                                    root)
         for f in files
     }
     return SplitSource("coco", parts)
@@ -175,8 +180,10 @@ def _image_dirs(root: Path, split: str, cfg: SourceConfig, several: bool = False
     return [root / "images" / split, root / split, root / "images"]
 
 
-def _coco_split(instances: Path, captions: Path | None, image_dirs: list[Path], policy: ReadPolicy) -> CocoSource:
-    """A ``CocoSource`` for one instances file; the image folder is the first existing candidate."""
+def _coco_split(instances: Path, captions: Path | None, image_dirs: list[Path], policy: ReadPolicy,
+                root: Path | None = None) -> CocoSource:
+    """A ``CocoSource`` for one instances file; the image folder is the first existing candidate. ``root``: the
+    input root (``source.path``) its files and image folder must resolve under."""
     if not instances.is_file():
         raise ConfigError(f"source.annotations {instances} does not exist")
     split = _split_name(instances)
@@ -188,7 +195,7 @@ def _coco_split(instances: Path, captions: Path | None, image_dirs: list[Path], 
     if image_dir is None:
         tried = ", ".join(str(d) for d in image_dirs)
         raise ConfigError(f"no image folder for coco split {split!r}: tried {tried} (set source.image_dir)")
-    return CocoSource(instances, image_dir, captions, policy)
+    return CocoSource(instances, image_dir, captions, policy, root)
 
 
 def _build_vg(cfg: SourceConfig) -> Source:
@@ -204,4 +211,5 @@ def _build_vg(cfg: SourceConfig) -> Source:
     image_dir = cfg.image_dir if cfg.image_dir is not None else annotations.parent
     if not Path(image_dir).is_dir():
         raise ConfigError(f"source.image_dir {image_dir} is not a directory (source kind vg)")
-    return VisualGenomeSource(annotations, image_dir, read_policy(cfg))
+    root = Path(cfg.path) if cfg.path is not None and Path(cfg.path).is_dir() else annotations.parent
+    return VisualGenomeSource(annotations, image_dir, read_policy(cfg), root)

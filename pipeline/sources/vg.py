@@ -14,7 +14,8 @@ the official download unpacks them. ``image_data.json`` is not needed: the true 
 * Several entries for the same image id are merged (regions concatenated in file order). An entry without
   an id (or not an object) adds the ref ``!entries/<index>``, an error row ``bad_annotation:``.
 * Images are read through ``pipeline.sources.confine`` under ``image_dir``: an id such as ``"../x"`` that
-  escapes it is an error row ``outside_root:``.
+  escapes it is an error row ``outside_root:``. The JSON must resolve under the input ``root`` (``source.path``,
+  else its own folder), and an image folder linked out of the root makes every image ``outside_root:``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pydantic import ValidationError
 from data_schemas import Region, RegionCaption
 from pipeline.sources.base import KnownAnnotations, SourceItem
 from pipeline.sources.coco import GROUND_TRUTH, image_ref, load_json
-from pipeline.sources.confine import ReadPolicy
+from pipeline.sources.confine import ReadPolicy, confine_folder
 from pipeline.sources.folder import item_key, read_file_item
 
 IMAGE_SUBDIRS = ("", "VG_100K", "VG_100K_2")
@@ -41,7 +42,8 @@ class VisualGenomeSource:
     kind = "vg"
 
     def __init__(self, region_descriptions_json: str | Path, image_dir: str | Path,
-                 policy: ReadPolicy | None = None) -> None:
+                 policy: ReadPolicy | None = None, root: str | Path | None = None) -> None:
+        self.root = Path(root) if root is not None else None  # the input root (None: the JSON's own folder)
         self.region_descriptions_json = Path(region_descriptions_json)
         self.image_dir = Path(image_dir)
         self.policy = policy if policy is not None else ReadPolicy()
@@ -52,7 +54,7 @@ class VisualGenomeSource:
         """ref -> (image id, regions), loaded once."""
         if self._images is not None:
             return self._images
-        data = load_json(self.region_descriptions_json)
+        data = load_json(self.region_descriptions_json, self.root, self.policy)
         if not isinstance(data, list):
             raise ValueError(f"{self.region_descriptions_json}: expected a list of images with 'regions'")
         images: dict[str, tuple[Any, list[dict[str, Any]]]] = {}
@@ -74,6 +76,7 @@ class VisualGenomeSource:
     def read(self, refs: Sequence[str]) -> Iterator[SourceItem]:
         """One item per ref in order: ``<image_id>.jpg`` bytes plus the image's regions."""
         images = self._index()
+        folder_refused = confine_folder(self.image_dir, self.root, self.policy) if self.root is not None else None
         for ref in refs:
             if ref not in images:
                 reason = self._entry_errors.get(ref, f"bad_ref: image id {ref} not in annotations")
@@ -86,6 +89,9 @@ class VisualGenomeSource:
                 region = _region(index, raw, known.notes)
                 if region is not None:
                     known.regions.append(region)
+            if folder_refused is not None:
+                yield SourceItem(item_key(str(image_id)), name, None, known, error=folder_refused)
+                continue
             path = self._image_path(name)
             yield read_file_item(item_key(str(image_id)), name, path, self.image_dir, self.policy, known)
 
