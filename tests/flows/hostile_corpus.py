@@ -332,3 +332,57 @@ def vg_corpus(root: Path, outside: Path) -> list[Expect]:
     (root / "region_descriptions.json").write_text(json.dumps(document), encoding="utf-8")
     return [Expect("1.jpg", "ok", "is not finite"), Expect(f"../{outside.name}/theirs.jpg", "outside_root"),
             Expect("!entries/2", "bad_annotation"), Expect("4.jpg", "missing_image")]
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A run-level fault (issue 20 class 5): ``umg`` arguments that must end in one ``error:`` line naming
+    ``reason``, a non-zero exit and no traceback."""
+
+    name: str
+    args: list[str]
+    reason: str
+
+
+def run_faults(base: Path, outside: Path, smoke: Path) -> list[Fault]:
+    """Inputs, configs and overrides a build must refuse up front; files under ``base``."""
+    base.mkdir(parents=True)
+    good = base / "images"
+    good.mkdir()
+    (good / "a.jpg").write_bytes(jpeg())
+    os.mkfifo(base / "fifo_in")
+    os.mkfifo(base / "fifo.yaml")
+    coco_out = base / "coco_linked"  # a COCO root whose instances file is a link to a JSON outside the root
+    (coco_out / "annotations").mkdir(parents=True)
+    (coco_out / "images" / "train").mkdir(parents=True)
+    (outside / "instances_secret.json").write_text(json.dumps({"images": [], "info": SECRET.decode()}))
+    (coco_out / "annotations" / "instances_train.json").symlink_to(outside / "instances_secret.json")
+    vg_out = base / "vg_linked"
+    vg_out.mkdir()
+    (outside / "regions_secret.json").write_text(json.dumps([{"id": 1, "regions": [], "x": SECRET.decode()}]))
+    (vg_out / "region_descriptions.json").symlink_to(outside / "regions_secret.json")
+    coco_big = base / "coco_big"
+    (coco_big / "annotations").mkdir(parents=True)
+    (coco_big / "images" / "train").mkdir(parents=True)
+    (coco_big / "annotations" / "instances_train.json").write_text(json.dumps({"images": [], "pad": "x" * 4096}))
+
+    def build(inp: str | Path, *extra: str, config: str | Path = smoke) -> list[str]:
+        return ["build", "--config", str(config), "--input", str(inp), "--set", "annotate=null", *extra]
+
+    return [
+        Fault("empty --input", build(""), "--input is empty"),
+        Fault("blank source.path", build(good, "--set", "source.path=' '"), "is empty"),
+        Fault("FIFO as --input", build(base / "fifo_in"), "is a FIFO"),
+        Fault("/dev/null as --input", build("/dev/null"), "is a character device"),
+        Fault("--config a directory", build(good, config=base), "is a directory"),
+        Fault("--config a FIFO", build(good, config=base / "fifo.yaml"), "not a regular file"),
+        Fault("--set without =", build(good, "--set", "shard_size"), "not of the form"),
+        Fault("--set with an empty key", build(good, "--set", "=3"), "empty part"),
+        Fault("--set source..path", build(good, "--set", "source..path=x"), "empty part"),
+        Fault("--set unclosed YAML", build(good, "--set", "shard_size=[1,"), "not valid YAML"),
+        Fault("--set a value of the wrong type", build(good, "--set", "shard_size=many"), "shard_size"),
+        Fault("COCO instances linked out of the root", build(coco_out), "outside_root"),
+        Fault("VG JSON linked out of the root", build(vg_out), "outside_root"),
+        Fault("annotation file over the cap", build(coco_big, "--set", "source.max_annotation_bytes=1024"),
+              "source.max_annotation_bytes=1024"),
+    ]
