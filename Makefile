@@ -5,17 +5,19 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The tested versions (scripts/lock_requirements.py writes it from a venv): constraints for every install.
+LOCK := requirements/lock.txt
 DEMO_DIR ?= out/demo
 PYTEST_ARGS ?=
 
-.PHONY: install test demo clean-demo
+.PHONY: install test demo clean-demo lock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet --progress-bar off -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
+$(STAMP): pyproject.toml $(LOCK) | $(BIN)/python
+	$(BIN)/pip install --quiet --progress-bar off -c $(LOCK) -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
 	$(BIN)/python -c "import torch, torchvision, open_clip, prefect, ray, webdataset, pycocotools" \
 		|| { echo "install failed: see pip output above"; exit 1; }
 	touch $(STAMP)
@@ -27,3 +29,7 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	DEMO_DIR=$(DEMO_DIR) scripts/demo.sh
+
+# Rewrite requirements/lock*.txt from the venv after adding or upgrading a dependency (install it first).
+lock: | $(BIN)/python
+	$(BIN)/python scripts/lock_requirements.py

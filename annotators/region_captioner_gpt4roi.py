@@ -1,7 +1,9 @@
 """GPT4RoI region captioner (``gpt4roi``): the paper's region captioner, run through its own (non-PyPI) code.
 
-One prompt per box ("... region1 <bbox> ..."), the box entering as RoI features from its coordinates relative
-to the image; the boxes of a call are batched ``batch_size`` per ``generate``. GPT4RoI pins an old LLaVA /
+Each box is asked each region prompt (the built-in set ``gpt4roi_region``: 5 of GPT4RoI's own region-caption
+training questions, as the paper gives region captioners 5 prompts; "... region1 <bbox> ..."), the box entering as
+RoI features from its coordinates relative to the image; the (box, prompt) jobs of a call are batched
+``batch_size`` per ``generate``, one prompt per batch. GPT4RoI pins an old LLaVA /
 transformers stack, so it runs in its own environment (``docker/Dockerfile.cuda`` builds ``/opt/gpt4roi-venv``);
 in this project's environment ``load()`` raises a clear error.
 """
@@ -17,8 +19,9 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
-from annotators._hf import check_model_path, chunks, clean_texts, from_pretrained, resolve_device, resolve_dtype
+from annotators._hf import check_model_path, chunks, clean_pairs, from_pretrained, resolve_device, resolve_dtype
 from annotators.base import AnnotatorError, Backend, require
+from annotators.prompts import PromptChoice, image_digest, load_prompts
 from annotators.region_captioner import _flatten, _regroup
 from data_schemas import RegionCaption
 
@@ -53,15 +56,32 @@ GPT4ROI_BEGIN = "The <image> provides an overview of the picture.\n"
 GPT4ROI_REGION = "region1 <bbox>"
 # ... and the stop string of its KeywordsStoppingCriteria (the v0 "###" separator of LLaVA's conversation template).
 GPT4ROI_STOP = "###"
-# A region-caption question from the training set: FINAL_QUESTIONS in gpt4roi/datasets/vg.py (= REFG_QUESTIONS in
-# refcoco.py), whose answers are Visual Genome region descriptions / RefCOCOg expressions, i.e. short captions.
-GPT4ROI_DEFAULT_PROMPT = "What can you tell me about the region indicated by {region} in the image?"
+# Region-caption questions from the training set: FINAL_QUESTIONS in gpt4roi/datasets/vg.py (= REFG_QUESTIONS in
+# refcoco.py), whose answers are Visual Genome region descriptions / RefCOCOg expressions, i.e. short captions:
+# five of them are the built-in prompt set ``gpt4roi_region`` (annotators/prompts/gpt4roi_region.txt).
+GPT4ROI_PROMPTS = "gpt4roi_region"
 
 
 def gpt4roi_question(prompt: str) -> str:
     """The one human turn of a GPT4RoI region prompt: app.py's preamble + ``prompt`` with ``{region}`` replaced by
     ``region1 <bbox>`` (one region per prompt, so it is always region1)."""
     return GPT4ROI_BEGIN + prompt.replace("{region}", GPT4ROI_REGION)
+
+
+def check_gpt4roi_prompt(prompt: str) -> None:
+    """``AnnotatorError`` unless ``prompt`` has exactly one ``{region}`` and none of GPT4RoI's reserved tokens."""
+    if prompt.count("{region}") != 1:
+        raise AnnotatorError(f"gpt4roi prompt {prompt!r} needs exactly one '{{region}}' placeholder")
+    reserved = [t for t in ("<image>", "<bbox>", "<point>", "<region") if t in prompt]
+    if reserved:
+        raise AnnotatorError(
+            f"gpt4roi prompt {prompt!r} must not contain {reserved}: the box goes in through '{{region}}'"
+        )
+
+
+def box_key(box: np.ndarray) -> tuple[float, ...]:
+    """A box as the sampling key of its prompts (plain floats: the same box draws the same prompts anywhere)."""
+    return tuple(round(float(v), 3) for v in box)
 
 
 def gpt4roi_boxes(boxes_xyxy: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -112,14 +132,17 @@ class Gpt4RoiCaptioner(Backend):
     That code needs the transformers its LLaVA fork pins (git cae78c46, 4.28.dev): on transformers >= 4.36 its
     ``AutoConfig.register("llava", ...)`` fails at import, and ``load()`` says so (``AnnotatorError``).
 
-    Each box is asked about in its own prompt (``prompt`` with ``{region}`` -> ``region1 <bbox>``), built as
+    Each box is asked each of its prompts in a prompt of its own (``{region}`` -> ``region1 <bbox>``), built as
     gpt4roi/app.py ``ConversationBot.init_inputs`` builds its first turn and tokenised by upstream's
-    ``gpt4roi.train.train.preprocess_multimodal`` / ``preprocess``. Boxes are batched: all boxes of the call are
-    flattened and generated ``batch_size`` at a time in one ``generate`` (one sequence per box, with its image
-    and its one box), which ``SPILlavaLlamaModel.forward`` supports (one image and one box list per row; its
-    RoI extractor keeps the rows apart by index). As every prompt is token-identical (the box enters only as RoI
-    features) the rows need no padding. Each image's pixels are computed once and shared by its boxes; the
-    vision tower still runs once per row, as upstream's forward does.
+    ``gpt4roi.train.train.preprocess_multimodal`` / ``preprocess``. The prompts: by default every prompt of the
+    ``gpt4roi_region`` set (5, in an order seeded by ``seed``, the image's content and the box); ``prompts`` (a
+    set name, file or list) with ``prompts_per_region`` draws that many; ``prompt`` asks one fixed prompt. Jobs
+    are batched: all (box, prompt) jobs of the call are grouped by prompt and generated ``batch_size`` at a time
+    in one ``generate`` (one sequence per job, with its image and its one box), which
+    ``SPILlavaLlamaModel.forward`` supports (one image and one box list per row; its RoI extractor keeps the rows
+    apart by index). The rows of a batch share one prompt, and the box enters only as RoI features, so they are
+    token-identical and need no padding. Each image's pixels are computed once and shared by its jobs; the vision
+    tower still runs once per row, as upstream's forward does.
 
     Differences from the demo, on purpose: greedy decoding (app.py samples at temperature 0.2) and
     ``max_new_tokens`` (app.py: 1024) for reproducible, short captions; ``dtype`` may be bfloat16 (app.py:
@@ -134,30 +157,35 @@ class Gpt4RoiCaptioner(Backend):
         self,
         *,
         model: str,
-        prompt: str = GPT4ROI_DEFAULT_PROMPT,
+        prompt: str | None = None,
+        prompts: str | list[str] | None = None,
+        prompts_per_region: int | None = None,
+        seed: int = 0,
         max_new_tokens: int = 64,
         device: str = "auto",
         dtype: str = "float16",
         batch_size: int = 8,
     ) -> None:
-        if prompt.count("{region}") != 1:
-            raise AnnotatorError(f"gpt4roi prompt {prompt!r} needs exactly one '{{region}}' placeholder")
-        reserved = [t for t in ("<image>", "<bbox>", "<point>", "<region") if t in prompt]
-        if reserved:
-            raise AnnotatorError(
-                f"gpt4roi prompt {prompt!r} must not contain {reserved}: the box goes in through '{{region}}'"
-            )
+        if prompt is None:
+            prompts = GPT4ROI_PROMPTS if prompts is None else prompts
+            per_region = len(load_prompts(prompts)) if prompts_per_region is None else prompts_per_region
+        else:
+            check_gpt4roi_prompt(prompt)
+            per_region = 1 if prompts_per_region is None else prompts_per_region
+        self.prompts = PromptChoice(prompt, prompts, per_region, seed, default="", placeholder="{region}")
+        for text in self.prompt_set:
+            check_gpt4roi_prompt(text)
         if int(max_new_tokens) < 1 or int(batch_size) < 1:
             raise AnnotatorError(
                 f"gpt4roi max_new_tokens and batch_size must be >= 1, got {max_new_tokens} and {batch_size}"
             )
-        self.model_path, self.prompt = str(model), prompt
+        self.model_path = str(model)
         self.max_new_tokens, self.batch_size = int(max_new_tokens), int(batch_size)
         self.device_name, self.dtype_name = device, dtype
         self._model: Any = None
         self._tokenizer: Any = None
         self._image_processor: Any = None
-        self._prompt_ids: Any = None  # (1, L) int64: the token-identical prompt of every box
+        self._prompt_ids: dict[str, Any] = {}  # prompt -> (1, L) int64: the token-identical rows that ask it
         self._device: Any = None
         self._dtype: Any = None
 
@@ -173,9 +201,15 @@ class Gpt4RoiCaptioner(Backend):
     def version(self) -> str:
         return self.model_path
 
+    @property
+    def prompt_set(self) -> list[str]:
+        """Every prompt this captioner may ask."""
+        sampler = self.prompts.sampler
+        return [self.prompts.prompt] if sampler is None else list(sampler.prompts)
+
     def load(self) -> None:
         """Load model, tokenizer and image processor as gpt4roi/app.py ``ConversationBot.build_model`` does (same
-        steps as gpt4roi/cli_demo.py ``eval_model``), then tokenise the prompt once."""
+        steps as gpt4roi/cli_demo.py ``eval_model``), then tokenise each prompt once."""
         if self._model is not None:
             return
         require("gpt4roi", GPT4ROI_EXTRA)
@@ -239,17 +273,20 @@ class Gpt4RoiCaptioner(Backend):
         # app.py init_inputs -> train.preprocess_multimodal (<image> -> <im_start> 256 x <im_patch> <im_end>) ->
         # train.preprocess (LLaVA v0 template: "{system}\n\n### Human: {question}\n### "), first sequence.
         token_len = (GPT4ROI_IMAGE_SIZE // GPT4ROI_PATCH_SIZE) ** 2
-        sources = [[{"from": "human", "value": gpt4roi_question(self.prompt)}]]
-        sources = upstream_train.preprocess_multimodal(sources, dict(GPT4ROI_MULTIMODAL_CFG), token_len)
-        input_ids = torch.as_tensor(upstream_train.preprocess(sources, tokenizer)["input_ids"][0]).reshape(1, -1)
         bbox_id = tokenizer.convert_tokens_to_ids([GPT4ROI_SPI_TOKENS[0]])[0]
         end_id = vision_config.im_end_token
-        if int((input_ids == bbox_id).sum()) != 1 or int((input_ids == end_id).sum()) != 1:
-            raise AnnotatorError(
-                f"gpt4roi prompt {self.prompt!r} did not tokenise to one image and one <bbox> token (truncated?)"
-            )
+        prompt_ids = {}
+        for prompt in self.prompt_set:
+            sources = [[{"from": "human", "value": gpt4roi_question(prompt)}]]
+            sources = upstream_train.preprocess_multimodal(sources, dict(GPT4ROI_MULTIMODAL_CFG), token_len)
+            input_ids = torch.as_tensor(upstream_train.preprocess(sources, tokenizer)["input_ids"][0]).reshape(1, -1)
+            if int((input_ids == bbox_id).sum()) != 1 or int((input_ids == end_id).sum()) != 1:
+                raise AnnotatorError(
+                    f"gpt4roi prompt {prompt!r} did not tokenise to one image and one <bbox> token (truncated?)"
+                )
+            prompt_ids[prompt] = input_ids
 
-        self._tokenizer, self._image_processor, self._prompt_ids = tokenizer, image_processor, input_ids
+        self._tokenizer, self._image_processor, self._prompt_ids = tokenizer, image_processor, prompt_ids
         self._device, self._dtype = device, dtype
         self._model = model
         logger.info("loaded GPT4RoI %s on %s (%s)", path, device, dtype)
@@ -257,18 +294,29 @@ class Gpt4RoiCaptioner(Backend):
     def __call__(
         self, images: Sequence[Image.Image], boxes_per_image: Sequence[Any]
     ) -> list[list[list[RegionCaption]]]:
-        """One caption (possibly none, when the answer is empty) per box; all boxes of the call in batches of
-        ``batch_size`` (class docstring)."""
+        """Per box the distinct non-empty answers to its prompts, each recording its prompt; all (box, prompt)
+        jobs of the call grouped by prompt, in batches of ``batch_size`` (class docstring)."""
         if self._model is None:
             raise AnnotatorError("gpt4roi is not loaded: call load() first")
-        boxes, jobs = _flatten(images, boxes_per_image)
-        pixels = {i: self._pixels(images[i]) for i in sorted({i for i, _ in jobs})}
-        flat: list[list[RegionCaption]] = []
-        for batch in chunks(jobs, self.batch_size):
-            relative = [gpt4roi_boxes(box, *images[i].size)[0] for i, box in batch]
-            answers = self._generate([pixels[i] for i, _ in batch], relative)
-            flat += [[RegionCaption(text=t, annotator=self.name, prompt=self.prompt) for t in clean_texts([a])]
-                     for a in answers]
+        boxes, flat_boxes = _flatten(images, boxes_per_image)
+        keys = {i: image_digest(images[i]) for i in sorted({i for i, _ in flat_boxes})}
+        pixels = {i: self._pixels(images[i]) for i in keys}
+        by_prompt: dict[str, list[tuple[int, int, np.ndarray]]] = {}  # prompt -> (flat box index, image, box)
+        for flat_index, (i, box) in enumerate(flat_boxes):
+            for prompt in self.prompts.for_item(keys[i], *box_key(box)):
+                by_prompt.setdefault(prompt, []).append((flat_index, i, box))
+        answers: list[dict[str, str]] = [{} for _ in flat_boxes]  # per box: prompt -> answer
+        for prompt, jobs in by_prompt.items():
+            for batch in chunks(jobs, self.batch_size):
+                relative = [gpt4roi_boxes(box, *images[i].size)[0] for _, i, box in batch]
+                texts = self._generate(self._prompt_ids[prompt], [pixels[i] for _, i, _ in batch], relative)
+                for (flat_index, _, _), text in zip(batch, texts, strict=True):
+                    answers[flat_index][prompt] = text
+        flat = []
+        for (i, box), per_prompt in zip(flat_boxes, answers, strict=True):
+            asked = self.prompts.for_item(keys[i], *box_key(box))  # the box's own prompt order
+            pairs = clean_pairs((per_prompt[p], p) for p in asked)
+            flat.append([RegionCaption(text=t, annotator=self.name, prompt=p) for t, p in pairs])
         return _regroup(boxes, flat)
 
     def _pixels(self, image: Image.Image) -> Any:
@@ -282,8 +330,9 @@ class Gpt4RoiCaptioner(Backend):
         size = (GPT4ROI_IMAGE_SIZE, GPT4ROI_IMAGE_SIZE)
         return F.interpolate(pixel_values.unsqueeze(0), size=size, mode="bilinear", align_corners=False).squeeze(0)
 
-    def _generate(self, pixels: Sequence[Any], boxes: Sequence[np.ndarray]) -> list[str]:
-        """One ``generate`` over ``len(pixels)`` rows (image i with its one relative box i) -> cleaned answers.
+    def _generate(self, prompt_ids: Any, pixels: Sequence[Any], boxes: Sequence[np.ndarray]) -> list[str]:
+        """One ``generate`` over ``len(pixels)`` rows, each the prompt ``prompt_ids`` (1, L) with image i and its one
+        relative box i -> cleaned answers.
 
         As app.py ``run``: the boxes reach ``SPILlavaMPTForCausalLM.forward`` through a ``functools.partial`` on
         ``model.forward`` (``generate``'s ``prepare_inputs_for_generation`` passes only ``images`` on), restored
@@ -292,7 +341,7 @@ class Gpt4RoiCaptioner(Backend):
         import torch
 
         model, tokenizer, n = self._model, self._tokenizer, len(pixels)
-        input_ids = self._prompt_ids.repeat(n, 1).to(self._device)
+        input_ids = prompt_ids.repeat(n, 1).to(self._device)
         images = torch.stack(list(pixels)).to(device=self._device, dtype=self._dtype)
         bboxes = [torch.as_tensor(b, dtype=torch.float32).reshape(1, 4).to(self._device, self._dtype) for b in boxes]
         eos_id = tokenizer.eos_token_id

@@ -71,8 +71,16 @@ class EnsembleSection(_Section):
 
     alpha: float = Field(default=0.4, ge=0.0, le=1.0, description="weight of the frozen scores, seen classes")
     beta: float = Field(default=0.8, ge=0.0, le=1.0, description="weight of the frozen scores, unseen classes")
-    object_mask_threshold: float = Field(default=0.5, ge=0.0, le=1.0, description="panoptic: keep query score")
-    overlap_threshold: float = Field(default=0.8, ge=0.0, le=1.0, description="panoptic: kept area fraction")
+    object_mask_threshold: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="panoptic: keep queries whose best class score exceeds this "
+        "(FC-CLIP's configs: 0.0; Mask2Former's COCO base: 0.8)")
+    overlap_threshold: float = Field(default=0.8, ge=0.0, le=1.0,
+                                     description="panoptic: argmax area / own mask area needed (FC-CLIP: 0.8)")
+    ensemble_on_valid_mask: bool = Field(
+        default=False, description="frozen scores off for queries whose mask is empty at the token grid "
+        "(FC-CLIP's ENSEMBLE_ON_VALID_MASK; off in its configs)")
+    instances_per_image: int = Field(default=100, ge=1,
+                                     description="instance output: top (query, class) pairs (FC-CLIP: 100)")
 
 
 class SegAdaptConfig(_Section):

@@ -6,7 +6,19 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+def _location(value: Any) -> Any:
+    """A URL (``s3://bucket/x``) stays a string (``Path`` would fold ``//``); a path or ``file://`` URL is a Path."""
+    if isinstance(value, str) and "://" in value:
+        scheme, _, rest = value.partition("://")
+        return Path(rest or "/") if scheme.lower() in ("file", "local") else value
+    return Path(value) if isinstance(value, str) else value
+
+
+#: A local path or a storage URL (``s3://``, ``gs://`` …; ``pipeline.storage.as_path`` opens either).
+Location = Annotated[Path | str, BeforeValidator(_location)]
 
 SourceKind = Literal["auto", "folder", "img2dataset", "coco", "vg"]
 
@@ -32,10 +44,10 @@ class SourceConfig(_Config):
     """Where inputs come from. ``path`` is a folder, a tar/parquet folder, or an annotation root."""
 
     kind: SourceKind = "auto"
-    path: Path | None = None
-    annotations: Path | None = Field(default=None, description="COCO instances / VG region_descriptions JSON")
-    captions: Path | None = Field(default=None, description="COCO captions JSON (optional)")
-    image_dir: Path | None = Field(default=None, description="image folder for COCO / VG annotations")
+    path: Location | None = Field(default=None, description="a local path or a URL (s3://bucket/prefix, gs://…)")
+    annotations: Location | None = Field(default=None, description="COCO instances / VG region_descriptions JSON")
+    captions: Location | None = Field(default=None, description="COCO captions JSON (optional)")
+    image_dir: Location | None = Field(default=None, description="image folder for COCO / VG annotations")
     follow_symlinks: list[Path] = Field(
         default_factory=list,
         description="folders outside the input root that symlinked inputs may point into (default: none; "
@@ -204,7 +216,7 @@ class BuildConfig(_Config):
     """Everything a build needs: where inputs come from, how they are sharded, and the annotators."""
 
     source: SourceConfig = Field(default_factory=SourceConfig)
-    output: Path | None = None
+    output: Location | None = Field(default=None, description="build directory: a local path or a URL")
     shard_size: int = Field(default=256, gt=0, description="inputs per shard; fixes the deterministic plan")
     images: ImageLimits = Field(default_factory=ImageLimits)
     annotate: AnnotateConfig | None = Field(default=None, description="null: ground truth only (no models)")

@@ -103,6 +103,13 @@ class OptimSection(_Section):
     fused: bool | Literal["auto"] = Field(
         default="auto", description="LAMB step as one torch.compile'd function per tensor (model.lamb, ours): "
         "auto = compile, else eager with a warning; true = compile or fail; false = eager")
+    lamb: Literal["timm", "deepspeed"] = Field(
+        default="timm", description="LAMB math (model.lamb): deepspeed = DeepSpeed's FusedLamb as EVA-CLIP's "
+        "pre-training ran it (the paper recipe, configs/umg41m_train*.yaml: trust ratio clamped to lamb_trust_range "
+        "on every group, bias correction in the step size, per ZeRO partition under ZeRO); timm = timm.optim.Lamb "
+        "(no trust ratio on no-decay groups, unclamped)")
+    lamb_trust_range: tuple[float, float] = Field(
+        default=(0.01, 10.0), description="lamb: deepspeed only: [min_coeff, max_coeff] of the trust ratio (EVA-CLIP)")
 
 
 class LossSection(_Section):
@@ -123,6 +130,10 @@ class LossSection(_Section):
     duplicate_captions: Literal["mask", "multi_positive", "negatives"] = Field(
         default="mask", description="pairs whose captions are the same token sequence (compared across ranks): "
         "mask them out of each other's softmax (ours), uniform multi-positive targets, or CLIP's negatives")
+    contrastive_chunk: int | None = Field(
+        default=8192, ge=1, description="a contrastive term with more global columns than this streams its "
+        "logsumexp over column chunks of this size (online logsumexp: O(local rows x chunk) memory, same value and "
+        "gradients; the region term at paper scale, 5,120 x 163,840); null = the (local rows x N) logits whole")
 
 
 class DistributedSection(_Section):

@@ -45,9 +45,10 @@ from pipeline.ray_pool import RemoteChain, build_ray_chain, start_ray
 from pipeline.ray_shards import ShardRunner
 from pipeline.repair import shards_to_repair
 from pipeline.shard_build import prepare_build, release_build
-from pipeline.shards import finished_shards, iter_samples, read_stats, write_build_manifest
+from pipeline.shards import iter_samples, read_stats, write_build_manifest
 from pipeline.sources.base import InputShard
 from pipeline.sources.registry import build_source
+from pipeline.storage import StoragePath, as_path, is_local
 from pipeline.validate import ValidationReport, validate_build
 
 COMPLETED_EVENT = "umg.build.completed"
@@ -99,7 +100,8 @@ def build_umg41m(config: str = "configs/smoke.yaml", input: str | None = None, o
     cfg = load_config(config, [*(overrides or []), *([f"source.path={input}"] if input else [])])
     if output is None and cfg.output is None:
         raise ConfigError(f"{config}: no output directory (pass output= or set build.output)")
-    build_dir = Path(output if output is not None else cfg.output).resolve()
+    build_dir = as_path(output if output is not None else cfg.output)
+    build_dir = build_dir.resolve() if is_local(build_dir) else build_dir
     source = build_source(cfg.source)
     plan, done, keys_in_use = prepare_build(build_dir, source, cfg.shard_size)
     todo = [shard for shard in plan if shard.name not in done]
@@ -116,7 +118,7 @@ def build_umg41m(config: str = "configs/smoke.yaml", input: str | None = None, o
     try:
         if work and (cfg.annotate is not None or concurrent > 1):
             owns_ray = start_ray(cfg.ray)
-        runner = ShardRunner(source, build_dir, cfg.images, keys_in_use, None, cfg.breaker, remote=concurrent > 1,
+        runner = ShardRunner(source, str(build_dir), cfg.images, keys_in_use, None, cfg.breaker, remote=concurrent > 1,
                              num_cpus=cfg.flow.shard_num_cpus, warm_workers=min(concurrent, len(work)))
         if work and cfg.annotate is not None:  # the shard workers warm up while the models load
             chain = runner.chain = build_ray_chain(cfg.annotate, cfg.ray)
@@ -124,17 +126,17 @@ def build_umg41m(config: str = "configs/smoke.yaml", input: str | None = None, o
         started = time.perf_counter()
         shard_task = build_shard.with_options(retries=cfg.flow.shard_retries,
                                               retry_delay_seconds=cfg.flow.retry_delay_s)
+        n_done = len(done)  # counted here, not listed: per-shard bookkeeping must not grow with the build
         with shard_progress(len(plan), len(done)) as advance:
             for shard, state in _run_shards(shard_task, runner, work, concurrent):
                 if state.is_completed():
                     rows[shard.name] = state.result()
+                    n_done += shard.name not in done
                 else:
                     failed.append(shard.name)
                     logger.error("shard=%s failed after retries: %s", shard.name, state.message,
                                  extra={"shard": shard.name})
                 advance()
-                write_build_manifest(build_dir)
-                n_done = len(finished_shards(build_dir))
                 update_progress_artifact(progress, _percent(n_done, len(plan)),
                                          description=f"{n_done} / {len(plan)} shards done in {build_dir}")
         shards_wall_s = time.perf_counter() - started
@@ -202,7 +204,7 @@ def _stop_ray(chain: PipelinedChain | RemoteChain | None, owns_ray: bool) -> Non
         ray.shutdown()
 
 
-def _announce(build_dir: Path, config: str, summary: dict[str, Any]) -> None:
+def _announce(build_dir: StoragePath, config: str, summary: dict[str, Any]) -> None:
     """The event the ``train/local`` deployment triggers on (see ``flows/serve.py``)."""
     run_id = flow_run.get_id()
     emit_event(
@@ -215,7 +217,7 @@ def _announce(build_dir: Path, config: str, summary: dict[str, Any]) -> None:
     )
 
 
-def _save_overlays(build_dir: Path, n: int) -> list[tuple[str, Path, str]]:
+def _save_overlays(build_dir: StoragePath, n: int) -> list[tuple[str, StoragePath, str]]:
     """Draw up to ``n`` samples (most regions first among the first shard's) into ``<build>/_qa/``.
 
     Returns ``(key, png path, data URI of a small JPEG thumbnail)``.
@@ -229,12 +231,14 @@ def _save_overlays(build_dir: Path, n: int) -> list[tuple[str, Path, str]]:
             break
     picked = sorted(candidates, key=lambda s: -len(s.record().regions))[:n]
     out_dir = build_dir / QA_DIR
-    out_dir.mkdir(exist_ok=True)
+    if is_local(out_dir):
+        out_dir.mkdir(exist_ok=True)
     saved = []
     for sample in picked:
         picture = render_overlay(sample.record(), sample.jpg)
         path = out_dir / f"overlay_{sample.key}.png"
-        picture.save(path)
+        with path.open("wb") as handle:
+            picture.save(handle, format="PNG")
         thumb = picture.copy()
         thumb.thumbnail((480, 480))
         buffer = io.BytesIO()
@@ -243,8 +247,8 @@ def _save_overlays(build_dir: Path, n: int) -> list[tuple[str, Path, str]]:
     return saved
 
 
-def _qa_markdown(build_dir: Path, config: str, rows: list[dict], report: ValidationReport,
-                 pictures: list[tuple[str, Path, str]], failed: list[str], planned: int) -> str:
+def _qa_markdown(build_dir: StoragePath, config: str, rows: list[dict], report: ValidationReport,
+                 pictures: list[tuple[str, StoragePath, str]], failed: list[str], planned: int) -> str:
     total = Counter()
     for row in rows:
         total.update({k: row[k] for k in ("inputs", "ok", "errors", "regions", "masks", "captions", "tags")})
@@ -267,7 +271,8 @@ def _qa_markdown(build_dir: Path, config: str, rows: list[dict], report: Validat
         "", "## Overlays", "",
     ]
     for key, path, thumb in pictures:
-        lines += [f"**{key}** — full size: [`{path}`](file://{path})", "", f"![{key}]({thumb})", ""]
+        link = f"file://{path}" if is_local(path) else str(path)
+        lines += [f"**{key}** — full size: [`{path}`]({link})", "", f"![{key}]({thumb})", ""]
     if not pictures:
         lines.append("(none: no samples)")
     return "\n".join(lines)

@@ -65,8 +65,9 @@ def sample(
 
 @app.command()
 def build(
-    input: Annotated[str, typer.Option("--input", help="source path (folder, img2dataset dir, COCO/VG root)")],
-    output: Annotated[Path, typer.Option("--output", help="build directory for the shards")],
+    input: Annotated[str, typer.Option("--input", help="source path or URL (s3://bucket/prefix, gs://…, file://…): "
+                                       "a folder, img2dataset dir, COCO/VG root")],
+    output: Annotated[str, typer.Option("--output", help="build directory for the shards (path or URL)")],
     config: Annotated[Optional[Path], typer.Option(help="YAML BuildConfig")] = None,
     source_kind: Annotated[str, typer.Option(help="auto|folder|img2dataset|coco|vg")] = "auto",
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override, e.g. shard_size=64")] = None,
@@ -95,7 +96,7 @@ def build(
         cfg = load_config(config, overrides)
         source = build_source(cfg.source)
         prepared = prepare_build(output, source, cfg.shard_size)  # output and plan checked before any model loads
-    except (ConfigError, ValueError, OSError, ShardError) as exc:
+    except (ConfigError, ValueError, OSError, ShardError) as exc:  # OSError: e.g. an object store refusing access
         _fail(str(exc))
     except MemoryError:
         _fail(f"out of memory while reading the inputs of {input} (an annotation file too large?)")
@@ -129,7 +130,7 @@ def build(
 
 
 @app.command()
-def validate(build_dir: Annotated[Path, typer.Argument(help="build directory")]) -> None:
+def validate(build_dir: Annotated[str, typer.Argument(help="build directory (path or URL)")]) -> None:
     """Schema-check every shard; prints counts as JSON last; exits 1 naming any broken shard."""
     from pipeline.validate import validate_build
 
@@ -143,7 +144,7 @@ def validate(build_dir: Annotated[Path, typer.Argument(help="build directory")])
 
 @app.command()
 def show(
-    build_dir: Annotated[Path, typer.Argument(help="build directory")],
+    build_dir: Annotated[str, typer.Argument(help="build directory (path or URL)")],
     key: Annotated[str, typer.Argument(help="sample key")],
     png: Annotated[Path, typer.Option("--png", help="where to write the picture")],
 ) -> None:
@@ -165,7 +166,8 @@ def show(
 
 @app.command()
 def train(
-    shards: Annotated[list[Path], typer.Option("--shards", help="shard build dir or tar (repeatable)")],
+    shards: Annotated[list[str], typer.Option("--shards", help="shard build dir or tar, a path or URL "
+                                              "(s3://…, gs://…, pipe:…; repeatable)")],
     out: Annotated[Path, typer.Option(help="run dir: checkpoints/, metrics.csv, loss_curve.png; resumes")],
     config: Annotated[Path, typer.Option(help="YAML with a train: section")] = Path("configs/smoke.yaml"),
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override, e.g. steps=50")] = None,
@@ -196,7 +198,7 @@ app.command("adapt")(adapt)
 
 @app.command("export-coco")
 def export_coco(
-    build_dir: Annotated[Path, typer.Argument(help="build directory with finished shards")],
+    build_dir: Annotated[str, typer.Argument(help="build directory with finished shards (path or URL)")],
     out: Annotated[Path, typer.Option("--out", help="COCO JSON file to write")],
     images: Annotated[Optional[Path], typer.Option(help="also write the JPEGs into this folder")] = None,
 ) -> None:
@@ -242,6 +244,10 @@ def serve(
         _fail("set PREFECT_API_URL to a running Prefect server (see docs/orchestration.md)")
     serve_main(["--train-out", str(train_out), "--limit", str(limit), *(["--no-train"] if no_train else [])])
 
+
+from flows.cli_plan import plan_resources  # noqa: E402 - the umg plan-resources command (flows/cli_plan.py)
+
+app.command("plan-resources")(plan_resources)
 
 from flows.cli_eval import eval_app  # noqa: E402  (sub-app; imports nothing heavy)
 

@@ -142,6 +142,12 @@ def seg(
     ignore_index: Annotated[int, typer.Option("--ignore-index", min=0, help="label value of ignored pixels")] = 255,
     reduce_zero_label: Annotated[bool, typer.Option(
         "--reduce-zero-label", help="label 0 is ignored and v -> v - 1 (raw ADE20K = A-150, VOC = PAS-20)")] = False,
+    miou_convention: Annotated[str, typer.Option(
+        "--miou-convention", help="detectron2: classes absent from the GT are left out of mIoU (the paper's, "
+                                  "FC-CLIP's); mmseg: a class only predicted counts IoU 0")] = "detectron2",
+    dense_features: Annotated[str, typer.Option(
+        "--dense-features", help="training-free mode: tokens (final-layer tokens) or maskclip (MaskCLIP's "
+                                 "value-embedding path in the last block)")] = "tokens",
     batch_size: BatchSize = 8,
     limit: Limit = None,
     out: Out = None,
@@ -149,9 +155,17 @@ def seg(
     cluster_in_eval: ClusterInEval = False,
 ) -> None:
     """Semantic segmentation mIoU / pixel accuracy (training-free or adapted model), PQ with --panoptic."""
+    from flows.cli import _fail
     from model.eval.seg_eval import run_seg
+    from model.eval.seg_metrics import MIOU_CONVENTIONS
+    from model.eval.segmenter import DENSE_FEATURES
 
+    if miou_convention not in MIOU_CONVENTIONS:
+        _fail(f"--miou-convention must be one of {', '.join(MIOU_CONVENTIONS)}, got {miou_convention!r}")
+    if dense_features not in DENSE_FEATURES:
+        _fail(f"--dense-features must be one of {', '.join(DENSE_FEATURES)}, got {dense_features!r}")
     _run(run_seg, out, checkpoint=checkpoint, images=images, masks=masks, classes=classes, templates_file=templates,
          panoptic=panoptic, panoptic_masks=panoptic_masks, ignore_index=ignore_index,
-         reduce_zero_label=reduce_zero_label, batch_size=batch_size,
+         reduce_zero_label=reduce_zero_label, miou_convention=miou_convention, dense_features=dense_features,
+         batch_size=batch_size,
          limit=limit, device=device, cluster_in_eval=cluster_in_eval)

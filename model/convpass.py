@@ -154,7 +154,8 @@ def _open_clip_parts(tokens: OpenClipViTTokens) -> tuple[nn.ModuleList, nn.Modul
 
 
 def _eva_parts(tokens: TimmEvaTokens) -> tuple[nn.ModuleList, nn.Module, int]:
-    return tokens.trunk.blocks, tokens.trunk.patch_embed, tokens.trunk.embed_dim
+    # the patch conv (B, D, h, w): its output gives the grid at any input size (timm's PatchEmbed keeps a fixed one)
+    return tokens.trunk.blocks, tokens.trunk.patch_embed.proj, tokens.trunk.embed_dim
 
 
 TOWER_PARTS: dict[type, Callable] = {OpenClipViTTokens: _open_clip_parts, TimmEvaTokens: _eva_parts}

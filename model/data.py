@@ -45,6 +45,7 @@ from data_schemas.train_config import DataSection
 from model.losses import build_tag_targets
 from model.regions import crop_boxes, hflip_boxes, resize_boxes
 from pipeline.shards import iter_tar_samples, read_stats, shard_paths
+from pipeline.storage import StoragePath, as_path, is_url, scheme
 
 log = logging.getLogger(__name__)
 
@@ -340,13 +341,53 @@ def _take(n: int):
     return lambda src: islice(src, n)
 
 
-def make_dataset(tars: Sequence[str | Path], data: DataSection, spec: TransformSpec, tokens: TextTokens,
+#: URL schemes webdataset's own ``gopen`` opens (``pipe:aws s3 cp … -`` included); others go through fsspec.
+_GOPEN_SCHEMES = {"pipe", "http", "https", "sftp", "ftps", "scp"}
+
+
+def _open_shards(handler: Callable[[Exception], bool]):
+    """webdataset's ``url_opener`` with object-store URLs (``s3://``, ``gs://`` …) opened through fsspec: the
+    ``gopen`` of webdataset 0.2 (open_clip_train's pin) knows no ``s3://``. Each stream is closed once read."""
+
+    def stage(src: Iterator[dict]) -> Iterator[dict]:
+        for sample in src:
+            url = sample["url"]
+            if not is_url(url) or scheme(url) in _GOPEN_SCHEMES or url.startswith("pipe:"):
+                yield from wds.tariterators.url_opener([sample], handler=handler)
+                continue
+            try:
+                stream = as_path(url).open("rb")
+            except Exception as exn:  # noqa: BLE001 - the handler decides, as in url_opener
+                if handler(exn):
+                    continue
+                raise
+            try:
+                yield {**sample, "stream": stream}
+            finally:
+                stream.close()
+
+    return stage
+
+
+def _tar_samples(handler: Callable[[Exception], bool]):
+    """``wds.tarfile_to_samples`` over ``_open_shards``: shard URLs -> raw samples (``__key__``, ``jpg`` …)."""
+    opener = _open_shards(handler)
+
+    def stage(src: Iterator[dict]) -> Iterator[dict]:
+        files = wds.tariterators.tar_file_expander(opener(src), handler=handler)
+        return wds.tariterators.group_by_keys(files, handler=handler)
+
+    return stage
+
+
+def make_dataset(tars: Sequence[str | StoragePath], data: DataSection, spec: TransformSpec, tokens: TextTokens,
                  batch_size: int, *, epoch: int = 0, skip: dict[int, int] | None = None,
                  world_size: int = 1) -> wds.DataPipeline:
     """The per-rank pipeline of one epoch; yields :class:`RegionBatch` (full batches only).
 
     Args:
-        tars: every shard tar of the training set (all ranks pass the same list).
+        tars: every shard tar of the training set (all ranks pass the same list): paths, ``s3://`` / ``gs://``
+            URLs (fsspec) or ``pipe:`` commands (webdataset).
         data: shuffle / resampling / worker settings.
         spec: augmentation (see :class:`TransformSpec`).
         batch_size: images per batch.
@@ -367,7 +408,7 @@ def make_dataset(tars: Sequence[str | Path], data: DataSection, spec: TransformS
         if data.shuffle:
             random.Random(f"{spec.seed}/shards/{epoch}").shuffle(urls)
         source = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker]
-    stages = [*source, wds.tarfile_to_samples(handler=handler)]
+    stages = [*source, _tar_samples(handler)]
     if data.shuffle:
         stages.append(_seeded_shuffle(data.shuffle_buffer, data.shuffle_initial, f"{spec.seed}/{epoch}"))
     stages += [
@@ -391,10 +432,14 @@ def hash_seed(*parts: object) -> int:
     return random.Random("/".join(map(str, parts))).getrandbits(63)
 
 
-def count_samples(tars: Sequence[str | Path]) -> int:
+def count_samples(tars: Sequence[str | StoragePath]) -> int:
     """Samples in the shards: ``n_ok`` from each shard's stats file, else by reading the tar."""
     total = 0
-    for tar in map(Path, tars):
+    for tar in tars:
+        if str(tar).startswith("pipe:"):  # a command's output: read it through
+            total += sum(1 for _ in _tar_samples(wds.reraise_exception)([{"url": str(tar)}]))
+            continue
+        tar = as_path(tar)
         if shard_paths(tar.parent, tar.stem)[".stats.json"].exists():
             total += read_stats(tar.parent, tar.stem).n_ok
         else:

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.gather import ScaleGrad, gather_packed, world
+from model.streamed_logsumexp import streamed_logsumexp
 
 LOSS_KEYS = ("image_caption_loss", "region_caption_loss", "image_tag_loss", "region_tag_loss")
 # Two 31-bit polynomial hashes: every product and sum stays far below 2**63 (no integer overflow).
@@ -93,8 +94,8 @@ DUPLICATE_MODES = ("negatives", "multi_positive", "mask")
 
 
 def contrastive_sum(a: torch.Tensor, b: torch.Tensor, all_a: torch.Tensor, all_b: torch.Tensor, offset: int,
-                    logit_scale: torch.Tensor, ids: torch.Tensor | None = None, duplicates: str = "mask"
-                    ) -> torch.Tensor:
+                    logit_scale: torch.Tensor, ids: torch.Tensor | None = None, duplicates: str = "mask",
+                    chunk: int | None = None) -> torch.Tensor:
     """This rank's rows of the symmetric InfoNCE, summed (divide by 2N for the global mean).
 
     Args:
@@ -105,6 +106,9 @@ def contrastive_sum(a: torch.Tensor, b: torch.Tensor, all_a: torch.Tensor, all_b
         ids: (N,) text ids of the pairs (equal = identical text); None = every pair distinct.
         duplicates: what pairs with identical text are to each other (module doc): ``negatives`` (CLIP),
             ``multi_positive`` or ``mask``.
+        chunk: when N > chunk, each direction's logsumexp streams over column chunks of this size
+            (``model.streamed_logsumexp``: O(n x chunk) memory instead of several (n, N) matrices; same value
+            and gradients); None = the (n, N) logits whole.
 
     Returns:
         scalar: sum over the n local rows of CE(a→b) + CE(b→a).
@@ -115,31 +119,52 @@ def contrastive_sum(a: torch.Tensor, b: torch.Tensor, all_a: torch.Tensor, all_b
         return (a.sum() + b.sum() + logit_scale) * 0.0  # keeps a grad path through the inputs
     n = a.shape[0]
     labels = torch.arange(offset, offset + n, device=a.device)
-    logits_ab = (logit_scale * a) @ all_b.T  # (n, N): no (N, N) matrix on any rank
-    logits_ba = (logit_scale * b) @ all_a.T
+    group = counts = None
     if ids is not None and duplicates != "negatives":
         _, group, counts = torch.unique(ids, return_inverse=True, return_counts=True)
-        if counts.shape[0] < ids.shape[0] and duplicates == "mask":  # same text, other pair: out of both softmaxes
-            same = group[labels].unsqueeze(1) == group.unsqueeze(0)  # (n, N) bool
-            same[torch.arange(n, device=a.device), labels] = False
-            logits_ab, logits_ba = logits_ab.masked_fill_(same, -torch.inf), logits_ba.masked_fill_(same, -torch.inf)
-        elif counts.shape[0] < ids.shape[0]:
-            return _multi_positive_sum(a, b, all_a, all_b, logits_ab, logits_ba, logit_scale, group[labels], group,
-                                       counts)
+        if counts.shape[0] == ids.shape[0]:  # no text repeats: CLIP's labels
+            group = counts = None
+    mode = duplicates if group is not None else "negatives"
+    if chunk is not None and all_a.shape[0] > chunk:
+        return _streamed_sum(a, b, all_a, all_b, labels, logit_scale, mode, group, counts, chunk)
+    logits_ab = (logit_scale * a) @ all_b.T  # (n, N): no (N, N) matrix on any rank
+    logits_ba = (logit_scale * b) @ all_a.T
+    if mode == "mask":  # same text, other pair: out of both softmaxes
+        same = group[labels].unsqueeze(1) == group.unsqueeze(0)  # (n, N) bool
+        same[torch.arange(n, device=a.device), labels] = False
+        logits_ab, logits_ba = logits_ab.masked_fill_(same, -torch.inf), logits_ba.masked_fill_(same, -torch.inf)
+    elif mode == "multi_positive":
+        return sum((torch.logsumexp(_at_least_fp32(logits), dim=1) - _mean_positive(rows, columns, logit_scale, group[labels],
+                                                                            group, counts)).sum()
+                   for rows, columns, logits in ((a, all_b, logits_ab), (b, all_a, logits_ba)))
     return (F.cross_entropy(logits_ab, labels, reduction="sum")
             + F.cross_entropy(logits_ba, labels, reduction="sum"))
 
 
-def _multi_positive_sum(a, b, all_a, all_b, logits_ab, logits_ba, logit_scale, local_group, group, counts
-                        ) -> torch.Tensor:
-    """Σ_i logsumexp_j(l_ij) - mean_{j: same text as i} l_ij, both directions; the mean through per-text mean
-    embeddings (G, E), so no (n, N) target matrix is built."""
+def _mean_positive(rows, columns, logit_scale, local_group, group, counts) -> torch.Tensor:
+    """(n,) float32 ``mean_{j: same text as i} l_ij`` through per-text mean embeddings (G, E): no (n, N) target
+    matrix."""
+    mean = columns.new_zeros(counts.shape[0], columns.shape[1]).index_add(0, group, columns)
+    mean = mean / counts.unsqueeze(1).to(columns.dtype)
+    return _at_least_fp32((logit_scale * rows * mean[local_group]).sum(dim=1))
+
+
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _streamed_sum(a, b, all_a, all_b, labels, logit_scale, mode, group, counts, chunk) -> torch.Tensor:
+    """:func:`contrastive_sum` with each direction's logsumexp streamed over column chunks: Σ_i lse_i - positive_i,
+    the positive being the own column's logit (``mask``, ``negatives``) or the group mean (``multi_positive``)."""
+    masks = (group[labels], group, labels) if mode == "mask" else (None, None, None)
     total = 0.0
-    for rows, columns, logits in ((a, all_b, logits_ab), (b, all_a, logits_ba)):
-        mean = columns.new_zeros(counts.shape[0], columns.shape[1]).index_add(0, group, columns)
-        mean = mean / counts.unsqueeze(1).to(columns.dtype)
-        positive = (logit_scale * rows * mean[local_group]).sum(dim=1)
-        total = total + (torch.logsumexp(logits.float(), dim=1) - positive.float()).sum()
+    for rows, columns in ((a, all_b), (b, all_a)):
+        lse = streamed_logsumexp(rows, columns, logit_scale, chunk, *masks)
+        if mode == "multi_positive":
+            positive = _mean_positive(rows, columns, logit_scale, group[labels], group, counts)
+        else:
+            positive = _at_least_fp32((logit_scale * rows * columns[labels]).sum(dim=1))
+        total = total + (lse - positive).sum()
     return total
 
 
@@ -172,11 +197,12 @@ def global_means(sums: Sequence[torch.Tensor], counts: Sequence[int], group=None
 
 
 def contrastive_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, group=None,
-                     ids: torch.Tensor | None = None, duplicates: str = "mask") -> torch.Tensor:
+                     ids: torch.Tensor | None = None, duplicates: str = "mask", chunk: int | None = None
+                     ) -> torch.Tensor:
     """Symmetric InfoNCE of one pair of embedding sets over the global batch (see :func:`contrastive_sum`).
 
     Args:
-        a, b: (n, E) local L2-normalised embeddings; ids: (n,) local text ids or None; duplicates: see
+        a, b: (n, E) local L2-normalised embeddings; ids: (n,) local text ids or None; duplicates, chunk: see
             :func:`contrastive_sum`.
 
     Returns:
@@ -186,7 +212,7 @@ def contrastive_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor
     gathered_a, gathered_b = gather_packed([a, b], group)
     all_ids = None if ids is None else gather_packed([ids], group, with_grad=False)[0].rows
     total = contrastive_sum(a, b, gathered_a.rows, gathered_b.rows, gathered_a.offset, logit_scale, all_ids,
-                            duplicates)
+                            duplicates, chunk)
     return global_means([total], [2 * a.shape[0]], group)[0]
 
 
@@ -211,12 +237,18 @@ class UMGLoss(nn.Module):
         group: process group to gather over (default: the world, when initialised).
         lambda_image_caption, lambda_region_caption: weights of the two InfoNCE terms (paper: 1; 0 for the
             paper's "tag loss only" ablation, Tab. 7 text).
+        contrastive_chunk: a contrastive term with more global columns than this streams its logsumexp over
+            column chunks of this size (:func:`contrastive_sum`; the region term at paper scale); None = never.
     """
 
     def __init__(self, lambda_image_tag: float = 1.0, lambda_region_tag: float = 1.0,
                  smooth_l1_beta: float = 1.0, duplicate_captions: str = "mask", shared_tag_vocab: bool = False,
-                 group=None, *, lambda_image_caption: float = 1.0, lambda_region_caption: float = 1.0):
+                 group=None, *, lambda_image_caption: float = 1.0, lambda_region_caption: float = 1.0,
+                 contrastive_chunk: int | None = None):
         super().__init__()
+        if contrastive_chunk is not None and contrastive_chunk < 1:
+            raise ValueError(f"contrastive_chunk must be >= 1 or None, got {contrastive_chunk}")
+        self.contrastive_chunk = contrastive_chunk
         self.lambda_image_caption = lambda_image_caption
         self.lambda_region_caption = lambda_region_caption
         if duplicate_captions not in DUPLICATE_MODES:
@@ -281,9 +313,9 @@ class UMGLoss(nn.Module):
             image_tag_emb, region_tag_emb = gathered[4].rows, gathered[5].rows
         sums = [
             contrastive_sum(image_emb, caption_emb, gathered[0].rows, gathered[1].rows, gathered[0].offset,
-                            logit_scale, ids[0], self.duplicate_captions),
+                            logit_scale, ids[0], self.duplicate_captions, self.contrastive_chunk),
             contrastive_sum(region_emb, region_caption_emb, gathered[2].rows, gathered[3].rows, gathered[2].offset,
-                            logit_scale, ids[1], self.duplicate_captions),
+                            logit_scale, ids[1], self.duplicate_captions, self.contrastive_chunk),
             tag_sum(image_emb, image_tag_emb, image_tag_targets, self.smooth_l1_beta),
             tag_sum(region_emb, region_tag_emb, region_tag_targets, self.smooth_l1_beta),
         ]

@@ -10,8 +10,9 @@
   ``get_num_layer_for_transformer``): embeddings are layer 0, block i is layer i + 1, everything after the
   blocks (final norm, projection) is layer depth + 1, and layer l trains at ``lr * ld ** (depth + 1 - l)``.
   ``ld = 1`` (the default) gives one group per tower and decay kind, as before.
-- LAMB: ``model.lamb.Lamb``, timm's ``Lamb`` math with its internal gradient-norm clipping off (the
-  trainer clips once, globally, before the step, and DeepSpeed clips itself, so a config's
+- LAMB: ``model.lamb.Lamb``, with ``optim.lamb`` choosing DeepSpeed's ``FusedLamb`` math (what EVA-CLIP's
+  pre-training ran; the paper configs) or timm's ``Lamb`` math, internal gradient-norm clipping off either
+  way (the trainer clips once, globally, before the step, and DeepSpeed clips itself, so a config's
   ``grad_clip_norm`` means the same thing on every path), its per-tensor step compiled per ``optim.fused``.
 - Linear warmup then cosine decay, evaluated per optimizer step as a ``LambdaLR`` factor on each
   group's base learning rate.
@@ -91,7 +92,7 @@ def build_optimizer(model: nn.Module, optim: OptimSection) -> torch.optim.Optimi
         from model.lamb import Lamb
 
         return Lamb(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay,
-                    fused=optim.fused)
+                    fused=optim.fused, flavour=optim.lamb, trust_range=tuple(optim.lamb_trust_range))
     return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
                              weight_decay=optim.weight_decay)
 

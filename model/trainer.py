@@ -51,6 +51,7 @@ from model.metrics import MetricsLog, plot_losses, progress_bar
 from model.schedule import build_optimizer, build_scheduler
 from model.umg_clip import UMGCLIP
 from pipeline.shards import shard_tars
+from pipeline.storage import as_path, is_local, location
 
 log = logging.getLogger(__name__)
 
@@ -105,13 +106,23 @@ def train_rank(cfg: TrainConfig, tars: list[Path], out_dir: Path) -> dict:
     return _train_here(cfg, tars, out_dir).summary()
 
 
-def resolve_tars(shards: Path | str | Sequence[Path | str]) -> list[Path]:
-    """Build dirs and/or tar paths -> the shard tars, in the given order."""
+def resolve_tars(shards: Path | str | Sequence[Path | str]) -> list[Path | str]:
+    """Build dirs and/or tars (paths, ``s3://`` / ``gs://`` URLs) -> the shard tars, in the given order.
+
+    Local tars come back as ``Path``s, remote ones as URL strings (they travel to DataLoader and Ray workers);
+    a webdataset ``pipe:`` command is passed through unchecked.
+    """
     items = [shards] if isinstance(shards, (str, Path)) else list(shards)
-    missing = [str(item) for item in items if not Path(item).exists()]
+    piped = {str(item) for item in items if str(item).startswith("pipe:")}
+    missing = [str(item) for item in items if str(item) not in piped and not as_path(item).exists()]
     if missing:
         raise FileNotFoundError(f"shards not found: {missing}")
-    tars = [tar for item in items for tar in shard_tars(item)]
+    tars: list[Path | str] = []
+    for item in items:
+        if str(item) in piped:
+            tars.append(str(item))
+        else:
+            tars.extend(tar if is_local(tar) else location(tar) for tar in shard_tars(item))
     if not tars:
         raise FileNotFoundError(f"no finished shard tars in {[str(i) for i in items]}")
     return tars
@@ -154,7 +165,8 @@ class Trainer:
         self.loss_fn = UMGLoss(cfg.loss.lambda_image_tag, cfg.loss.lambda_region_tag, cfg.loss.smooth_l1_beta,
                                duplicate_captions=cfg.loss.duplicate_captions, shared_tag_vocab=self.shared_tags,
                                lambda_image_caption=cfg.loss.lambda_image_caption,
-                               lambda_region_caption=cfg.loss.lambda_region_caption)
+                               lambda_region_caption=cfg.loss.lambda_region_caption,
+                               contrastive_chunk=cfg.loss.contrastive_chunk)
         self.data_cfg = cfg.data
         if cfg.steps is None or cfg.data.resampled:  # count the shards' samples once, not every epoch
             samples = cfg.data.samples_per_epoch or count_samples(self.tars)

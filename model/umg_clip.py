@@ -11,6 +11,16 @@ visual tokens, optionally with token clustering (``model.token_cluster``) after 
 Region embeddings reuse the image path's final norm + projection (``adapter.head``): the grid holds
 the tokens *before* whatever the image path applies after pooling, so a region covering the whole
 grid of an average-pooled tower gives exactly the image embedding.
+
+Input size: any multiple of the patch size. A grid other than the tower's own gets its absolute position
+embeddings resampled bicubically (timm ``resample_abs_pos_embed``, as ViTDet / FC-CLIP-style dense heads do
+when training at 1024) and EVA02's rotary embedding rebuilt for that grid.
+
+``value_last_block``: the last block's self-attention sees only each token itself (an identity attention
+mask), so its attention output is the token's own value embedding through the output projection — the
+MaskCLIP trick (Zhou et al. 2022, ``return_qkv`` of their ViT backbone: ``v = out_proj(v_proj(ln_1(x))) +
+x; v = v + mlp(ln_2(v))``), for training-free dense prediction. The rest of the block (residual, MLP,
+layer scale, Convpass adapters) runs unchanged.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.timm_model import TimmModel
 from open_clip.transformer import VisionTransformer
+from timm.layers import resample_abs_pos_embed
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -35,6 +46,21 @@ def _run(block: nn.Module, checkpointed: bool, x: torch.Tensor, **kwargs) -> tor
     if checkpointed and torch.is_grad_enabled():
         return checkpoint(block, x, use_reentrant=False, **kwargs)
     return block(x, **kwargs)
+
+
+def self_only_attention_mask(num_tokens: int, like: torch.Tensor) -> torch.Tensor:
+    """(N, N) additive mask, 0 on the diagonal and -inf elsewhere: each token attends to itself only, so
+    softmax gives the identity and attention returns the value embeddings (MaskCLIP)."""
+    mask = torch.full((num_tokens, num_tokens), float("-inf"), dtype=like.dtype, device=like.device)
+    return mask.fill_diagonal_(0.0)
+
+
+def _check_divisible(images: torch.Tensor, patch: tuple[int, int]) -> tuple[int, int]:
+    """(h, w) token grid of ``images`` (B, 3, H, W) for a ``patch`` (ph, pw) tower."""
+    height, width = images.shape[-2:]
+    if height % patch[0] or width % patch[1]:
+        raise ValueError(f"input {height}x{width} is not a multiple of the patch size {patch[0]}x{patch[1]}")
+    return height // patch[0], width // patch[1]
 
 
 class OpenClipViTTokens:
@@ -60,18 +86,29 @@ class OpenClipViTTokens:
         self.norm_in_grid = visual.pool_type == "avg" and not visual.final_ln_after_pool
         self.last_block_tokens: list[int] = []
 
-    def forward(self, images: torch.Tensor, cluster: TokenClusterCfg | None
+    def positional_embedding(self, h: int, w: int) -> torch.Tensor:
+        """(1 + h·w, D): the tower's position embedding, resampled bicubically for another grid."""
+        v = self.visual
+        if (h, w) == tuple(v.grid_size):
+            return v.positional_embedding
+        return resample_abs_pos_embed(v.positional_embedding[None], [h, w], list(v.grid_size), num_prefix_tokens=1)[0]
+
+    def forward(self, images: torch.Tensor, cluster: TokenClusterCfg | None, value_last_block: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, H, W) -> pooled (B, E) (not normalised), token grid (B, h, w, D)."""
         v = self.visual
+        _check_divisible(images, tuple(v.patch_size))
         x = v.conv1(images)  # (B, D, h, w)
         b, d, h, w = x.shape
         x = x.reshape(b, d, h * w).permute(0, 2, 1)
         x = torch.cat([v.class_embedding.view(1, 1, -1).expand(b, -1, -1).to(x.dtype), x], dim=1)
-        x = x + v.positional_embedding.to(x.dtype)
+        x = x + self.positional_embedding(h, w).to(x.dtype)
         x = v.ln_pre(v.patch_dropout(x))
         ckpt = v.transformer.grad_checkpointing
         runners = [lambda x, _centers, blk=blk: _run(blk, ckpt, x) for blk in v.transformer.resblocks]
+        if value_last_block:
+            last = v.transformer.resblocks[-1]
+            runners[-1] = lambda x, _centers: _run(last, ckpt, x, attn_mask=self_only_attention_mask(x.shape[1], x))
         x, self.last_block_tokens = run_blocks_with_clustering(runners, x, 1, (h, w), cluster)
 
         if v.final_ln_after_pool:
@@ -121,24 +158,54 @@ class TimmEvaTokens:
         self.last_block_tokens: list[int] = []
 
     def _block(self, index: int, block: nn.Module, rope: torch.Tensor | None, x: torch.Tensor,
-               centers: torch.Tensor | None) -> torch.Tensor:
+               centers: torch.Tensor | None, **kwargs) -> torch.Tensor:
         if rope is not None and self.trunk.rope_mixed:
             if centers is not None:
                 raise NotImplementedError("token clustering with per-depth ('mixed') RoPE")
             rope = rope[index]
         elif rope is not None and centers is not None:
             rope = rope[centers].unsqueeze(1)  # (B, 1, K, dim): one position per representative
-        return _run(block, self.trunk.grad_checkpointing, x, rope=rope)
+        return _run(block, self.trunk.grad_checkpointing, x, rope=rope, **kwargs)
 
-    def forward(self, images: torch.Tensor, cluster: TokenClusterCfg | None
+    def _embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int]]:
+        """Patch + position embeddings of ``images`` at any multiple of the patch size -> (tokens, rope, (h, w))."""
+        t = self.trunk
+        h, w = _check_divisible(images, tuple(t.patch_embed.patch_size))
+        if (h, w) == tuple(t.patch_embed.grid_size):
+            return (*t._pos_embed(t.patch_embed(images)), (h, w))
+        if t.rope is not None and t.rope_mixed:
+            raise NotImplementedError("another input size with per-depth ('mixed') RoPE")
+        pe = t.patch_embed
+        x = pe.norm(pe.proj(images).flatten(2).transpose(1, 2))
+        pos = None if t.pos_embed is None else resample_abs_pos_embed(
+            t.pos_embed, [h, w], list(pe.grid_size), num_prefix_tokens=0 if t.no_embed_class else t.num_prefix_tokens)
+        rope = None
+        if t.rope is not None:  # the cached rotary table is for the tower's grid: build it for (h, w), then restore
+            own = list(t.rope.feat_shape)
+            t.rope.update_feat_shape([h, w])
+            try:
+                rope = t.rope.get_embed()
+            finally:
+                t.rope.update_feat_shape(own)
+        prefix = [tok.expand(x.shape[0], -1, -1) for tok in (t.cls_token, t.reg_token) if tok is not None]
+        if t.no_embed_class:
+            x = torch.cat([*prefix, x if pos is None else x + pos], dim=1)
+        else:
+            x = torch.cat([*prefix, x], dim=1)
+            x = x if pos is None else x + pos
+        return t.pos_drop(x), rope, (h, w)
+
+    def forward(self, images: torch.Tensor, cluster: TokenClusterCfg | None, value_last_block: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, H, W) -> pooled (B, E) (not normalised), token grid (B, h, w, D)."""
         t = self.trunk
-        h, w = t.patch_embed.grid_size
-        x = t.patch_embed(images)
-        x, rope = t._pos_embed(x)
+        x, rope, (h, w) = self._embed(images)
         x = t.norm_pre(x)
         runners = [partial(self._block, i, blk, rope) for i, blk in enumerate(t.blocks)]
+        if value_last_block:
+            last = len(t.blocks) - 1
+            runners[-1] = lambda x, centers: self._block(last, t.blocks[last], rope, x, centers,
+                                                         attn_mask=self_only_attention_mask(x.shape[1], x))
         x, self.last_block_tokens = run_blocks_with_clustering(runners, x, self.num_prefix, (h, w), cluster)
         normed = t.norm(x)
         pooled = self.visual.head(t.forward_head(normed))
@@ -189,13 +256,18 @@ class UMGCLIP(nn.Module):
         self.region_output_size = region_output_size
         self.tokens = make_token_adapter(clip.visual)  # plain object: parameters stay under clip.visual
 
-    def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_image(self, images: torch.Tensor, *, value_last_block: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, H, W) -> normalised image embeddings (B, E), visual token grid (B, h, w, D).
 
+        H and W: any multiples of the patch size (position embeddings resampled for another grid).
         Token clustering runs in training mode, and in eval mode only with ``cluster_in_eval``.
+        ``value_last_block``: MaskCLIP's value-embedding path in the last block (module docstring).
         """
         cluster = self.cluster if self.training or self.cluster_in_eval else None
-        pooled, grid = self.tokens.forward(images, cluster)
+        if value_last_block and cluster is not None:
+            raise ValueError("value_last_block needs the full token grid (token clustering off)")
+        pooled, grid = self.tokens.forward(images, cluster, value_last_block)
         return F.normalize(pooled, dim=-1), grid
 
     def encode_regions(self, token_grid: torch.Tensor, boxes: torch.Tensor | Sequence[torch.Tensor],

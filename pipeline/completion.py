@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from pipeline.shards import finished_shards, read_stats
+from pipeline.storage import StoragePath, as_path, write_bytes_whole
 
 COMPLETED_NAME = "_completed.json"
 
@@ -32,7 +32,7 @@ def build_fingerprint(build_dir: str | Path) -> str:
 
 def read_completion(build_dir: str | Path) -> dict[str, Any] | None:
     """The last announcement of ``build_dir`` (``fingerprint``, ``run``, ...), or None."""
-    path = Path(build_dir) / COMPLETED_NAME
+    path = as_path(build_dir) / COMPLETED_NAME
     return json.loads(path.read_text("utf-8")) if path.exists() else None
 
 
@@ -42,10 +42,9 @@ def already_announced(build_dir: str | Path) -> bool:
     return previous is not None and previous.get("fingerprint") == build_fingerprint(build_dir)
 
 
-def record_completion(build_dir: str | Path, **details: Any) -> Path:
-    """Write ``_completed.json`` (atomically) with the current fingerprint and ``details`` (run id, counts)."""
-    path = Path(build_dir) / COMPLETED_NAME
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"fingerprint": build_fingerprint(build_dir), **details}, sort_keys=True), "utf-8")
-    os.replace(tmp, path)
+def record_completion(build_dir: str | Path, **details: Any) -> StoragePath:
+    """Write ``_completed.json`` (whole) with the current fingerprint and ``details`` (run id, counts)."""
+    path = as_path(build_dir) / COMPLETED_NAME
+    record = json.dumps({"fingerprint": build_fingerprint(build_dir), **details}, sort_keys=True)
+    write_bytes_whole(path, record.encode("utf-8"))
     return path

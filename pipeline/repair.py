@@ -20,6 +20,7 @@ from pipeline.key_ledger import KeyLedger
 from pipeline.shard_build import Annotate, fill_shard
 from pipeline.shards import ShardError, ShardWriter, finished_shards, iter_tar_samples, read_shard_rows, shard_paths
 from pipeline.sources.base import InputShard, Source
+from pipeline.storage import as_path
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def repair_shard(
     breaker: BreakerConfig | None = None,
 ) -> ShardStats:
     """A new version of finished shard ``shard`` with its retryable error rows built again (see module doc)."""
-    build_dir = Path(build_dir)
+    build_dir = as_path(build_dir)
     retry = retryable_keys(build_dir, shard.name)
     rows = [ShardRow(**row) for row in read_shard_rows(build_dir, shard.name)]
     ok_rows = {row.key: row for row in rows if row.status == "ok"}

@@ -17,7 +17,6 @@ import logging
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from data_schemas import ImageLimits, ImageRecord, ShardStats
@@ -29,6 +28,7 @@ from pipeline.ingest import IngestedItem, ingest_item
 from pipeline.key_ledger import KeyLedger
 from pipeline.shards import ShardError, ShardWriter, discard_partial, finished_shards, taken_keys, write_build_manifest
 from pipeline.sources.base import InputShard, Source, SourceItem, plan_shards, printable_id
+from pipeline.storage import StoragePath, as_path, is_local, names_in, write_bytes_whole
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ Annotate = Callable[[list[IngestedItem]], list[IngestedItem]]
 
 @dataclass
 class BuildSummary:
-    build_dir: Path
+    build_dir: StoragePath
     planned: int
     skipped: list[str] = field(default_factory=list)
     written: list[ShardStats] = field(default_factory=list)
@@ -58,24 +58,25 @@ def _plan_fingerprint(refs: Sequence[str], shard_size: int) -> dict:
     return {"n_refs": len(refs), "shard_size": shard_size, "refs_sha256": digest}
 
 
-def check_output_dir(build_dir: Path) -> None:
+def check_output_dir(build_dir: StoragePath) -> None:
     """Refuse an output that cannot hold this build, before any model is loaded or file touched.
 
-    The output must be a writable folder that is new, empty, or holds a build (``_plan.json``): resuming
-    deletes unfinished shard files (``*.tmp``, ``NNNNN.tar`` without its parquet), which must never hit
-    unrelated files in a folder given by mistake.
+    The output must be a writable folder (or object-store prefix) that is new, empty, or holds a build
+    (``_plan.json``): resuming deletes unfinished shard files (``*.tmp``, ``NNNNN.tar`` without its parquet),
+    which must never hit unrelated files in a folder given by mistake.
 
     Raises:
         ShardError: naming the output and what is wrong with it (one line).
     """
-    if build_dir.exists() and not build_dir.is_dir():
+    if build_dir.is_file():
         raise ShardError(f"output {build_dir} exists and is not a directory")
-    if build_dir.is_dir() and not (build_dir / PLAN_NAME).exists():
-        others = sorted(p.name for p in build_dir.iterdir() if p.name != LOCK_NAME)
-        if others:
-            shown = ", ".join(others[:3]) + (", …" if len(others) > 3 else "")
-            raise ShardError(f"output {build_dir} is not empty ({shown}) and holds no build ({PLAN_NAME}); "
-                             "choose a new or empty directory")
+    others = [name for name in names_in(build_dir) if name != LOCK_NAME]
+    if others and PLAN_NAME not in others:
+        shown = ", ".join(others[:3]) + (", …" if len(others) > 3 else "")
+        raise ShardError(f"output {build_dir} is not empty ({shown}) and holds no build ({PLAN_NAME}); "
+                         "choose a new or empty directory")
+    if not is_local(build_dir):
+        return  # an object store has no folder to make; pin_plan's first write shows whether we may write
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=build_dir):
@@ -94,6 +95,8 @@ def lock_build(build_dir: Path) -> None:
     Raises:
         ShardError: another process holds the lock (the message names its pid when it wrote one).
     """
+    if not is_local(build_dir):
+        return  # an object store has no flock: concurrent builds into one bucket prefix are not detected
     key = build_dir.resolve()
     if key in _HELD_LOCKS:
         return
@@ -118,12 +121,14 @@ def lock_build(build_dir: Path) -> None:
 
 def release_build(build_dir: Path) -> None:
     """Drop the lock ``lock_build`` took (no-op when this process holds none)."""
-    fd = _HELD_LOCKS.pop(Path(build_dir).resolve(), None)
+    if not is_local(as_path(build_dir)):
+        return
+    fd = _HELD_LOCKS.pop(as_path(build_dir).resolve(), None)
     if fd is not None:
         os.close(fd)  # closing the descriptor releases the flock
 
 
-def pin_plan(build_dir: Path, source: Source, shard_size: int) -> list[InputShard]:
+def pin_plan(build_dir: StoragePath, source: Source, shard_size: int) -> list[InputShard]:
     """Plan the shards; refuse to continue a build that was planned differently."""
     refs = source.list_refs()
     fingerprint = _plan_fingerprint(refs, shard_size)
@@ -138,10 +143,10 @@ def pin_plan(build_dir: Path, source: Source, shard_size: int) -> list[InputShar
                              f"({_describe(fingerprint)}); use a new output directory or the same inputs and "
                              "shard_size")
     else:
-        build_dir.mkdir(parents=True, exist_ok=True)
-        tmp = plan_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(fingerprint, sort_keys=True), encoding="utf-8")
-        tmp.replace(plan_file)
+        try:
+            write_bytes_whole(plan_file, json.dumps(fingerprint, sort_keys=True).encode("utf-8"))
+        except OSError as exc:  # e.g. PermissionError from an object store refusing the credentials
+            raise ShardError(f"output {build_dir} is not writable: {exc}") from exc
     return plan_shards(refs, shard_size)
 
 
@@ -152,7 +157,8 @@ def _describe(plan: Any) -> str:
             f"input list sha256 {str(plan.get('refs_sha256'))[:12]}")
 
 
-def prepare_build(build_dir: Path, source: Source, shard_size: int) -> tuple[list[InputShard], set[str], set[str]]:
+def prepare_build(build_dir: str | StoragePath, source: Source,
+                  shard_size: int) -> tuple[list[InputShard], set[str], set[str]]:
     """Check the output, discard partial files, pin the plan.
 
     Returns ``(plan, finished shard names, keys already written)``; a caller with nothing left to do
@@ -164,7 +170,7 @@ def prepare_build(build_dir: Path, source: Source, shard_size: int) -> tuple[lis
         ShardError: the output is not a usable folder (``check_output_dir``), another build holds it, or it
             holds another plan.
     """
-    build_dir = Path(build_dir)
+    build_dir = as_path(build_dir)
     check_output_dir(build_dir)
     lock_build(build_dir)
     discard_partial(build_dir)
@@ -247,7 +253,7 @@ def fill_shard(
 def process_shard(
     source: Source,
     shard: InputShard,
-    build_dir: Path,
+    build_dir: str | StoragePath,
     limits: ImageLimits,
     keys: KeyLedger,
     annotate: Annotate | None = None,
@@ -255,7 +261,7 @@ def process_shard(
 ) -> ShardStats:
     """Ingest (and annotate) every input of ``shard`` and commit it; one manifest row per input
     (``fill_shard``; ``ShardTripped`` when the breaker trips: nothing is committed)."""
-    if not (Path(build_dir) / PLAN_NAME).exists():  # the writer would recreate a removed output as a non-build
+    if not (as_path(build_dir) / PLAN_NAME).exists():  # the writer would recreate a removed output as a non-build
         raise ShardError(f"output {build_dir} lost its {PLAN_NAME} during the build (removed?); nothing more is "
                          "written: rerun the same command to start it again")
     with ShardWriter(build_dir, shard.name, taken_keys=set()) as writer:
@@ -267,7 +273,7 @@ def process_shard(
 
 def build_shards(
     source: Source,
-    build_dir: str | Path,
+    build_dir: str | StoragePath,
     shard_size: int,
     limits: ImageLimits,
     annotate: Annotate | None = None,
@@ -284,7 +290,7 @@ def build_shards(
     (``pipeline.repair``); the repaired shards are listed in ``summary.repaired``.
     ``prepared`` is ``prepare_build``'s result when the caller already ran it (e.g. to skip loading models).
     """
-    build_dir = Path(build_dir)
+    build_dir = as_path(build_dir)
     plan, done, keys_in_use = prepared if prepared is not None else prepare_build(build_dir, source, shard_size)
     keys = KeyLedger(keys_in_use)
     if on_plan is not None:

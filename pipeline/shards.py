@@ -1,16 +1,18 @@
 """WebDataset shards with per-input manifests, written crash-safe and read back as records.
 
-A build directory holds, per finished shard ``NNNNN``::
+A build directory (a local folder or an object-store prefix, ``pipeline.storage``) holds, per finished shard
+``NNNNN``::
 
     NNNNN.tar          WebDataset samples: <key>.jpg, <key>.txt (best caption), <key>.json (ImageRecord)
     NNNNN.parquet      one row per input (SHARD_ROW_SCHEMA): key, source_id, status ok|error, error, counts
-    NNNNN.stats.json   ShardStats
-    _manifest.parquet  one row per finished shard (BUILD_MANIFEST_SCHEMA)
+    NNNNN.stats.json   ShardStats: the shard's done-marker, written last
+    _manifest.parquet  one row per finished shard (BUILD_MANIFEST_SCHEMA), written once at the end of a run
 
-All three shard files are written under ``.tmp`` names and renamed when complete: parquet, then
-stats, then the tar last, so a stock WebDataset consumer globbing ``*.tar`` never sees a partial
-shard. A shard counts as finished only when all three exist; ``discard_partial`` removes leftovers
-of a killed writer so the next run rewrites that shard from scratch.
+The three shard files are written locally first (``NNNNN.tar.tmp`` … beside the shard on a local disk, in a
+temp folder for an object store) and then published one after another, each appearing whole (a rename, or an
+upload that shows the object only once complete): parquet, tar, then the stats file. A shard counts as
+finished only when all three exist; a crash in between leaves a tar or parquet without stats, which
+``discard_partial`` removes so the next run rewrites that shard from scratch.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import shutil
 import tarfile
 import time
 from collections import Counter
@@ -39,6 +42,7 @@ from data_schemas import (
     ShardStats,
 )
 from pipeline.sources.base import printable_id
+from pipeline.storage import StoragePath, as_path, is_local, names_in, publish, staging_dir, write_bytes_whole
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +55,11 @@ class ShardError(RuntimeError):
     """A shard on disk is missing pieces or holds data that does not validate."""
 
 
-def shard_paths(build_dir: Path, name: str) -> dict[str, Path]:
-    """``{".tar": path, ".parquet": path, ".stats.json": path}`` of shard ``name`` in ``build_dir``."""
-    return {suffix: Path(build_dir) / f"{name}{suffix}" for suffix in SHARD_SUFFIXES}
+def shard_paths(build_dir: str | StoragePath, name: str) -> dict[str, StoragePath]:
+    """``{".tar": path, ".parquet": path, ".stats.json": path}`` of shard ``name`` in ``build_dir`` (a local
+    folder gives ``Path``s, a URL ``UPath``s; ``pipeline.storage``)."""
+    build_dir = as_path(build_dir)
+    return {suffix: build_dir / f"{name}{suffix}" for suffix in SHARD_SUFFIXES}
 
 
 def _tar_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
@@ -73,12 +79,12 @@ class ShardWriter:
     (keys already used by other shards of the build); a duplicate becomes an ``error`` row.
     """
 
-    def __init__(self, build_dir: str | Path, name: str, taken_keys: set[str] | None = None) -> None:
-        self.build_dir = Path(build_dir)
-        self.build_dir.mkdir(parents=True, exist_ok=True)
+    def __init__(self, build_dir: str | StoragePath, name: str, taken_keys: set[str] | None = None) -> None:
+        self.build_dir = as_path(build_dir)
         self.name = name
         self._final = shard_paths(self.build_dir, name)
-        self._tmp = {suffix: path.with_name(path.name + TMP_SUFFIX) for suffix, path in self._final.items()}
+        self._stage, self._own_stage = staging_dir(self.build_dir)
+        self._tmp = {suffix: self._stage / f"{name}{suffix}{TMP_SUFFIX}" for suffix in SHARD_SUFFIXES}
         # PAX: a member name over ustar's 100 characters (a 200-character key + ".json") gets a POSIX extended
         # header instead of ``ValueError: name is too long``; shorter names are plain ustar headers as before.
         self._tar = tarfile.open(self._tmp[".tar"], "w", format=tarfile.PAX_FORMAT)
@@ -136,16 +142,17 @@ class ShardWriter:
         return list(self._rows)
 
     def commit(self) -> ShardStats:
-        """Close the tar, write parquet + stats and rename all three into place (tar last)."""
+        """Close the tar, write parquet + stats and publish all three (the stats file, the done-marker, last)."""
         self._tar.close()
         table = pa.Table.from_pylist([row.model_dump() for row in self._rows], schema=SHARD_ROW_SCHEMA)
         pq.write_table(table, self._tmp[".parquet"])
         stats = self._stats()
         self._tmp[".stats.json"].write_text(stats.model_dump_json(indent=1), encoding="utf-8")
-        for suffix in (".parquet", ".stats.json", ".tar"):
-            _fsync(self._tmp[suffix])
-            os.replace(self._tmp[suffix], self._final[suffix])
-        _fsync_dir(self.build_dir)
+        for suffix in (".parquet", ".tar", ".stats.json"):
+            publish(self._tmp[suffix], self._final[suffix])
+        if is_local(self.build_dir):
+            _fsync_dir(self.build_dir)
+        self._drop_stage()
         self._closed = True
         self.taken_keys.update(self._keys)
         return stats
@@ -156,7 +163,12 @@ class ShardWriter:
             self._tar.close()
         for path in self._tmp.values():
             path.unlink(missing_ok=True)
+        self._drop_stage()
         self._closed = True
+
+    def _drop_stage(self) -> None:
+        if self._own_stage:
+            shutil.rmtree(self._stage, ignore_errors=True)
 
     def _stats(self) -> ShardStats:
         ok = [r for r in self._rows if r.status == "ok"]
@@ -173,11 +185,6 @@ class ShardWriter:
         )
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -186,68 +193,84 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def finished_shards(build_dir: str | Path) -> list[str]:
-    """Sorted names of shards whose tar, parquet and stats all exist."""
-    build_dir = Path(build_dir)
-    if not build_dir.is_dir():
-        return []
-    names = [p.name[: -len(".stats.json")] for p in build_dir.glob("*.stats.json")]
-    return sorted(n for n in names if all(p.exists() for p in shard_paths(build_dir, n).values()))
+def finished_shards(build_dir: str | StoragePath) -> list[str]:
+    """Sorted names of shards whose tar, parquet and stats all exist (one listing of ``build_dir``)."""
+    return _finished(names_in(as_path(build_dir)))
 
 
-def stray_pieces(build_dir: str | Path) -> list[Path]:
+def _finished(names: Iterable[str]) -> list[str]:
+    present = set(names)
+    marked = [n[: -len(".stats.json")] for n in present if n.endswith(".stats.json")]
+    return sorted(n for n in marked if all(f"{n}{suffix}" in present for suffix in SHARD_SUFFIXES))
+
+
+def stray_pieces(build_dir: str | StoragePath) -> list[StoragePath]:
     """Shard files (``NNNNN.tar`` …) whose shard lacks one of its three files; build files (``_*``) excluded."""
-    build_dir = Path(build_dir)
-    done = set(finished_shards(build_dir))
-    return sorted(
-        path
-        for suffix in SHARD_SUFFIXES
-        for path in build_dir.glob(f"[!_]*{suffix}")
-        if path.name[: -len(suffix)] not in done
-    )
+    build_dir = as_path(build_dir)
+    names = names_in(build_dir)
+    done = set(_finished(names))
+    return [build_dir / name for name in names if not name.startswith("_") and _shard_of(name) not in (None, *done)]
 
 
-def discard_partial(build_dir: str | Path) -> list[Path]:
+def _shard_of(name: str) -> str | None:
+    """``"00001"`` for ``00001.tar`` / ``.parquet`` / ``.stats.json``; None for other names."""
+    return next((name[: -len(suffix)] for suffix in SHARD_SUFFIXES if name.endswith(suffix)), None)
+
+
+def temp_files(build_dir: str | StoragePath) -> list[StoragePath]:
+    """Leftover ``*.tmp`` files of a killed writer (only a local build dir has them)."""
+    build_dir = as_path(build_dir)
+    return [build_dir / name for name in names_in(build_dir) if name.endswith(TMP_SUFFIX)]
+
+
+def discard_partial(build_dir: str | StoragePath) -> list[StoragePath]:
     """Delete temp files and shard pieces without a complete set; return what was removed."""
-    build_dir = Path(build_dir)
-    if not build_dir.is_dir():
-        return []
-    removed = list(build_dir.glob(f"*{TMP_SUFFIX}")) + stray_pieces(build_dir)
+    removed = temp_files(build_dir) + stray_pieces(build_dir)
     for path in removed:
         log.warning("discarding partial shard file %s", path)
         path.unlink(missing_ok=True)
     return removed
 
 
-def read_stats(build_dir: str | Path, name: str) -> ShardStats:
-    return ShardStats.model_validate_json(shard_paths(Path(build_dir), name)[".stats.json"].read_text("utf-8"))
+def read_stats(build_dir: str | StoragePath, name: str) -> ShardStats:
+    return ShardStats.model_validate_json(shard_paths(build_dir, name)[".stats.json"].read_text("utf-8"))
 
 
-def write_build_manifest(build_dir: str | Path) -> Path:
-    """(Re)write ``_manifest.parquet`` from the finished shards' stats, atomically."""
-    build_dir = Path(build_dir)
-    rows = []
-    for name in finished_shards(build_dir):
-        stats = read_stats(build_dir, name)
-        rows.append({"shard": name, "n_inputs": stats.n_inputs, "n_ok": stats.n_ok, "n_error": stats.n_error,
-                     **{field: stats.counts.get(field, 0) for field in COUNT_FIELDS}})
+def manifest_row(stats: ShardStats) -> dict:
+    """The ``_manifest.parquet`` row of one shard (BUILD_MANIFEST_SCHEMA)."""
+    return {"shard": stats.shard, "n_inputs": stats.n_inputs, "n_ok": stats.n_ok, "n_error": stats.n_error,
+            **{field: stats.counts.get(field, 0) for field in COUNT_FIELDS}}
+
+
+def write_build_manifest(build_dir: str | StoragePath) -> StoragePath:
+    """(Re)write ``_manifest.parquet`` from the finished shards' stats, whole (temp + rename, or one PUT).
+
+    Reads every finished shard's stats once: call it once per run (at its end), not per shard.
+    """
+    build_dir = as_path(build_dir)
+    rows = [manifest_row(read_stats(build_dir, name)) for name in finished_shards(build_dir)]
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=BUILD_MANIFEST_SCHEMA), buffer)
     target = build_dir / MANIFEST_NAME
-    tmp = target.with_name(target.name + TMP_SUFFIX)
-    pq.write_table(pa.Table.from_pylist(rows, schema=BUILD_MANIFEST_SCHEMA), tmp)
-    os.replace(tmp, target)
+    write_bytes_whole(target, buffer.getvalue())
     return target
 
 
-def read_shard_rows(build_dir: str | Path, name: str) -> list[dict]:
+def read_shard_rows(build_dir: str | StoragePath, name: str) -> list[dict]:
     """The per-input manifest rows of one shard."""
-    return pq.read_table(shard_paths(Path(build_dir), name)[".parquet"]).to_pylist()
+    return _read_parquet(shard_paths(build_dir, name)[".parquet"]).to_pylist()
 
 
-def taken_keys(build_dir: str | Path) -> set[str]:
+def _read_parquet(path: StoragePath, columns: list[str] | None = None) -> pa.Table:
+    with path.open("rb") as handle:
+        return pq.read_table(handle, columns=columns)
+
+
+def taken_keys(build_dir: str | StoragePath) -> set[str]:
     """Keys of ``ok`` samples in the finished shards (for duplicate detection across shards)."""
     keys: set[str] = set()
     for name in finished_shards(build_dir):
-        table = pq.read_table(shard_paths(Path(build_dir), name)[".parquet"], columns=["key", "status"])
+        table = _read_parquet(shard_paths(build_dir, name)[".parquet"], columns=["key", "status"])
         keys.update(k for k, s in zip(table["key"].to_pylist(), table["status"].to_pylist()) if s == "ok")
     return keys
 
@@ -268,11 +291,11 @@ class ShardSample:
         return ImageRecord.model_validate_json(self.members["json"])
 
 
-def iter_tar_samples(tar_path: str | Path) -> Iterator[ShardSample]:
-    """Stream a WebDataset tar, grouping consecutive members by key (name up to the first dot)."""
+def iter_tar_samples(tar_path: str | StoragePath) -> Iterator[ShardSample]:
+    """Stream a WebDataset tar (a path or URL), grouping consecutive members by key (name up to the first dot)."""
     key: str | None = None
     members: dict[str, bytes] = {}
-    with tarfile.open(tar_path, "r|") as tar:
+    with as_path(tar_path).open("rb") as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
         for info in tar:
             if not info.isfile():
                 continue
@@ -287,23 +310,23 @@ def iter_tar_samples(tar_path: str | Path) -> Iterator[ShardSample]:
         yield ShardSample(key, members)
 
 
-def shard_tars(build_dir_or_tars: str | Path | Iterable[str | Path]) -> list[Path]:
-    """Tar paths of the finished shards of a build dir, or the given tar paths unchanged."""
-    if isinstance(build_dir_or_tars, (str, Path)) and Path(build_dir_or_tars).is_dir():
-        build_dir = Path(build_dir_or_tars)
-        return [shard_paths(build_dir, n)[".tar"] for n in finished_shards(build_dir)]
-    if isinstance(build_dir_or_tars, (str, Path)):
-        return [Path(build_dir_or_tars)]
-    return [Path(p) for p in build_dir_or_tars]
+def shard_tars(build_dir_or_tars: str | StoragePath | Iterable[str | StoragePath]) -> list[StoragePath]:
+    """Tar paths of the finished shards of a build dir, or the given tar paths (paths or URLs) unchanged."""
+    if isinstance(build_dir_or_tars, (str, Path)) or hasattr(build_dir_or_tars, "protocol"):
+        path = as_path(build_dir_or_tars)
+        if path.is_dir():
+            return [shard_paths(path, n)[".tar"] for n in finished_shards(path)]
+        return [path]
+    return [as_path(p) for p in build_dir_or_tars]
 
 
-def iter_samples(build_dir_or_tars: str | Path | Iterable[str | Path]) -> Iterator[ShardSample]:
+def iter_samples(build_dir_or_tars: str | StoragePath | Iterable[str | StoragePath]) -> Iterator[ShardSample]:
     """Raw samples of every finished shard, in shard order."""
     for tar_path in shard_tars(build_dir_or_tars):
         yield from iter_tar_samples(tar_path)
 
 
-def iter_records(build_dir_or_tars: str | Path | Iterable[str | Path]) -> Iterator[tuple[ImageRecord, bytes]]:
+def iter_records(build_dir_or_tars: str | StoragePath | Iterable[str | StoragePath]) -> Iterator[tuple[ImageRecord, bytes]]:
     """Validated ``(record, jpg bytes)`` of every sample; raises ``ShardError`` naming a bad sample."""
     for tar_path in shard_tars(build_dir_or_tars):
         for sample in iter_tar_samples(tar_path):

@@ -9,14 +9,15 @@ from pathlib import Path
 from data_schemas import COUNT_FIELDS, ShardStats
 from pipeline.shards import (
     MANIFEST_NAME,
-    TMP_SUFFIX,
     finished_shards,
     iter_tar_samples,
     read_shard_rows,
     read_stats,
     shard_paths,
     stray_pieces,
+    temp_files,
 )
+from pipeline.storage import StoragePath, as_path
 
 
 @dataclass
@@ -43,7 +44,7 @@ class ValidationReport:
         return {**totals, "ok": self.ok, "problems": self.problems}
 
 
-def _check_shard(build_dir: Path, name: str, report: ValidationReport, keys: Counter) -> None:
+def _check_shard(build_dir: StoragePath, name: str, report: ValidationReport, keys: Counter) -> None:
     tar_path = shard_paths(build_dir, name)[".tar"]
     rows = read_shard_rows(build_dir, name)
     stats: ShardStats = read_stats(build_dir, name)
@@ -82,9 +83,9 @@ def _check_shard(build_dir: Path, name: str, report: ValidationReport, keys: Cou
     report.background += totals["n_background"]
 
 
-def validate_build(build_dir: str | Path) -> ValidationReport:
-    """Validate every shard of ``build_dir``; problems name the shard (or file) and what is wrong."""
-    build_dir = Path(build_dir)
+def validate_build(build_dir: str | Path | StoragePath) -> ValidationReport:
+    """Validate every shard of ``build_dir`` (a folder or URL); problems name the shard (or file) and what is wrong."""
+    build_dir = as_path(build_dir)
     report = ValidationReport()
     if not build_dir.is_dir():
         report.problems.append(f"{build_dir}: not a directory")
@@ -93,7 +94,7 @@ def validate_build(build_dir: str | Path) -> ValidationReport:
     stray = [p.name for p in stray_pieces(build_dir)]
     if stray:
         report.problems.append(f"incomplete shard files (no tar+parquet+stats set): {stray}")
-    temps = sorted(p.name for p in build_dir.glob(f"*{TMP_SUFFIX}"))
+    temps = sorted(p.name for p in temp_files(build_dir))
     if temps:
         report.problems.append(f"unfinished temp files (a writer was interrupted; rerun the build): {temps}")
     if not names:

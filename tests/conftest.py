@@ -85,3 +85,30 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server (SeaweedFS on free loopback ports, ``flows.object_store``), stopped by pid at the end."""
+    from flows.object_store import start_s3
+    from flows.services import stop
+
+    server = start_s3(tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        yield server
+    finally:
+        stop(server.pid, timeout=5)
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch, request) -> str:
+    """``s3://<new bucket>`` on ``s3_server``, with the client variables (``AWS_*``) set for this test only."""
+    from flows.object_store import make_bucket
+
+    from s3fs import S3FileSystem
+
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    S3FileSystem.clear_instance_cache()  # clients are cached per process with the variables they were made with
+    digest = hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:12]
+    return make_bucket(s3_server, f"t-{digest}")

@@ -5,8 +5,9 @@ with 5, so the captions of one image vary in phrasing. The built-in sets here ar
 (one prompt per line, ``#`` comments):
 
 - ``blip2_image`` (9): prefix prompts BLIP-2 continues;
-- ``shikra_image`` (60): chat prompts for Shikra-style VLMs;
-- ``region`` (5): region prompts with a ``{box}`` placeholder.
+- ``shikra_image`` (274): chat prompts for Shikra-style VLMs;
+- ``region`` (5): region prompts with a ``{box}`` placeholder (the ``vlm-box`` region captioner);
+- ``gpt4roi_region`` (5): GPT4RoI's own region-caption training questions with a ``{region}`` placeholder.
 
 A backend's ``prompts`` key takes a set name, a text file of the same format, or a list. ``PromptSampler``
 draws ``k`` distinct prompts per image (or per region) from a seed and the image's own content, so the same
@@ -27,7 +28,7 @@ from PIL import Image
 from annotators.base import AnnotatorError
 
 PROMPTS_DIR = Path(__file__).parent
-BUILTIN_SETS = ("blip2_image", "region", "shikra_image")
+BUILTIN_SETS = ("blip2_image", "gpt4roi_region", "region", "shikra_image")
 
 
 def read_prompt_file(path: str | Path) -> list[str]:

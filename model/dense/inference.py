@@ -4,10 +4,12 @@
 - :func:`geometric_ensemble`: in-vocabulary probabilities ``p_in`` (the trained head) and out-of-vocabulary
   probabilities ``p_out`` (the frozen model's mask-pooled features) combine per class as
   ``p_in^(1-w) · p_out^w``, ``w = alpha`` for classes seen in training and ``beta`` for unseen ones,
-  ``w = 0`` for queries whose mask is empty at the pooling resolution (FC-CLIP ``ensemble_on_valid_mask``);
-  the result is renormalised and shares ``1 - p(void)`` with the head's void probability.
-- :func:`semantic_inference`, :func:`panoptic_inference`: Mask2Former's post-processing
-  (``semantic_inference`` / ``panoptic_inference`` of FC-CLIP), the semantic map normalised over classes.
+  and, only when asked (FC-CLIP's ``ENSEMBLE_ON_VALID_MASK``, off in its configs), ``w = 0`` for queries whose
+  mask is empty at the pooling resolution; the result is renormalised and shares ``1 - p(void)`` with the
+  head's void probability.
+- :func:`semantic_inference`, :func:`panoptic_inference`, :func:`instance_inference`: Mask2Former's
+  post-processing (``semantic_inference`` / ``panoptic_inference`` / ``instance_inference`` of FC-CLIP), the
+  semantic map normalised over classes (same argmax as FC-CLIP's unnormalised sum).
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ def geometric_ensemble(in_vocab_logits: torch.Tensor, out_vocab_logits: torch.Te
         out_vocab_logits: (B, Q, C) frozen-model logits.
         seen: (C,) bool, class in the training vocabulary.
         alpha, beta: frozen-score weights for seen / unseen classes (FC-CLIP: 0.4 / 0.8).
-        valid: (B, Q) bool, queries whose mask pooled something; None = all.
+        valid: (B, Q) bool, queries whose mask pooled something, to gate the frozen scores off on empty
+            masks (FC-CLIP ``ENSEMBLE_ON_VALID_MASK``); None = no gating (FC-CLIP's configs).
 
     Returns:
         (B, Q, C + 1) probabilities (rows sum to 1), void last.
@@ -79,7 +82,8 @@ def panoptic_inference(class_probs: torch.Tensor, mask_logits: torch.Tensor, thi
         mask_logits: (Q, H, W).
         thing_mask: (C,) bool.
         object_mask_threshold: keep queries whose best non-void probability exceeds this.
-        overlap_threshold: drop a query whose visible area is below this fraction of its own mask.
+        overlap_threshold: drop a query whose argmax area (pixels it wins) is below this fraction of its own
+            mask (``sigmoid >= 0.5``), as FC-CLIP / Mask2Former.
 
     Returns:
         ``(seg (H, W) int64, 0 = void, segments)``, segments ``{"id", "category_id", "isthing", "score"}``;
@@ -98,9 +102,9 @@ def panoptic_inference(class_probs: torch.Tensor, mask_logits: torch.Tensor, thi
     for k in range(masks.shape[0]):
         cls = int(labels[k])
         isthing = bool(thing_mask[cls])
-        own = masks[k] >= 0.5
-        mask = (owner == k) & own
-        if not own.any() or not mask.any() or mask.sum() / own.sum() < overlap_threshold:
+        won, own = owner == k, masks[k] >= 0.5
+        mask = won & own
+        if not own.any() or not mask.any() or won.sum() / own.sum() < overlap_threshold:
             continue
         if not isthing and cls in stuff_ids:
             seg[mask] = stuff_ids[cls]
@@ -110,3 +114,31 @@ def panoptic_inference(class_probs: torch.Tensor, mask_logits: torch.Tensor, thi
         if not isthing:
             stuff_ids[cls] = len(segments)
     return seg, segments
+
+
+def instance_inference(class_probs: torch.Tensor, mask_logits: torch.Tensor, thing_mask: torch.Tensor | None,
+                       topk: int = 100) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One image's instances (Mask2Former/FC-CLIP ``instance_inference``): the ``topk`` best (query, class)
+    pairs over all queries and classes; with ``thing_mask`` (a panoptic vocabulary) only thing classes stay.
+
+    Args:
+        class_probs: (Q, C + 1) probabilities, void last (dropped).
+        mask_logits: (Q, H, W).
+        thing_mask: (C,) bool or None (every class is a thing).
+        topk: pairs kept (FC-CLIP: ``TEST.DETECTIONS_PER_IMAGE`` = 100).
+
+    Returns:
+        queries (K,) int64 (the mask of instance k is ``mask_logits[queries[k]] > 0``), scores (K,) = class
+        probability x mean sigmoid inside that mask, labels (K,) int64 class indices.
+    """
+    num_queries, num_classes = class_probs.shape[0], class_probs.shape[1] - 1
+    flat = class_probs[:, :-1].reshape(-1)
+    scores, index = flat.topk(min(topk, flat.numel()), sorted=False)
+    labels, queries = index % num_classes, index // num_classes
+    if thing_mask is not None:
+        keep = thing_mask.to(labels.device)[labels]
+        scores, labels, queries = scores[keep], labels[keep], queries[keep]
+    logits = mask_logits[queries].flatten(1)
+    binary = (logits > 0).to(logits.dtype)
+    mask_scores = (logits.sigmoid() * binary).sum(1) / (binary.sum(1) + 1e-6)
+    return queries, scores * mask_scores, labels

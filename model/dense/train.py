@@ -8,7 +8,8 @@ masks, on the final decoder stage and (``head.aux_loss``) on every earlier one â
 vocabulary (computed once: the text tower does not train). AdamW with warmup + cosine
 (``model.schedule``), global gradient clipping. Prompts: ``templates`` of the config, else the
 ``templates.txt`` next to the annotations (the eval layouts' file, so ``umg eval seg`` on the same data
-builds identical class embeddings and recognises the seen classes), else the built-in templates.
+builds identical class embeddings and recognises the seen classes), else FC-CLIP's ViLD templates; class
+names split into synonyms at commas (``model.dense.vocabulary``).
 
 Writes ``OUT/adapt.json`` + ``OUT/model.safetensors`` (``model.adapted``) and ``OUT/metrics.csv``. A
 rerun starts over (the schedule is minutes long on the digit scenes; no resume).
@@ -33,7 +34,7 @@ from model.adapted import AdaptResult, base_model, convpass_cfg, parameters_of, 
 from model.convpass import add_convpass
 from model.dense.data import CocoMasks, CocoSource, collate
 from model.dense.model import DenseUMG, mask2former_config
-from model.eval.prompts import class_text_embeddings
+from model.dense.vocabulary import synonym_text_embeddings
 from model.factory import tokenizer_for
 from model.preprocess import eval_transform, input_size
 from model.schedule import build_optimizer, build_scheduler
@@ -44,7 +45,7 @@ _AUX_SUFFIX = re.compile(r"_\d+$")
 
 
 def read_templates(cfg: SegAdaptConfig, source: CocoSource) -> list[str] | None:
-    """The config's templates, else ``templates.txt`` beside the annotations, else None (built-in)."""
+    """The config's templates, else ``templates.txt`` beside the annotations, else None (ViLD's)."""
     if cfg.templates:
         return list(cfg.templates)
     if source.templates_file.is_file():
@@ -81,8 +82,8 @@ def adapt_seg(cfg: SegAdaptConfig, base: str | Path, source: CocoSource, out_dir
     umg = add_convpass(base_model(section, base_config, initial_weights=True, device=device),
                        convpass_cfg(cfg.convpass))
     dataset = CocoMasks(source, eval_transform(umg), input_size(umg), cfg.train_classes)
-    text_emb = class_text_embeddings(umg.eval(), tokenizer_for(umg), dataset.classnames,
-                                     read_templates(cfg, source)).to(device)
+    text_emb = synonym_text_embeddings(umg.eval(), tokenizer_for(umg), dataset.classnames,
+                                       read_templates(cfg, source)).to(device)
     model = DenseUMG(umg, cfg.head, cfg.ensemble, text_emb).to(device).train()
     loss_fn = Mask2FormerLoss(mask2former_config(cfg.head, len(dataset.classnames)), weight_dict={}).to(device)
     optim = OptimSection(name="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,

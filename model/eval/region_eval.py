@@ -121,15 +121,16 @@ def default_templates(data_file: Path, templates_file: Path | None) -> list[str]
     return read_templates(beside) if beside.is_file() else None
 
 
-def coco_box_ap(coco, detections: list[dict]) -> tuple[float, float]:
-    """COCOeval bbox AP@[.5:.95] and AP@.5 of ``detections`` against ``coco`` (quietly)."""
+def coco_box_ap(coco, detections: list[dict], iou_type: str = "bbox") -> tuple[float, float]:
+    """COCOeval AP@[.5:.95] and AP@.5 of ``detections`` against ``coco`` (quietly); ``iou_type`` "bbox" or
+    "segm" (detections then carry RLE ``segmentation``)."""
     from pycocotools.cocoeval import COCOeval
 
     if not detections:
         return 0.0, 0.0
     with contextlib.redirect_stdout(io.StringIO()):
         results = coco.loadRes(detections)
-        evaluator = COCOeval(coco, results, iouType="bbox")
+        evaluator = COCOeval(coco, results, iouType=iou_type)
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()

@@ -7,10 +7,13 @@ name (COCO's ``panoptic_val2017.json`` + ``panoptic_val2017/``) or ``panoptic_ma
 matched to ``--classes`` by name.
 
 The model: ``model`` itself when it has ``segment_semantic`` (an adapted dense model, ``model.adapted``),
-else :class:`model.eval.segmenter.TrainingFreeSegmenter` on it. Text embeddings are the prompt-ensembled
-class names through ``model.umg`` (or the model). Predictions at input resolution S x S are mapped back
-to each label map's size — class probabilities bilinearly (then argmax), panoptic segment ids by
-nearest neighbour — and scored there (``model.eval.seg_metrics``).
+else :class:`model.eval.segmenter.TrainingFreeSegmenter` on it (``dense_features``: final tokens or MaskCLIP's
+value path). Text embeddings are the prompt-ensembled class names through ``model.umg`` (or the model), a
+name split into synonyms at commas and scored by the best one (FC-CLIP); default prompts: FC-CLIP's ViLD
+templates for an adapted model, ``DEFAULT_TEMPLATES`` for the training-free probe. Predictions at input
+resolution S x S are mapped back to each label map's size — class probabilities bilinearly (then argmax),
+panoptic segment ids by nearest neighbour, instance mask logits bilinearly (then > 0) — and scored there
+(``model.eval.seg_metrics``; mask AP: ``model.eval.mask_ap``, when the model outputs instances).
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ from torch import nn
 
 from model.eval.datasets import EvalDataError
 from model.eval.features import Progress
-from model.eval.prompts import DEFAULT_TEMPLATES, class_text_embeddings
+from model.dense.vocabulary import VILD_TEMPLATES, synonym_text_embeddings
+from model.eval.mask_ap import MaskAP
+from model.eval.prompts import DEFAULT_TEMPLATES
 from model.eval.region_eval import default_templates
 from model.eval.report import TABLE_COLUMNS, make_result
 from model.eval.seg_metrics import IGNORE_INDEX, PanopticQuality, SemanticConfusion
@@ -36,8 +41,8 @@ from model.eval.segmenter import TrainingFreeSegmenter
 from model.loading import create_model_and_transforms
 
 TASK = "semantic_segmentation"
-TABLE_COLUMNS[TASK] = [("miou", "mIoU"), ("pixel_acc", "pixel acc"), ("macc", "mean class acc"),
-                        ("pq", "PQ"), ("sq", "SQ"), ("rq", "RQ"),
+TABLE_COLUMNS[TASK] = [("miou", "mIoU"), ("fwiou", "fwIoU"), ("pixel_acc", "pixel acc"), ("macc", "mean class acc"),
+                        ("pq", "PQ"), ("sq", "SQ"), ("rq", "RQ"), ("mask_ap", "mask AP"), ("mask_ap50", "mask AP50"),
                         *((f"{m}_{g}", f"{m.upper()} {g}") for g in ("th", "st") for m in ("pq", "sq", "rq"))]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -164,6 +169,8 @@ def evaluate_segmentation(
     panoptic_masks: str | Path | None = None,
     ignore_index: int = IGNORE_INDEX,
     reduce_zero_label: bool = False,
+    miou_convention: str = "detectron2",
+    dense_features: str = "tokens",
     batch_size: int = 8,
     device: str | torch.device = "cpu",
     limit: int | None = None,
@@ -172,20 +179,24 @@ def evaluate_segmentation(
     """Run the protocol of the module docstring on a loaded model.
 
     Returns:
-        ``(metrics, info)``: metrics ``miou, pixel_acc, macc`` and with ``panoptic`` ``pq, sq, rq`` (all
-        categories), ``pq_th, sq_th, rq_th`` / ``pq_st, sq_st, rq_st`` (things / stuff, where present);
-        info holds ``mode`` ("adapted" or "training-free"), counts, ``iou_per_class`` {name: IoU or None}
+        ``(metrics, info)``: metrics ``miou, fwiou, pixel_acc, macc`` and with ``panoptic`` ``pq, sq, rq``
+        (all categories), ``pq_th, sq_th, rq_th`` / ``pq_st, sq_st, rq_st`` (things / stuff, where present)
+        and, for a model with ``segment_instances``, ``mask_ap, mask_ap50`` over the thing classes; info holds ``mode`` ("adapted" or "training-free"), counts, ``iou_per_class`` {name: IoU or None}
         and the templates.
     """
     classnames = read_classes(classes, ignore_index)
     pairs = pair_images_and_masks(images, masks)[:limit]
     umg = getattr(model, "umg", model)
-    segmenter = model if hasattr(model, "segment_semantic") else TrainingFreeSegmenter(model)
-    text_emb = class_text_embeddings(umg, tokenizer, classnames, templates).to(device)
+    adapted = hasattr(model, "segment_semantic")
+    segmenter = model if adapted else TrainingFreeSegmenter(model, dense_features=dense_features)
+    if templates is None:
+        templates = VILD_TEMPLATES if adapted else DEFAULT_TEMPLATES
+    text_emb = synonym_text_embeddings(umg, tokenizer, classnames, templates).to(device)
     panoptic_gt, isthing = load_panoptic(panoptic, classnames, panoptic_masks) if panoptic else ({}, {})
     thing_mask = torch.tensor([isthing.get(i, False) for i in range(len(classnames))], device=device)
 
-    confusion, pq = SemanticConfusion(len(classnames), ignore_index), PanopticQuality()
+    confusion, pq = SemanticConfusion(len(classnames), ignore_index, miou_convention), PanopticQuality()
+    mask_ap = MaskAP(isthing) if panoptic and hasattr(segmenter, "segment_instances") else None
     panoptic_images = 0
     for start in range(0, len(pairs), batch_size):
         batch = pairs[start:start + batch_size]
@@ -207,6 +218,9 @@ def evaluate_segmentation(
         with_gt = [i for i, (image_path, _) in enumerate(batch) if image_path.stem in panoptic_gt]
         if with_gt:
             outputs = segmenter.segment_panoptic(batch_images[with_gt], text_emb, thing_mask)
+            if mask_ap is not None:
+                instances = dict(zip(with_gt, segmenter.segment_instances(batch_images[with_gt], text_emb, thing_mask),
+                                     strict=True))
             for i, (seg, segments) in zip(with_gt, outputs, strict=True):
                 png, gt_segments = panoptic_gt[batch[i][0].stem]
                 with Image.open(png) as image:
@@ -214,19 +228,24 @@ def evaluate_segmentation(
                 pred_seg = _resize(seg[None], gt_seg.shape, "nearest")[0].long().cpu().numpy()
                 pq.update(pred_seg, segments, gt_seg, gt_segments)
                 panoptic_images += 1
+                if mask_ap is not None:
+                    mask_ap.update(gt_seg, gt_segments, *instances[i])
         if progress is not None:
             progress(start + len(batch), len(pairs))
     if panoptic and panoptic_images == 0:
         raise EvalDataError(f"{panoptic}: no evaluated image has an entry")
 
     scores = confusion.compute()
-    metrics = {k: scores[k] for k in ("miou", "pixel_acc", "macc")}
+    metrics = {k: scores[k] for k in ("miou", "fwiou", "pixel_acc", "macc")}
     if panoptic:
         metrics.update(pq.compute(isthing))
+    if mask_ap is not None:
+        metrics.update(mask_ap.compute())
     iou = {name: (None if math.isnan(v) else v) for name, v in zip(classnames, scores["iou_per_class"], strict=True)}
-    info = {"mode": "adapted" if segmenter is model else "training-free", "n_images": len(pairs),
+    info = {"mode": "adapted" if adapted else "training-free", "n_images": len(pairs),
             "n_panoptic_images": panoptic_images, "n_classes": len(classnames), "iou_per_class": iou,
-            "templates": list(templates) if templates is not None else list(DEFAULT_TEMPLATES)}
+            "miou_convention": miou_convention, **({} if adapted else {"dense_features": dense_features}),
+            "templates": list(templates)}
     return _finite(metrics), info
 
 

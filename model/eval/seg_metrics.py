@@ -2,9 +2,17 @@
 
 Both are exact accumulators (integer counts), so results do not depend on how images are batched.
 
-- :class:`SemanticConfusion` — mmseg / torchmetrics ``MulticlassJaccardIndex`` semantics: pixels whose
-  target is ``ignore_index`` (255) are skipped; IoU_c = TP / (TP + FP + FN); classes with an empty
-  union (absent from both prediction and target over the whole set) are left out of the mean.
+- :class:`SemanticConfusion` — pixels whose target is ``ignore_index`` (255) are skipped;
+  IoU_c = TP / (TP + FP + FN). Which classes enter the mean is the *convention* (:data:`MIOU_CONVENTIONS`):
+
+  - ``"detectron2"`` (default; detectron2 ``SemSegEvaluator``, which Mask2Former, FC-CLIP and so the
+    paper's Tab. 4-5 use): only classes present in the ground truth of the whole set
+    (``iou_valid = acc_valid & (union > 0)``); a class only predicted costs its false-positive
+    pixels in the other classes' IoU but is not averaged as 0.
+  - ``"mmseg"`` (mmseg / torchmetrics ``MulticlassJaccardIndex``): every class with a non-empty
+    union, so a class predicted but absent from the ground truth counts IoU 0.
+
+  ``macc`` (mean class accuracy) averages over the classes present in the ground truth in both.
 - :class:`PanopticQuality` — the COCO panoptic definition of ``panopticapi.evaluation.pq_compute``:
   a predicted and a ground-truth segment of the same category match when IoU > 0.5, where the union
   leaves out the prediction's pixels on VOID; unmatched predictions covering more than half VOID (or
@@ -24,6 +32,7 @@ import torch
 
 IGNORE_INDEX = 255
 VOID = 0
+MIOU_CONVENTIONS = ("detectron2", "mmseg")
 _OFFSET = 1 << 32  # pairs (gt id, pred id) packed into one int64; segment ids must stay below it
 
 
@@ -49,23 +58,32 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
         num_classes, num_classes)
 
 
-def scores_from_confusion(cm: torch.Tensor) -> dict[str, float | list[float]]:
-    """mIoU, pixel accuracy and mean class accuracy from a (C, C) confusion matrix.
+def scores_from_confusion(cm: torch.Tensor, convention: str = "detectron2") -> dict[str, float | list[float]]:
+    """mIoU, frequency-weighted IoU, pixel accuracy and mean class accuracy from a (C, C) confusion matrix.
+
+    Args:
+        cm: (C, C) counts, rows = target class, columns = predicted class.
+        convention: which classes enter ``miou`` / ``fwiou`` (:data:`MIOU_CONVENTIONS`, module docstring).
 
     Returns:
-        ``{"miou", "pixel_acc", "macc", "iou_per_class"}``; fractions in [0, 1]; a class with an empty
-        union has IoU NaN in ``iou_per_class`` and is left out of ``miou`` (likewise for ``macc``,
-        classes absent from the target). NaN overall when nothing was counted.
+        ``{"miou", "fwiou", "pixel_acc", "macc", "iou_per_class"}``; fractions in [0, 1]; a class left
+        out of the mean has IoU NaN in ``iou_per_class``. NaN overall when nothing was counted.
     """
+    if convention not in MIOU_CONVENTIONS:
+        raise ValueError(f"mIoU convention {convention!r} not in {MIOU_CONVENTIONS}")
     cm = cm.double()
     tp = cm.diag()
-    union = cm.sum(0) + cm.sum(1) - tp
-    iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
     support = cm.sum(1)
-    class_acc = torch.where(support > 0, tp / support.clamp(min=1), torch.full_like(tp, float("nan")))
+    union = cm.sum(0) + support - tp
+    valid = (union > 0) & (support > 0) if convention == "detectron2" else union > 0
+    nan = torch.full_like(tp, float("nan"))
+    iou = torch.where(valid, tp / union.clamp(min=1), nan)
+    class_acc = torch.where(support > 0, tp / support.clamp(min=1), nan)
     total = cm.sum()
+    weights = support / total if total > 0 else support
     return {
         "miou": float(iou.nanmean()),
+        "fwiou": float((iou[valid] * weights[valid]).sum()) if total > 0 else float("nan"),
         "pixel_acc": float(tp.sum() / total) if total > 0 else float("nan"),
         "macc": float(class_acc.nanmean()),
         "iou_per_class": iou.tolist(),
@@ -75,10 +93,12 @@ def scores_from_confusion(cm: torch.Tensor) -> dict[str, float | list[float]]:
 class SemanticConfusion:
     """Accumulates a confusion matrix over images; :meth:`compute` gives :func:`scores_from_confusion`."""
 
-    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX):
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX, convention: str = "detectron2"):
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        self.num_classes, self.ignore_index = num_classes, ignore_index
+        if convention not in MIOU_CONVENTIONS:
+            raise ValueError(f"mIoU convention {convention!r} not in {MIOU_CONVENTIONS}")
+        self.num_classes, self.ignore_index, self.convention = num_classes, ignore_index, convention
         self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
@@ -86,7 +106,7 @@ class SemanticConfusion:
         self.matrix += confusion_matrix(pred, target, self.num_classes, self.ignore_index)
 
     def compute(self) -> dict[str, float | list[float]]:
-        return scores_from_confusion(self.matrix)
+        return scores_from_confusion(self.matrix, self.convention)
 
 
 @dataclass

@@ -5,6 +5,11 @@ Every visual token of the (unclustered) grid goes through the image path's final
 by cosine with class-name text embeddings; ``softmax(logit_scale * cos)`` over the classes gives a
 (C, h, w) probability map, upsampled bilinearly to the S x S input. No parameter is trained.
 
+``dense_features``: ``"tokens"`` (default) takes the final-layer tokens as they are; ``"maskclip"`` runs the
+last block with MaskCLIP's value-embedding path (``UMGCLIP.encode_image(value_last_block=True)``: each token
+attends only to itself there), the usual training-free baseline for CLIP dense prediction (Zhou et al.
+2022). Class names with synonyms ("building, edifice") score the max over them (``model.dense.vocabulary``).
+
 Panoptic output is a baseline derived from the semantic argmax: each *stuff* class present is one
 segment; each *thing* class is split into 8-connected components (``skimage.measure.label``), which
 separates instances only where they do not touch. Segments smaller than ``min_area`` input pixels are
@@ -22,25 +27,33 @@ import torch.nn.functional as F
 from skimage.measure import label as connected_components
 from torch import nn
 
+from model.dense.vocabulary import class_logits
+
+DENSE_FEATURES = ("tokens", "maskclip")
+
 class TrainingFreeSegmenter(nn.Module):
     """Dense classification of a UMG-CLIP's token grid against text embeddings (module docstring)."""
 
-    def __init__(self, umg: nn.Module, min_area: int = 16):
+    def __init__(self, umg: nn.Module, min_area: int = 16, dense_features: str = "tokens"):
         super().__init__()
+        if dense_features not in DENSE_FEATURES:
+            raise ValueError(f"dense_features {dense_features!r} not in {DENSE_FEATURES}")
         self.umg = umg
         self.min_area = min_area
+        self.dense_features = dense_features
 
     @torch.no_grad()
     def dense_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, h, w, E) normalised per-token embeddings in the joint space."""
-        _, grid = self.umg.encode_image(images)
+        maskclip = {"value_last_block": True} if self.dense_features == "maskclip" else {}
+        _, grid = self.umg.encode_image(images, **maskclip)
         return F.normalize(self.umg.tokens.head(grid).float(), dim=-1)
 
     @torch.no_grad()
     def segment_semantic(self, images: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) images, (C, E) normalised text -> (B, C, S, S) class probabilities."""
+        """(B, 3, S, S) images, (C, E) or (C, K, E) normalised text -> (B, C, S, S) class probabilities."""
         scale = float(self.umg.logit_scale_exp()) if hasattr(self.umg, "logit_scale_exp") else 100.0
-        logits = scale * torch.einsum("bhwe,ce->bchw", self.dense_embeddings(images), text_emb.float())
+        logits = scale * class_logits(self.dense_embeddings(images), text_emb.float()).permute(0, 3, 1, 2)
         return F.interpolate(logits.softmax(dim=1), size=images.shape[-2:], mode="bilinear", align_corners=False)
 
     @torch.no_grad()

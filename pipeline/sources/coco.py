@@ -33,7 +33,7 @@ import json
 import math
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any
 
 from pycocotools import mask as mask_utils
@@ -44,11 +44,12 @@ from pipeline.sources.base import KnownAnnotations, SourceItem
 from pipeline.masks import check_mask_size, check_rle
 from pipeline.sources.confine import ReadPolicy, RefusedRead, confine_folder, read_confined
 from pipeline.sources.folder import decode_text, item_key, read_file_item
+from pipeline.storage import StoragePath, as_path
 
 GROUND_TRUTH = "ground_truth"
 
 
-def load_json(path: str | Path, root: str | Path | None = None, policy: ReadPolicy | None = None) -> Any:
+def load_json(path: str | StoragePath, root: str | StoragePath | None = None, policy: ReadPolicy | None = None) -> Any:
     """Parse a JSON file read as UTF-8 with invalid bytes replaced, through ``confine`` (under ``root``, default the
     file's own folder: a link out of it is refused; a regular file of at most ``policy.max_annotation_bytes``).
 
@@ -56,7 +57,7 @@ def load_json(path: str | Path, root: str | Path | None = None, policy: ReadPoli
         FileNotFoundError: the file does not exist.
         ValueError: the file is not JSON, is refused by ``confine`` or over the cap (message names the file).
     """
-    path = Path(path)
+    path = as_path(path)
     policy = policy if policy is not None else ReadPolicy()
     try:
         data = read_confined(path, root if root is not None else path.parent, policy, policy.max_annotation_bytes,
@@ -164,13 +165,14 @@ class CocoSource:
     kind = "coco"
 
     def __init__(
-        self, annotations_json: str | Path, image_dir: str | Path, captions_json: str | Path | None = None,
-        policy: ReadPolicy | None = None, root: str | Path | None = None,
+        self, annotations_json: str | StoragePath, image_dir: str | StoragePath,
+        captions_json: str | StoragePath | None = None,
+        policy: ReadPolicy | None = None, root: str | StoragePath | None = None,
     ) -> None:
-        self.root = Path(root) if root is not None else None  # the input root (None: each file's own folder)
-        self.annotations_json = Path(annotations_json)
-        self.image_dir = Path(image_dir)
-        self.captions_json = Path(captions_json) if captions_json is not None else None
+        self.root = as_path(root) if root is not None else None  # the input root (None: each file's own folder)
+        self.annotations_json = as_path(annotations_json)
+        self.image_dir = as_path(image_dir)
+        self.captions_json = as_path(captions_json) if captions_json is not None else None
         self.policy = policy if policy is not None else ReadPolicy()
         self._images: dict[str, dict[str, Any]] | None = None
         self._anns: dict[str, list[dict[str, Any]]] = defaultdict(list)

@@ -15,18 +15,26 @@ Every reader in this package opens input files through ``open_confined`` / ``rea
    outside the root (``/etc/shadow`` on the same file system) that no path check would catch. Reading one is
    an explicit choice (``source.allow_hard_links: true``, e.g. for a deduplicated or ``cp -al`` snapshot tree).
 
+An input root given as a URL (``s3://bucket/prefix``, ``pipeline.storage``) keeps the same guarantees: the
+object's key must lie under the prefix with no ``.``, ``..`` or empty segments (a gateway may collapse them),
+it must be an object (not a "folder" prefix), and its size from the store must not exceed the cap; at most
+cap + 1 bytes are read. Object stores have no symlinks, FIFOs or devices.
+
 A refused read raises ``RefusedRead`` whose ``reason`` starts with the tag its error row gets:
 ``missing_image``, ``outside_root``, ``not_a_regular_file``, ``hard_link``, ``too_large`` or ``unreadable``.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
+
+from pipeline.storage import inside, is_local
 
 DEFAULT_MAX_IMAGE_BYTES = 256 * 2**20
 DEFAULT_MAX_TEXT_BYTES = 2**20
@@ -86,6 +94,8 @@ def confine(path: str | Path, root: str | Path, policy: ReadPolicy) -> Path:
     Raises:
         RefusedRead: ``missing_image``, ``outside_root``, ``not_a_regular_file`` or ``unreadable``.
     """
+    if not is_local(path) and not isinstance(path, str):
+        return _confine_remote(path, root, None)[0]
     path = Path(path)
     try:
         resolved = path.resolve(strict=True)
@@ -107,6 +117,8 @@ def confine(path: str | Path, root: str | Path, policy: ReadPolicy) -> Path:
 def confine_folder(folder: str | Path, root: str | Path, policy: ReadPolicy) -> str | None:
     """None when ``folder`` resolves under ``root`` (or an allowed link target), else the ``outside_root:`` reason
     every file read from it gets (an image folder that is a link out of a COCO / VG root)."""
+    if not is_local(folder) or not is_local(root):
+        return None  # object stores have no links; keys are checked per object (``_confine_remote``)
     resolved = Path(folder).resolve()
     if any(resolved.is_relative_to(allowed) for allowed in policy.allowed_roots(root)):
         return None
@@ -121,6 +133,8 @@ def open_confined(path: str | Path, root: str | Path, policy: ReadPolicy, max_by
     Raises:
         RefusedRead: see ``confine``; ``too_large`` over the cap (named ``cap_name`` in the reason).
     """
+    if not is_local(path) and not isinstance(path, str):
+        return _open_remote(path, root, max_bytes, cap_name)
     resolved = confine(path, root, policy)
     try:
         fd = os.open(resolved, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -152,7 +166,7 @@ def read_confined(path: str | Path, root: str | Path, policy: ReadPolicy, max_by
     """
     with open_confined(path, root, policy, max_bytes, cap_name) as handle:
         try:
-            size = os.fstat(handle.fileno()).st_size
+            size = _size(handle)
             data = handle.read(min(size, max_bytes) + 1)  # the size + 1: a file that grew since fstat shows
             if len(data) > size:  # it grew: read on up to the cap (rare: only a file being written to)
                 data += handle.read(max_bytes + 1 - len(data))
@@ -161,3 +175,40 @@ def read_confined(path: str | Path, root: str | Path, policy: ReadPolicy, max_by
     if len(data) > max_bytes:
         raise RefusedRead(f"too_large: {path} grew past {cap_name}={max_bytes} bytes while read")
     return data
+
+
+def _size(handle: Any) -> int:
+    """The size of an open file: ``fstat`` of a local one, the store's size of an fsspec object."""
+    try:
+        return os.fstat(handle.fileno()).st_size
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return int(getattr(handle, "size", 0) or 0)
+
+
+def _confine_remote(path: Any, root: Any, max_bytes: int | None,
+                    cap_name: str = "source.max_image_bytes") -> tuple[Any, int]:
+    """``(path, size)`` of an object under a remote ``root`` (see the module docstring)."""
+    if not inside(path, root):
+        raise RefusedRead(f"outside_root: {path} is not a plain key under the input prefix {root}")
+    try:
+        info = path.fs.info(path.path)
+    except FileNotFoundError as exc:
+        raise RefusedRead(f"missing_image: {path}") from exc
+    except OSError as exc:  # PermissionError (credentials), connection errors
+        raise RefusedRead(f"unreadable: {path}: {exc}") from exc
+    if info.get("type") != "file":
+        raise RefusedRead(f"not_a_regular_file: {path} is a {info.get('type', 'special')} prefix, not an object")
+    size = int(info.get("size") or 0)
+    if max_bytes is not None and size > max_bytes:
+        raise RefusedRead(f"too_large: {path} is {size} bytes, over {cap_name}={max_bytes}")
+    return path, size
+
+
+def _open_remote(path: Any, root: Any, max_bytes: int | None, cap_name: str) -> BinaryIO:
+    _confine_remote(path, root, max_bytes, cap_name)
+    try:
+        return path.open("rb")
+    except FileNotFoundError as exc:
+        raise RefusedRead(f"missing_image: {path}") from exc
+    except OSError as exc:
+        raise RefusedRead(f"unreadable: {path}: {exc}") from exc

@@ -32,6 +32,7 @@ from data_schemas import Caption, sanitize_key
 from pipeline.images import decodable_extensions
 from pipeline.sources.base import KnownAnnotations, SourceItem
 from pipeline.sources.confine import ReadPolicy, RefusedRead, read_confined
+from pipeline.storage import StoragePath, as_path, find_files, is_local
 
 IMAGE_EXTENSIONS = decodable_extensions()  # every format Pillow decodes here: .jpg .png .jfif .avif .tif …
 ALT_TEXT = "alt_text"
@@ -77,14 +78,17 @@ class FolderSource:
 
     kind = "folder"
 
-    def __init__(self, root: str | Path, policy: ReadPolicy | None = None) -> None:
-        self.root = Path(root)
+    def __init__(self, root: str | StoragePath, policy: ReadPolicy | None = None) -> None:
+        self.root = as_path(root)
         self.policy = policy if policy is not None else ReadPolicy()
 
     def list_refs(self) -> list[str]:
         """Sorted relative posix paths of the image-named entries under ``root`` (no file is opened)."""
         if not self.root.is_dir():
             raise FileNotFoundError(f"folder source root {self.root} is not a directory")
+        if not is_local(self.root):  # an object store: one recursive listing; "hidden folders" are key segments
+            return [ref for ref in find_files(self.root)
+                    if looks_like_image(ref) and not any(part.startswith(".") for part in ref.split("/")[:-1])]
         refs = []
         walked = {self.root.resolve()}
 

@@ -40,7 +40,6 @@ import re
 import tarfile
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any, BinaryIO
 
 import pyarrow.parquet as pq
@@ -49,6 +48,7 @@ from data_schemas import Caption
 from pipeline.sources.base import KnownAnnotations, SourceItem
 from pipeline.sources.confine import ReadPolicy, RefusedRead, open_confined
 from pipeline.sources.folder import ALT_TEXT, IMAGE_EXTENSIONS, decode_text, item_key, looks_like_image
+from pipeline.storage import StoragePath, as_path
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +81,8 @@ class Img2DatasetSource:
 
     kind = "img2dataset"
 
-    def __init__(self, root: str | Path, policy: ReadPolicy | None = None) -> None:
-        self.root = Path(root)
+    def __init__(self, root: str | StoragePath, policy: ReadPolicy | None = None) -> None:
+        self.root = as_path(root)
         self.policy = policy if policy is not None else ReadPolicy()
         self._listing_errors: dict[str, str] = {}
 

@@ -32,6 +32,7 @@ from pipeline.sources.confine import ReadPolicy, file_kind
 from pipeline.sources.folder import FolderSource, item_key, looks_like_image
 from pipeline.sources.img2dataset import Img2DatasetSource, is_container
 from pipeline.sources.vg import VisualGenomeSource
+from pipeline.storage import StoragePath, as_path, is_local
 
 SOURCES: dict[str, type] = {
     "folder": FolderSource,
@@ -67,7 +68,7 @@ class SplitSource:
             yield from source.read([ref.partition("/")[2] for ref in run])
 
 
-def detect_kind(path: Path) -> str:
+def detect_kind(path: StoragePath) -> str:
     """The source kind of ``path`` (see the module docstring).
 
     Raises:
@@ -94,7 +95,9 @@ def detect_kind(path: Path) -> str:
     raise ConfigError(f"source.path {path}: no known input layout; looked for {_LOOKED_FOR}")
 
 
-def _has_image(root: Path) -> bool:
+def _has_image(root: StoragePath) -> bool:
+    if not is_local(root):
+        return bool(FolderSource(root).list_refs())
     for _, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         if any(looks_like_image(name) for name in filenames):
@@ -111,9 +114,9 @@ def build_source(cfg: SourceConfig) -> Source:
     kind = cfg.kind
     if kind == "auto":
         if cfg.path is not None:
-            kind = detect_kind(Path(cfg.path))
+            kind = detect_kind(as_path(cfg.path))
         elif cfg.annotations is not None:
-            kind = detect_kind(Path(cfg.annotations))
+            kind = detect_kind(as_path(cfg.annotations))
         else:
             raise ConfigError("source.path (or source.annotations) is required to detect the source kind")
     if kind == "coco":
@@ -135,22 +138,22 @@ def read_policy(cfg: SourceConfig) -> ReadPolicy:
                              cfg.allow_hard_links)
 
 
-def _require_dir(path: Path | None, field: str, kind: str) -> Path:
+def _require_dir(path: str | StoragePath | None, field: str, kind: str) -> StoragePath:
     if path is None:
         raise ConfigError(f"{field} is required for source kind {kind}")
-    if not Path(path).is_dir():
+    if not as_path(path).is_dir():
         raise ConfigError(f"{field} {path} is not a directory (source kind {kind})")
-    return Path(path)
+    return as_path(path)
 
 
 def _build_coco(cfg: SourceConfig) -> Source:
     annotations = cfg.annotations
-    if annotations is None and cfg.path is not None and Path(cfg.path).is_file():
-        annotations = Path(cfg.path)
+    if annotations is None and cfg.path is not None and as_path(cfg.path).is_file():
+        annotations = as_path(cfg.path)
     if annotations is not None:
-        instances = Path(annotations)
+        instances = as_path(annotations)
         image_dirs = _image_dirs(instances.parent.parent, _split_name(instances), cfg)
-        root = Path(cfg.path) if cfg.path is not None and Path(cfg.path).is_dir() else None
+        root = as_path(cfg.path) if cfg.path is not None and as_path(cfg.path).is_dir() else None
         return _coco_split(instances, cfg.captions, image_dirs, read_policy(cfg), root)
     root = _require_dir(cfg.path, "source.path", "coco")
     files = sorted((root / "annotations").glob("instances_*.json"))
@@ -169,19 +172,20 @@ def _build_coco(cfg: SourceConfig) -> Source:
     return SplitSource("coco", parts)
 
 
-def _split_name(instances: Path) -> str:
+def _split_name(instances: StoragePath) -> str:
     return instances.stem.removeprefix("instances_")
 
 
-def _image_dirs(root: Path, split: str, cfg: SourceConfig, several: bool = False) -> list[Path]:
+def _image_dirs(root: StoragePath, split: str, cfg: SourceConfig, several: bool = False) -> list[StoragePath]:
     """Candidate image folders for ``split``, best first."""
     if cfg.image_dir is not None:
-        return [Path(cfg.image_dir) / split, Path(cfg.image_dir)] if several else [Path(cfg.image_dir)]
+        image_dir = as_path(cfg.image_dir)
+        return [image_dir / split, image_dir] if several else [image_dir]
     return [root / "images" / split, root / split, root / "images"]
 
 
-def _coco_split(instances: Path, captions: Path | None, image_dirs: list[Path], policy: ReadPolicy,
-                root: Path | None = None) -> CocoSource:
+def _coco_split(instances: StoragePath, captions: str | StoragePath | None, image_dirs: list[StoragePath],
+                policy: ReadPolicy, root: StoragePath | None = None) -> CocoSource:
     """A ``CocoSource`` for one instances file; the image folder is the first existing candidate. ``root``: the
     input root (``source.path``) its files and image folder must resolve under."""
     if not instances.is_file():
@@ -189,7 +193,7 @@ def _coco_split(instances: Path, captions: Path | None, image_dirs: list[Path], 
     split = _split_name(instances)
     if captions is None and (instances.parent / f"captions_{split}.json").is_file():
         captions = instances.parent / f"captions_{split}.json"
-    if captions is not None and not Path(captions).is_file():
+    if captions is not None and not as_path(captions).is_file():
         raise ConfigError(f"source.captions {captions} does not exist")
     image_dir = next((d for d in image_dirs if d.is_dir()), None)
     if image_dir is None:
@@ -203,13 +207,13 @@ def _build_vg(cfg: SourceConfig) -> Source:
     if annotations is None:
         if cfg.path is None:
             raise ConfigError("source.path or source.annotations is required for source kind vg")
-        path = Path(cfg.path)
+        path = as_path(cfg.path)
         annotations = path if path.is_file() else path / "region_descriptions.json"
-    annotations = Path(annotations)
+    annotations = as_path(annotations)
     if not annotations.is_file():
         raise ConfigError(f"region descriptions file {annotations} does not exist (source kind vg)")
     image_dir = cfg.image_dir if cfg.image_dir is not None else annotations.parent
-    if not Path(image_dir).is_dir():
+    if not as_path(image_dir).is_dir():
         raise ConfigError(f"source.image_dir {image_dir} is not a directory (source kind vg)")
-    root = Path(cfg.path) if cfg.path is not None and Path(cfg.path).is_dir() else annotations.parent
+    root = as_path(cfg.path) if cfg.path is not None and as_path(cfg.path).is_dir() else annotations.parent
     return VisualGenomeSource(annotations, image_dir, read_policy(cfg), root)

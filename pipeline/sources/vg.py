@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -32,6 +31,7 @@ from pipeline.sources.base import KnownAnnotations, SourceItem
 from pipeline.sources.coco import GROUND_TRUTH, image_ref, load_json
 from pipeline.sources.confine import ReadPolicy, confine_folder
 from pipeline.sources.folder import item_key, read_file_item
+from pipeline.storage import StoragePath, as_path
 
 IMAGE_SUBDIRS = ("", "VG_100K", "VG_100K_2")
 
@@ -41,11 +41,11 @@ class VisualGenomeSource:
 
     kind = "vg"
 
-    def __init__(self, region_descriptions_json: str | Path, image_dir: str | Path,
-                 policy: ReadPolicy | None = None, root: str | Path | None = None) -> None:
-        self.root = Path(root) if root is not None else None  # the input root (None: the JSON's own folder)
-        self.region_descriptions_json = Path(region_descriptions_json)
-        self.image_dir = Path(image_dir)
+    def __init__(self, region_descriptions_json: str | StoragePath, image_dir: str | StoragePath,
+                 policy: ReadPolicy | None = None, root: str | StoragePath | None = None) -> None:
+        self.root = as_path(root) if root is not None else None  # the input root (None: the JSON's own folder)
+        self.region_descriptions_json = as_path(region_descriptions_json)
+        self.image_dir = as_path(image_dir)
         self.policy = policy if policy is not None else ReadPolicy()
         self._images: dict[str, tuple[Any, list[dict[str, Any]]]] | None = None
         self._entry_errors: dict[str, str] = {}  # refs of entries that read as error rows
@@ -95,7 +95,7 @@ class VisualGenomeSource:
             path = self._image_path(name)
             yield read_file_item(item_key(str(image_id)), name, path, self.image_dir, self.policy, known)
 
-    def _image_path(self, name: str) -> Path:
+    def _image_path(self, name: str) -> StoragePath:
         """The first existing candidate, else the plain ``image_dir/name`` (reported as missing)."""
         for sub in IMAGE_SUBDIRS:
             candidate = self.image_dir / sub / name

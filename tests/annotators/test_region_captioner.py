@@ -11,6 +11,7 @@ from PIL import Image
 
 import annotators
 from annotators import AnnotatorError, MissingDependencyError
+from annotators.prompts import load_prompts
 from annotators.region_captioner import CropCaptioner, VlmBoxCaptioner, crop_box
 from annotators.region_captioner_gpt4roi import (
     Gpt4RoiCaptioner,
@@ -168,11 +169,17 @@ def test_gpt4roi_from_config_accepts_and_rejects_keys():
     }
     captioner = annotators.build("region_captioner", cfg)  # builds without importing gpt4roi or loading anything
     assert isinstance(captioner, Gpt4RoiCaptioner) and captioner.kind == "region_captioner"
-    assert (captioner.prompt, captioner.max_new_tokens, captioner.batch_size) == ("What is {region}?", 16, 4)
+    assert (captioner.prompt_set, captioner.max_new_tokens, captioner.batch_size) == (["What is {region}?"], 16, 4)
     assert (captioner.device_name, captioner.dtype_name) == ("cuda:1", "bfloat16")
     assert captioner.version == "/models/GPT4RoI-7B"
     defaults = Gpt4RoiCaptioner.from_config({"backend": "gpt4roi", "model": "m"})
-    assert "{region}" in defaults.prompt and (defaults.dtype_name, defaults.max_new_tokens) == ("float16", 64)
+    # the paper gives region captioners 5 prompts: by default every box is asked each of GPT4RoI's 5
+    assert defaults.prompt_set == load_prompts("gpt4roi_region", placeholder="{region}")
+    assert len(defaults.prompt_set) == 5 and defaults.prompts.sampler.per_item == 5
+    assert (defaults.dtype_name, defaults.max_new_tokens) == ("float16", 64)
+    two = annotators.build("region_captioner", {**cfg, "prompt": None, "prompts": "gpt4roi_region",
+                                                "prompts_per_region": 2})
+    assert two.prompts.sampler.per_item == 2
     with pytest.raises(AnnotatorError, match=r"unknown config keys \['num_beams', 'temperature'\]"):
         annotators.build("region_captioner", {**cfg, "num_beams": 2, "temperature": 0.2})
     with pytest.raises(AnnotatorError, match=r"missing required config keys \['model'\]"):
@@ -182,6 +189,12 @@ def test_gpt4roi_from_config_accepts_and_rejects_keys():
             annotators.build("region_captioner", {**cfg, "prompt": prompt})
     with pytest.raises(AnnotatorError, match="must not contain"):
         annotators.build("region_captioner", {**cfg, "prompt": "What is {region} <bbox>?"})
+    with pytest.raises(AnnotatorError, match="must not contain"):
+        annotators.build("region_captioner", {**cfg, "prompt": None, "prompts": ["Is {region} <image>?"]})
+    with pytest.raises(AnnotatorError, match="either 'prompt'"):
+        annotators.build("region_captioner", {**cfg, "prompts": "gpt4roi_region"})
+    with pytest.raises(AnnotatorError, match=r"in 1\.\.5"):
+        annotators.build("region_captioner", {**cfg, "prompt": None, "prompts_per_region": 6})
     with pytest.raises(AnnotatorError, match=">= 1"):
         annotators.build("region_captioner", {**cfg, "batch_size": 0})
 
@@ -202,7 +215,8 @@ class _StubTokenizer:
     """Token id t decodes to ``words[t]``; ``batch_decode`` joins a row's words (pad/eos id 0 is special)."""
 
     eos_token_id = pad_token_id = 0
-    words = {1: "Assistant:", 2: " a", 3: " cat", 4: "\n###", 5: " dog", 9: " prompt"}
+    words = {1: "Assistant:", 2: " a", 3: " cat", 4: "\n###", 5: " dog", 9: " prompt"} | {
+        20 + n: f" {n}" for n in range(10)}
 
     def decode(self, ids, skip_special_tokens=True):
         return "".join(self.words[int(t)] for t in ids if int(t) != 0 or not skip_special_tokens)
@@ -212,7 +226,8 @@ class _StubTokenizer:
 
 
 class _StubModel:
-    """Answers "a cat" for boxes in the left half of the image, "a dog" otherwise, stopping on the criterion."""
+    """Answers "a cat <L>" for boxes in the left half of the image, "a dog <L>" otherwise (L: the prompt's length),
+    stopping on the criterion."""
 
     def __init__(self):
         self.calls = []
@@ -225,10 +240,10 @@ class _StubModel:
 
         bboxes = self.forward.keywords["bboxes"]  # what app.py's functools.partial hands the real forward
         self.calls.append((tuple(images.shape), [b.tolist() for b in bboxes], kwargs))
-        answers = [[1, 2, 3 if b[0, 2] <= 0.5 else 5, 4] for b in bboxes]
+        answers = [[1, 2, 3 if b[0, 2] <= 0.5 else 5, 20 + input_ids.shape[1], 4] for b in bboxes]
         out = input_ids
         for step in range(max_new_tokens):
-            out = torch.cat([out, torch.tensor([[a[min(step, 3)]] for a in answers])], dim=1)
+            out = torch.cat([out, torch.tensor([[a[min(step, 4)]] for a in answers])], dim=1)
             if all(c(out, None) for c in stopping_criteria):
                 break
         return out
@@ -239,7 +254,8 @@ def test_gpt4roi_batching_plumbing_with_a_stub_model(images):
     batches of ``batch_size``, answer cleaning, regrouping) around stand-ins for the model and tokenizer."""
     import torch
 
-    captioner = Gpt4RoiCaptioner.from_config({"backend": "gpt4roi", "model": "m", "batch_size": 2})
+    captioner = Gpt4RoiCaptioner.from_config({"backend": "gpt4roi", "model": "m", "batch_size": 2,
+                                              "prompts": ["A {region}?", "Bb {region}?"]})
     stub = _StubModel()
 
     class Processor:
@@ -248,15 +264,20 @@ def test_gpt4roi_batching_plumbing_with_a_stub_model(images):
             return {"pixel_values": torch.zeros(1, 3, image.height, image.width)}
 
     captioner._model, captioner._tokenizer, captioner._image_processor = stub, _StubTokenizer(), Processor()
-    captioner._prompt_ids = torch.tensor([[9, 9, 9]])
+    captioner._prompt_ids = {"A {region}?": torch.tensor([[9, 9]]), "Bb {region}?": torch.tensor([[9, 9, 9]])}
     captioner._device, captioner._dtype = torch.device("cpu"), torch.float32
     out = captioner(images, BOXES)
-    assert _texts(out) == [[["a cat"], ["a dog"]], [], [["a cat"]]]
-    _check(out, [2, 0, 1], 1, "gpt4roi")
-    assert [c[0] for c in stub.calls] == [(2, 3, 224, 224), (1, 3, 224, 224)]
+    # every box is asked both prompts (a 2-token and a 3-token prompt), each answer recording its prompt
+    assert [sorted(caps) for per_image in _texts(out) for caps in per_image] == [
+        ["a cat 2", "a cat 3"], ["a dog 2", "a dog 3"], ["a cat 2", "a cat 3"]]
+    _check(out, [2, 0, 1], 2, "gpt4roi")
+    assert {(c.text[-1], c.prompt) for per_image in out for caps in per_image for c in caps} == {
+        ("2", "A {region}?"), ("3", "Bb {region}?")}
+    # one prompt per generate, in batches of 2 jobs: 3 boxes x 2 prompts -> 4 calls
+    assert [c[0] for c in stub.calls] == [(2, 3, 224, 224), (1, 3, 224, 224)] * 2
     rows = [box for call in stub.calls for box in call[1]]
-    expected = [[2 / 64, 3 / 48, 30 / 64, 40 / 48], [0, 0, 1, 1], [5 / 37, 60 / 81, 12 / 37, 70 / 81]]
-    np.testing.assert_allclose(np.array(rows).reshape(3, 4), expected, rtol=1e-6)
+    expected = [[2 / 64, 3 / 48, 30 / 64, 40 / 48], [0, 0, 1, 1], [5 / 37, 60 / 81, 12 / 37, 70 / 81]] * 2
+    np.testing.assert_allclose(np.array(rows).reshape(6, 4), expected, rtol=1e-6)
     assert stub.calls[0][2]["do_sample"] is False
     assert "forward" not in vars(stub)  # the partial is removed again
     assert captioner(images, [[], [], []]) == [[], [], []] and captioner([], []) == []

@@ -52,6 +52,17 @@ def test_seg_cli_with_panoptic(tiny_checkpoint, digits):
     assert _in_unit_interval(result["metrics"])
 
 
+def test_seg_cli_maskclip_and_mmseg_options(tiny_checkpoint, digits):
+    ann = digits / "annotations"
+    args = ["seg", "--checkpoint", tiny_checkpoint[1], "--images", digits / "images" / "train", "--masks",
+            ann / "semantic_train", "--classes", ann / "classes.txt", "--limit", 2]
+    result = _last_json(_invoke(*args, "--dense-features", "maskclip", "--miou-convention", "mmseg"))
+    assert result["dense_features"] == "maskclip" and result["miou_convention"] == "mmseg"
+    assert _in_unit_interval(result["metrics"])
+    assert "--dense-features must be one of tokens, maskclip" in _error(_invoke(*args, "--dense-features", "x"))
+    assert "--miou-convention must be one of detectron2, mmseg" in _error(_invoke(*args, "--miou-convention", "voc"))
+
+
 def test_zeroshot_and_retrieval_run_on_the_converted_digits(tiny_checkpoint, digits):
     run, val = tiny_checkpoint[0], digits / "images" / "val"
     zeroshot = _last_json(_invoke("zeroshot", "--checkpoint", run, "--data", digits / "classification" / "val"))

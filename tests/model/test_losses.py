@@ -7,7 +7,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from model.losses import LOSS_KEYS, UMGLoss, build_tag_targets, contrastive_loss, tag_loss, text_ids, total_loss
+from model.losses import (LOSS_KEYS, UMGLoss, build_tag_targets, contrastive_loss, contrastive_sum, tag_loss, text_ids,
+                          total_loss)
+from model.streamed_logsumexp import streamed_logsumexp
 
 
 def test_build_tag_targets_with_overlapping_tags():
@@ -124,13 +126,82 @@ def test_zero_regions_and_no_tags_give_zero_with_grad_path():
     assert out["region_caption_loss"].item() == 0.0
 
 
+# ---- streamed (column-chunked) logsumexp == the whole (n, N) logits -------------------------------------------
+
+
+def test_streamed_logsumexp_equals_logsumexp_in_value_and_gradients_with_and_without_mask():
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(5, 4, generator=g, requires_grad=True)
+    columns = torch.randn(11, 4, generator=g, requires_grad=True)
+    scale = torch.tensor(3.0, requires_grad=True)
+    row_group, column_group = torch.tensor([0, 1, 2, 0, 3]), torch.tensor([0, 1, 2, 0, 3, 4, 0, 1, 5, 6, 7])
+    own = torch.arange(5)
+    masked = (row_group[:, None] == column_group[None, :]) & (own[:, None] != torch.arange(11)[None, :])
+    weight = torch.randn(5, generator=g)  # a non-uniform upstream gradient
+    for mask_args in ((), (row_group, column_group, own)):
+        logits = scale * rows @ columns.T
+        if mask_args:
+            logits = logits.masked_fill(masked, -torch.inf)
+        want = torch.logsumexp(logits, dim=1)
+        want_grads = torch.autograd.grad((want * weight).sum(), (rows, columns, scale))
+        for chunk in (1, 3, 4, 11, 50):
+            got = streamed_logsumexp(rows, columns, scale, chunk, *mask_args)
+            torch.testing.assert_close(got, want)
+            for g_got, g_want in zip(torch.autograd.grad((got * weight).sum(), (rows, columns, scale)), want_grads):
+                torch.testing.assert_close(g_got, g_want)
+    with pytest.raises(ValueError, match="go together"):
+        streamed_logsumexp(rows, columns, scale, 2, row_group)
+    with pytest.raises(ValueError, match="chunk"):
+        streamed_logsumexp(rows, columns, scale, 0)
+
+
+@pytest.mark.parametrize("duplicates", ["negatives", "mask", "multi_positive", None])
+def test_chunked_contrastive_sum_equals_unchunked_for_local_rows_in_value_and_gradients(duplicates):
+    """A rank's local rows (offset 3 of N = 10) against gathered columns; ids repeat within and outside the rows.
+    float64, so the two summation orders agree to ~1e-15 (float32: ~1e-6)."""
+    g = torch.Generator().manual_seed(1)
+    all_a = F.normalize(torch.randn(10, 6, generator=g, dtype=torch.float64), dim=-1).requires_grad_()
+    all_b = F.normalize(torch.randn(10, 6, generator=g, dtype=torch.float64), dim=-1).requires_grad_()
+    scale = torch.tensor(1 / 0.07, dtype=torch.float64, requires_grad=True)
+    ids = None if duplicates is None else torch.tensor([4, 9, 4, 1, 2, 1, 4, 5, 6, 2])
+    rows = slice(3, 7)
+
+    def run(chunk):
+        a, b = all_a[rows] * 1.0, all_b[rows] * 1.0  # the local rows, a separate path as after a gather
+        total = contrastive_sum(a, b, all_a, all_b, rows.start, scale, ids, duplicates or "mask", chunk)
+        return total, torch.autograd.grad(total, (all_a, all_b, scale))
+
+    want, want_grads = run(None)
+    for chunk in (1, 3, 9):
+        got, grads = run(chunk)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        for g_got, g_want in zip(grads, want_grads):
+            torch.testing.assert_close(g_got, g_want, rtol=1e-12, atol=1e-12)
+
+
+def test_umg_loss_with_contrastive_chunk_equals_unchunked():
+    torch.manual_seed(2)
+    e = lambda n: F.normalize(torch.randn(n, 8), dim=-1)
+    args = (e(4), e(4), e(9), e(9), e(3), torch.randint(0, 2, (4, 3)).float(), e(2), torch.randint(0, 2, (9, 2)).float(),
+            torch.tensor(10.0))
+    ids = dict(caption_ids=torch.tensor([1, 2, 1, 3]), region_caption_ids=torch.tensor([5, 5, 6, 7, 5, 8, 9, 6, 1]))
+    want = UMGLoss()(*args, **ids)
+    got = UMGLoss(contrastive_chunk=2)(*args, **ids)
+    assert {k: v.item() for k, v in got.items()} == pytest.approx({k: v.item() for k, v in want.items()})
+    with pytest.raises(ValueError, match="contrastive_chunk"):
+        UMGLoss(contrastive_chunk=0)
+
+
 # ---- distributed: 2 gloo ranks with b images each == 1 process with 2b images --------------------------------
 
 REGION_SPLITS = [(3, 1), (2, 0), (0, 0)]  # regions on rank 0 / rank 1
 # (region split, duplicate-caption mode with text ids repeated within and across ranks (None: no ids),
-#  tag vocabulary shared and sliced over ranks)
-CASES = [(split, None, False) for split in REGION_SPLITS] + [
-    ((3, 1), "mask", True), ((3, 1), "multi_positive", False), ((2, 0), "mask", False), ((0, 0), "mask", True)]
+#  tag vocabulary shared and sliced over ranks,
+#  contrastive_chunk of the ranks (the single-process reference runs unchunked))
+CASES = [(split, None, False, None) for split in REGION_SPLITS] + [
+    ((3, 1), "mask", True, None), ((3, 1), "multi_positive", False, None), ((2, 0), "mask", False, None),
+    ((0, 0), "mask", True, None), ((3, 1), "mask", False, 1), ((3, 1), "multi_positive", True, 3),
+    ((3, 1), None, False, 2)]
 CAPTION_IDS = [7, 3, 7, 5]  # images 0 (rank 0) and 2 (rank 1) have the same caption
 REGION_IDS = [1, 2, 1, 2]   # regions 0 and 2 (rank 0) and 1 and 3 (across ranks) share captions
 
@@ -193,9 +264,10 @@ def _rank_batch(split, rank: int, ids: bool, shared_tags: bool, b: int = 2):
     return out
 
 
-def _loss_and_grads(batch, shared_tags: bool = False, mode: str | None = None):
+def _loss_and_grads(batch, shared_tags: bool = False, mode: str | None = None, chunk: int | None = None):
     towers = _Towers()
-    losses = UMGLoss(duplicate_captions=mode or "negatives", shared_tag_vocab=shared_tags)(**towers(batch))
+    losses = UMGLoss(duplicate_captions=mode or "negatives", shared_tag_vocab=shared_tags,
+                     contrastive_chunk=chunk)(**towers(batch))
     total_loss(losses).backward()
     return {k: v.item() for k, v in losses.items()}, {n: p.grad.clone() for n, p in towers.named_parameters()}
 
@@ -204,8 +276,8 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         results = []
-        for split, ids, shared in CASES:
-            losses, grads = _loss_and_grads(_rank_batch(split, rank, ids is not None, shared), shared, ids)
+        for split, ids, shared, chunk in CASES:
+            losses, grads = _loss_and_grads(_rank_batch(split, rank, ids is not None, shared), shared, ids, chunk)
             for g in grads.values():  # what DDP does: average over ranks
                 dist.all_reduce(g)
                 g /= world
@@ -218,13 +290,15 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str):
 def test_two_rank_local_loss_matches_single_process_loss_and_gradients(tmp_path):
     mp.spawn(_worker, args=(2, str(tmp_path / "pg_init"), str(tmp_path)), nprocs=2, join=True)
     per_rank = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    for i, (split, ids, shared) in enumerate(CASES):
+    for i, (split, ids, shared, chunk) in enumerate(CASES):
         losses, grads = _loss_and_grads(_global_batch(sum(split), ids is not None), mode=ids)
         for rank_results in per_rank:
             rank_losses, rank_grads = rank_results[i]
-            assert rank_losses == pytest.approx(losses, rel=1e-5, abs=1e-7), (split, ids, shared)
+            assert rank_losses == pytest.approx(losses, rel=1e-5, abs=1e-7), (split, ids, shared, chunk)
             for name, g in grads.items():
-                torch.testing.assert_close(rank_grads[name], g, rtol=1e-5, atol=1e-6, msg=f"{split} {ids} {name}")
+                # chunked: another float32 summation order (float64 agrees to 1e-15: the tests above)
+                torch.testing.assert_close(rank_grads[name], g, rtol=1e-5, atol=1e-6 if chunk is None else 1e-5,
+                                           msg=f"{split} {ids} {chunk} {name}")
         assert all(math.isfinite(v) for v in losses.values())
         if ids is not None:  # the duplicates changed the loss: the ids reached both ranks' terms
             clip = _loss_and_grads(_global_batch(sum(split), True), mode="negatives")[0]

@@ -105,6 +105,8 @@ def test_train_config_section_overrides_and_errors(tmp_path):
     assert (paper.model.name, paper.epochs, paper.optim.name, paper.model.cluster.reduction) == (
         "EVA02-B-16", 10, "lamb", 0.75)
     assert (paper.optim.visual_ld, paper.optim.text_ld, paper.loss.duplicate_captions) == (0.75, 0.75, "mask")
+    assert (paper.optim.lamb, paper.optim.lamb_trust_range, paper.loss.contrastive_chunk) == (
+        "deepspeed", (0.01, 10.0), 8192)  # EVA-CLIP's FusedLamb; the region term streamed at paper scale
     with pytest.raises(ConfigError, match=r"optim\.betaz: Extra inputs"):
         load_config(path, ["optim.betaz=1"], model=TrainConfig, section="train")
     with pytest.raises(ConfigError, match="either steps or epochs"):

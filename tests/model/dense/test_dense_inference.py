@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from model.dense.inference import geometric_ensemble, mask_pool, panoptic_inference, semantic_inference
+from model.dense.inference import (
+    geometric_ensemble,
+    instance_inference,
+    mask_pool,
+    panoptic_inference,
+    semantic_inference,
+)
 
 
 def test_mask_pool_means_features_under_positive_logits():
@@ -62,3 +68,25 @@ def test_panoptic_inference_thresholds_overlaps_and_merges_stuff():
     # below the object threshold or void-best: nothing
     seg, segments = panoptic_inference(probs, masks, torch.tensor([True, False]), 0.95, 0.8)
     assert segments == [] and seg.eq(0).all()
+
+
+def test_panoptic_overlap_test_uses_the_argmax_area_as_fc_clip():
+    """Query 0 owns pixels 0-3 (sigmoid >= 0.5) but wins 0, 1, 4, 5: FC-CLIP compares the argmax area (4) with
+    its own area (4) and keeps it; the intersection (2 / 4) would drop it."""
+    masks = torch.tensor([[[3.0, 3, 3, 3, -0.4, -0.4]], [[-3.0, -3, 5, 5, -3, -3]]])  # (2, 1, 6)
+    probs = torch.tensor([[0.9, 0.1], [0.95, 0.05]])  # one class + void
+    seg, segments = panoptic_inference(probs, masks, torch.tensor([True]), 0.0, 0.8)
+    assert [s["id"] for s in segments] == [1, 2]
+    assert seg[0].tolist() == [1, 1, 2, 2, 0, 0]  # the segment itself is still won & own
+
+
+def test_instance_inference_topk_pairs_things_only_and_mask_scores():
+    masks = torch.tensor([[[2.0, 2.0, -1.0]], [[-3.0, 1.0, 1.0]]])  # (Q=2, 1, 3)
+    probs = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3]])  # classes 0 (thing), 1 (stuff), void
+    queries, scores, labels = instance_inference(probs, masks, torch.tensor([True, False]), topk=3)
+    # top-3 pairs: (q0, c0) 0.6, (q1, c1) 0.5, (q0, c1) 0.3 -> only the thing pair stays
+    assert labels.tolist() == [0] and queries.tolist() == [0]
+    expected = 0.6 * (2 / (1 + math.exp(-2))) / 2
+    assert scores.tolist() == pytest.approx([expected], rel=1e-5)
+    queries, scores, labels = instance_inference(probs, masks, None, topk=10)  # capped at Q x C = 4 pairs
+    assert sorted(zip(queries.tolist(), labels.tolist())) == [(0, 0), (0, 1), (1, 0), (1, 1)]

@@ -119,6 +119,7 @@ def test_umg_adapt_seg_cli_trains_on_digits_0_4_and_segments_0_9(tmp_path, tiny_
     report = json.loads(evaluated.output.strip().splitlines()[-1])
     assert report["mode"] == "adapted" and report["n_classes"] == 10
     assert 0 <= report["metrics"]["miou"] <= 1 and 0 <= report["metrics"]["pq"] <= 1
+    assert 0 <= report["metrics"]["mask_ap"] <= 1 and 0 <= report["metrics"]["mask_ap50"] <= 1
 
 
 def test_umg_adapt_seg_errors(tmp_path):

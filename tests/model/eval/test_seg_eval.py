@@ -102,3 +102,56 @@ def test_chunked_upsampled_argmax_equals_one_argmax():
     probs = torch.rand(150, 12, 12, generator=torch.Generator().manual_seed(0))
     full = torch.nn.functional.interpolate(probs[None], size=(37, 29), mode="bilinear", align_corners=False)[0]
     assert torch.equal(upsampled_argmax(probs, (37, 29), chunk=16), full.argmax(dim=0))
+
+
+def test_mask_ap_of_instances_by_hand():
+    from model.eval.mask_ap import MaskAP
+
+    gt = np.zeros((4, 5), dtype=np.int64)
+    gt[:2, :] = 1  # segment 1: class 0 (thing), 10 pixels
+    gt[2:, :] = 2  # segment 2: class 1 (stuff): not an instance category
+    logits = torch.full((2, 4, 5), -5.0)
+    logits[0, :2, :3] = 5.0  # 6 of the 10 pixels: IoU 0.6, matched at IoU thresholds 0.50, 0.55, 0.60
+    logits[1, 2:, :] = 5.0   # a stuff detection: dropped
+    ap = MaskAP({0: True, 1: False})
+    ap.update(gt, [{"id": 1, "category_id": 0}, {"id": 2, "category_id": 1}], logits, torch.tensor([0.9, 0.8]),
+              torch.tensor([0, 1]))
+    assert len(ap.annotations) == 1 and len(ap.detections) == 1
+    assert ap.compute() == pytest.approx({"mask_ap": 0.3, "mask_ap50": 1.0})
+    assert MaskAP({0: False}).compute() == {}
+
+
+def test_mask_ap_of_an_instance_model(colour_dataset):
+    """Instances cut from the exact panoptic baseline: mask AP 1; with every label shifted: 0."""
+    class WithInstances(torch.nn.Module):
+        def __init__(self, shift=0):
+            super().__init__()
+            self.umg, self.shift = PixelColourModel(), shift
+            self.base = TrainingFreeSegmenter(self.umg, min_area=0)
+
+        def segment_semantic(self, images, text_emb):
+            return self.base.segment_semantic(images, text_emb)
+
+        def segment_panoptic(self, images, text_emb, thing_mask):
+            return self.base.segment_panoptic(images, text_emb, thing_mask)
+
+        def segment_instances(self, images, text_emb, thing_mask):
+            out = []
+            for seg, segments in self.segment_panoptic(images, text_emb, thing_mask):
+                things = [s for s in segments if s["isthing"]]
+                logits = torch.stack([torch.where(seg == s["id"], 10.0, -10.0) for s in things])
+                labels = torch.tensor([(s["category_id"] + self.shift) % len(CLASSES) for s in things])
+                out.append((logits, torch.ones(len(things)), labels))
+            return out
+
+    exact = _run(colour_dataset, model=WithInstances(), panoptic=colour_dataset / "panoptic.json")["metrics"]
+    assert exact["mask_ap"] == pytest.approx(1.0) and exact["pq_th"] == pytest.approx(1.0)
+    wrong = _run(colour_dataset, model=WithInstances(shift=1), panoptic=colour_dataset / "panoptic.json")["metrics"]
+    assert wrong["mask_ap"] == pytest.approx(0.0)
+
+
+def test_maskclip_dense_features_option(colour_dataset):
+    with pytest.raises(ValueError, match="dense_features"):
+        TrainingFreeSegmenter(PixelColourModel(), dense_features="clipsurgery")
+    result = _run(colour_dataset, dense_features="tokens")
+    assert result["dense_features"] == "tokens" and result["miou_convention"] == "detectron2"

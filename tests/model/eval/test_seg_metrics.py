@@ -23,12 +23,72 @@ def test_miou_ignores_255_and_classes_absent_from_prediction_and_target():
     assert scores["macc"] == pytest.approx((1 / 2 + 1 + 1 / 2) / 3)
 
 
-def test_a_class_predicted_but_absent_from_target_counts_as_zero():
+def test_a_class_predicted_but_absent_from_target_counts_as_zero_under_mmseg():
     target = torch.tensor([0, 0, 1, 1])
     pred = torch.tensor([0, 2, 1, 1])
-    scores = scores_from_confusion(confusion_matrix(pred, target, num_classes=3))
+    scores = scores_from_confusion(confusion_matrix(pred, target, num_classes=3), "mmseg")
     assert scores["iou_per_class"] == pytest.approx([1 / 2, 1.0, 0.0])
     assert scores["miou"] == pytest.approx(0.5)
+
+
+def test_issue_hand_case_detectron2_leaves_classes_absent_from_gt_out():
+    """GT [0,0,1,1,ignore], pred [0,2,1,1,1]: 0.500 with mmseg's rule, 0.750 with detectron2's (default)."""
+    target = torch.tensor([0, 0, 1, 1, 255])
+    pred = torch.tensor([0, 2, 1, 1, 1])
+    acc = SemanticConfusion(3)
+    acc.update(pred, target)
+    default = acc.compute()
+    assert default["miou"] == pytest.approx(0.75)
+    assert default["iou_per_class"][:2] == pytest.approx([0.5, 1.0]) and math.isnan(default["iou_per_class"][2])
+    mmseg = SemanticConfusion(3, convention="mmseg")
+    mmseg.update(pred, target)
+    assert mmseg.compute()["miou"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="convention"):
+        SemanticConfusion(3, convention="voc")
+
+
+def _detectron2_sem_seg_evaluate(preds: list[np.ndarray], gts: list[np.ndarray], num_classes: int,
+                                 ignore_label: int = 255) -> dict[str, float]:
+    """detectron2 ``SemSegEvaluator.process`` + ``evaluate`` (evaluation/sem_seg_evaluation.py), transcribed:
+    a (C + 1) x (C + 1) matrix with rows = prediction, columns = GT, ignored GT mapped to C."""
+    conf = np.zeros((num_classes + 1, num_classes + 1), dtype=np.int64)
+    for pred, gt in zip(preds, gts, strict=True):
+        gt = gt.copy()
+        gt[gt == ignore_label] = num_classes
+        conf += np.bincount((num_classes + 1) * pred.reshape(-1) + gt.reshape(-1),
+                            minlength=conf.size).reshape(conf.shape)
+    acc = np.full(num_classes, np.nan, dtype=float)
+    iou = np.full(num_classes, np.nan, dtype=float)
+    tp = conf.diagonal()[:-1].astype(float)
+    pos_gt = np.sum(conf[:-1, :-1], axis=0).astype(float)
+    class_weights = pos_gt / np.sum(pos_gt)
+    pos_pred = np.sum(conf[:-1, :-1], axis=1).astype(float)
+    acc_valid = pos_gt > 0
+    acc[acc_valid] = tp[acc_valid] / pos_gt[acc_valid]
+    union = pos_gt + pos_pred - tp
+    iou_valid = np.logical_and(acc_valid, union > 0)
+    iou[iou_valid] = tp[iou_valid] / union[iou_valid]
+    return {"miou": np.sum(iou[iou_valid]) / np.sum(iou_valid), "fwiou": np.sum(iou[iou_valid] * class_weights[iou_valid]),
+            "macc": np.sum(acc[acc_valid]) / np.sum(acc_valid), "pixel_acc": np.sum(tp) / np.sum(pos_gt),
+            "iou_per_class": iou}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_default_equals_detectron2_sem_seg_evaluator(seed):
+    """Random sets where some classes are only predicted, some only in GT, some ignored pixels."""
+    rng = np.random.default_rng(seed)
+    num_classes = 7
+    gts = [rng.choice([0, 1, 2, 3, 255], size=(5, 6)) for _ in range(3)]  # classes 4..6 never in GT
+    preds = [rng.integers(0, num_classes, size=(5, 6)) for _ in range(3)]
+    acc = SemanticConfusion(num_classes)
+    for pred, gt in zip(preds, gts, strict=True):
+        acc.update(torch.from_numpy(pred), torch.from_numpy(gt))
+    ours, reference = acc.compute(), _detectron2_sem_seg_evaluate(preds, gts, num_classes)
+    for key in ("miou", "fwiou", "macc", "pixel_acc"):
+        assert ours[key] == pytest.approx(reference[key], abs=1e-12), key
+    np.testing.assert_allclose(np.array(ours["iou_per_class"]), reference["iou_per_class"], equal_nan=True)
+    mmseg = scores_from_confusion(acc.matrix, "mmseg")["miou"]
+    assert mmseg < ours["miou"]  # the only-predicted classes 4..6 each add a 0 under mmseg
 
 
 def test_accumulating_images_equals_one_big_update():
