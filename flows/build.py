@@ -32,11 +32,11 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
-from prefect.events import emit_event
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
 
 from data_schemas import ConfigError, load_config
+from flows.chain import BUILD_COMPLETED, announce
 from flows.progress import shard_progress
 from pipeline.chain_runner import ChainMetrics, PipelinedChain
 from pipeline.completion import COMPLETED_NAME, already_announced, record_completion
@@ -51,7 +51,7 @@ from pipeline.sources.registry import build_source
 from pipeline.storage import StoragePath, as_path, is_local
 from pipeline.validate import ValidationReport, validate_build
 
-COMPLETED_EVENT = "umg.build.completed"
+COMPLETED_EVENT = BUILD_COMPLETED
 QA_DIR = "_qa"
 
 
@@ -205,16 +205,9 @@ def _stop_ray(chain: PipelinedChain | RemoteChain | None, owns_ray: bool) -> Non
 
 
 def _announce(build_dir: StoragePath, config: str, summary: dict[str, Any]) -> None:
-    """The event the ``train/local`` deployment triggers on (see ``flows/serve.py``)."""
-    run_id = flow_run.get_id()
-    emit_event(
-        event=COMPLETED_EVENT,
-        resource={"prefect.resource.id": f"umg.build.{run_id}", "prefect.resource.name": str(build_dir)},
-        related=[{"prefect.resource.id": f"prefect.flow-run.{run_id}", "prefect.resource.role": "flow-run"}],
-        payload={"shards": str(build_dir), "config": str(Path(config).resolve()),
-                 "upstream": f"prefect.flow-run.{run_id}", "samples": summary["samples"],
-                 "shards_total": summary["shards"]},
-    )
+    """The event the ``train`` deployments trigger on (``flows/chain.py``)."""
+    announce(COMPLETED_EVENT, {"shards": str(build_dir), "config": str(Path(config).resolve()),
+                               "samples": summary["samples"], "shards_total": summary["shards"]}, name=str(build_dir))
 
 
 def _save_overlays(build_dir: StoragePath, n: int) -> list[tuple[str, StoragePath, str]]:
