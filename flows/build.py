@@ -44,7 +44,7 @@ from pipeline.overlay import render_overlay
 from pipeline.ray_pool import RemoteChain, build_ray_chain, start_ray
 from pipeline.ray_shards import ShardRunner
 from pipeline.repair import shards_to_repair
-from pipeline.shard_build import prepare_build
+from pipeline.shard_build import prepare_build, release_build
 from pipeline.shards import iter_samples, read_stats, write_build_manifest
 from pipeline.sources.base import InputShard
 from pipeline.sources.registry import build_source
@@ -142,6 +142,7 @@ def build_umg41m(config: str = "configs/smoke.yaml", input: str | None = None, o
         shards_wall_s = time.perf_counter() - started
     finally:
         _stop_ray(chain, owns_ray)
+        release_build(build_dir)
     write_build_manifest(build_dir)
     report = validate_build(build_dir)
     rows = [rows[name] for name in sorted(rows)]
