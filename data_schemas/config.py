@@ -33,6 +33,11 @@ class ImageLimits(_Config):
     max_pixels: int = Field(default=64_000_000, gt=0, description="width*height above this is an error row")
     max_side: int = Field(default=16_384, gt=0, description="either side above this is an error row")
     jpeg_quality: int = Field(default=95, ge=1, le=100, description="quality when an input must be re-encoded")
+    max_model_pixels: int = Field(default=4096 * 4096, gt=0, description="images over this many pixels are stored "
+                                  "(ok + note) but not given to the model stages, whose buffers scale with them")
+    max_model_aspect: float = Field(default=20.0, ge=1.0, description="images whose long side is more than this "
+                                    "many times the short one are stored (ok + note) but not given to the model "
+                                    "stages (their resizing rounds the short side to 0 pixels)")
 
 
 class SourceConfig(_Config):
@@ -51,6 +56,18 @@ class SourceConfig(_Config):
                                  "this many bytes are error rows `too_large`, refused before reading")
     max_text_bytes: int = Field(default=2**20, gt=0, description="caption sidecars / tar text members above "
                                 "this many bytes are skipped with a note, before reading")
+    allow_hard_links: bool = Field(default=False, description="read files with more than one hard link (default: "
+                                   "an error row `hard_link`, since another name of one may lie outside the root)")
+    max_annotation_bytes: int = Field(default=2 * 2**30, gt=0, description="a COCO / VG annotation or caption "
+                                      "JSON above this many bytes is refused (one error line) before reading")
+
+    @field_validator("path", "annotations", "captions", "image_dir", mode="before")
+    @classmethod
+    def _not_empty(cls, value: Any) -> Any:
+        """An empty path would be the current directory: refuse it instead of reading whatever is there."""
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("is empty; name a file or folder (an empty path would read the current directory)")
+        return value
 
 
 BackendConfig = dict[str, Any]
@@ -237,11 +254,16 @@ def _apply_override(tree: dict[str, Any], override: str) -> None:
     dotted, raw = override.split("=", 1)
     node = tree
     parts = dotted.strip().split(".")
+    if not all(part.strip() for part in parts):
+        raise ConfigError(f"override {override!r}: the key {dotted!r} has an empty part (form: dotted.key=value)")
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {override!r}: {part!r} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw)
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {override!r}: the value is not valid YAML: {' '.join(str(exc).split())}") from exc
 
 
 def load_config(
@@ -263,10 +285,16 @@ def load_config(
     origin = str(path) if path is not None else "<defaults>"
     tree: dict[str, Any] = {}
     if path is not None:
+        if Path(path).exists() and not Path(path).is_file() and not Path(path).is_dir():  # a FIFO would block
+            raise ConfigError(f"config file {origin} is not a regular file (a FIFO, socket or device)")
         try:
             loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError as exc:
             raise ConfigError(f"config file {origin} does not exist") from exc
+        except IsADirectoryError as exc:
+            raise ConfigError(f"config file {origin} is a directory, not a YAML file") from exc
+        except (OSError, UnicodeDecodeError) as exc:  # permission denied, a FIFO, binary bytes …
+            raise ConfigError(f"config file {origin} cannot be read as UTF-8 text: {exc}") from exc
         except yaml.YAMLError as exc:
             raise ConfigError(f"{origin}: not valid YAML: {exc}") from exc
         if loaded is not None and not isinstance(loaded, dict):
