@@ -44,10 +44,11 @@ COLOR_TEMPLATE = "a {} digit"  # docs/evaluation.md: the colour probe of the dig
 
 # eval name -> (umg eval task, options from the raw data dir); metric column -> (eval name, result metric key)
 EVALS = {
-    "zeroshot": ("zeroshot", lambda raw: {"data": raw / "classification" / "test"}),
-    "retrieval": ("retrieval", lambda raw: {"images": raw / "images" / "test",
+    # preprocess squash: the whole picture (a centre crop can cut off digits); the documented runs used it
+    "zeroshot": ("zeroshot", lambda raw: {"data": raw / "classification" / "test", "preprocess": "squash"}),
+    "retrieval": ("retrieval", lambda raw: {"images": raw / "images" / "test", "preprocess": "squash",
                                             "captions": raw / "annotations" / "captions_test.json"}),
-    "retrieval_grouped": ("retrieval", lambda raw: {"images": raw / "images" / "test",
+    "retrieval_grouped": ("retrieval", lambda raw: {"images": raw / "images" / "test", "preprocess": "squash",
                                                     "captions": raw / "annotations" / "captions_test.json",
                                                     "group_identical_texts": True}),
     "region_digit": ("regions", lambda raw: {"images": raw / "images" / "test",

@@ -2,10 +2,13 @@
 ``model.dense.train``).
 
 ``task="global"`` trains on the shard build ``shards``; ``task="seg"`` trains the FC-CLIP-style dense
-model on COCO-format masks under ``data`` (``annotations/instances_<split>.json`` + ``images/<split>/``).
+model on COCO-format masks under ``data`` (``annotations/panoptic_<split>.json`` + PNGs when present, else
+``annotations/instances_<split>.json``; ``images/<split>/``). ``config`` defaults to the smoke schedule
+(logged); the paper's dense recipe is ``configs/adapt_fcclip.yaml``.
 The flow loads the ``adapt_global:`` / ``adapt_seg:`` section of ``config`` (plus ``overrides``), runs the
 adaptation into ``out`` (rerunning resumes a global run) and adds a markdown artifact with the parameter
-counts, the final losses and the checkpoint path.
+counts, the final losses and the checkpoint path. Its last step emits ``umg.adapt.completed`` (payload: the
+adapted checkpoint, the base checkpoint, the task), which starts the ``evaluate`` deployment (``flows/chain.py``).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from data_schemas import load_config
+from flows.chain import ADAPT_COMPLETED, announce
 
 
 def result_markdown(task: str, summary: dict, checkpoint: str) -> str:
@@ -36,6 +40,7 @@ def adapt(task: str, checkpoint: str, out: str = "out/adapt", shards: str | None
     logger = get_run_logger()
     if upstream:
         logger.info("triggered by flow run %s", upstream)
+    logger.info("adapt %s: schedule from config %s", task, config)
     if task == "global":
         from data_schemas.adapt_config import GlobalAdaptConfig
         from model.adapt_global import adapt_global
@@ -58,4 +63,6 @@ def adapt(task: str, checkpoint: str, out: str = "out/adapt", shards: str | None
                 summary["trainable_params"], summary["total_params"], summary["checkpoint"])
     create_markdown_artifact(key=f"umg-adapt-{task}", markdown=result_markdown(task, summary, checkpoint),
                              description="UMG-CLIP adaptation: parameters, final losses and checkpoint")
+    announce(ADAPT_COMPLETED, {"checkpoint": str(summary["checkpoint"]), "base": str(checkpoint), "task": task},
+             name=str(out))
     return summary

@@ -32,26 +32,27 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
-from prefect.events import emit_event
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
 
 from data_schemas import ConfigError, load_config
+from flows.chain import BUILD_COMPLETED, announce
 from flows.progress import shard_progress
 from pipeline.chain_runner import ChainMetrics, PipelinedChain
 from pipeline.completion import COMPLETED_NAME, already_announced, record_completion
+from pipeline.key_ledger import partitions_for
 from pipeline.overlay import render_overlay
 from pipeline.ray_pool import RemoteChain, build_ray_chain, start_ray
 from pipeline.ray_shards import ShardRunner
 from pipeline.repair import shards_to_repair
-from pipeline.shard_build import prepare_build
+from pipeline.shard_build import prepare_build, release_build
 from pipeline.shards import iter_samples, read_stats, write_build_manifest
 from pipeline.sources.base import InputShard
 from pipeline.sources.registry import build_source
 from pipeline.storage import StoragePath, as_path, is_local
 from pipeline.validate import ValidationReport, validate_build
 
-COMPLETED_EVENT = "umg.build.completed"
+COMPLETED_EVENT = BUILD_COMPLETED
 QA_DIR = "_qa"
 
 
@@ -119,7 +120,8 @@ def build_umg41m(config: str = "configs/smoke.yaml", input: str | None = None, o
         if work and (cfg.annotate is not None or concurrent > 1):
             owns_ray = start_ray(cfg.ray)
         runner = ShardRunner(source, str(build_dir), cfg.images, keys_in_use, None, cfg.breaker, remote=concurrent > 1,
-                             num_cpus=cfg.flow.shard_num_cpus, warm_workers=min(concurrent, len(work)))
+                             num_cpus=cfg.flow.shard_num_cpus, warm_workers=min(concurrent, len(work)),
+                             key_partitions=partitions_for(sum(len(s.refs) for s in plan), cfg.flow.key_partitions))
         if work and cfg.annotate is not None:  # the shard workers warm up while the models load
             chain = runner.chain = build_ray_chain(cfg.annotate, cfg.ray)
         runner.wait_warm()
@@ -142,6 +144,7 @@ def build_umg41m(config: str = "configs/smoke.yaml", input: str | None = None, o
         shards_wall_s = time.perf_counter() - started
     finally:
         _stop_ray(chain, owns_ray)
+        release_build(build_dir)
     write_build_manifest(build_dir)
     report = validate_build(build_dir)
     rows = [rows[name] for name in sorted(rows)]
@@ -204,16 +207,9 @@ def _stop_ray(chain: PipelinedChain | RemoteChain | None, owns_ray: bool) -> Non
 
 
 def _announce(build_dir: StoragePath, config: str, summary: dict[str, Any]) -> None:
-    """The event the ``train/local`` deployment triggers on (see ``flows/serve.py``)."""
-    run_id = flow_run.get_id()
-    emit_event(
-        event=COMPLETED_EVENT,
-        resource={"prefect.resource.id": f"umg.build.{run_id}", "prefect.resource.name": str(build_dir)},
-        related=[{"prefect.resource.id": f"prefect.flow-run.{run_id}", "prefect.resource.role": "flow-run"}],
-        payload={"shards": str(build_dir), "config": str(Path(config).resolve()),
-                 "upstream": f"prefect.flow-run.{run_id}", "samples": summary["samples"],
-                 "shards_total": summary["shards"]},
-    )
+    """The event the ``train`` deployments trigger on (``flows/chain.py``)."""
+    announce(COMPLETED_EVENT, {"shards": str(build_dir), "config": str(Path(config).resolve()),
+                               "samples": summary["samples"], "shards_total": summary["shards"]}, name=str(build_dir))
 
 
 def _save_overlays(build_dir: StoragePath, n: int) -> list[tuple[str, StoragePath, str]]:

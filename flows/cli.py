@@ -82,20 +82,28 @@ def build(
     from annotators import AnnotatorError
     from data_schemas import ConfigError, load_config
     from pipeline.breaker import ShardTripped
+    from pipeline.placement import in_process_refusal
     from pipeline.shard_build import build_shards, prepare_build
     from pipeline.shards import ShardError
     from pipeline.sources.registry import build_source
     from pipeline.tiny_models import prepare_chain
 
-    overrides = [f"source.path={input}", f"source.kind={source_kind}", *(set_ or [])]
+    if not input.strip():  # Path("") is the current directory: never build that by accident
+        _fail("--input is empty; name the folder (or COCO / VG root) to read")
+    overrides = [f"source.path={json.dumps(input)}", f"source.kind={source_kind}", *(set_ or [])]
     if follow_symlinks:
         overrides.append(f"source.follow_symlinks={json.dumps([str(p) for p in follow_symlinks])}")
     try:
         cfg = load_config(config, overrides)
+        refusal = in_process_refusal(cfg)
+        if refusal:
+            _fail(f"{config}: {refusal}")
         source = build_source(cfg.source)
         prepared = prepare_build(output, source, cfg.shard_size)  # output and plan checked before any model loads
     except (ConfigError, ValueError, OSError, ShardError) as exc:  # OSError: e.g. an object store refusing access
         _fail(str(exc))
+    except MemoryError:
+        _fail(f"out of memory while reading the inputs of {input} (an annotation file too large?)")
     plan, done, _ = prepared
     chain = None
     if retry_errors or any(shard.name not in done for shard in plan):  # else no model is needed
@@ -114,6 +122,9 @@ def build(
             )
         except ShardTripped as exc:  # finished shards stay; rerun the same command after fixing the cause
             _fail(str(exc))
+        except (OSError, ShardError, MemoryError) as exc:  # disk full, output removed …: finished shards stay
+            reason = f"{type(exc).__name__}: {exc}" if isinstance(exc, MemoryError) or not str(exc) else str(exc)
+            _fail(f"build stopped: {reason}; finished shards are kept, the same command resumes")
     written = summary.written
     typer.echo(json.dumps({
         "build_dir": str(output), "planned": summary.planned, "skipped": len(summary.skipped),
@@ -192,8 +203,8 @@ app.command("adapt")(adapt)
 @app.command("export-coco")
 def export_coco(
     build_dir: Annotated[str, typer.Argument(help="build directory with finished shards (path or URL)")],
-    out: Annotated[Path, typer.Option("--out", help="COCO JSON file to write")],
-    images: Annotated[Optional[Path], typer.Option(help="also write the JPEGs into this folder")] = None,
+    out: Annotated[str, typer.Option("--out", help="COCO JSON file to write (path or URL)")],
+    images: Annotated[Optional[str], typer.Option(help="also write the JPEGs into this folder (path or URL)")] = None,
 ) -> None:
     """Regions, masks and captions of a build as COCO JSON (pycocotools loads it); counts as JSON last."""
     from pipeline.export_coco import export_coco as run_export
@@ -201,7 +212,7 @@ def export_coco(
 
     try:
         counts = run_export(build_dir, out, images_dir=images)
-    except (ShardError, FileNotFoundError) as exc:
+    except (ShardError, OSError) as exc:
         _fail(str(exc))
     typer.echo(json.dumps({"out": str(out), **counts}))
 
@@ -224,19 +235,31 @@ def export_open_clip(
 @app.command()
 def serve(
     train_out: Annotated[Path, typer.Option(help="run dir of the train runs the build triggers")] = Path("out/train"),
+    adapt_out: Annotated[Path, typer.Option(help="out dir of the adapt runs training triggers")] = Path("out/adapt"),
+    eval_data: Annotated[Optional[Path], typer.Option(
+        help="data of the evaluate runs adaptation triggers (zeroshot: an ImageFolder such as "
+        "<umg sample --eval>/classification/test); without it evaluate is served untriggered")] = None,
+    eval_out: Annotated[Path, typer.Option(help="result JSON of triggered evaluate runs")] = Path(
+        "out/eval/result.json"),
     limit: Annotated[int, typer.Option(help="flow runs at once")] = 1,
     no_train: Annotated[bool, typer.Option("--no-train", help="serve build-umg41m/local only")] = False,
 ) -> None:
-    """Serve build-umg41m/local, train/local, adapt/local and evaluate/local (needs PREFECT_API_URL); runs until
-    stopped."""
+    """Serve build-umg41m/local, train/local, adapt/local and evaluate/local, chained by events (needs
+    PREFECT_API_URL); runs until stopped."""
     import os
 
     from flows.serve import main as serve_main
 
     if not os.environ.get("PREFECT_API_URL"):
         _fail("set PREFECT_API_URL to a running Prefect server (see docs/orchestration.md)")
-    serve_main(["--train-out", str(train_out), "--limit", str(limit), *(["--no-train"] if no_train else [])])
+    serve_main(["--train-out", str(train_out), "--adapt-out", str(adapt_out), "--eval-out", str(eval_out),
+                "--limit", str(limit), *(["--eval-data", str(eval_data)] if eval_data else []),
+                *(["--no-train"] if no_train else [])])
 
+
+from flows.cli_plan import plan_resources  # noqa: E402 - the umg plan-resources command (flows/cli_plan.py)
+
+app.command("plan-resources")(plan_resources)
 
 from flows.cli_eval import eval_app  # noqa: E402  (sub-app; imports nothing heavy)
 

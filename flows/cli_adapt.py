@@ -10,8 +10,23 @@ from typing import Annotated, Optional
 import typer
 
 TASKS = ("global", "seg")
-# The tiny CPU schedules beside the package (a checkout / editable install); without it the paper's recipe.
+# The tiny CPU schedules beside the package (a checkout / editable install); without it the built-in defaults.
+# Whichever is used is said on stderr and in the result's "config": never silently the smoke schedule.
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "adapt_smoke.yaml"
+PAPER_CONFIGS = {"seg": "configs/adapt_fcclip.yaml (FC-CLIP's recipe)",
+                 "global": "the built-in defaults of data_schemas/adapt_config.py (LAMB, 5 epochs)"}
+
+
+def schedule_note(task: str, config: Path | None, chosen_by_default: bool, steps: int | None) -> str:
+    """One line saying which schedule ``umg adapt`` runs."""
+    source = f"config {config}" if config is not None else "the built-in defaults (data_schemas/adapt_config.py)"
+    line = f"umg adapt --task {task}: schedule from {source}"
+    if steps is not None:
+        line += f", --steps {steps}"
+    if chosen_by_default:
+        line += (f" — chosen because no --config was given: the tiny smoke schedule for the sample data, "
+                 f"not the paper's; for that pass --config {PAPER_CONFIGS[task]}")
+    return line
 
 
 def adapt(
@@ -20,16 +35,20 @@ def adapt(
                                                  "an open_clip NAME[:TAG]")],
     out: Annotated[Path, typer.Option(help="adapted checkpoint dir (adapt.json + model.safetensors); resumes")],
     shards: Annotated[Optional[list[Path]], typer.Option("--shards", help="global: shard dir or tar")] = None,
-    data: Annotated[Optional[Path], typer.Option(help="seg: COCO root (annotations/instances_SPLIT.json, "
+    data: Annotated[Optional[Path], typer.Option(help="seg: COCO root (annotations/panoptic_SPLIT.json + "
+                                                      "panoptic_SPLIT/ if present, else instances_SPLIT.json; "
                                                       "images/SPLIT/)")] = None,
     split: Annotated[str, typer.Option(help="seg: split under --data")] = "train",
     annotations: Annotated[Optional[Path], typer.Option(help="seg: COCO instances JSON (instead of --data)")] = None,
-    images: Annotated[Optional[Path], typer.Option(help="seg: image folder (with --annotations)")] = None,
+    panoptic: Annotated[Optional[Path], typer.Option(help="seg: COCO panoptic JSON (instead of --data)")] = None,
+    panoptic_masks: Annotated[Optional[Path], typer.Option(
+        "--panoptic-masks", help="seg: folder of the panoptic PNGs (default: the JSON's path without .json)")] = None,
+    images: Annotated[Optional[Path], typer.Option(help="seg: image folder (with --annotations / --panoptic)")] = None,
     train_classes: Annotated[Optional[str], typer.Option(
         "--train-classes", help="seg: comma-separated training vocabulary (default: all categories)")] = None,
     config: Annotated[Optional[Path], typer.Option(
-        help="YAML with adapt_global: / adapt_seg: sections [default: the project's configs/adapt_smoke.yaml, "
-             "else the paper's recipe in data_schemas/adapt_config.py]")] = None,
+        help="YAML with adapt_global: / adapt_seg: sections [default: the project's configs/adapt_smoke.yaml (a "
+             "smoke schedule, said on stderr); the paper's dense recipe: configs/adapt_fcclip.yaml]")] = None,
     steps: Annotated[Optional[int], typer.Option(help="optimizer steps (overrides the config)")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override, e.g. convpass.dim=16")] = None,
 ) -> None:
@@ -42,8 +61,10 @@ def adapt(
     if task not in TASKS:
         _fail(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
     overrides = list(set_ or [])
-    if config is None and DEFAULT_CONFIG.is_file():
+    chosen_by_default = config is None and DEFAULT_CONFIG.is_file()
+    if chosen_by_default:
         config = DEFAULT_CONFIG
+    typer.echo(schedule_note(task, config, chosen_by_default, steps), err=True)
     try:
         if task == "global":
             if not shards:
@@ -66,9 +87,9 @@ def adapt(
             from model.dense.data import coco_source
             from model.dense.train import adapt_seg
 
-            source = coco_source(data, split, annotations, images)
+            source = coco_source(data, split, annotations, images, panoptic, panoptic_masks)
             result = adapt_seg(cfg, checkpoint, source, out)
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as exc:
         _fail(str(exc))
     if os.environ.get("RANK", "0") == "0":
-        typer.echo(json.dumps(result.summary()))
+        typer.echo(json.dumps({**result.summary(), "config": str(config) if config is not None else "built-in"}))

@@ -56,6 +56,11 @@ def _run(evaluate: Callable[..., dict], out: Path | None, **kwargs) -> None:
     typer.echo(result_line(result))
 
 
+Preprocess = Annotated[str, typer.Option(
+    "--preprocess", help="model: the towers' open_clip transform (shorter side, centre crop; clip_benchmark's); "
+    "squash: the whole image resized to S x S")]
+
+
 @eval_app.command()
 def zeroshot(
     checkpoint: Checkpoint,
@@ -69,12 +74,14 @@ def zeroshot(
     device: Device = "cpu",
     workers: Workers = 0,
     cluster_in_eval: ClusterInEval = False,
+    preprocess: Preprocess = "model",
 ) -> None:
     """Zero-shot classification: prompt-ensembled classifier; acc1, acc5, mean per-class recall."""
     from model.eval.zeroshot import run_zeroshot
 
     _run(run_zeroshot, out, checkpoint=checkpoint, data=data, classnames_file=classnames, templates_file=templates,
-         batch_size=batch_size, device=device, workers=workers, cluster_in_eval=cluster_in_eval)
+         batch_size=batch_size, device=device, workers=workers, cluster_in_eval=cluster_in_eval,
+         preprocess=preprocess)
 
 
 @eval_app.command()
@@ -91,12 +98,14 @@ def retrieval(
         "--group-identical-texts",
         help="one text per distinct caption string, positives = all images having it (for repeated captions)")
     ] = False,
+    preprocess: Preprocess = "model",
 ) -> None:
     """Image-text retrieval: I2T and T2I recall@1/5/10."""
     from model.eval.retrieval import run_retrieval
 
     _run(run_retrieval, out, checkpoint=checkpoint, images=images, captions=captions, batch_size=batch_size,
-         device=device, workers=workers, cluster_in_eval=cluster_in_eval, group_identical_texts=group_identical_texts)
+         device=device, workers=workers, cluster_in_eval=cluster_in_eval, group_identical_texts=group_identical_texts,
+         preprocess=preprocess)
 
 
 Templates = Annotated[Optional[Path], typer.Option(

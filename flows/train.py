@@ -3,6 +3,8 @@
 The flow loads the ``train:`` section of ``config`` (plus ``overrides``), calls the trainer, and adds a
 markdown artifact with the final losses and the checkpoint path. ``upstream`` is the build flow run that
 triggered it (``flows/serve.py``); it is only logged. Rerunning with the same ``out`` resumes the run.
+Its last step emits ``umg.train.completed`` (payload: checkpoint, shards, run dir), which starts the ``adapt``
+deployment (``flows/chain.py``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from data_schemas import TrainConfig, load_config
+from flows.chain import TRAIN_COMPLETED, announce
 from model.trainer import TrainResult
 from model.trainer import train as run_training
 
@@ -34,9 +37,12 @@ def train(shards: str, config: str = "configs/smoke.yaml", out: str = "out/train
     if upstream:
         logger.info("triggered by build flow run %s", upstream)
     cfg = load_config(config, overrides, model=TrainConfig, section="train")
-    result = run_training(cfg, Path(shards), Path(out))
+    result = run_training(cfg, shards, Path(out))  # shards: a path or URL (s3://…), as the build announced it
     logger.info("trained %d steps; checkpoint %s", result.steps, result.checkpoint)
     create_markdown_artifact(key="umg-train-result", markdown=result_markdown(result, shards, config, upstream),
                              description="UMG-CLIP training: final losses and checkpoint")
-    return {"checkpoint": str(result.checkpoint), "steps": result.steps, "metrics_csv": str(result.metrics_csv),
-            "final_losses": result.final_losses}
+    summary = {"checkpoint": str(result.checkpoint), "steps": result.steps, "metrics_csv": str(result.metrics_csv),
+               "final_losses": result.final_losses}
+    announce(TRAIN_COMPLETED, {"checkpoint": summary["checkpoint"], "shards": shards, "run_dir": str(out),
+                               "steps": result.steps}, name=str(out))
+    return summary

@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
-# The main job (`make demo`): the orchestrated build on the bundled sample data, then training.
+# The main job (`make demo`): the orchestrated build on the bundled sample data, then training, adaptation and
+# evaluation, each step started by the previous one's event (flows/chain.py).
 #
 #   1. start a local Prefect server (SQLite in .prefect/, 127.0.0.1, a free port, analytics off)
-#   2. generate 64 digit-scene images (exact ground truth) in $DEMO_DIR/raw
-#   3. serve the deployments build-umg41m/local and train/local (flows/serve.py)
+#   2. generate 64 digit-scene images (exact ground truth) in $DEMO_DIR/raw, and held-out evaluation data
+#      (another seed, `umg sample --eval`) in $DEMO_DIR/eval
+#   3. serve build-umg41m/local, train/local, adapt/local and evaluate/local (flows/serve.py)
 #   4. run build-umg41m/local on them with $CONFIG (Ray actor pools, one per annotator) and watch it
-#   5. wait for the train/local run that the build's umg.build.completed event triggers
-#   6. validate the shards, export COCO JSON, print where everything is
+#   5. wait for the runs the events trigger: train/local (umg.build.completed), adapt/local (umg.train.completed:
+#      Convpass PET with $ADAPT_CONFIG), evaluate/local (umg.adapt.completed: zero-shot classification of the
+#      adapted model on the held-out digits)
+#   6. validate the shards, export COCO JSON, print where everything is and the evaluation's figures
 #   7. stop what this script started, by pid: the serve process and the server
 #      (KEEP_SERVER=1 leaves the server running for the UI and prints its pid)
 #
-# Variables: DEMO_DIR (out/demo), CONFIG (configs/smoke.yaml), N_IMAGES (64), SHARD_SIZE (16),
-# PREFECT_PORT (free), KEEP_SERVER (0), BIN (.venv/bin).
+# Variables: DEMO_DIR (out/demo), CONFIG (configs/smoke.yaml), ADAPT_CONFIG (configs/adapt_smoke.yaml),
+# N_IMAGES (64), SHARD_SIZE (16), PREFECT_PORT (free), KEEP_SERVER (0), BIN (.venv/bin).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -19,6 +23,7 @@ BIN=${BIN:-.venv/bin}
 PY=$BIN/python
 DEMO_DIR=${DEMO_DIR:-out/demo}
 CONFIG=${CONFIG:-configs/smoke.yaml}
+ADAPT_CONFIG=${ADAPT_CONFIG:-configs/adapt_smoke.yaml}
 N_IMAGES=${N_IMAGES:-64}
 SHARD_SIZE=${SHARD_SIZE:-16}
 KEEP_SERVER=${KEEP_SERVER:-0}
@@ -59,13 +64,17 @@ nohup "$BIN/prefect" server start --host 127.0.0.1 --port "$PORT" >"$LOGS/server
 SERVER_PID=$!
 "$PY" -m flows.services wait-healthy "$PREFECT_API_URL" --pid "$SERVER_PID" --timeout 120
 
-echo "== sample data: $N_IMAGES digit scenes"
+echo "== sample data: $N_IMAGES digit scenes; held-out evaluation digits"
 "$BIN/umg" sample --out "$DEMO_DIR/raw" --n "$N_IMAGES" --seed 0 >"$LOGS/sample.json"
+"$BIN/umg" sample --out "$DEMO_DIR/eval" --n 40 --seed 1 --eval >"$LOGS/sample_eval.json"
+EVAL_DATA=$DEMO_DIR/eval/classification/test
 
-echo "== serving build-umg41m/local and train/local (logs: $LOGS/serve.log)"
-nohup "$BIN/umg" serve --train-out "$DEMO_DIR/train" >"$LOGS/serve.log" 2>&1 &
+echo "== serving build-umg41m/local, train/local, adapt/local, evaluate/local (logs: $LOGS/serve.log)"
+nohup "$PY" -m flows.serve --train-out "$DEMO_DIR/train" --adapt-out "$DEMO_DIR/adapt" --adapt-config "$ADAPT_CONFIG" \
+  --eval-data "$EVAL_DATA" --eval-out "$DEMO_DIR/eval_result.json" >"$LOGS/serve.log" 2>&1 &
 SERVE_PID=$!
-"$PY" -m flows.services wait-deployments build-umg41m/local train/local --pid "$SERVE_PID" --timeout 300
+"$PY" -m flows.services wait-deployments build-umg41m/local train/local adapt/local evaluate/local \
+  --pid "$SERVE_PID" --timeout 300
 
 echo "== build-umg41m/local with $CONFIG"
 SINCE=$(date -u +%Y-%m-%dT%H:%M:%SZ)
@@ -74,8 +83,10 @@ SINCE=$(date -u +%Y-%m-%dT%H:%M:%SZ)
   -p "overrides=[\"shard_size=$SHARD_SIZE\"]" \
   --watch --watch-interval 2 --watch-timeout 1800
 
-echo "== waiting for the train/local run triggered by the build"
-"$PY" -m flows.services wait-run train/local --since "$SINCE" --timeout 1800
+echo "== waiting for the runs the events trigger: train/local -> adapt/local -> evaluate/local"
+for step in train/local adapt/local evaluate/local; do
+  "$PY" -m flows.services wait-run "$step" --since "$SINCE" --timeout 1800
+done
 
 echo "== validate + COCO export"
 "$BIN/umg" validate "$DEMO_DIR/shards" | tee "$LOGS/validate.json"
@@ -91,8 +102,15 @@ demo done
   COCO export     $DEMO_DIR/coco.json
   checkpoint      $LATEST
   training run    $DEMO_DIR/train   (metrics.csv)
+  adapted model   $DEMO_DIR/adapt   (Convpass PET, triggered by the training run's event)
+  evaluation      $DEMO_DIR/eval_result.json   (+ .md; artifact umg-eval-zeroshot-metrics)
   logs            $LOGS/
 SUMMARY
 if [[ $KEEP_SERVER != 1 ]]; then
   echo "  (the server is stopped now; KEEP_SERVER=1 make demo keeps the UI up)"
 fi
+echo
+echo "evaluate/local (triggered by adapt/local's event) on $EVAL_DATA:"
+cat "$DEMO_DIR/eval_result.md"
+"$PY" -c 'import json, sys; r = json.load(open(sys.argv[1])); print(json.dumps({"task": r["task"], **r["metrics"]}))' \
+  "$DEMO_DIR/eval_result.json"

@@ -62,7 +62,7 @@ def mask2former_config(head: DenseHeadSection, num_labels: int) -> Mask2FormerCo
     """The Mask2Former settings of our head (sizes from ``head``; the loss weights too)."""
     return Mask2FormerConfig(
         feature_size=head.hidden_dim, mask_feature_size=head.hidden_dim, hidden_dim=head.hidden_dim,
-        encoder_feedforward_dim=head.ffn_dim, dim_feedforward=head.ffn_dim, encoder_layers=head.encoder_layers,
+        encoder_feedforward_dim=head.encoder_ffn_dim or head.ffn_dim, dim_feedforward=head.ffn_dim, encoder_layers=head.encoder_layers,
         decoder_layers=head.decoder_layers, num_attention_heads=head.num_heads, num_queries=head.num_queries,
         class_weight=head.class_weight, mask_weight=head.mask_weight, dice_weight=head.dice_weight,
         no_object_weight=head.no_object_weight, train_num_points=head.train_num_points,
@@ -222,4 +222,6 @@ def dense_model_from_meta(meta: AdaptedCheckpoint, umg: UMGCLIP) -> DenseUMG:
         raise ValueError("adapt.json of task seg needs head, ensemble and classnames")
     embed_dim = meta.open_clip_config["model_cfg"]["embed_dim"]
     synonyms = max(len(split_synonyms(name)) for name in meta.classnames)
-    return DenseUMG(umg, meta.head, meta.ensemble, torch.zeros(len(meta.classnames), synonyms, embed_dim))
+    model = DenseUMG(umg, meta.head, meta.ensemble, torch.zeros(len(meta.classnames), synonyms, embed_dim))
+    model.input_side = meta.input_size  # None: the base's S (model.preprocess.input_size)
+    return model

@@ -5,8 +5,10 @@ and the pair trains with transformers' ``Mask2FormerLoss`` — Hungarian matchin
 mask costs, then class cross-entropy (no-object weight 0.1), sigmoid BCE and dice on the matched
 masks, on the final decoder stage and (``head.aux_loss``) on every earlier one — weighted 2 / 5 / 5
 (FC-CLIP). The classifier is the frozen text tower's prompt-ensembled embeddings of the training
-vocabulary (computed once: the text tower does not train). AdamW with warmup + cosine
-(``model.schedule``), global gradient clipping. Prompts: ``templates`` of the config, else the
+vocabulary (computed once: the text tower does not train). AdamW with detectron2's multi-step decay
+(FC-CLIP's, :func:`multistep_factor`) or warmup + cosine (``model.schedule``), global gradient clipping.
+Data: COCO panoptic (things and stuff) or instances (``model.dense.data``), at the side ``input_size`` with
+FC-CLIP's large-scale jitter or squashed like evaluation (``model.dense.augment``). Prompts: ``templates`` of the config, else the
 ``templates.txt`` next to the annotations (the eval layouts' file, so ``umg eval seg`` on the same data
 builds identical class embeddings and recognises the seen classes), else FC-CLIP's ViLD templates; class
 names split into synonyms at commas (``model.dense.vocabulary``).
@@ -32,11 +34,12 @@ from data_schemas.adapt_config import AdaptedCheckpoint, SegAdaptConfig
 from data_schemas.train_config import OptimSection
 from model.adapted import AdaptResult, base_model, convpass_cfg, parameters_of, resolve_base, save_adapted
 from model.convpass import add_convpass
-from model.dense.data import CocoMasks, CocoSource, collate
+from model.dense.augment import DenseTrainTransform
+from model.dense.data import CocoSource, collate, dense_dataset
 from model.dense.model import DenseUMG, mask2former_config
 from model.dense.vocabulary import synonym_text_embeddings
 from model.factory import tokenizer_for
-from model.preprocess import eval_transform, input_size
+from model.preprocess import preprocess_cfg, eval_transform, input_size
 from model.schedule import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -64,6 +67,28 @@ def weighted_loss(losses: dict[str, torch.Tensor], cfg: SegAdaptConfig) -> tuple
     return total, terms
 
 
+def multistep_factor(step: int, total: int, warmup: int, milestones: list[float], gamma: float) -> float:
+    """detectron2 ``WarmupMultiStepLR`` (linear warmup from 0) as a LambdaLR factor; milestones are fractions
+    of ``total`` steps."""
+    warm = min(1.0, (step + 1) / warmup) if warmup else 1.0
+    return warm * gamma ** sum(step >= round(m * total) for m in milestones)
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, optim: OptimSection, cfg: SegAdaptConfig):
+    if cfg.lr_schedule == "cosine":
+        return build_scheduler(optimizer, optim, cfg.steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: multistep_factor(
+        step, cfg.steps, cfg.warmup_steps, cfg.lr_milestones, cfg.lr_gamma))
+
+
+def train_transform(umg, cfg: SegAdaptConfig) -> tuple[DenseTrainTransform, int]:
+    """The training geometry (``model.dense.augment``) at side T = ``cfg.input_size`` or the model's S."""
+    side = cfg.input_size or input_size(umg)
+    pre = preprocess_cfg(umg)
+    return DenseTrainTransform(side, eval_transform(umg, side), pre["mean"], pre["std"], cfg.scale_range,
+                               cfg.random_flip, torch.Generator().manual_seed(cfg.seed)), side
+
+
 def _device(name: str) -> torch.device:
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
@@ -81,7 +106,11 @@ def adapt_seg(cfg: SegAdaptConfig, base: str | Path, source: CocoSource, out_dir
     section, base_config, provenance = resolve_base(base)
     umg = add_convpass(base_model(section, base_config, initial_weights=True, device=device),
                        convpass_cfg(cfg.convpass))
-    dataset = CocoMasks(source, eval_transform(umg), input_size(umg), cfg.train_classes)
+    transform, side = train_transform(umg, cfg)
+    dataset = dense_dataset(source, transform, cfg.train_classes)
+    log.info("dense adaptation on %s %s (%d images, %d classes) at %d px, %s", source.kind, source.annotations,
+             len(dataset), len(dataset.classnames), side,
+             f"scale jitter {cfg.scale_range}" if cfg.scale_range else "squashed like eval")
     text_emb = synonym_text_embeddings(umg.eval(), tokenizer_for(umg), dataset.classnames,
                                        read_templates(cfg, source)).to(device)
     model = DenseUMG(umg, cfg.head, cfg.ensemble, text_emb).to(device).train()
@@ -89,7 +118,7 @@ def adapt_seg(cfg: SegAdaptConfig, base: str | Path, source: CocoSource, out_dir
     optim = OptimSection(name="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
                          grad_clip_norm=cfg.grad_clip_norm)
     optimizer = build_optimizer(model, optim)
-    scheduler = build_scheduler(optimizer, optim, cfg.steps)
+    scheduler = _scheduler(optimizer, optim, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate,
                         generator=torch.Generator().manual_seed(cfg.seed))
@@ -126,7 +155,7 @@ def adapt_seg(cfg: SegAdaptConfig, base: str | Path, source: CocoSource, out_dir
     meta = AdaptedCheckpoint(task="seg", base_checkpoint=provenance, base_model=section,
                              open_clip_config=umg.open_clip_config, convpass=cfg.convpass, head=cfg.head,
                              ensemble=cfg.ensemble, classnames=dataset.classnames, parameters=parameters_of(model),
-                             steps=cfg.steps)
+                             steps=cfg.steps, input_size=cfg.input_size)
     save_adapted(out_dir, model, meta)
     final_losses = {"loss": row["loss"], **terms}
     return AdaptResult(checkpoint=out_dir, steps=cfg.steps, trainable_params=meta.parameters.trainable,

@@ -9,6 +9,11 @@ are rare; this only makes degenerate cases well-defined.
 
 Keys follow clip_benchmark: ``acc{k}``, ``mean_per_class_recall``; ``text_retrieval_recall@k``
 (image -> text, I2T) and ``image_retrieval_recall@k`` (text -> image, T2I). Values are fractions.
+
+Undefined k: with fewer than k candidates (classes for ``acc{k}``, texts for I2T, images for T2I) a top-k
+figure says nothing (every item is in the top k) and the value is ``None`` (JSON null). clip_benchmark
+reports ``acc5`` as NaN below 5 classes (``zeroshot_classification.evaluate``) and its retrieval
+``torch.topk`` refuses k above the candidates.
 """
 
 from __future__ import annotations
@@ -41,14 +46,15 @@ def classification_metrics(logits: torch.Tensor, targets: torch.Tensor, ks: Sequ
         targets: (N,) int64 true class indices.
 
     Returns:
-        ``acc{k}`` for each k, and the mean over the classes present in ``targets`` of the fraction of
-        that class's samples whose top-1 prediction is right (balanced accuracy; absent classes skipped).
+        ``acc{k}`` for each k (None when k > C: undefined, module doc), and the mean over the classes present in
+        ``targets`` of the fraction of that class's samples whose top-1 prediction is right (balanced accuracy;
+        absent classes skipped).
     """
     if logits.ndim != 2 or targets.shape != logits.shape[:1] or logits.shape[0] == 0:
         raise ValueError(f"need logits (N, C) with N > 0 and targets (N,), got {tuple(logits.shape)}, "
                          f"{tuple(targets.shape)}")
     rank = target_rank(logits, targets)
-    out = {f"acc{k}": (rank < k).float().mean().item() for k in ks}
+    out = {f"acc{k}": _fraction(rank < k) if k <= logits.shape[1] else None for k in ks}
     hit = (rank == 0).float()
     present = targets.unique()
     recalls = torch.stack([hit[targets == c].mean() for c in present])
@@ -96,7 +102,8 @@ def multi_positive_retrieval_metrics(scores: torch.Tensor, positives: torch.Tens
         ``text_retrieval_recall@k`` (I2T): fraction of images with a positive text for which the
         best-scored positive text has fewer than k negative texts scoring >= it (i.e. ANY positive text in
         the top k); ``image_retrieval_recall@k`` (T2I): the same per text over images. Other positives never
-        count against a hit; ties with negatives do (module docstring).
+        count against a hit; ties with negatives do (module docstring). None when k exceeds the texts (I2T)
+        or the images (T2I).
     """
     if positives.shape != scores.shape or positives.dtype != torch.bool or scores.ndim != 2:
         raise ValueError(f"need bool positives of shape {tuple(scores.shape)}, got {tuple(positives.shape)} "
@@ -110,7 +117,12 @@ def multi_positive_retrieval_metrics(scores: torch.Tensor, positives: torch.Tens
     best_image = scores.masked_fill(~positives, neg_inf).max(dim=0).values  # (T,)
     t2i_rank = ((scores >= best_image[None, :]) & ~positives).sum(dim=0)
     out = {}
+    n_images, n_texts = scores.shape
     for k in ks:
-        out[f"image_retrieval_recall@{k}"] = (t2i_rank < k).float().mean().item()
-        out[f"text_retrieval_recall@{k}"] = (i2t_rank < k).float().mean().item()
+        out[f"image_retrieval_recall@{k}"] = _fraction(t2i_rank < k) if k <= n_images else None
+        out[f"text_retrieval_recall@{k}"] = _fraction(i2t_rank < k) if k <= n_texts else None
     return out
+
+
+def _fraction(hits: torch.Tensor) -> float:
+    return hits.float().mean().item()

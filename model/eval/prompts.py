@@ -3,19 +3,20 @@
 Each class name is put into every template, the template embeddings are L2-normalised, averaged and
 normalised again (Radford et al. 2021; open_clip ``build_zero_shot_classifier``).
 
-``DEFAULT_TEMPLATES`` are the built-in prompts. A text tower trained from scratch on the digit scenes
-(``pipeline/sample_data/templates.py``) only knows the phrasings it saw, so the list holds exactly the
-forms its captions use (``ZERO_SHOT_PROMPTS`` there: "a photo of a {}", "{}", "a handwritten {}") plus
-the first CLIP/ImageNet prompts with the same words ("a photo of a {}.", "a photo of the {}.").
-Prompts get "an" before a vowel sound ("a eight" -> "an eight"), the rule of the training captions
-(``pipeline.sample_data.templates.fix_articles``; restated here so ``model`` does not import the sample
-generator, and tested to agree). For real
-benchmarks pass the dataset's own templates (clip_benchmark's per-dataset lists) with ``--templates``.
+A prompt is the template with ``{}`` replaced by the class name and nothing else: no article is rewritten
+("a photo of a {}." with "eagle" stays "a photo of a eagle."), exactly as clip_benchmark's
+``template.format(c=classname)`` (its templates spell the slot ``{c}``; ours ``{}``). The digit-scene
+evaluation sets therefore ship prompts that need no article (``templates.txt``: "{}", "a handwritten {}",
+``pipeline.sample_data.eval_formats.EVAL_TEMPLATES``).
+
+``DEFAULT_TEMPLATES`` are the built-in prompts, used when a data set brings no ``templates.txt``: the
+article-free forms of the digit-scene captions plus the first CLIP/ImageNet prompts ("a photo of a {}.",
+"a photo of the {}."). For real benchmarks pass the dataset's own templates (clip_benchmark's per-dataset
+lists) with ``--templates``.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 
 import torch
@@ -24,7 +25,6 @@ import torch.nn.functional as F
 from model.eval.features import encode_texts
 
 DEFAULT_TEMPLATES: tuple[str, ...] = (
-    "a photo of a {}",
     "{}",
     "a handwritten {}",
     "a photo of a {}.",
@@ -32,17 +32,9 @@ DEFAULT_TEMPLATES: tuple[str, ...] = (
 )
 
 
-_A_BEFORE_VOWEL = re.compile(r"\b([Aa]) (?=(?!one\b)[aeiouAEIOU])")
-
-
-def fix_articles(text: str) -> str:
-    """"a eight" -> "an eight" ("a one" stays): the article rule of the digit-scene captions."""
-    return _A_BEFORE_VOWEL.sub(lambda m: "an " if m.group(1) == "a" else "An ", text)
-
-
 def fill_templates(classname: str, templates: Sequence[str]) -> list[str]:
-    """Each template with ``{}`` replaced by the class name, articles fixed."""
-    return [fix_articles(t.replace("{}", classname)) for t in templates]
+    """Each template with ``{}`` replaced by the class name, verbatim (clip_benchmark's rule)."""
+    return [t.replace("{}", classname) for t in templates]
 
 
 @torch.no_grad()

@@ -23,10 +23,11 @@ TABLE_COLUMNS: dict[str, list[tuple[str, str]]] = {
 }
 
 
-def make_result(task: str, dataset: str, model: str, metrics: dict[str, float], **extra) -> dict:
-    """The result dict; ``extra`` (counts, settings) is kept next to the metrics."""
+def make_result(task: str, dataset: str, model: str, metrics: dict[str, float | None], **extra) -> dict:
+    """The result dict; ``extra`` (counts, settings) is kept next to the metrics. An undefined metric (e.g.
+    ``acc5`` with fewer than 5 classes, ``model.eval.metrics``) stays None: JSON null, "–" in the table."""
     return {"task": task, "dataset": dataset, "model": model,
-            "metrics": {k: float(v) for k, v in metrics.items()}, **extra}
+            "metrics": {k: None if v is None else float(v) for k, v in metrics.items()}, **extra}
 
 
 def markdown_table(result: dict) -> str:
@@ -35,7 +36,8 @@ def markdown_table(result: dict) -> str:
     known = [(k, h) for k, h in TABLE_COLUMNS.get(result["task"], []) if k in metrics]
     columns = known + [(k, k) for k in sorted(set(metrics) - {k for k, _ in known})]
     header = ["model", "dataset", *(h for _, h in columns)]
-    row = [f"`{result['model']}`", result["dataset"], *(f"{100 * metrics[k]:.1f}" for k, _ in columns)]
+    row = [f"`{result['model']}`", result["dataset"],
+           *("–" if metrics[k] is None else f"{100 * metrics[k]:.1f}" for k, _ in columns)]
     lines = [f"| {' | '.join(header)} |", f"|{'---|' * len(header)}", f"| {' | '.join(row)} |"]
     return f"### {result['task']}\n\n" + "\n".join(lines) + "\n\nmetrics in %\n"
 

@@ -1,10 +1,14 @@
 """Zero-shot image-text retrieval (paper Tab. 3 protocol, as in CLIP and clip_benchmark).
 
-Protocol: every image (preprocessed whole, ``model.preprocess.eval_transform``; full token grid) and
+Protocol (clip_benchmark's ``zeroshot_retrieval``; ``tests/model/eval/test_clip_benchmark.py`` checks the
+figures against its own code): every image (the towers' open_clip transform, ``preprocess="model"``:
+shorter side to S, centre crop, as clip_benchmark; ``"squash"``: whole image to S x S; full token grid) and
 every caption (as written, no template) is embedded; similarities are cosines. Image-to-text (I2T,
 ``text_retrieval_recall@k``): an image is a hit when ANY of its captions is among the k best captions.
 Text-to-image (T2I, ``image_retrieval_recall@k``): a caption is a hit when its image is among the k best
-images. k = 1, 5, 10. Ties count against the model (``model.eval.metrics``).
+images. k = 1, 5, 10; a k above the number of candidates (texts for I2T, images for T2I) gives null
+(clip_benchmark's ``topk`` refuses it). Ties count against the model (``model.eval.metrics``). Images listed
+without captions are left out (clip_benchmark's ``CocoCaptions`` keeps them as I2T misses).
 
 Grouped protocol (``group_identical_texts=True``; ``umg eval retrieval --group-identical-texts``): for
 data whose captions repeat across images (templated captions such as the digit scenes), where identical
@@ -30,6 +34,7 @@ from model.eval.features import Progress, encode_images, encode_texts
 from model.eval.metrics import multi_positive_retrieval_metrics, retrieval_metrics
 from model.eval.report import make_result
 from model.loading import create_model_and_transforms
+from model.preprocess import image_preprocess
 
 TASK = "zeroshot_retrieval"
 KS = (1, 5, 10)
@@ -76,9 +81,10 @@ def group_texts(captions: list[str], caption_image: list[int], n_images: int) ->
 
 
 def run_retrieval(checkpoint: str, images: str | Path, captions: str | Path, *, device: str = "cpu",
-                  cluster_in_eval: bool = False, **kwargs) -> dict:
-    """Load ``checkpoint`` and evaluate it; the result dict (dataset = the captions file's stem)."""
-    model, preprocess, tokenizer = create_model_and_transforms(checkpoint, device=device,
-                                                               cluster_in_eval=cluster_in_eval)
-    metrics, info = evaluate_retrieval(model, preprocess, tokenizer, images, captions, device=device, **kwargs)
-    return make_result(TASK, Path(captions).stem, str(checkpoint), metrics, **info)
+                  cluster_in_eval: bool = False, preprocess: str = "model", **kwargs) -> dict:
+    """Load ``checkpoint`` and evaluate it; the result dict (dataset = the captions file's stem).
+    ``preprocess``: ``model`` (the towers' open_clip transform, clip_benchmark's) or ``squash``."""
+    model, _, tokenizer = create_model_and_transforms(checkpoint, device=device, cluster_in_eval=cluster_in_eval)
+    metrics, info = evaluate_retrieval(model, image_preprocess(model, preprocess), tokenizer, images, captions,
+                                       device=device, **kwargs)
+    return make_result(TASK, Path(captions).stem, str(checkpoint), metrics, preprocess=preprocess, **info)

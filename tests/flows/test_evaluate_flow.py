@@ -47,5 +47,5 @@ def test_evaluate_flow_runs_a_task_and_reports_tables(tiny_checkpoint, tmp_path,
 
 
 def test_evaluate_is_served_next_to_train():
-    names = {f"{d.flow_name}/{d.name}" for d in deployments("out/train")}
+    names = {f"{d.flow_name}/{d.name}" for d in deployments()}
     assert EVALUATE_DEPLOYMENT in names and "train/local" in names

@@ -130,7 +130,8 @@ def test_umg_adapt_seg_errors(tmp_path):
         (["--data", str(data), "--train-classes", "zero,eleven"], "not among the categories"),
         (["--data", str(tmp_path / "none")], "COCO instances file not found"),
         ([], "needs --data"),
-        (["--annotations", str(data / "annotations" / "instances_train.json")], "--annotations and --images together"),
+        (["--annotations", str(data / "annotations" / "instances_train.json")], "and --images together"),
+        (["--panoptic", str(data / "x.json"), "--annotations", str(data / "y.json")], "not both"),
     ]
     for args, message in cases:
         result = runner.invoke(app, ["adapt", "--task", "seg", "--checkpoint", "umg-tiny-vit", "--out",
