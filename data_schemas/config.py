@@ -210,6 +210,8 @@ class FlowConfig(_Config):
     shard_retries: int = Field(default=2, ge=0, description="retries of a failed shard task")
     retry_delay_s: list[float] = Field(default_factory=lambda: [2.0, 10.0, 30.0], description="backoff per retry")
     overlays: int = Field(default=3, ge=0, description="overlay pictures in the QA report")
+    key_partitions: int = Field(default=0, ge=0, description="Ray actors sharing the build's key ledger when "
+                                "shards run as tasks (0: one per million planned inputs, at least 2)")
 
 
 class BuildConfig(_Config):
