@@ -84,3 +84,19 @@ def test_shared_prefix_handles_empty_and_single_jobs(tiny_llava, images, load):
     assert shared(images, [[], [], []]) == [[], [], []]
     one = [np.zeros((0, 4)), np.zeros((0, 4)), [[5.0, 60.0, 12.0, 70.0]]]
     assert _texts(shared(images, one)) == _texts(load("region_captioner", tiny_llava, shared_prefix=False)(images, one))
+
+
+@pytest.mark.parametrize("extra", [{"prompts": "blip2_image", "prompts_per_image": 3, "num_beams": 1,
+                                    "num_return_sequences": 1}, {"prompts": "blip2_image", "prompts_per_image": 2}],
+                         ids=["greedy", "beams"])
+def test_blip2_shared_prefix_equals_per_job(blip2_cfg, images, load, extra):
+    cfg = {**blip2_cfg, "batch_size": 4, **extra}  # tiny config: 2 beams, 2 sequences each
+    per_job, shared = load("captioner", cfg, shared_prefix=False), load("captioner", cfg)
+    assert shared.shares_prefix and not per_job.shares_prefix
+    rows: list[int] = []
+    shared.model.vision_model.register_forward_pre_hook(lambda module, args, kwargs: rows.append(
+        (args[0] if args else kwargs["pixel_values"]).shape[0]), with_kwargs=True)
+    captions = shared(images)
+    assert [[(c.text, c.prompt) for c in caps] for caps in captions] == [
+        [(c.text, c.prompt) for c in caps] for caps in per_job(images)]
+    assert sum(rows) == len(images)
