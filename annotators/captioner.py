@@ -174,19 +174,19 @@ class VlmCaptioner(VlmBackend):
         device: str = "auto",
         dtype: str = "auto",
         batch_size: int = 8,
+        shared_prefix: bool = True,
     ) -> None:
         super().__init__(
             model=model, prompts=PromptChoice(prompt, prompts, prompts_per_image, seed, "Describe the image briefly."),
             max_new_tokens=max_new_tokens, num_beams=num_beams, num_return_sequences=num_return_sequences,
             generate_kwargs=generate_kwargs, device=device, dtype=dtype, batch_size=batch_size,
+            shared_prefix=shared_prefix,
         )
 
     def __call__(self, images: Sequence[Image.Image]) -> list[list[Caption]]:
         rgb = [im.convert("RGB") for im in images]
         jobs = prompt_jobs(rgb, self.prompts)
-        texts: list[list[str]] = []
-        for batch in chunks(jobs, self.batch_size):
-            texts += self.generator.generate([rgb[i] for i, _ in batch], [p for _, p in batch])
+        texts = self.generator.generate_jobs(rgb, jobs, self.batch_size)
         return to_captions(gather(len(rgb), jobs, texts, [p for _, p in jobs]), self.name)
 
 

@@ -47,10 +47,13 @@ torch.save(sam_model_registry['vit_h']().state_dict(), '$SAM_CKPT')
 print('random SAM ViT-H state dict written')"
 part sam_batching 60 "$PYTHON" benchmarks/sam_batching.py --model-type vit_h --checkpoint "$SAM_CKPT" \
     --device cuda --dtype bfloat16 --boxes 50 --width 1500 --height 1000
+part sam_encoder_batching 60 "$PYTHON" benchmarks/sam_batching.py --model-type vit_h --checkpoint "$SAM_CKPT" \
+    --device cuda --dtype bfloat16 --boxes 10 --width 1500 --height 1000 --encoder-images 8
 rm -f "$SAM_CKPT"
 
 part stage_throughput 170 "$PYTHON" benchmarks/stage_throughput.py --device cuda --dtype bfloat16 \
-    --json "$OUT/stage_throughput.json"
+    --json "$OUT/stage_throughput.json" --costs-out "$OUT/costs.json"
+# then: umg plan-resources --config configs/umg41m.yaml --gpus 8 --cpus-per-node 88 --costs "$OUT/costs.json"
 part train_step_mfu 60 "$PYTHON" benchmarks/train_step_mfu.py --device cuda --batch 256 --steps 10
 
 echo "summary: $SUMMARY"
