@@ -172,7 +172,7 @@ cluster_ray_head() {
     --min-worker-port=$((port + 100)) --max-worker-port=$((port + 199))
   cluster_wait_port "$port" ray-head 90
   RAY_ADDRESS_HEAD=127.0.0.1:$port
-  cluster_log "Ray head 127.0.0.1:$port (GCS; $cpus CPUs for the driver's shard tasks)"
+  cluster_log "Ray head 127.0.0.1:$port (GCS; $cpus CPUs: with 0, every actor and task runs on a worker node)"
 }
 
 # cluster_ray_worker INDEX CPUS [GPUS]: worker node INDEX joins the head; its own raylet, object store and ports
