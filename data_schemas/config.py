@@ -33,6 +33,11 @@ class ImageLimits(_Config):
     max_pixels: int = Field(default=64_000_000, gt=0, description="width*height above this is an error row")
     max_side: int = Field(default=16_384, gt=0, description="either side above this is an error row")
     jpeg_quality: int = Field(default=95, ge=1, le=100, description="quality when an input must be re-encoded")
+    max_model_pixels: int = Field(default=4096 * 4096, gt=0, description="images over this many pixels are stored "
+                                  "(ok + note) but not given to the model stages, whose buffers scale with them")
+    max_model_aspect: float = Field(default=20.0, ge=1.0, description="images whose long side is more than this "
+                                    "many times the short one are stored (ok + note) but not given to the model "
+                                    "stages (their resizing rounds the short side to 0 pixels)")
 
 
 class SourceConfig(_Config):
@@ -51,6 +56,18 @@ class SourceConfig(_Config):
                                  "this many bytes are error rows `too_large`, refused before reading")
     max_text_bytes: int = Field(default=2**20, gt=0, description="caption sidecars / tar text members above "
                                 "this many bytes are skipped with a note, before reading")
+    allow_hard_links: bool = Field(default=False, description="read files with more than one hard link (default: "
+                                   "an error row `hard_link`, since another name of one may lie outside the root)")
+    max_annotation_bytes: int = Field(default=2 * 2**30, gt=0, description="a COCO / VG annotation or caption "
+                                      "JSON above this many bytes is refused (one error line) before reading")
+
+    @field_validator("path", "annotations", "captions", "image_dir", mode="before")
+    @classmethod
+    def _not_empty(cls, value: Any) -> Any:
+        """An empty path would be the current directory: refuse it instead of reading whatever is there."""
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("is empty; name a file or folder (an empty path would read the current directory)")
+        return value
 
 
 BackendConfig = dict[str, Any]
@@ -131,6 +148,10 @@ class AnnotateConfig(_Config):
         return out
 
 
+#: Annotator kinds whose outputs carry no pixel coordinates: they may take downscaled images (``max_side``).
+IMAGE_LEVEL_KINDS = ("tagger", "captioner", "scorer")
+
+
 class StageResources(_Config):
     """Ray actors for one annotator stage (``ray.resources[<stage name or kind>]``)."""
 
@@ -138,6 +159,9 @@ class StageResources(_Config):
     num_gpus: float = Field(default=0.0, ge=0.0, description="GPUs per actor; 0.5 packs two actors on one GPU")
     pool_size: int = Field(default=1, gt=0, description="actors (model copies) in the stage's pool")
     batch_size: int = Field(default=8, gt=0, description="images per actor call")
+    max_side: int | None = Field(
+        default=None, gt=0, description="send this stage its images downscaled to this longest side at the source "
+        "(only stages of the kinds in IMAGE_LEVEL_KINDS, whose outputs carry no pixel coordinates)")
     runtime_env: dict[str, Any] | None = Field(
         default=None, description="Ray runtime_env of this stage's actors, merged over ray.runtime_env: e.g. "
         "{py_executable: /opt/gpt4roi-venv/bin/python} or {image_uri: ...} for a backend with conflicting pins")
@@ -164,6 +188,8 @@ class RayConfig(_Config):
     batch_size: int = Field(default=16, gt=0, description="images per batch streamed through the chain")
     max_in_flight: int = Field(default=4, gt=0, description="batches of a shard in the chain at once")
     actor_start_timeout_s: float = Field(default=300.0, gt=0.0, description="model load deadline per actor")
+    share_images: bool = Field(default=True, description="put each image into the object store once and pass "
+                               "references to every pool (false: pickle the pixels into every actor call)")
     default: StageResources = Field(default_factory=StageResources)
     resources: dict[str, StageResources] = Field(
         default_factory=dict, description="per stage: key is a stage name (detector_bigdet) or a kind (detector)"
@@ -193,6 +219,8 @@ class FlowConfig(_Config):
     shard_retries: int = Field(default=2, ge=0, description="retries of a failed shard task")
     retry_delay_s: list[float] = Field(default_factory=lambda: [2.0, 10.0, 30.0], description="backoff per retry")
     overlays: int = Field(default=3, ge=0, description="overlay pictures in the QA report")
+    key_partitions: int = Field(default=0, ge=0, description="Ray actors sharing the build's key ledger when "
+                                "shards run as tasks (0: one per million planned inputs, at least 2)")
 
 
 class BuildConfig(_Config):
@@ -219,6 +247,12 @@ class BuildConfig(_Config):
         if unknown:
             raise ValueError(f"ray.resources: {unknown} name no configured stage; stages: {sorted(stages)} "
                              f"(or their kinds, or 'chain')")
+        kinds = {stage: kind for stage, (kind, _) in stages.items()}
+        geometric = sorted(key for key, res in self.ray.resources.items()
+                           if res.max_side is not None and kinds.get(key, key) not in IMAGE_LEVEL_KINDS)
+        if geometric:
+            raise ValueError(f"ray.resources: max_side on {geometric}: their outputs are pixel boxes or masks of the "
+                             f"full image; only {list(IMAGE_LEVEL_KINDS)} stages take downscaled images")
         return self
 
 
@@ -235,11 +269,16 @@ def _apply_override(tree: dict[str, Any], override: str) -> None:
     dotted, raw = override.split("=", 1)
     node = tree
     parts = dotted.strip().split(".")
+    if not all(part.strip() for part in parts):
+        raise ConfigError(f"override {override!r}: the key {dotted!r} has an empty part (form: dotted.key=value)")
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {override!r}: {part!r} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw)
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {override!r}: the value is not valid YAML: {' '.join(str(exc).split())}") from exc
 
 
 def load_config(
@@ -261,10 +300,16 @@ def load_config(
     origin = str(path) if path is not None else "<defaults>"
     tree: dict[str, Any] = {}
     if path is not None:
+        if Path(path).exists() and not Path(path).is_file() and not Path(path).is_dir():  # a FIFO would block
+            raise ConfigError(f"config file {origin} is not a regular file (a FIFO, socket or device)")
         try:
             loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError as exc:
             raise ConfigError(f"config file {origin} does not exist") from exc
+        except IsADirectoryError as exc:
+            raise ConfigError(f"config file {origin} is a directory, not a YAML file") from exc
+        except (OSError, UnicodeDecodeError) as exc:  # permission denied, a FIFO, binary bytes …
+            raise ConfigError(f"config file {origin} cannot be read as UTF-8 text: {exc}") from exc
         except yaml.YAMLError as exc:
             raise ConfigError(f"{origin}: not valid YAML: {exc}") from exc
         if loaded is not None and not isinstance(loaded, dict):

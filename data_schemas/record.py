@@ -7,12 +7,14 @@ RLE with ``size == [height, width]``.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 PIPELINE_VERSION = "0.1.0"
+MAX_KEY_CHARS = 200
 KEY_PATTERN = re.compile(r"^[a-z0-9_-]{1,200}$")
 
 Score = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -158,10 +160,15 @@ def sanitize_key(raw: str) -> str:
 
     Path separators and dots become ``_``; other characters become ``-``. Distinct ids can collide
     after sanitising; the shard writer rejects duplicates, so a collision is reported, never lost.
+    A key longer than 200 characters is shortened deterministically: its first 183 characters, ``-`` and
+    16 hex digits of the SHA-1 of the whole key (two long ids sharing a prefix keep distinct keys).
     """
     lowered = raw.strip().lower()
     lowered = re.sub(r"[/\\.:\s]+", "_", lowered)
     cleaned = re.sub(r"[^a-z0-9_-]", "-", lowered).strip("_-")
     if not cleaned:
         raise ValueError(f"source id {raw!r} has no path-safe characters")
-    return cleaned[-200:]
+    if len(cleaned) <= MAX_KEY_CHARS:
+        return cleaned
+    digest = hashlib.sha1(cleaned.encode("utf-8", errors="surrogatepass")).hexdigest()[:16]
+    return f"{cleaned[:MAX_KEY_CHARS - 17]}-{digest}"

@@ -88,7 +88,9 @@ def build(
     from pipeline.sources.registry import build_source
     from pipeline.tiny_models import prepare_chain
 
-    overrides = [f"source.path={input}", f"source.kind={source_kind}", *(set_ or [])]
+    if not input.strip():  # Path("") is the current directory: never build that by accident
+        _fail("--input is empty; name the folder (or COCO / VG root) to read")
+    overrides = [f"source.path={json.dumps(input)}", f"source.kind={source_kind}", *(set_ or [])]
     if follow_symlinks:
         overrides.append(f"source.follow_symlinks={json.dumps([str(p) for p in follow_symlinks])}")
     try:
@@ -100,6 +102,8 @@ def build(
         prepared = prepare_build(output, source, cfg.shard_size)  # output and plan checked before any model loads
     except (ConfigError, ValueError, OSError, ShardError) as exc:  # OSError: e.g. an object store refusing access
         _fail(str(exc))
+    except MemoryError:
+        _fail(f"out of memory while reading the inputs of {input} (an annotation file too large?)")
     plan, done, _ = prepared
     chain = None
     if retry_errors or any(shard.name not in done for shard in plan):  # else no model is needed
@@ -118,6 +122,9 @@ def build(
             )
         except ShardTripped as exc:  # finished shards stay; rerun the same command after fixing the cause
             _fail(str(exc))
+        except (OSError, ShardError, MemoryError) as exc:  # disk full, output removed …: finished shards stay
+            reason = f"{type(exc).__name__}: {exc}" if isinstance(exc, MemoryError) or not str(exc) else str(exc)
+            _fail(f"build stopped: {reason}; finished shards are kept, the same command resumes")
     written = summary.written
     typer.echo(json.dumps({
         "build_dir": str(output), "planned": summary.planned, "skipped": len(summary.skipped),
@@ -196,8 +203,8 @@ app.command("adapt")(adapt)
 @app.command("export-coco")
 def export_coco(
     build_dir: Annotated[str, typer.Argument(help="build directory with finished shards (path or URL)")],
-    out: Annotated[Path, typer.Option("--out", help="COCO JSON file to write")],
-    images: Annotated[Optional[Path], typer.Option(help="also write the JPEGs into this folder")] = None,
+    out: Annotated[str, typer.Option("--out", help="COCO JSON file to write (path or URL)")],
+    images: Annotated[Optional[str], typer.Option(help="also write the JPEGs into this folder (path or URL)")] = None,
 ) -> None:
     """Regions, masks and captions of a build as COCO JSON (pycocotools loads it); counts as JSON last."""
     from pipeline.export_coco import export_coco as run_export
@@ -205,7 +212,7 @@ def export_coco(
 
     try:
         counts = run_export(build_dir, out, images_dir=images)
-    except (ShardError, FileNotFoundError) as exc:
+    except (ShardError, OSError) as exc:
         _fail(str(exc))
     typer.echo(json.dumps({"out": str(out), **counts}))
 

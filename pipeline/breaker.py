@@ -3,7 +3,10 @@
 ``run_stage`` turns every annotator exception into an error row for that image, so one bad image never stops a
 shard. When a stage fails on most of a shard (a broken CUDA context, a wrong config, a lost file system) that
 would commit a shard full of error rows, which resume then skips. ``check_breaker`` trips instead: the shard
-raises ``ShardTripped`` before its commit, so it stays unfinished and is retried / rebuilt. Error rows of an
+raises ``ShardTripped`` before its commit, so it stays unfinished and is retried / rebuilt. Many inputs of a
+small shard can also fail for reasons of their own (degenerate images); ``pipeline.canary`` tells the two apart
+before a trip counts: the same chain runs on an ordinary control image, and only when that fails too is the
+failure systematic. Error rows of an
 infrastructure kind (``is_infrastructure_error``) that did get committed can be rebuilt later
 (``pipeline.repair``, ``umg build --retry-errors``). Pure functions on error strings; no I/O.
 """
@@ -24,6 +27,10 @@ _STAGE_ERROR = re.compile(r"^annotator_(?:failed|output): (?P<stage>[^:\s]+): ")
 
 class ShardTripped(ShardError):
     """A stage failed on more of the shard than ``breaker.max_stage_failure`` allows; nothing was committed."""
+
+    def __init__(self, message: str, stage: str = "") -> None:
+        super().__init__(message)
+        self.stage = stage
 
 
 def is_infrastructure_error(reason: str | None) -> bool:
@@ -49,4 +56,5 @@ def check_breaker(shard: str, errors: list[str | None], cfg: BreakerConfig) -> N
                            and _STAGE_ERROR.match(reason)["stage"] == stage)
             raise ShardTripped(
                 f"shard {shard}: stage {stage} failed on {n_failed} of {len(errors)} inputs (breaker at "
-                f"{cfg.max_stage_failure:.0%}): a systematic failure, the shard stays unfinished. First: {example}")
+                f"{cfg.max_stage_failure:.0%}): a systematic failure, the shard stays unfinished. First: {example}",
+                stage)

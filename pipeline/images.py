@@ -48,6 +48,30 @@ _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, TypeError, ZeroDivisionError)
 
 
+# Pillow formats that are not decoded here: EPS/PS runs Ghostscript (a subprocess on untrusted bytes); the others
+# are stubs that need an external handler (BUFR, GRIB, HDF5, WMF/EMF) or read no pixels (MPEG, IPTC).
+NOT_DECODED = frozenset({"EPS", "BUFR", "GRIB", "HDF5", "WMF", "MPEG", "IPTC"})
+try:  # HEIC/HEIF where the plugin is installed (optional: pip install pillow-heif)
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+except ImportError:
+    pass
+
+
+def decodable_formats() -> list[str]:
+    """Pillow format names ``decode_image`` opens: every registered reader except ``NOT_DECODED``."""
+    Image.init()
+    return [fmt for fmt in Image.OPEN if fmt not in NOT_DECODED]
+
+
+def decodable_extensions() -> frozenset[str]:
+    """File extensions (lower case, with the dot: ``.jfif``, ``.avif`` …) of the formats ``decode_image`` opens."""
+    Image.init()
+    formats = set(decodable_formats()) | {"MPO"}  # .mpo files open through the JPEG reader
+    return frozenset(ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in formats)
+
+
 class ImageError(ValueError):
     """An input that cannot become a stored image; ``reason`` starts with one of ``REASON_TAGS``."""
 
@@ -117,11 +141,14 @@ def decode_image(data: bytes, limits: ImageLimits) -> DecodedImage:
 
 def _open(data: bytes) -> Image.Image:
     try:
-        return Image.open(io.BytesIO(data))
+        return Image.open(io.BytesIO(data), formats=_FORMATS)
     except UnidentifiedImageError as exc:
         if data.startswith(_SIGNATURES) or data[8:12] == b"WEBP":
             raise ImageError("truncated: image header is incomplete") from exc
         raise ImageError("not_an_image: cannot identify image file") from exc
+
+
+_FORMATS = decodable_formats()
 
 
 def _check_size(size: tuple[int, int], limits: ImageLimits) -> None:

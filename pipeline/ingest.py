@@ -29,7 +29,8 @@ class IngestedItem:
     """A decoded input ready for annotation: the RGB image, the bytes to store and the record so far.
 
     ``error`` is set when an annotation stage failed on this image (it then becomes an error row);
-    ``scratch`` carries intermediate stage outputs (raw detections, unfiltered masks) between stages.
+    ``scratch`` carries intermediate stage outputs (raw detections, unfiltered masks) between stages;
+    ``skip_models`` says why no model stage takes this image (``model_fit``), None when they all do.
     """
 
     decoded: DecodedImage
@@ -37,6 +38,24 @@ class IngestedItem:
     notes: list[str]
     error: str | None = None
     scratch: dict = field(default_factory=dict)
+    skip_models: str | None = None
+
+
+def model_fit(width: int, height: int, limits: ImageLimits) -> str | None:
+    """Why the model stages must not take a ``width`` x ``height`` image, or None when they can.
+
+    Decoding allows up to ``images.max_pixels`` (a stored image); a model stage's buffers (resized copies,
+    per-region masks at full size) grow with the pixels, and its resizing to a fixed short side rounds the other
+    side of an extreme strip (16000×1) to 0. Such an image is stored with its known annotations and this note.
+    """
+    if width * height > limits.max_model_pixels:
+        return (f"models_skipped: {width}x{height} = {width * height} pixels is over "
+                f"images.max_model_pixels={limits.max_model_pixels}; stored with known annotations only")
+    aspect = max(width, height) / min(width, height)
+    if aspect > limits.max_model_aspect:
+        return (f"models_skipped: aspect ratio {width}x{height} ({aspect:.0f}:1) is over "
+                f"images.max_model_aspect={limits.max_model_aspect:g}; stored with known annotations only")
+    return None
 
 
 def _fit_regions(regions: list[Region], decoded: DecodedImage, notes: list[str]) -> list[Region]:
@@ -105,7 +124,8 @@ def ingest_item(item: SourceItem, source_kind: str, limits: ImageLimits) -> Inge
         background=known.background,
         provenance={"source": source_kind} if _has_annotations(known) else {},
     )
-    return IngestedItem(decoded=decoded, record=record, notes=notes)
+    skip = model_fit(decoded.width, decoded.height, limits)
+    return IngestedItem(decoded=decoded, record=record, notes=notes + ([skip] if skip else []), skip_models=skip)
 
 
 def _has_annotations(known: KnownAnnotations) -> bool:

@@ -13,6 +13,10 @@ Two layouts (``ray.mode``):
 Failures: an annotator error comes back as the backend's own exception (the stage splits the batch down to
 per-image error rows); a dead actor raises ``annotators.WorkerLost`` (the shard fails and is retried by the
 orchestrator) and the pool starts a replacement. Nothing here imports Prefect.
+
+Images enter Ray once (``ray.share_images``, default on): a caller puts each image into the object store once and
+every pool gets its reference (``pipeline.ray_images``); ``ray.resources.<stage>.max_side`` sends a stage the image
+downscaled at the source.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import annotators
 import ray_runtime
+from pipeline import ray_images
 from data_schemas import PIPELINE_VERSION, AnnotateConfig
 from data_schemas.config import RayConfig, StageResources
 from pipeline.chain_runner import ChainMetrics, PipelinedChain, run_chain_measured
@@ -70,7 +75,7 @@ class AnnotatorActor:
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
     def call(self, *batch: Sequence[Any]) -> list[Any]:
-        return list(self.backend(*batch))
+        return list(self.backend(*ray_images.resolve(batch)))  # images may come as object-store references
 
 
 def _load_error(exc: BaseException) -> str:
@@ -95,8 +100,10 @@ class PoolClient:
     (``pipeline.ray_shards``): it uses the pool's actors but never starts any; a dead actor raises
     ``WorkerLost`` and the pool in the driver replaces it (``ActorPool.heal``) before the shard is retried."""
 
-    def __init__(self, label: str, name: str, version: str, actors: Sequence[Any], batch_size: int) -> None:
+    def __init__(self, label: str, name: str, version: str, actors: Sequence[Any], batch_size: int,
+                 share_images: bool = True, max_side: int | None = None) -> None:
         self.label, self.name, self.version, self.batch_size = label, name, version, batch_size
+        self.share_images, self.max_side = share_images, max_side
         self._lock = threading.Lock()
         self._busy: dict[Any, int] = dict.fromkeys(actors, 0)  # actor handle -> calls in flight
 
@@ -132,7 +139,8 @@ class PoolClient:
         pending = []
         for start in range(0, n, step):
             actor = self._acquire()
-            pending.append((actor, actor.call.remote(*(list(arg[start:start + step]) for arg in batch))))
+            chunk = ray_images.share_batch([arg[start:start + step] for arg in batch], self.max_side, self.share_images)
+            pending.append((actor, actor.call.remote(*chunk)))
         outputs: list[Any] = []
         failure: BaseException | None = None
         for actor, ref in pending:  # wait for every chunk so no call outlives this one
@@ -151,7 +159,8 @@ class PoolClient:
         return outputs
 
     def __reduce__(self):
-        return (PoolClient, (self.label, self.name, self.version, self.actors, self.batch_size))
+        return (PoolClient, (self.label, self.name, self.version, self.actors, self.batch_size, self.share_images,
+                             self.max_side))
 
 
 class ActorPool(PoolClient):
@@ -159,10 +168,10 @@ class ActorPool(PoolClient):
     die. Pickled (into a shard task), it travels as a ``PoolClient`` of the same actors."""
 
     def __init__(self, label: str, backend_cls: type, cfg: dict[str, Any], resources: StageResources,
-                 start_timeout_s: float = 300.0) -> None:
+                 start_timeout_s: float = 300.0, share_images: bool = True) -> None:
         import ray
 
-        super().__init__(label, "", "", [], resources.batch_size)
+        super().__init__(label, "", "", [], resources.batch_size, share_images, resources.max_side)
         self.resources, self.start_timeout_s = resources, start_timeout_s
         self._remote = ray.remote(AnnotatorActor)
         self._options = {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus}
@@ -410,7 +419,7 @@ def build_ray_chain(annotate_cfg: AnnotateConfig, ray_cfg: RayConfig) -> Pipelin
             kind, backend_cfg = backends[stage.name]
             backend_cls = annotators.registry.resolve(kind, backend_cfg["backend"])
             pools.append(ActorPool(stage.name, backend_cls, backend_cfg, stage_resources(ray_cfg, stage.name, kind),
-                                   ray_cfg.actor_start_timeout_s))
+                                   ray_cfg.actor_start_timeout_s, ray_cfg.share_images))
             proxies[id(stage.annotator)] = RemoteAnnotator(pools[-1])
         stage.annotator = proxies[id(stage.annotator)]
     _ready(pools)

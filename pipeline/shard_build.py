@@ -8,8 +8,11 @@ refused instead of writing some inputs twice.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
+import os
 import logging
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
@@ -18,17 +21,27 @@ from typing import Any
 
 from data_schemas import ImageLimits, ImageRecord, ShardStats
 from data_schemas.config import BreakerConfig
-from pipeline.breaker import check_breaker
+from pipeline.breaker import ShardTripped, check_breaker
+from pipeline.canary import failure_is_systematic
 from pipeline.images import ImageError
 from pipeline.ingest import IngestedItem, ingest_item
 from pipeline.key_ledger import KeyLedger
-from pipeline.shards import ShardError, ShardWriter, discard_partial, finished_shards, taken_keys, write_build_manifest
-from pipeline.sources.base import InputShard, Source, SourceItem, plan_shards
+from pipeline.shards import (
+    FinishedKeys,
+    ShardError,
+    ShardWriter,
+    discard_partial,
+    finished_shards,
+    write_build_manifest,
+)
+from pipeline.sources.base import InputShard, Source, SourceItem, plan_shards, printable_id
 from pipeline.storage import StoragePath, as_path, is_local, names_in, write_bytes_whole
 
 log = logging.getLogger(__name__)
 
 PLAN_NAME = "_plan.json"
+LOCK_NAME = "_build.lock"
+_HELD_LOCKS: dict[Path, int] = {}  # resolved build dir -> fd of its flock'd lock file, while this process builds
 
 #: Optional annotation step: takes the ingested items of one shard, returns them annotated (same order).
 Annotate = Callable[[list[IngestedItem]], list[IngestedItem]]
@@ -48,7 +61,7 @@ class BuildSummary:
 
 
 def _plan_fingerprint(refs: Sequence[str], shard_size: int) -> dict:
-    digest = hashlib.sha256("\n".join(refs).encode("utf-8")).hexdigest()
+    digest = hashlib.sha256("\n".join(refs).encode("utf-8", "surrogateescape")).hexdigest()  # non-UTF-8 names
     return {"n_refs": len(refs), "shard_size": shard_size, "refs_sha256": digest}
 
 
@@ -64,7 +77,7 @@ def check_output_dir(build_dir: StoragePath) -> None:
     """
     if build_dir.is_file():
         raise ShardError(f"output {build_dir} exists and is not a directory")
-    others = names_in(build_dir)
+    others = [name for name in names_in(build_dir) if name != LOCK_NAME]
     if others and PLAN_NAME not in others:
         shown = ", ".join(others[:3]) + (", …" if len(others) > 3 else "")
         raise ShardError(f"output {build_dir} is not empty ({shown}) and holds no build ({PLAN_NAME}); "
@@ -77,6 +90,49 @@ def check_output_dir(build_dir: StoragePath) -> None:
             pass
     except OSError as exc:
         raise ShardError(f"output {build_dir} is not a writable directory: {exc.strerror or exc}") from exc
+
+
+def lock_build(build_dir: Path) -> None:
+    """Hold an exclusive ``flock`` on ``build_dir/_build.lock`` until ``release_build`` or this process ends.
+
+    A second build into the same output is refused at once (not after it trips over the first one's temp files);
+    the kernel drops the lock when its process dies, so a killed build never leaves a stale lock. Re-entrant
+    within one process (the flow and ``build_shards`` both prepare).
+
+    Raises:
+        ShardError: another process holds the lock (the message names its pid when it wrote one).
+    """
+    if not is_local(build_dir):
+        return  # an object store has no flock: concurrent builds into one bucket prefix are not detected
+    key = build_dir.resolve()
+    if key in _HELD_LOCKS:
+        return
+    path = build_dir / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise ShardError(f"output {build_dir}: cannot create its lock file {path}: {exc.strerror or exc}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.pread(fd, 64, 0).decode("ascii", errors="replace").strip() or "unknown"
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise ShardError(f"output {build_dir} is being written by another build (pid {holder}); wait for it to "
+                             "finish or choose another output") from None
+        raise ShardError(f"output {build_dir}: cannot lock {path}: {exc.strerror or exc}") from exc
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _HELD_LOCKS[key] = fd
+
+
+def release_build(build_dir: Path) -> None:
+    """Drop the lock ``lock_build`` took (no-op when this process holds none)."""
+    if not is_local(as_path(build_dir)):
+        return
+    fd = _HELD_LOCKS.pop(as_path(build_dir).resolve(), None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor releases the flock
 
 
 def pin_plan(build_dir: StoragePath, source: Source, shard_size: int) -> list[InputShard]:
@@ -109,20 +165,26 @@ def _describe(plan: Any) -> str:
 
 
 def prepare_build(build_dir: str | StoragePath, source: Source,
-                  shard_size: int) -> tuple[list[InputShard], set[str], set[str]]:
+                  shard_size: int) -> tuple[list[InputShard], set[str], FinishedKeys]:
     """Check the output, discard partial files, pin the plan.
 
-    Returns ``(plan, finished shard names, keys already written)``; a caller with nothing left to do
+    Returns ``(plan, finished shard names, keys already written)`` — the keys are read shard by shard when a
+    key ledger takes them (``FinishedKeys``), not here; a caller with nothing left to do
     (every planned shard finished) can stop before loading any model.
 
+    Takes the output's lock (``lock_build``): a second build into it is refused until this one ends.
+
     Raises:
-        ShardError: the output is not a usable folder (``check_output_dir``) or holds another plan.
+        ShardError: the output is not a usable folder (``check_output_dir``), another build holds it, or it
+            holds another plan.
     """
     build_dir = as_path(build_dir)
     check_output_dir(build_dir)
+    lock_build(build_dir)
     discard_partial(build_dir)
     plan = pin_plan(build_dir, source, shard_size)
-    return plan, set(finished_shards(build_dir)), taken_keys(build_dir)
+    done = finished_shards(build_dir)
+    return plan, set(done), FinishedKeys(build_dir, tuple(done))
 
 
 def _error_reason(exc: Exception) -> str:
@@ -140,6 +202,19 @@ def _revalidate(item: IngestedItem) -> None:
             item.error = f"invalid_record: {exc}"
 
 
+def _check_breaker(shard: str, errors: list[str | None], breaker: BreakerConfig, annotate: Annotate,
+                   limits: ImageLimits) -> None:
+    """``check_breaker``, confirmed on a control image (``pipeline.canary``): a trip only when the stage fails on
+    an ordinary image too; otherwise the inputs failed for reasons of their own and the shard is committed."""
+    try:
+        check_breaker(shard, errors, breaker)
+    except ShardTripped as trip:
+        systematic, why = failure_is_systematic(annotate, limits)
+        if systematic:
+            raise ShardTripped(f"{trip} ({why})", trip.stage) from None
+        log.warning("shard %s: %s; %s, so these inputs failed on their own and become error rows", shard, trip, why)
+
+
 def fill_shard(
     writer: ShardWriter,
     source: Source,
@@ -152,13 +227,18 @@ def fill_shard(
     """Ingest (and annotate) ``items`` into ``writer``, one manifest row each; returns how many were read.
 
     ``keys``: the build's key ledger (keys are claimed just before writing, so shards may run at once).
-    ``breaker``: when one stage failed on most of the annotated inputs, raise ``ShardTripped`` instead of
-    writing (the caller's writer then discards the shard, which stays unfinished).
+    ``breaker``: when one stage failed on most of the annotated inputs and fails on an ordinary control image
+    too (``pipeline.canary``), raise ``ShardTripped`` instead of writing (the caller's writer then discards the
+    shard, which stays unfinished).
     """
     ingested: list[IngestedItem] = []
     n_items = 0
     for item in items:
         n_items += 1
+        shown = printable_id(item.source_id)
+        if shown != item.source_id:  # a non-UTF-8 file or member name: stored readable, the row says so
+            item.known.notes.append("not_utf8: name bytes that are not UTF-8 are shown as \\xNN in source_id")
+            item.source_id = shown
         try:
             ingested.append(ingest_item(item, source.kind, limits))
         except Exception as exc:  # noqa: BLE001 - every failure becomes an error row
@@ -167,7 +247,7 @@ def fill_shard(
     if annotate is not None and ingested:
         ingested = annotate(ingested)
         if breaker is not None:
-            check_breaker(writer.name, [done.error for done in ingested], breaker)
+            _check_breaker(writer.name, [done.error for done in ingested], breaker, annotate, limits)
         for done in ingested:
             _revalidate(done)
     writer.taken_keys |= keys.claim(writer.name, [done.record.key for done in ingested if done.error is None])
@@ -190,6 +270,9 @@ def process_shard(
 ) -> ShardStats:
     """Ingest (and annotate) every input of ``shard`` and commit it; one manifest row per input
     (``fill_shard``; ``ShardTripped`` when the breaker trips: nothing is committed)."""
+    if not (as_path(build_dir) / PLAN_NAME).exists():  # the writer would recreate a removed output as a non-build
+        raise ShardError(f"output {build_dir} lost its {PLAN_NAME} during the build (removed?); nothing more is "
+                         "written: rerun the same command to start it again")
     with ShardWriter(build_dir, shard.name, taken_keys=set()) as writer:
         n_items = fill_shard(writer, source, source.read(shard.refs), limits, keys, annotate, breaker)
         if n_items != len(shard.refs):
@@ -207,9 +290,9 @@ def build_shards(
     on_plan: Callable[[int, int], None] | None = None,
     breaker: BreakerConfig | None = None,
     retry_errors: bool = False,
-    prepared: tuple[list[InputShard], set[str], set[str]] | None = None,
+    prepared: tuple[list[InputShard], set[str], FinishedKeys] | None = None,
 ) -> BuildSummary:
-    """Write every unfinished planned shard of ``source`` into ``build_dir`` and refresh the manifest.
+    """Write every unfinished planned shard of ``source`` into ``build_dir``, then the build manifest (once).
 
     ``on_plan(n_planned, n_finished)`` is called once after planning, ``on_shard(stats)`` per written shard.
     ``retry_errors``: then rebuild the error rows of an infrastructure kind in finished shards
@@ -227,7 +310,6 @@ def build_shards(
             summary.skipped.append(shard.name)
             continue
         stats = process_shard(source, shard, build_dir, limits, keys, annotate, breaker)
-        write_build_manifest(build_dir)
         summary.written.append(stats)
         if on_shard is not None:
             on_shard(stats)
@@ -236,6 +318,6 @@ def build_shards(
 
         for shard in shards_to_repair(build_dir, plan):
             summary.repaired.append(repair_shard(source, shard, build_dir, limits, keys, annotate, breaker))
-            write_build_manifest(build_dir)
-    write_build_manifest(build_dir)
+    write_build_manifest(build_dir)  # once per run: per shard it would re-read every finished shard (O(N^2))
+    release_build(build_dir)  # after a failure the lock stays until the process ends (re-entrant here)
     return summary

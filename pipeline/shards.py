@@ -41,6 +41,7 @@ from data_schemas import (
     ShardRow,
     ShardStats,
 )
+from pipeline.sources.base import printable_id
 from pipeline.storage import StoragePath, as_path, is_local, names_in, publish, staging_dir, write_bytes_whole
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,9 @@ class ShardWriter:
         self._final = shard_paths(self.build_dir, name)
         self._stage, self._own_stage = staging_dir(self.build_dir)
         self._tmp = {suffix: self._stage / f"{name}{suffix}{TMP_SUFFIX}" for suffix in SHARD_SUFFIXES}
-        self._tar = tarfile.open(self._tmp[".tar"], "w", format=tarfile.USTAR_FORMAT)
+        # PAX: a member name over ustar's 100 characters (a 200-character key + ".json") gets a POSIX extended
+        # header instead of ``ValueError: name is too long``; shorter names are plain ustar headers as before.
+        self._tar = tarfile.open(self._tmp[".tar"], "w", format=tarfile.PAX_FORMAT)
         self._rows: list[ShardRow] = []
         self._keys: set[str] = set()
         self.taken_keys = taken_keys if taken_keys is not None else set()
@@ -116,9 +119,8 @@ class ShardWriter:
         _tar_member(self._tar, f"{record.key}.jpg", jpg)
         _tar_member(self._tar, f"{record.key}.txt", record.best_caption().encode("utf-8"))
         _tar_member(self._tar, f"{record.key}.json", record.model_dump_json().encode("utf-8"))
-        self._rows.append(
-            ShardRow(key=record.key, source_id=record.source_id, status="ok", notes=notes, **record.counts())
-        )
+        self._rows.append(ShardRow(key=record.key, source_id=record.source_id, status="ok",
+                                   notes=printable_id(notes) if notes else notes, **record.counts()))
         return True
 
     def copy(self, sample: ShardSample, row: ShardRow) -> None:
@@ -131,8 +133,9 @@ class ShardWriter:
         self._rows.append(row)
 
     def write_error(self, key: str, source_id: str, error: str) -> None:
-        """Record a failed input; nothing goes into the tar."""
-        self._rows.append(ShardRow(key=key, source_id=source_id, status="error", error=error))
+        """Record a failed input; nothing goes into the tar. Names in the reason that are not UTF-8 are escaped."""
+        self._rows.append(ShardRow(key=key, source_id=printable_id(source_id), status="error",
+                                   error=printable_id(error)))
 
     @property
     def rows(self) -> list[ShardRow]:
@@ -263,13 +266,28 @@ def _read_parquet(path: StoragePath, columns: list[str] | None = None) -> pa.Tab
         return pq.read_table(handle, columns=columns)
 
 
+def shard_keys(build_dir: str | StoragePath, name: str) -> list[str]:
+    """Keys of the ``ok`` samples of one finished shard (from its parquet's key and status columns)."""
+    table = _read_parquet(shard_paths(build_dir, name)[".parquet"], columns=["key", "status"])
+    return [k for k, s in zip(table["key"].to_pylist(), table["status"].to_pylist()) if s == "ok"]
+
+
+@dataclass(frozen=True)
+class FinishedKeys:
+    """The ``ok`` keys of finished shards, read one shard at a time when iterated (yields one list per shard),
+    so a caller feeding a key ledger never holds them all."""
+
+    build_dir: str | StoragePath
+    names: tuple[str, ...]
+
+    def __iter__(self) -> Iterator[list[str]]:
+        for name in self.names:
+            yield shard_keys(self.build_dir, name)
+
+
 def taken_keys(build_dir: str | StoragePath) -> set[str]:
-    """Keys of ``ok`` samples in the finished shards (for duplicate detection across shards)."""
-    keys: set[str] = set()
-    for name in finished_shards(build_dir):
-        table = _read_parquet(shard_paths(build_dir, name)[".parquet"], columns=["key", "status"])
-        keys.update(k for k, s in zip(table["key"].to_pylist(), table["status"].to_pylist()) if s == "ok")
-    return keys
+    """Keys of ``ok`` samples in the finished shards, as one set (small builds and tests; see ``FinishedKeys``)."""
+    return {key for keys in FinishedKeys(build_dir, tuple(finished_shards(build_dir))) for key in keys}
 
 
 @dataclass

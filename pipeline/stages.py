@@ -307,8 +307,9 @@ def call_annotator(stage: Stage, items: Sequence[IngestedItem]) -> list[Any]:
 
 
 def run_stage(stage: Stage, items: Sequence[IngestedItem]) -> None:
-    """Run one stage over the items that have not failed yet."""
-    live = [item for item in items if item.error is None]
+    """Run one stage over the items that have not failed yet (a model stage: only those it can take,
+    ``IngestedItem.skip_models``)."""
+    live = [item for item in items if item.error is None and (stage.annotator is None or item.skip_models is None)]
     if not live:
         return
     for item, output in zip(live, call_annotator(stage, live)):

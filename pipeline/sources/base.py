@@ -46,6 +46,25 @@ class SourceItem:
     error: str | None = None
 
 
+def printable_id(source_id: str) -> str:
+    """``source_id`` as valid UTF-8: bytes of a file or member name that were not UTF-8 (``os`` and ``tarfile``
+    keep them as surrogate escapes, which parquet and JSON cannot store) are written ``\\xNN``, another lone
+    surrogate ``\\uNNNN``.
+
+    >>> printable_id(b"caf\\xe9.jpg".decode("utf-8", "surrogateescape"))
+    'caf\\\\xe9.jpg'
+    """
+    try:
+        source_id.encode("utf-8")
+        return source_id
+    except UnicodeEncodeError:
+        pass
+    try:
+        return source_id.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte (from a JSON "\\ud800")
+        return source_id.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 @dataclass(frozen=True)
 class InputShard:
     """A unit of work: shard ``shard_id`` holds ``refs`` (a slice of the source's sorted refs)."""

@@ -16,7 +16,9 @@
   that only annotations or captions name adds its ref (error ``orphan_annotations``), an entry that is not an
   object adds ``!images/<i>`` / ``!annotations/<i>`` / ``!captions/<i>`` (error ``bad_annotation``).
 * Images are read through ``pipeline.sources.confine`` under ``image_dir``: an absolute ``file_name`` or one
-  whose ``../`` leaves the folder is an error row ``outside_root``.
+  whose ``../`` leaves the folder is an error row ``outside_root``. With an input ``root`` (a COCO root given
+  as ``source.path``), the annotation / caption files must lie under it too, and an image folder that is a
+  link resolving outside it makes every image an ``outside_root`` row (``source.follow_symlinks`` widens both).
 * The sample-data generator's ``"umg"`` extension is read when present: on images ``tags`` ->
   ``known.tags`` and ``background`` -> ``known.background``; on annotations ``captions`` -> region
   captions and ``tags`` -> region tags (other fields such as ``color`` are ignored). Image captions come
@@ -40,23 +42,32 @@ from pydantic import ValidationError
 from data_schemas import RLE, BackgroundMask, Caption, Mask, Region, RegionCaption, Tag
 from pipeline.sources.base import KnownAnnotations, SourceItem
 from pipeline.masks import check_mask_size, check_rle
-from pipeline.sources.confine import ReadPolicy
+from pipeline.sources.confine import ReadPolicy, RefusedRead, confine_folder, read_confined
 from pipeline.sources.folder import decode_text, item_key, read_file_item
 from pipeline.storage import StoragePath, as_path
 
 GROUND_TRUTH = "ground_truth"
 
 
-def load_json(path: str | StoragePath) -> Any:
-    """Parse a JSON file read as UTF-8 with invalid bytes replaced.
+def load_json(path: str | StoragePath, root: str | StoragePath | None = None, policy: ReadPolicy | None = None) -> Any:
+    """Parse a JSON file read as UTF-8 with invalid bytes replaced, through ``confine`` (under ``root``, default the
+    file's own folder: a link out of it is refused; a regular file of at most ``policy.max_annotation_bytes``).
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: the file is not JSON (message names the file).
+        ValueError: the file is not JSON, is refused by ``confine`` or over the cap (message names the file).
     """
     path = as_path(path)
+    policy = policy if policy is not None else ReadPolicy()
     try:
-        return json.loads(decode_text(path.read_bytes()))
+        data = read_confined(path, root if root is not None else path.parent, policy, policy.max_annotation_bytes,
+                             "source.max_annotation_bytes")
+    except RefusedRead as exc:
+        if exc.tag == "missing_image":
+            raise FileNotFoundError(f"annotation file {path} does not exist") from exc
+        raise ValueError(f"annotation file refused: {exc.reason}") from exc
+    try:
+        return json.loads(decode_text(data))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON: {exc}") from exc
 
@@ -133,14 +144,18 @@ def _box_xyxy(bbox: Any) -> tuple[float, float, float, float]:
     return (x, y, x + w, y + h)
 
 
-def _tags(raw: Any) -> list[Tag]:
-    """``["name", ...]`` or ``[{"name", "score"}, ...]`` as ground-truth tags."""
+def _tags(raw: Any, notes: list[str]) -> list[Tag]:
+    """``["name", ...]`` or ``[{"name", "score"}, ...]`` as ground-truth tags; a malformed entry is skipped with a
+    line in ``notes`` (the others are kept)."""
     tags = []
-    for entry in raw or []:
-        if isinstance(entry, str):
-            tags.append(Tag(name=entry, annotator=GROUND_TRUTH))
-        else:
-            tags.append(Tag(name=entry["name"], score=entry.get("score", 1.0), annotator=GROUND_TRUTH))
+    for index, entry in enumerate(raw if isinstance(raw, list) else [raw] if raw else []):
+        try:
+            if isinstance(entry, str):
+                tags.append(Tag(name=entry, annotator=GROUND_TRUTH))
+            else:
+                tags.append(Tag(name=entry["name"], score=entry.get("score", 1.0), annotator=GROUND_TRUTH))
+        except (ValidationError, KeyError, TypeError, AttributeError) as exc:
+            notes.append(f"skipped tag {index}: {_short(exc)}")
     return tags
 
 
@@ -152,8 +167,9 @@ class CocoSource:
     def __init__(
         self, annotations_json: str | StoragePath, image_dir: str | StoragePath,
         captions_json: str | StoragePath | None = None,
-        policy: ReadPolicy | None = None,
+        policy: ReadPolicy | None = None, root: str | StoragePath | None = None,
     ) -> None:
+        self.root = as_path(root) if root is not None else None  # the input root (None: each file's own folder)
         self.annotations_json = as_path(annotations_json)
         self.image_dir = as_path(image_dir)
         self.captions_json = as_path(captions_json) if captions_json is not None else None
@@ -168,10 +184,11 @@ class CocoSource:
         """Load the JSON files once: ref -> image entry, annotations/captions by image ref, error refs."""
         if self._images is not None:
             return self._images
-        data = load_json(self.annotations_json)
+        data = load_json(self.annotations_json, self.root, self.policy)
         if not isinstance(data, dict) or not isinstance(data.get("images"), list):
             raise ValueError(f"{self.annotations_json}: not a COCO instances file (no 'images' list)")
-        captions = load_json(self.captions_json) if self.captions_json is not None else {"annotations": []}
+        captions = (load_json(self.captions_json, self.root, self.policy) if self.captions_json is not None
+                    else {"annotations": []})
         if not isinstance(captions, dict):
             raise ValueError(f"{self.captions_json}: not a COCO captions file (no 'annotations' list)")
         categories = _entries(data, "categories", self.annotations_json)
@@ -214,6 +231,7 @@ class CocoSource:
     def read(self, refs: Sequence[str]) -> Iterator[SourceItem]:
         """One item per ref in order: the image file's bytes plus its known annotations."""
         images = self._index()
+        folder_refused = confine_folder(self.image_dir, self.root, self.policy) if self.root is not None else None
         for ref in refs:
             image = images.get(ref)
             file_name = image.get("file_name") if image is not None else None
@@ -229,16 +247,16 @@ class CocoSource:
             except (ValueError, TypeError, KeyError, AttributeError) as exc:  # read() must not raise per input
                 yield SourceItem(key, file_name, None, error=f"bad_annotation: image {ref}: {_short(exc)}")
                 continue
+            if folder_refused is not None:
+                yield SourceItem(key, file_name, None, known, error=folder_refused)
+                continue
             yield read_file_item(key, file_name, self.image_dir / file_name, self.image_dir, self.policy, known)
 
     def _known(self, image: dict[str, Any]) -> KnownAnnotations:
         known = KnownAnnotations()
         height, width = _image_size(image, known.notes)
         extension = _extension(image)
-        try:
-            known.tags = _tags(extension.get("tags"))
-        except (ValidationError, KeyError, TypeError, AttributeError) as exc:
-            known.notes.append(f"skipped image tags: {_short(exc)}")
+        known.tags = _tags(extension.get("tags"), known.notes)
         for i, bg in enumerate(extension.get("background") or []):
             try:
                 rle = segmentation_to_rle(bg["segmentation"], height, width)
@@ -248,13 +266,20 @@ class CocoSource:
         # The generator repeats image captions in umg.captions; the captions JSON wins when configured.
         ref = image_ref(image.get("id"))
         texts = self._captions.get(ref, []) if self.captions_json else extension.get("captions") or []
-        for text in texts:
-            if isinstance(text, str) and text.strip():
-                known.captions.append(Caption(text=text.strip(), annotator=GROUND_TRUTH))
-            else:
+        for index, text in enumerate(texts if isinstance(texts, list) else [texts]):
+            if not (isinstance(text, str) and text.strip()):
                 known.notes.append(f"skipped empty caption {text!r}")
+                continue
+            try:
+                known.captions.append(Caption(text=text.strip(), annotator=GROUND_TRUTH))
+            except ValidationError as exc:  # e.g. a lone surrogate from a JSON "\ud800": this caption only
+                known.notes.append(f"skipped caption {index}: {_short(exc)}")
         for index, ann in enumerate(self._anns.get(ref, [])):
-            region = self._region(index, ann, height, width, known.notes)
+            try:
+                region = self._region(index, ann, height, width, known.notes)
+            except (ValidationError, ValueError, TypeError, KeyError, AttributeError) as exc:  # this annotation only
+                known.notes.append(f"skipped annotation {index}: malformed ({_short(exc)})")
+                continue
             if region is not None:
                 known.regions.append(region)
         return known
@@ -280,7 +305,7 @@ class CocoSource:
         extension = _extension(ann)
         try:
             captions = [RegionCaption(text=t, annotator=GROUND_TRUTH) for t in extension.get("captions") or []]
-            tags = _tags(extension.get("tags"))
+            tags = _tags(extension.get("tags"), notes)
             return Region(id=index, box_xyxy=box, label=label, score=1.0, annotator=GROUND_TRUTH,
                           captions=captions, tags=tags, mask=mask)
         except (ValidationError, KeyError, TypeError, AttributeError) as exc:

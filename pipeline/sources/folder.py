@@ -2,7 +2,8 @@
 
 Refs are the image paths relative to the root in posix form (``sub/dir/cat.jpg``), which are also the
 ``source_id``; the key is the sanitised relative path without extension (``sub_dir_cat``). Every entry whose
-name has an image extension is an input and ends as one row — including hidden files (``._cat.jpg`` macOS
+name ends in the extension of a format Pillow decodes (``IMAGE_EXTENSIONS``: ``.jpg``, ``.jfif``, ``.avif``,
+``.tif``, ``.heic`` with pillow-heif …; a file named just ``.jpg`` too) is an input and ends as one row — including hidden files (``._cat.jpg`` macOS
 forks become ``not_an_image`` rows; ``..%2f..%2fevil.jpg`` is read under the safe key ``2f_-2fevil``), FIFOs, devices
 and symlinks. Hidden folders (``.git``, ``.cache``) and symlinked folders are not walked, so the listing is
 finite and stable; a symlinked folder is walked only when it points into ``source.follow_symlinks``.
@@ -28,11 +29,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePosixPath
 
 from data_schemas import Caption, sanitize_key
+from pipeline.images import decodable_extensions
 from pipeline.sources.base import KnownAnnotations, SourceItem
 from pipeline.sources.confine import ReadPolicy, RefusedRead, read_confined
 from pipeline.storage import StoragePath, as_path, find_files, is_local
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+IMAGE_EXTENSIONS = decodable_extensions()  # every format Pillow decodes here: .jpg .png .jfif .avif .tif …
 ALT_TEXT = "alt_text"
 
 
@@ -149,5 +151,7 @@ class FolderSource:
 
 
 def looks_like_image(name: str) -> bool:
-    """Whether a file name has one of ``IMAGE_EXTENSIONS`` (case-insensitive)."""
-    return Path(name).suffix.lower() in IMAGE_EXTENSIONS
+    """Whether a file name ends in one of ``IMAGE_EXTENSIONS`` (case-insensitive), a name that is only an
+    extension (``.jpg``) included."""
+    _, dot, ext = name.rpartition(".")
+    return bool(dot) and f".{ext.lower()}" in IMAGE_EXTENSIONS

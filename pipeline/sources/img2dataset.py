@@ -1,7 +1,7 @@
 """img2dataset output: WebDataset tars and/or parquet files with the image bytes inside.
 
-Containers are the ``*.tar`` and ``*.parquet`` entries directly under ``root`` (img2dataset writes them
-flat: ``00000.tar`` + ``00000.parquet`` metadata for ``output_format=webdataset``, or parquet files with
+Containers are the tar (``*.tar``, also compressed: ``.tar.gz``, ``.tgz``, ``.tar.bz2``, ``.tar.xz``) and
+``*.parquet`` entries directly under ``root`` (img2dataset writes them flat: ``00000.tar`` + ``00000.parquet`` metadata for ``output_format=webdataset``, or parquet files with
 an image column for ``output_format=parquet``). A parquet file without an image column (``jpg``,
 ``jpeg``, ``png``, ``webp``) is metadata only and is skipped when a tar of the same stem exists. Containers
 are opened through ``pipeline.sources.confine``: one that is a FIFO, a device or a link out of the root
@@ -9,8 +9,9 @@ becomes a single error row (``not_a_regular_file:`` / ``outside_root:``).
 
 * Refs are ``<container>/<sample key>`` (``00000.tar/000000012``); the item key is the sanitised
   sample key (img2dataset keys are unique across shards), ``source_id`` the ref.
-* Tar members follow the WebDataset convention ``<key>.<ext>``: ``jpg``/``jpeg``/``png``/``webp`` hold
-  the image, ``txt`` the alt text, ``json`` the metadata (its ``caption`` is used when there is no ``txt``).
+* Tar members follow the WebDataset convention ``<key>.<ext>``: ``jpg``/``jpeg``/``png``/``webp`` (or
+  another extension of a format Pillow decodes, ``IMAGE_EXTS``) hold the image, ``txt`` the alt text,
+  ``json`` the metadata (its ``caption`` is used when there is no ``txt``).
   Member names are never used as paths (``../x.jpg`` is just the key ``../x``, sanitised).
 * Every sample-looking member is accounted for: the n-th repeat of a member name (or of a parquet key)
   adds the ref ``<container>#dup<n>/<key>``, an error row ``duplicate_key:`` (the first is kept); a
@@ -18,9 +19,10 @@ becomes a single error row (``not_a_regular_file:`` / ``outside_root:``).
   regular image); a member over ``source.max_image_bytes`` (text: ``max_text_bytes``) is ``too_large:``;
   an image-named member whose name starts with ``.`` (no WebDataset key) adds ``<container>#hidden/<name>``,
   an error row ``hidden_member:``.
-* Parquet rows use the ``key`` column (the row number, zero-padded to 9 digits, when absent), the
-  image column and ``caption``; a row whose image is null (img2dataset keeps failed downloads with
-  ``status``/``error_message``) becomes a ``missing_image:`` item.
+* Parquet rows use the ``key`` column (any type, as text; the row number, zero-padded to 9 digits, when
+  absent or empty), the image column and ``caption``; a row whose image is null (img2dataset keeps failed
+  downloads with ``status``/``error_message``) becomes a ``missing_image:`` item, one whose image column is
+  not binary (an int, a string …) a ``bad_column:`` item.
 * A container that cannot be listed (corrupt, cut inside a header, garbage after the last member) adds
   the ref ``<container>/`` that reads as an ``unreadable:`` error item, so the problem reaches the shard's
   error rows instead of vanishing; the samples listed before the damage are kept.
@@ -45,12 +47,17 @@ import pyarrow.parquet as pq
 from data_schemas import Caption
 from pipeline.sources.base import KnownAnnotations, SourceItem
 from pipeline.sources.confine import ReadPolicy, RefusedRead, open_confined
-from pipeline.sources.folder import ALT_TEXT, decode_text, item_key, looks_like_image
+from pipeline.sources.folder import ALT_TEXT, IMAGE_EXTENSIONS, decode_text, item_key, looks_like_image
 from pipeline.storage import StoragePath, as_path
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# Image members / columns, best first: img2dataset's four, then any other format Pillow decodes (a sample whose
+# image is a .gif or .jfif member is read, not reported missing).
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", *sorted({e.lstrip(".") for e in IMAGE_EXTENSIONS} - {"jpg", "jpeg",
+                                                                                                   "png", "webp"}))
+PARQUET_IMAGE_COLUMNS = IMAGE_EXTS[:4]
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")  # compressed tars are read the same way
 _MEMBER = re.compile(r"^((?:.*/|)[^./][^.]*)\.([^/]*)$")  # webdataset's key/extension split
 _DUP = re.compile(r"^(.+)#dup(\d+)$")  # container part of a duplicate's ref: 00000.tar#dup2
 _HIDDEN = "#hidden"
@@ -83,9 +90,8 @@ class Img2DatasetSource:
         """Sorted names of the tar/parquet entries under ``root`` holding images (real folders skipped)."""
         if not self.root.is_dir():
             raise FileNotFoundError(f"img2dataset root {self.root} is not a directory")
-        entries = [p for p in self.root.iterdir()
-                   if p.suffix in (".tar", ".parquet") and (p.is_symlink() or not p.is_dir())]
-        tar_stems = {p.stem for p in entries if p.suffix == ".tar"}
+        entries = [p for p in self.root.iterdir() if is_container(p.name) and (p.is_symlink() or not p.is_dir())]
+        tar_stems = {_stem(p.name) for p in entries if _is_tar(p.name)}
         names = []
         for path in entries:
             if path.suffix == ".parquet" and path.stem in tar_stems and self._metadata_only(path.name):
@@ -138,7 +144,7 @@ class Img2DatasetSource:
         """Members of the wanted ``keys`` in ``container``, and the error that stopped the scan (if any)."""
         found: dict[str, _Members] = {}
         try:
-            if container.endswith(".tar"):
+            if _is_tar(container):
                 self._scan_tar(container, keys, found)
             elif container.endswith(".parquet"):
                 self._scan_parquet(container, keys, found)
@@ -146,7 +152,7 @@ class Img2DatasetSource:
                 return found, f"unreadable: {container}: not a .tar or .parquet container"
         except RefusedRead as exc:
             return found, exc.reason
-        except (OSError, tarfile.TarError, EOFError, ValueError) as exc:  # pyarrow errors are OSError/ValueError
+        except (OSError, tarfile.TarError, EOFError, ValueError, TypeError) as exc:  # pyarrow: also TypeError
             return found, f"unreadable: {container}: {exc}"
         if "" in keys and container not in self._listing_errors:  # a container ref read by a fresh instance
             try:
@@ -173,6 +179,9 @@ class Img2DatasetSource:
             status = members.get("status")
             detail = f" (status={_as_text(status)}: {_as_text(members.get('error_message'))})" if status else ""
             return SourceItem(item_id, ref, None, known, error=f"missing_image: {ref}{detail}")
+        if not isinstance(image, bytes | bytearray):  # a parquet image column of another type (int, string …)
+            return SourceItem(item_id, ref, None, known, error=f"bad_column: {ref}: the image column holds "
+                              f"{type(image).__name__}, not binary image bytes")
         if len(image) > self.policy.max_image_bytes:  # a parquet cell; tar members are refused before reading
             return SourceItem(item_id, ref, None, known, error=f"too_large: {ref} image is {len(image)} bytes, "
                               f"over source.max_image_bytes={self.policy.max_image_bytes}")
@@ -181,7 +190,7 @@ class Img2DatasetSource:
 
     def _refs(self, container: str) -> list[str]:
         """Refs of one container; raises ``_ListingError`` (with the refs read so far) when broken."""
-        return self._tar_refs(container) if container.endswith(".tar") else self._parquet_refs(container)
+        return self._tar_refs(container) if _is_tar(container) else self._parquet_refs(container)
 
     # --- tar -------------------------------------------------------------------------------------
 
@@ -257,15 +266,15 @@ class Img2DatasetSource:
             with self._open(name) as handle:
                 pf = pq.ParquetFile(handle)
                 if _image_column(pf) is None:
-                    raise _ListingError([], f"unreadable: {name}: no image column (looked for {', '.join(IMAGE_EXTS)})")
+                    raise _ListingError([], f"unreadable: {name}: no image column (looked for {', '.join(PARQUET_IMAGE_COLUMNS)})")
                 if "key" not in pf.schema_arrow.names:
                     return [f"{name}/{i:09d}" for i in range(pf.metadata.num_rows)]
                 keys = pf.read(columns=["key"]).column("key").to_pylist()
         except RefusedRead as exc:
             raise _ListingError([], exc.reason) from exc
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, TypeError) as exc:  # pyarrow errors are OSError/ValueError/TypeError
             raise _ListingError([], f"unreadable: {name}: {exc}") from exc
-        return _sample_refs(name, Counter(key if key else f"{i:09d}" for i, key in enumerate(keys)))
+        return _sample_refs(name, Counter(_parquet_key(key, i) for i, key in enumerate(keys)))
 
     def _scan_parquet(self, container: str, keys: set[str], found: dict[str, _Members]) -> None:
         with self._open(container) as handle:
@@ -276,10 +285,25 @@ class Img2DatasetSource:
             row = 0
             for batch in pf.iter_batches(columns=columns, batch_size=256):
                 for values in batch.to_pylist():
-                    key = values.get("key") or f"{row:09d}"
+                    key = _parquet_key(values.get("key"), row)
                     row += 1
                     if key in keys and key not in found:
                         found[key] = {("jpg" if col == image_col else col): val for col, val in values.items()}
+
+
+def _is_tar(name: str) -> bool:
+    return name.lower().endswith(TAR_SUFFIXES)
+
+
+def _stem(name: str) -> str:
+    """``00000`` of ``00000.tar`` / ``00000.tar.gz`` / ``00000.parquet``."""
+    suffix = next((s for s in (*TAR_SUFFIXES, ".parquet") if name.lower().endswith(s)), "")
+    return name[: len(name) - len(suffix)]
+
+
+def is_container(name: str) -> bool:
+    """Whether ``name`` is an img2dataset container: a tar (``.tar``, ``.tar.gz`` …) or a ``.parquet`` file."""
+    return _is_tar(name) or name.lower().endswith(".parquet")
 
 
 class _ListingError(Exception):
@@ -299,9 +323,17 @@ def _damaged_end(tar: tarfile.TarFile) -> str | None:
     return f"archive ends with {what} at byte {tar.offset}"
 
 
+def _parquet_key(value: Any, row: int) -> str:
+    """A parquet ``key`` cell as a string key: ints (img2dataset writes int64 keys too) and bytes as text; an
+    empty or null key is the row number, zero-padded to 9 digits."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
+    return f"{row:09d}" if value is None or value == "" else str(value)
+
+
 def _image_column(pf: pq.ParquetFile) -> str | None:
     names = pf.schema_arrow.names
-    return next((ext for ext in IMAGE_EXTS if ext in names), None)
+    return next((ext for ext in PARQUET_IMAGE_COLUMNS if ext in names), None)
 
 
 def _caption(members: _Members, notes: list[str], ref: str) -> str:

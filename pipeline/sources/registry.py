@@ -5,7 +5,7 @@
 =========  ==========================================================================
 coco       ``annotations/instances_*.json`` under the path (or the path is such a file)
 vg         ``region_descriptions.json`` under the path (or the path is that file)
-img2dataset  ``*.tar`` or ``*.parquet`` directly under the path
+img2dataset  ``*.tar`` (``.tar.gz`` …) or ``*.parquet`` directly under the path
 folder     any image file below the path
 =========  ==========================================================================
 
@@ -28,9 +28,9 @@ from pathlib import Path
 from data_schemas import ConfigError, SourceConfig
 from pipeline.sources.base import Source, SourceItem
 from pipeline.sources.coco import CocoSource
-from pipeline.sources.confine import ReadPolicy
-from pipeline.sources.folder import IMAGE_EXTENSIONS, FolderSource, item_key, looks_like_image
-from pipeline.sources.img2dataset import Img2DatasetSource
+from pipeline.sources.confine import ReadPolicy, file_kind
+from pipeline.sources.folder import FolderSource, item_key, looks_like_image
+from pipeline.sources.img2dataset import Img2DatasetSource, is_container
 from pipeline.sources.vg import VisualGenomeSource
 from pipeline.storage import StoragePath, as_path, is_local
 
@@ -42,7 +42,7 @@ SOURCES: dict[str, type] = {
 }
 _LOOKED_FOR = (
     "annotations/instances_*.json (coco), region_descriptions.json (vg), *.tar / *.parquet (img2dataset), "
-    f"image files {'/'.join(sorted(e.lstrip('.') for e in IMAGE_EXTENSIONS))} (folder)"
+    "image files .jpg/.png/.webp/… (any format Pillow decodes, folder)"
 )
 
 
@@ -76,6 +76,8 @@ def detect_kind(path: StoragePath) -> str:
     """
     if not path.exists():
         raise ConfigError(f"source.path {path} does not exist")
+    if not path.is_file() and not path.is_dir():
+        raise ConfigError(f"source.path {path} is a {file_kind(path.stat().st_mode)}, not a folder or a file")
     if path.is_file():
         if path.name.startswith("instances_") and path.suffix == ".json":
             return "coco"
@@ -86,7 +88,7 @@ def detect_kind(path: StoragePath) -> str:
         return "coco"
     if (path / "region_descriptions.json").is_file():
         return "vg"
-    if any(p.suffix in (".tar", ".parquet") for p in path.iterdir() if p.is_file()):
+    if any(is_container(p.name) for p in path.iterdir() if p.is_file()):
         return "img2dataset"
     if _has_image(path):
         return "folder"
@@ -132,7 +134,8 @@ def read_policy(cfg: SourceConfig) -> ReadPolicy:
     for folder in cfg.follow_symlinks:
         if not Path(folder).is_dir():
             raise ConfigError(f"source.follow_symlinks: {folder} is not a directory")
-    return ReadPolicy.create(cfg.max_image_bytes, cfg.max_text_bytes, cfg.follow_symlinks)
+    return ReadPolicy.create(cfg.max_image_bytes, cfg.max_text_bytes, cfg.follow_symlinks, cfg.max_annotation_bytes,
+                             cfg.allow_hard_links)
 
 
 def _require_dir(path: str | StoragePath | None, field: str, kind: str) -> StoragePath:
@@ -150,7 +153,8 @@ def _build_coco(cfg: SourceConfig) -> Source:
     if annotations is not None:
         instances = as_path(annotations)
         image_dirs = _image_dirs(instances.parent.parent, _split_name(instances), cfg)
-        return _coco_split(instances, cfg.captions, image_dirs, read_policy(cfg))
+        root = as_path(cfg.path) if cfg.path is not None and as_path(cfg.path).is_dir() else None
+        return _coco_split(instances, cfg.captions, image_dirs, read_policy(cfg), root)
     root = _require_dir(cfg.path, "source.path", "coco")
     files = sorted((root / "annotations").glob("instances_*.json"))
     if not files:
@@ -161,7 +165,8 @@ def _build_coco(cfg: SourceConfig) -> Source:
         )
     policy = read_policy(cfg)
     parts: dict[str, Source] = {
-        _split_name(f): _coco_split(f, cfg.captions, _image_dirs(root, _split_name(f), cfg, several=True), policy)
+        _split_name(f): _coco_split(f, cfg.captions, _image_dirs(root, _split_name(f), cfg, several=True), policy,
+                                    root)
         for f in files
     }
     return SplitSource("coco", parts)
@@ -180,8 +185,9 @@ def _image_dirs(root: StoragePath, split: str, cfg: SourceConfig, several: bool 
 
 
 def _coco_split(instances: StoragePath, captions: str | StoragePath | None, image_dirs: list[StoragePath],
-                policy: ReadPolicy) -> CocoSource:
-    """A ``CocoSource`` for one instances file; the image folder is the first existing candidate."""
+                policy: ReadPolicy, root: StoragePath | None = None) -> CocoSource:
+    """A ``CocoSource`` for one instances file; the image folder is the first existing candidate. ``root``: the
+    input root (``source.path``) its files and image folder must resolve under."""
     if not instances.is_file():
         raise ConfigError(f"source.annotations {instances} does not exist")
     split = _split_name(instances)
@@ -193,7 +199,7 @@ def _coco_split(instances: StoragePath, captions: str | StoragePath | None, imag
     if image_dir is None:
         tried = ", ".join(str(d) for d in image_dirs)
         raise ConfigError(f"no image folder for coco split {split!r}: tried {tried} (set source.image_dir)")
-    return CocoSource(instances, image_dir, captions, policy)
+    return CocoSource(instances, image_dir, captions, policy, root)
 
 
 def _build_vg(cfg: SourceConfig) -> Source:
@@ -209,4 +215,5 @@ def _build_vg(cfg: SourceConfig) -> Source:
     image_dir = cfg.image_dir if cfg.image_dir is not None else annotations.parent
     if not as_path(image_dir).is_dir():
         raise ConfigError(f"source.image_dir {image_dir} is not a directory (source kind vg)")
-    return VisualGenomeSource(annotations, image_dir, read_policy(cfg))
+    root = as_path(cfg.path) if cfg.path is not None and as_path(cfg.path).is_dir() else annotations.parent
+    return VisualGenomeSource(annotations, image_dir, read_policy(cfg), root)

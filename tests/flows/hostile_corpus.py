@@ -8,6 +8,7 @@ test can check that none of their bytes reach the output.
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
+from PIL import Image, features
 
 SECRET = b"root:x:0:0:HOSTILE-CORPUS-SECRET-7f3a9c"
 MAX_IMAGE_BYTES = 1_000_000  # passed as source.max_image_bytes; `huge.jpg` is over it
@@ -125,6 +126,7 @@ def folder_corpus(root: Path, outside: Path) -> list[Expect]:
     os.mkfifo(root / "fifo.jpg")
     (root / ".git").mkdir()
     (root / ".git" / "not_an_input.jpg").write_bytes(jpeg())  # hidden folders are not walked
+    expect += folder_round2(root)
     return expect + [
         Expect("same.png", "duplicate_key"), Expect("._ok.jpg", "not_an_image"), Expect("huge.jpg", "too_large"),
         Expect("cat.jpg", "ok", "sidecar_skipped: outside_root"), Expect("latin.jpg", "ok", "not_utf8"),
@@ -133,6 +135,48 @@ def folder_corpus(root: Path, outside: Path) -> list[Expect]:
         Expect("linkdir.jpg", "outside_root"), Expect("dangling.jpg", "missing_image"),
         Expect("loop.jpg", "unreadable"), Expect("fifo.jpg", "not_a_regular_file"),
     ]
+
+
+def folder_round2(root: Path) -> list[Expect]:
+    """Issue 20 (second round) folder cases: names the tar header or UTF-8 cannot hold (class 1), formats and
+    names the listing missed (class 3)."""
+    expect = []
+    long_names = {"L" * 240 + ".jpg": jpeg((11, 22, 33)),  # key over ustar's 100-character member name
+                  "1" + "s" * 230 + ".jpg": jpeg((12, 22, 33)),  # two keys over 200 characters that share
+                  "2" + "s" * 230 + ".jpg": jpeg((13, 22, 33)),  # their last 200: distinct after shortening
+                  "d" * 120 + "/" + "e" * 120 + ".png": png(Image.new("RGB", (12, 10), (1, 2, 3)))}
+    for name, data in long_names.items():
+        (root / name).parent.mkdir(exist_ok=True)
+        (root / name).write_bytes(data)
+        expect.append(Expect(name, "ok"))
+    (root / os.fsdecode(b"caf\xe9_latin1.jpg")).write_bytes(jpeg((14, 22, 33)))  # not valid UTF-8
+    expect.append(Expect("caf\\xe9_latin1.jpg", "ok", "not_utf8"))
+    rgb = Image.fromarray(np.full((18, 26, 3), (40, 160, 90), np.uint8))
+    formats = {".jpg": jpeg((15, 22, 33)), "photo.jfif": jpeg((16, 22, 33)), "photo2.JPE": jpeg((17, 22, 33)),
+               "tga.tga": _encoded(rgb, "TGA"), "qoi.qoi": _encoded(rgb, "QOI"), "pcx.pcx": _encoded(rgb, "PCX")}
+    if features.check("avif"):
+        formats["avif.avif"] = _encoded(rgb, "AVIF")
+    for name, data in formats.items():
+        (root / name).write_bytes(data)
+        expect.append(Expect(name, "ok"))
+    # class 2: shapes a model stage cannot take are stored with a note, never error rows
+    for name, size in {"strip.png": (16000, 1), "column.png": (1, 9000), "thin.png": (1000, 4),
+                       "big.png": (4200, 4200)}.items():  # big: over images.max_model_pixels (4096²)
+        (root / name).write_bytes(png(Image.new("RGB", size, (90, 120, 150))))
+        expect.append(Expect(name, "ok", "models_skipped"))
+    for name, size in {"pixel.png": (1, 1), "tiny.png": (2, 3)}.items():
+        (root / name).write_bytes(png(Image.new("RGB", size, (90, 120, 150))))
+        expect.append(Expect(name, "ok"))
+    # class 4: a hard link may be another name of a file outside the root: refused, like a link out
+    os.link(root.parent / "outside" / "theirs.jpg", root / "hardlinked.jpg")
+    expect.append(Expect("hardlinked.jpg", "hard_link"))
+    return expect
+
+
+def _encoded(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
 
 
 def _write_tar(path: Path, members: list[tuple[str, bytes | tuple[bytes, str]]]) -> None:
@@ -170,7 +214,7 @@ def tar_corpus(root: Path, outside: Path) -> list[Expect]:
     os.mkfifo(root / "00004.tar")
     pq.write_table(pa.table({"key": ["p1", "p1", "p2"], "jpg": pa.array([jpeg((1, 99, 1)), jpeg(), None]),
                              "status": ["success", "success", "failed_to_download"]}), root / "00005.parquet")
-    return [
+    return tar_round2(root) + [
         Expect("00000.tar/000", "ok"), Expect("00000.tar/001", "empty"), Expect("00000.tar/002", "not_an_image"),
         Expect("00000.tar/trunc", "truncated"), Expect("00000.tar/bomb", "too_large"), Expect("00000.tar/cmyk", "ok"),
         Expect("00000.tar/../evil", "ok"), Expect("00000.tar/dup", "ok"), Expect("00000.tar#dup2/dup", "duplicate_key"),
@@ -180,6 +224,28 @@ def tar_corpus(root: Path, outside: Path) -> list[Expect]:
         Expect("00003.tar/", "outside_root"), Expect("00004.tar/", "not_a_regular_file"),
         Expect("00005.parquet/p1", "ok"), Expect("00005.parquet#dup2/p1", "duplicate_key"),
         Expect("00005.parquet/p2", "missing_image"),
+    ]
+
+
+def tar_round2(root: Path) -> list[Expect]:
+    """Issue 20 img2dataset cases: parquet columns of the wrong type (class 1 / 2), compressed tars (class 3),
+    member names the tar header or UTF-8 cannot hold (class 1), another image extension (class 3)."""
+    pq.write_table(pa.table({"key": pa.array([7, 0], pa.int64()), "jpg": [jpeg((2, 98, 1)), jpeg((3, 98, 1))]}),
+                   root / "00006.parquet")
+    pq.write_table(pa.table({"key": ["i"], "jpg": pa.array([123], pa.int64())}), root / "00007.parquet")
+    pq.write_table(pa.table({"key": ["s"], "jpg": ["not bytes"]}), root / "00008.parquet")
+    _write_tar(root / "00009.tar.gz", [("900.jpg", jpeg((4, 98, 1))), ("900.txt", b"gzipped sample")])
+    (root / "00009.tar.gz").write_bytes(gzip.compress((root / "00009.tar.gz").read_bytes(), mtime=0))
+    long_key = "k" * 250
+    gif = io.BytesIO()
+    Image.new("RGB", (16, 12), (5, 98, 1)).save(gif, format="GIF")
+    _write_tar(root / "00010.tar", [(f"{long_key}.jpg", jpeg((6, 98, 1))), (f"{long_key}.txt", b"long"),
+                                    (os.fsdecode(b"caf\xe9.jpg"), jpeg((7, 98, 1))), ("anim.gif", gif.getvalue())])
+    return [
+        Expect("00006.parquet/7", "ok"), Expect("00006.parquet/0", "ok"), Expect("00007.parquet/i", "bad_column"),
+        Expect("00008.parquet/s", "bad_column"), Expect("00009.tar.gz/900", "ok"),
+        Expect(f"00010.tar/{long_key}", "ok"), Expect("00010.tar/caf\\xe9", "ok", "not_utf8"),
+        Expect("00010.tar/anim", "ok"),
     ]
 
 
@@ -219,6 +285,13 @@ def coco_corpus(root: Path, outside: Path) -> list[Expect]:
     image("hugeclaim.jpg", "ok", "image height/width not usable", jpeg(size=(w, h)),
           [{"segmentation": [square]}], height=10**6, width=10**6)
     image("exif.jpg", "ok", None, jpeg(size=(w, h), orientation=6), [{"segmentation": [square]}])
+    # issue 20 class 2: one malformed annotation / caption / tag never discards the image's valid ones
+    image("mixed_anns.jpg", "ok", "skipped annotation 0: malformed", jpeg(size=(w, h)),
+          [{"category_id": [1]}, {"segmentation": [square]}])
+    image("mixed_caps.jpg", "ok", "skipped caption 1", jpeg(size=(w, h)),
+          umg={"captions": ["a fine caption", "bad \ud800 surrogate", "another"],
+               "tags": ["thing", {"no_name": 1}, {"name": "other", "score": 0.5}]})
+    image("mixed_tags.jpg", "ok", "skipped tag 1", jpeg(size=(w, h)), umg={"tags": ["thing", {"no_name": 1}]})
     image("missing.jpg", "missing_image")
     image("zero.jpg", "empty", data=b"")
     image("text.jpg", "not_an_image", data=b"plain text")
@@ -241,7 +314,12 @@ def coco_corpus(root: Path, outside: Path) -> list[Expect]:
     (root / "annotations").mkdir()
     # json.dumps writes NaN/Infinity, as Python-made COCO files in the wild do; the reader accepts them.
     (root / "annotations" / "instances_train.json").write_text(json.dumps(document), encoding="utf-8")
-    return expect
+    # issue 20 class 4: a second split whose image folder is a link out of the root
+    (root / "images" / "val").symlink_to(outside, target_is_directory=True)
+    val = {"images": [{"id": 1, "file_name": "theirs.jpg", "height": 40, "width": 40}], "annotations": [],
+           "categories": [{"id": 1, "name": "thing"}]}
+    (root / "annotations" / "instances_val.json").write_text(json.dumps(val), encoding="utf-8")
+    return expect + [Expect("theirs.jpg", "outside_root")]
 
 
 def vg_corpus(root: Path, outside: Path) -> list[Expect]:
@@ -254,3 +332,57 @@ def vg_corpus(root: Path, outside: Path) -> list[Expect]:
     (root / "region_descriptions.json").write_text(json.dumps(document), encoding="utf-8")
     return [Expect("1.jpg", "ok", "is not finite"), Expect(f"../{outside.name}/theirs.jpg", "outside_root"),
             Expect("!entries/2", "bad_annotation"), Expect("4.jpg", "missing_image")]
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A run-level fault (issue 20 class 5): ``umg`` arguments that must end in one ``error:`` line naming
+    ``reason``, a non-zero exit and no traceback."""
+
+    name: str
+    args: list[str]
+    reason: str
+
+
+def run_faults(base: Path, outside: Path, smoke: Path) -> list[Fault]:
+    """Inputs, configs and overrides a build must refuse up front; files under ``base``."""
+    base.mkdir(parents=True)
+    good = base / "images"
+    good.mkdir()
+    (good / "a.jpg").write_bytes(jpeg())
+    os.mkfifo(base / "fifo_in")
+    os.mkfifo(base / "fifo.yaml")
+    coco_out = base / "coco_linked"  # a COCO root whose instances file is a link to a JSON outside the root
+    (coco_out / "annotations").mkdir(parents=True)
+    (coco_out / "images" / "train").mkdir(parents=True)
+    (outside / "instances_secret.json").write_text(json.dumps({"images": [], "info": SECRET.decode()}))
+    (coco_out / "annotations" / "instances_train.json").symlink_to(outside / "instances_secret.json")
+    vg_out = base / "vg_linked"
+    vg_out.mkdir()
+    (outside / "regions_secret.json").write_text(json.dumps([{"id": 1, "regions": [], "x": SECRET.decode()}]))
+    (vg_out / "region_descriptions.json").symlink_to(outside / "regions_secret.json")
+    coco_big = base / "coco_big"
+    (coco_big / "annotations").mkdir(parents=True)
+    (coco_big / "images" / "train").mkdir(parents=True)
+    (coco_big / "annotations" / "instances_train.json").write_text(json.dumps({"images": [], "pad": "x" * 4096}))
+
+    def build(inp: str | Path, *extra: str, config: str | Path = smoke) -> list[str]:
+        return ["build", "--config", str(config), "--input", str(inp), "--set", "annotate=null", *extra]
+
+    return [
+        Fault("empty --input", build(""), "--input is empty"),
+        Fault("blank source.path", build(good, "--set", "source.path=' '"), "is empty"),
+        Fault("FIFO as --input", build(base / "fifo_in"), "is a FIFO"),
+        Fault("/dev/null as --input", build("/dev/null"), "is a character device"),
+        Fault("--config a directory", build(good, config=base), "is a directory"),
+        Fault("--config a FIFO", build(good, config=base / "fifo.yaml"), "not a regular file"),
+        Fault("--set without =", build(good, "--set", "shard_size"), "not of the form"),
+        Fault("--set with an empty key", build(good, "--set", "=3"), "empty part"),
+        Fault("--set source..path", build(good, "--set", "source..path=x"), "empty part"),
+        Fault("--set unclosed YAML", build(good, "--set", "shard_size=[1,"), "not valid YAML"),
+        Fault("--set a value of the wrong type", build(good, "--set", "shard_size=many"), "shard_size"),
+        Fault("COCO instances linked out of the root", build(coco_out), "outside_root"),
+        Fault("VG JSON linked out of the root", build(vg_out), "outside_root"),
+        Fault("annotation file over the cap", build(coco_big, "--set", "source.max_annotation_bytes=1024"),
+              "source.max_annotation_bytes=1024"),
+    ]

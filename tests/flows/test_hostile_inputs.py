@@ -12,13 +12,16 @@ from __future__ import annotations
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from data_schemas import load_config
 from pipeline.shards import finished_shards, iter_samples, read_shard_rows
@@ -27,6 +30,8 @@ from hostile_corpus import (
     MAX_IMAGE_BYTES,
     SECRET,
     Expect,
+    jpeg,
+    run_faults,
     coco_corpus,
     folder_corpus,
     tar_corpus,
@@ -69,7 +74,7 @@ def _run_build(source_root: Path, out: Path, cwd: Path, tiny: Path, with_models:
             "--output", str(out), "--set", f"annotate.tiny_models_dir={tiny}",
             "--set", f"source.max_image_bytes={MAX_IMAGE_BYTES}", *([] if with_models else ["--set", "annotate=null"])]
     return subprocess.run(
-        args, cwd=cwd, capture_output=True, text=True, timeout=120,
+        args, cwd=cwd, capture_output=True, text=True, timeout=600,
         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)),
     )
@@ -102,12 +107,15 @@ def test_hostile_corpus_is_fully_accounted_for_and_confined(tmp_path, tmp_path_f
     outs = {kind: tmp_path / f"out_{kind}" for kind in roots}
     before = _snapshot(base)
 
-    tried = accounted = crashed = lost = leaked = 0
+    tried = accounted = crashed = lost = leaked = tracebacks = 0
     problems: list[str] = []
     for kind, _, with_models in CORPORA:
         wanted = expected[kind]
         tried += len(wanted)
         result = _run_build(roots[kind], outs[kind], cwd, tiny, with_models)
+        if "Traceback" in result.stderr:
+            tracebacks += 1
+            problems.append(f"{kind}: a traceback on stderr: {result.stderr[-3000:]}")
         if result.returncode != 0:
             crashed += len(wanted)
             problems.append(f"{kind}: exit {result.returncode}: {result.stderr[-3000:]}")
@@ -137,7 +145,70 @@ def test_hostile_corpus_is_fully_accounted_for_and_confined(tmp_path, tmp_path_f
     if after != before:
         changed = sorted(set(after.items()) ^ set(before.items()))
         problems.append(f"files written or changed outside OUT: {changed[:10]}")
-    counts = f"{tried} tried, {accounted} accounted, {crashed} crashed, {lost} lost, {leaked} read outside the root"
+    counts = (f"{tried} tried, {accounted} accounted, {crashed} crashed, {lost} lost, {leaked} read outside the root, "
+              f"{tracebacks} tracebacks")
     print(counts)
     assert not problems, "\n".join([counts, *problems])
-    assert counts == f"{tried} tried, {tried} accounted, 0 crashed, 0 lost, 0 read outside the root"
+    assert counts == f"{tried} tried, {tried} accounted, 0 crashed, 0 lost, 0 read outside the root, 0 tracebacks"
+
+
+def _one_line_error(result, secret: bytes) -> str | None:
+    """None when ``result`` (a CliRunner result) is one ``error:`` line, exit 2, no traceback, no secret; else why."""
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        return f"traceback: {type(result.exception).__name__}: {result.exception}"
+    lines = result.output.strip().splitlines()
+    if result.exit_code == 0 or len(lines) != 1 or not lines[0].startswith("error: "):
+        return f"exit {result.exit_code}, output {result.output!r}"
+    if secret.decode() in result.output:
+        return "the error line shows bytes of a file outside the root"
+    return None
+
+
+def test_run_level_faults_end_in_one_error_line(tmp_path):
+    """Issue 20 class 5 (and class 4's links to annotation files): each fault ends in one ``error:`` line naming
+    it, exit 2, no traceback, nothing read from outside the root; a disk filling up mid-build (RLIMIT_FSIZE)
+    ends the same way and the rerun resumes to every input exactly once."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    write_outside(tmp_path / "outside")
+    faults = run_faults(tmp_path / "faults", tmp_path / "outside", SMOKE)
+    problems = []
+    for i, fault in enumerate(faults):
+        result = CliRunner().invoke(app, [*fault.args, "--output", str(tmp_path / f"out{i}")])
+        why = _one_line_error(result, SECRET)
+        if why is None and fault.reason not in result.output:
+            why = f"the error line does not name {fault.reason!r}: {result.output!r}"
+        if why:
+            problems.append(f"{fault.name}: {why}")
+
+    # disk full: every write over 40 KB fails (EFBIG, as ENOSPC would) once the big image reaches a shard
+    images, out = tmp_path / "disk_in", tmp_path / "disk_out"
+    images.mkdir()
+    for i in range(3):
+        (images / f"a{i}.jpg").write_bytes(jpeg(size=(24, 16)))
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (160, 160, 3), dtype=np.uint8)).save(images / "z_big.png")
+    args = [sys.executable, "-m", "flows.cli", "build", "--config", str(SMOKE), "--input", str(images),
+            "--output", str(out), "--set", "annotate=null", "--set", "shard_size=2"]
+
+    def limited() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    full = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env, preexec_fn=limited)
+    errors = [line for line in full.stderr.splitlines() if line.startswith("error:")]
+    if full.returncode == 0 or len(errors) != 1 or "Traceback" in full.stderr or "resumes" not in errors[0]:
+        problems.append(f"disk full: exit {full.returncode}, stderr {full.stderr[-2000:]!r}")
+    resumed = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+    rows = _rows(out)
+    if resumed.returncode != 0 or sorted(r["source_id"] for r in rows) != ["a0.jpg", "a1.jpg", "a2.jpg", "z_big.png"]:
+        problems.append(f"disk full: the rerun gave exit {resumed.returncode}, rows {rows}: {resumed.stderr[-2000:]}")
+    elif json.loads(resumed.stdout.strip().splitlines()[-1])["skipped"] != 1:
+        problems.append(f"disk full: the rerun did not resume from the finished shard: {resumed.stdout}")
+
+    counts = f"{len(faults) + 1} faults tried, {len(faults) + 1 - len(problems)} ended in one error line"
+    print(counts)
+    assert not problems, "\n".join([counts, *problems])

@@ -64,16 +64,42 @@ def test_error_kinds_and_stage_counts():
     check_breaker("00000", errors, BreakerConfig(max_stage_failure=0.3, min_inputs=6))  # too few to judge
 
 
+class BrokenTagger(FlakyTagger):
+    """A sticky device error: fails on every image, the breaker's control image included."""
+
+    def __init__(self) -> None:
+        super().__init__(())
+
+    def __call__(self, images):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated)")
+
+
 def test_systematic_failure_trips_the_breaker_and_commits_nothing(tmp_path):
     source = _folder(tmp_path / "in")
-    chain = Chain([TagStage("tagger", FlakyTagger(WIDTHS))])
+    chain = Chain([TagStage("tagger", BrokenTagger())])
     breaker = BreakerConfig(max_stage_failure=0.5, min_inputs=4)
-    with pytest.raises(ShardTripped, match=r"shard 00000: stage tagger failed on 5 of 5 inputs"):
+    with pytest.raises(ShardTripped, match=r"shard 00000: stage tagger failed on 5 of 5 inputs .*control image failed"):
         build_shards(source, tmp_path / "out", 5, ImageLimits(), annotate=chain, breaker=breaker)
     assert finished_shards(tmp_path / "out") == [] and not list((tmp_path / "out").glob("*.tmp"))
     # without a breaker (the old behaviour) the shard is committed full of error rows and resume skips it
     build_shards(source, tmp_path / "old", 5, ImageLimits(), annotate=chain)
     assert sum(row["status"] == "error" for row in _rows(tmp_path / "old")) == 11
+
+
+def test_inputs_failing_on_their_own_are_error_rows_not_a_trip(tmp_path):
+    """Issue 20 class 1: most of a small shard failing in a stage for reasons of its own (here every input image
+    fails the tagger; an ordinary image passes) is no systematic failure: the shard is committed, one error row
+    per failed input, instead of failing whole and losing its good images."""
+    source = _folder(tmp_path / "in")
+    tagger = FlakyTagger(WIDTHS[:4] + WIDTHS[5:9])  # 4 of each 5 fail; img_04 and img_09 are fine
+    breaker = BreakerConfig(max_stage_failure=0.5, min_inputs=4)
+    summary = build_shards(source, tmp_path / "out", 5, ImageLimits(), annotate=Chain([TagStage("tagger", tagger)]),
+                           breaker=breaker)
+    assert len(summary.written) == 3
+    rows = _rows(tmp_path / "out")
+    assert sorted(row["source_id"] for row in rows if row["status"] == "ok") == ["img_04.png", "img_09.png"]
+    failed = [row for row in rows if row["error"] and row["error"].startswith("annotator_failed: tagger")]
+    assert len(failed) == 8
 
 
 def test_retry_errors_rebuilds_infrastructure_error_rows_exactly_once(tmp_path):

@@ -118,3 +118,42 @@ def test_kill_9_mid_shard_then_rerun_gives_every_input_exactly_once(tmp_path):
     report = validate_build(out)
     assert report.ok, report.problems
     assert (report.inputs, report.samples) == (N_IMAGES + 2, N_IMAGES)
+
+
+def test_output_removed_mid_build_stops_it_and_the_rerun_starts_again(tmp_path):
+    """Issue 20 class 5: the output folder removed between shards; the writer must not recreate it as a folder
+    that is no build (which the next run would refuse): the build stops, the rerun writes every input once."""
+    import shutil
+
+    source = FolderSource(_image_folder(tmp_path / "in", n=8))
+    out = tmp_path / "out"
+    with pytest.raises(ShardError, match="lost its _plan.json"):
+        build_shards(source, out, SHARD_SIZE, ImageLimits(), on_shard=lambda stats: shutil.rmtree(out))
+    assert not out.exists()
+    build_shards(source, out, SHARD_SIZE, ImageLimits())
+    assert _source_ids_in_build(out) == Counter(source.list_refs())
+
+
+def test_a_second_build_into_one_output_is_refused_and_a_killed_one_leaves_no_stale_lock(tmp_path):
+    """Issue 20 class 5: two builds into one output; the second is refused at once (flock on OUT/_build.lock),
+    and once the first process dies (SIGKILL: no cleanup ran) the next build proceeds."""
+    source = FolderSource(_image_folder(tmp_path / "in", n=4))
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import fcntl, os, sys, time
+        fd = os.open({str(out / "_build.lock")!r}, os.O_RDWR | os.O_CREAT)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, str(os.getpid()).encode())
+        print("locked", flush=True)
+        time.sleep(120)
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ShardError, match=rf"being written by another build \(pid {holder.pid}\)"):
+            build_shards(source, out, SHARD_SIZE, ImageLimits())
+    finally:
+        holder.kill()
+        holder.wait()
+    summary = build_shards(source, out, SHARD_SIZE, ImageLimits())
+    assert len(summary.written) == 2 and _source_ids_in_build(out) == Counter(source.list_refs())

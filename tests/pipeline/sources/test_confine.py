@@ -63,3 +63,18 @@ def test_size_cap_is_checked_before_reading(tree) -> None:
     assert _refusal(root / "ok.bin", root, cap=5) == (
         f"too_large: {root / 'ok.bin'} is 6 bytes, over source.max_image_bytes=5")
     assert RefusedRead("too_large: x").tag == "too_large"
+
+
+def test_a_read_reserves_the_file_size_not_the_cap(tree) -> None:
+    """Issue 20 class 6: ``read(cap + 1)`` reserved 256 MiB per file whatever its size (MemoryError on resume
+    under a memory limit). A 6-byte file read with the default cap allocates about its size."""
+    import tracemalloc
+
+    root, _ = tree
+    tracemalloc.start()
+    try:
+        assert read_confined(root / "ok.bin", root, ReadPolicy(), 256 * 2**20) == b"inside"
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20, f"reading a 6-byte file allocated {peak} bytes"

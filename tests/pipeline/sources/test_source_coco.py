@@ -192,7 +192,7 @@ def test_malformed_entries_never_raise_from_read(tmp_path, image_bytes) -> None:
     assert b.error is None and b.known.regions == [] and b.known.tags == []
     assert [cap.text for cap in b.known.captions] == ["ok"]
     assert b.known.notes == [
-        "skipped image tags: missing field 'name'",
+        "skipped tag 0: missing field 'name'",
         "skipped background 0: missing field 'segmentation'",
         "skipped empty caption None",
         "skipped annotation 0 (id 2): text: String should have at least 1 character",

@@ -91,3 +91,43 @@ def test_ids_escaping_the_image_folder_and_entries_without_id_are_error_rows(tmp
     items = list(source.read(refs))
     assert [i.error.split(":")[0] for i in items] == ["bad_annotation", "bad_annotation", "outside_root"]
     assert all(i.image_bytes is None for i in items)
+
+
+def test_the_json_is_streamed_a_shard_holds_its_own_regions_only(tmp_path, image_bytes) -> None:
+    """Issue 20 class 8: VG's JSON (GBs) was loaded whole in every worker. ``read`` of two refs now keeps their
+    regions only: its peak allocation is a small part of what parsing the whole file allocates."""
+    import tracemalloc
+
+    doc = [{"id": i, "regions": [region(i * 100 + r, f"phrase {r} of image {i}", r, r, 5, 5, image_id=i)
+                                 for r in range(20)]} for i in range(600)]
+    path = tmp_path / "region_descriptions.json"
+    path.write_text(json.dumps(doc))
+    del doc
+    (tmp_path / "7.jpg").write_bytes(image_bytes())
+    source = VisualGenomeSource(path, tmp_path)
+    refs = source.list_refs()
+    assert len(refs) == 600
+
+    def peak(call) -> int:
+        tracemalloc.start()
+        try:
+            call()
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    whole = peak(lambda: json.loads(path.read_bytes()))
+    streamed = peak(lambda: list(VisualGenomeSource(path, tmp_path).read(["000000000007", "000000000008"])))
+    items = list(VisualGenomeSource(path, tmp_path).read(["000000000007", "000000000008"]))
+    assert len(items[0].known.regions) == 20 and items[1].error.startswith("missing_image")
+    assert streamed < whole / 10, (streamed, whole)
+
+
+def test_python_json_with_nan_is_still_read(tmp_path, image_bytes) -> None:
+    """The strict streaming parser refuses ``NaN`` (Python's ``json.dumps`` writes it); such a file is parsed
+    whole, and the region with the NaN is skipped with a note as before."""
+    doc = [{"id": 1, "regions": [region(1, "ok", 1, 1, 4, 4), region(2, "nan", float("nan"), 1, 4, 4)]}]
+    (tmp_path / "region_descriptions.json").write_text(json.dumps(doc))
+    (tmp_path / "1.jpg").write_bytes(image_bytes())
+    (item,) = VisualGenomeSource(tmp_path / "region_descriptions.json", tmp_path).read(["000000000001"])
+    assert [r.label for r in item.known.regions] == ["ok"] and "is not finite" in item.known.notes[0]
