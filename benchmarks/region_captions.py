@@ -42,9 +42,10 @@ def random_scene(n_boxes: int, width: int, height: int, seed: int) -> tuple[Imag
     return image, np.concatenate([xy, xy + wh], axis=1).astype(np.float32)
 
 
-def paper_scale_llava(device: torch.device, dtype: torch.dtype):
+def paper_scale_llava(device: torch.device, dtype: torch.dtype, layers: tuple[int, int] = (24, 32)):
     """A LLaVA-1.5-7B-shaped ``LlavaForConditionalGeneration`` (CLIP ViT-L/14 at 336, LLaMA-7B) with random weights
-    and a processor around the tiny tokenizer: the paper-scale compute, built in memory (no weights to download)."""
+    and a processor around the tiny tokenizer: the paper-scale compute, built in memory (no weights to download).
+    ``layers``: (vision, text) depth; fewer only to check the script on a CPU."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
     from transformers import LlavaProcessor
 
@@ -57,19 +58,15 @@ def paper_scale_llava(device: torch.device, dtype: torch.dtype):
         tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
         chat_template=TINY_CHAT_TEMPLATE, num_additional_image_tokens=1,
     )
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=layers[0], num_attention_heads=16,
                               image_size=336, patch_size=14, projection_dim=768)
-    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers[1], num_attention_heads=32,
                        num_key_value_heads=32, max_position_embeddings=4096, **token_config(tokenizer))
     config = LlavaConfig(vision_config=vision, text_config=text, vision_feature_layer=-2,
                          image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
                          vision_feature_select_strategy="default")
-    with torch.device("meta"):
-        model = LlavaForConditionalGeneration(config)
-    model = model.to_empty(device=device).to(dtype).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0.0, 0.02)
+    with torch.device(device):  # initialised in place (buffers such as position ids and rotary frequencies too)
+        model = LlavaForConditionalGeneration(config).to(dtype).eval()
     tokenizer.padding_side = "left"
     return model, processor
 
@@ -123,6 +120,8 @@ def main(argv: list[str] | None = None) -> float:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--geometry", choices=[*GEOMETRIES, "all"], default="all")
     parser.add_argument("--paper-scale", action="store_true", help="LLaVA-1.5-7B shape, random weights (GPU)")
+    parser.add_argument("--paper-layers", type=int, nargs=2, default=(24, 32), metavar=("VISION", "TEXT"),
+                        help="depth of the --paper-scale towers (fewer: a CPU check of the script only)")
     parser.add_argument("--images", type=int, default=2)
     parser.add_argument("--boxes", type=int, default=20)
     parser.add_argument("--prompts", type=int, default=5)
@@ -139,7 +138,7 @@ def main(argv: list[str] | None = None) -> float:
 
     if args.paper_scale:
         device = torch.device(args.device)
-        in_memory = paper_scale_llava(device, getattr(torch, args.dtype))
+        in_memory = paper_scale_llava(device, getattr(torch, args.dtype), tuple(args.paper_layers))
         ratio = compare("LLaVA-1.5-7B shape, random weights", None, args, in_memory)
     else:
         names = list(GEOMETRIES) if args.geometry == "all" else [args.geometry]

@@ -10,8 +10,9 @@ The model: ``model`` itself when it has ``segment_semantic`` (an adapted dense m
 else :class:`model.eval.segmenter.TrainingFreeSegmenter` on it (``dense_features``: final tokens or MaskCLIP's
 value path). Text embeddings are the prompt-ensembled class names through ``model.umg`` (or the model), a
 name split into synonyms at commas and scored by the best one (FC-CLIP); default prompts: FC-CLIP's ViLD
-templates for an adapted model, ``DEFAULT_TEMPLATES`` for the training-free probe. Predictions at input
-resolution S x S are mapped back to each label map's size — class probabilities bilinearly (then argmax),
+templates for an adapted model, ``DEFAULT_TEMPLATES`` for the training-free probe. Inputs: the model's
+preprocess (squashed to S x S), or with ``short_side`` detectron2's test geometry (shorter side N, aspect
+kept, zero-padded; the padding is cropped off the predictions). Predictions are mapped back to each label map's size — class probabilities bilinearly (then argmax),
 panoptic segment ids by nearest neighbour, instance mask logits bilinearly (then > 0) — and scored there
 (``model.eval.seg_metrics``; mask AP: ``model.eval.mask_ap``, when the model outputs instances).
 """
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from model.eval.datasets import EvalDataError
+from model.eval.datasets import EvalDataError, open_image
 from model.eval.features import Progress
 from model.dense.vocabulary import VILD_TEMPLATES, synonym_text_embeddings
 from model.eval.mask_ap import MaskAP
@@ -39,6 +40,8 @@ from model.eval.report import TABLE_COLUMNS, make_result
 from model.eval.seg_metrics import IGNORE_INDEX, PanopticQuality, SemanticConfusion
 from model.eval.segmenter import TrainingFreeSegmenter
 from model.loading import create_model_and_transforms
+from model.preprocess import patch_size, short_side_transform
+from pipeline.storage import as_path
 
 TASK = "semantic_segmentation"
 TABLE_COLUMNS[TASK] = [("miou", "mIoU"), ("fwiou", "fwIoU"), ("pixel_acc", "pixel acc"), ("macc", "mean class acc"),
@@ -56,9 +59,9 @@ def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
 def read_classes(path: str | Path, ignore_index: int = IGNORE_INDEX) -> list[str]:
     """Class names, one a line (line i = label value i); blank lines are an error (they shift indices), and
     so is a class whose index would be the ignore value."""
-    if not Path(path).is_file():
+    if not as_path(path).is_file():
         raise FileNotFoundError(f"classes {path}: no such file")
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    lines = as_path(path).read_text(encoding="utf-8").splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
     blank = [i + 1 for i, line in enumerate(lines) if not line.strip()]
@@ -72,7 +75,7 @@ def read_classes(path: str | Path, ignore_index: int = IGNORE_INDEX) -> list[str
 
 def pair_images_and_masks(images_dir: str | Path, masks_dir: str | Path) -> list[tuple[Path, Path]]:
     """``(image, label map)`` pairs by file stem, in label-map name order; every label map needs its image."""
-    images_dir, masks_dir = Path(images_dir), Path(masks_dir)
+    images_dir, masks_dir = as_path(images_dir), as_path(masks_dir)
     for folder in (images_dir, masks_dir):
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder}: no such directory")
@@ -90,7 +93,7 @@ def load_panoptic(path: str | Path, classnames: Sequence[str], png_dir: str | Pa
                   ) -> tuple[dict[str, tuple[Path, list[dict]]], dict[int, bool]]:
     """A COCO panoptic JSON as ``{image stem: (png, segments with category_id = class index)}`` and
     ``{class index: isthing}`` for its categories (matched to ``classnames`` by name)."""
-    path = Path(path)
+    path = as_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"panoptic {path}: no such file")
     try:
@@ -100,7 +103,7 @@ def load_panoptic(path: str | Path, classnames: Sequence[str], png_dir: str | Pa
     missing = [k for k in ("images", "annotations", "categories") if k not in document]
     if missing:
         raise EvalDataError(f"{path}: not a COCO panoptic file, no {missing} lists")
-    png_dir = Path(png_dir) if png_dir is not None else path.with_suffix("")
+    png_dir = as_path(png_dir) if png_dir is not None else path.with_suffix("")
     if not png_dir.is_dir():
         raise FileNotFoundError(f"panoptic PNG folder {png_dir} not found (pass --panoptic-masks)")
     index = {name: i for i, name in enumerate(classnames)}
@@ -118,7 +121,7 @@ def load_panoptic(path: str | Path, classnames: Sequence[str], png_dir: str | Pa
 
 
 def _label_map(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
+    with open_image(path) as image:
         if image.mode not in ("L", "P", "I;16", "I"):
             raise EvalDataError(f"label map {path} has mode {image.mode}: need one channel of class indices")
         return np.array(image).astype(np.int64)
@@ -151,6 +154,20 @@ def upsampled_argmax(probs: torch.Tensor, size: tuple[int, int], chunk: int = 64
     return best_idx
 
 
+def _load_batch(batch: Sequence[tuple[Path, Path]], preprocess: Callable
+                ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Images of ``batch`` through ``preprocess`` -> (B, 3, H, W) and each image's (h, w) inside it (the
+    whole input, or the unpadded part for :func:`model.preprocess.short_side_transform`)."""
+    tensors, valid = [], []
+    for image_path, _ in batch:
+        with open_image(image_path) as image:
+            out = preprocess(image.convert("RGB"))
+        tensor, hw = out if isinstance(out, tuple) else (out, tuple(out.shape[-2:]))
+        tensors.append(tensor)
+        valid.append(hw)
+    return torch.stack(tensors), valid
+
+
 def _finite(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
 
@@ -171,6 +188,8 @@ def evaluate_segmentation(
     reduce_zero_label: bool = False,
     miou_convention: str = "detectron2",
     dense_features: str = "tokens",
+    short_side: int | None = None,
+    max_side: int = 1333,
     batch_size: int = 8,
     device: str | torch.device = "cpu",
     limit: int | None = None,
@@ -195,17 +214,18 @@ def evaluate_segmentation(
     panoptic_gt, isthing = load_panoptic(panoptic, classnames, panoptic_masks) if panoptic else ({}, {})
     thing_mask = torch.tensor([isthing.get(i, False) for i in range(len(classnames))], device=device)
 
+    if short_side is not None:  # detectron2's test geometry, one image at a time (sizes differ)
+        preprocess = short_side_transform(model, short_side, max_side, 2 * max(patch_size(model)))
+        batch_size = 1
     confusion, pq = SemanticConfusion(len(classnames), ignore_index, miou_convention), PanopticQuality()
     mask_ap = MaskAP(isthing) if panoptic and hasattr(segmenter, "segment_instances") else None
     panoptic_images = 0
     for start in range(0, len(pairs), batch_size):
         batch = pairs[start:start + batch_size]
-        tensors = []
-        for image_path, _ in batch:
-            with Image.open(image_path) as image:
-                tensors.append(preprocess(image.convert("RGB")))
-        batch_images = torch.stack(tensors).to(device)
-        probs = segmenter.segment_semantic(batch_images, text_emb)
+        batch_images, valid = _load_batch(batch, preprocess)
+        batch_images = batch_images.to(device)
+        probs = [p[:, :h, :w] for p, (h, w) in zip(segmenter.segment_semantic(batch_images, text_emb), valid,
+                                                    strict=True)]
         for (_, mask_path), image_probs in zip(batch, probs, strict=True):
             target = _label_map(mask_path)
             if reduce_zero_label:
@@ -223,13 +243,15 @@ def evaluate_segmentation(
                                      strict=True))
             for i, (seg, segments) in zip(with_gt, outputs, strict=True):
                 png, gt_segments = panoptic_gt[batch[i][0].stem]
-                with Image.open(png) as image:
+                with open_image(png) as image:
                     gt_seg = rgb_to_id(np.array(image.convert("RGB")))
-                pred_seg = _resize(seg[None], gt_seg.shape, "nearest")[0].long().cpu().numpy()
+                h, w = valid[i]
+                pred_seg = _resize(seg[None, :h, :w], gt_seg.shape, "nearest")[0].long().cpu().numpy()
                 pq.update(pred_seg, segments, gt_seg, gt_segments)
                 panoptic_images += 1
                 if mask_ap is not None:
-                    mask_ap.update(gt_seg, gt_segments, *instances[i])
+                    logits, scores, labels = instances[i]
+                    mask_ap.update(gt_seg, gt_segments, logits[:, :h, :w], scores, labels)
         if progress is not None:
             progress(start + len(batch), len(pairs))
     if panoptic and panoptic_images == 0:
@@ -243,6 +265,7 @@ def evaluate_segmentation(
         metrics.update(mask_ap.compute())
     iou = {name: (None if math.isnan(v) else v) for name, v in zip(classnames, scores["iou_per_class"], strict=True)}
     info = {"mode": "adapted" if adapted else "training-free", "n_images": len(pairs),
+            "input": f"short side {short_side}, max {max_side}" if short_side else "squashed",
             "n_panoptic_images": panoptic_images, "n_classes": len(classnames), "iou_per_class": iou,
             "miou_convention": miou_convention, **({} if adapted else {"dense_features": dense_features}),
             "templates": list(templates)}
@@ -255,9 +278,9 @@ def run_seg(checkpoint: str, images: str | Path, masks: str | Path, classes: str
     """Load ``checkpoint`` (any form ``create_model_and_transforms`` takes, adapted dense models included)
     and evaluate it; the result dict. Templates: ``templates_file``, else ``templates.txt`` beside the
     classes file, else the built-in ones."""
-    templates = default_templates(Path(classes), templates_file)
+    templates = default_templates(as_path(classes), templates_file)
     model, preprocess, tokenizer = create_model_and_transforms(checkpoint, device=device,
                                                                cluster_in_eval=cluster_in_eval)
     metrics, info = evaluate_segmentation(model, preprocess, tokenizer, images, masks, classes,
                                           templates=templates, device=device, **kwargs)
-    return make_result(TASK, Path(masks).name, str(checkpoint), metrics, **info)
+    return make_result(TASK, as_path(masks).name, str(checkpoint), metrics, **info)

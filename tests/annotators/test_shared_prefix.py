@@ -56,7 +56,7 @@ def _count_vision_rows(captioner) -> list[int]:
 
 @pytest.mark.parametrize("extra", [{}, {"num_beams": 2, "num_return_sequences": 2}], ids=["greedy", "beams"])
 def test_vlm_box_shared_prefix_equals_per_job(tiny_llava, images, load, extra):
-    boxes = [_boxes(3, *image.size, seed) for seed, image in enumerate(images)]
+    boxes = [_boxes(2, *image.size, seed) for seed, image in enumerate(images)]
     cfg = {**tiny_llava, "prompts": "region", "prompts_per_region": 2, "batch_size": 5, **extra}  # batches span images
     per_job = load("region_captioner", cfg, shared_prefix=False)
     shared = load("region_captioner", cfg)  # shared_prefix: true is the default
@@ -67,7 +67,7 @@ def test_vlm_box_shared_prefix_equals_per_job(tiny_llava, images, load, extra):
     assert _texts(out) == _texts(expected)
     assert [[[c.prompt for c in caps] for caps in per_image] for per_image in out] == [
         [[c.prompt for c in caps] for caps in per_image] for per_image in expected]
-    assert sum(per_job_rows) == 3 * 3 * 2  # every (box, prompt) job encodes its image
+    assert sum(per_job_rows) == 3 * 2 * 2  # every (box, prompt) job encodes its image
     assert sum(shared_rows) == 3  # each image once
 
 
@@ -84,3 +84,19 @@ def test_shared_prefix_handles_empty_and_single_jobs(tiny_llava, images, load):
     assert shared(images, [[], [], []]) == [[], [], []]
     one = [np.zeros((0, 4)), np.zeros((0, 4)), [[5.0, 60.0, 12.0, 70.0]]]
     assert _texts(shared(images, one)) == _texts(load("region_captioner", tiny_llava, shared_prefix=False)(images, one))
+
+
+@pytest.mark.parametrize("extra", [{"prompts": "blip2_image", "prompts_per_image": 3, "num_beams": 1,
+                                    "num_return_sequences": 1}, {"prompts": "blip2_image", "prompts_per_image": 2}],
+                         ids=["greedy", "beams"])
+def test_blip2_shared_prefix_equals_per_job(blip2_cfg, images, load, extra):
+    cfg = {**blip2_cfg, "batch_size": 4, **extra}  # tiny config: 2 beams, 2 sequences each
+    per_job, shared = load("captioner", cfg, shared_prefix=False), load("captioner", cfg)
+    assert shared.shares_prefix and not per_job.shares_prefix
+    rows: list[int] = []
+    shared.model.vision_model.register_forward_pre_hook(lambda module, args, kwargs: rows.append(
+        (args[0] if args else kwargs["pixel_values"]).shape[0]), with_kwargs=True)
+    captions = shared(images)
+    assert [[(c.text, c.prompt) for c in caps] for caps in captions] == [
+        [(c.text, c.prompt) for c in caps] for caps in per_job(images)]
+    assert sum(rows) == len(images)
