@@ -84,7 +84,9 @@ class Detectron2Backend(VisionBackend):
 
     def _predict(self, images: list[Image.Image]) -> list[dict[str, Any]]:
         """The model's outputs for one chunk of images (one dict per image, in order)."""
-        autocast = self._device.type == "cuda" and self._dtype != torch.float32
+        # bf16 / fp16 as autocast: detectron2 (and Mask DINO's ops) keep float32 weights; on the CPU autocast runs
+        # bfloat16 (resolve_dtype refuses float16 there)
+        autocast = self._dtype != torch.float32
         batch = detectron2_inputs(images, self._augment, self._input_format)
         with torch.inference_mode(), torch.autocast(self._device.type, dtype=self._dtype, enabled=autocast):
             return self._model(batch)

@@ -30,6 +30,7 @@ from annotators._devices import (  # noqa: F401 - chunks re-exported
 )
 from annotators.base import AnnotatorError, Backend
 from annotators.prompts import PromptChoice, caption_key
+from annotators.shared_prefix import SHARED_PREFIX_MODEL_TYPES
 
 logger = logging.getLogger(__name__)
 
@@ -126,8 +127,10 @@ class ImageTextGenerator:
         generate_kwargs: Mapping[str, Any],
         device: str,
         dtype: str,
+        shared_prefix: bool = True,
     ) -> None:
         self.gen_kwargs = generation_kwargs(max_new_tokens, num_beams, num_return_sequences, generate_kwargs)
+        self.shared_prefix = bool(shared_prefix)
         self.model_path = model
         self.num_return_sequences = num_return_sequences
         self.device_name, self.dtype_name = device, dtype
@@ -156,16 +159,88 @@ class ImageTextGenerator:
 
         if self.model is None:
             raise AnnotatorError("call load() before generating")
-        conversations = [
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}] for prompt in prompts
-        ]
-        texts = self.processor.apply_chat_template(conversations, add_generation_prompt=True)
-        inputs = self.processor(images=list(images), text=texts, padding=True, return_tensors="pt")
+        inputs = self.processor(images=list(images), text=self.chat_texts(prompts), padding=True, return_tensors="pt")
         inputs = inputs.to(self.device, self.dtype)
         with torch.inference_mode():
             output_ids = self.model.generate(**inputs, **self.gen_kwargs)
         n_prompt = 0 if self.model.config.is_encoder_decoder else inputs["input_ids"].shape[1]
         return decode_generated(self.processor, output_ids, n_prompt, len(prompts), self.num_return_sequences)
+
+    def chat_texts(self, prompts: Sequence[str]) -> list[str]:
+        """Each prompt as one user turn (image, then text) in the chat template, ready for the assistant's answer."""
+        conversations = [
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}] for prompt in prompts
+        ]
+        return self.processor.apply_chat_template(conversations, add_generation_prompt=True)
+
+    @property
+    def shares_prefix(self) -> bool:
+        """Whether ``generate_jobs`` reuses each image's prefix (``shared_prefix`` and a supported model type)."""
+        return self.shared_prefix and self.model.config.model_type in SHARED_PREFIX_MODEL_TYPES
+
+    def generate_jobs(self, images: Sequence[Any], jobs: Sequence[tuple[int, str]], batch_size: int) -> list[list[str]]:
+        """``(image index, prompt)`` jobs -> per job ``num_return_sequences`` decoded texts, ``batch_size`` jobs per
+        ``generate``: from each image's shared prefix (``annotators/shared_prefix.py``) when ``shares_prefix``,
+        else job by job (each job with its full image and prompt)."""
+        if self.model is None:
+            raise AnnotatorError("call load() before generating")
+        if not jobs:
+            return []
+        if not self.shares_prefix:
+            texts: list[list[str]] = []
+            for batch in chunks(list(jobs), batch_size):
+                texts += self.generate([images[i] for i, _ in batch], [p for _, p in batch])
+            return texts
+        return self._generate_shared(images, jobs, batch_size)
+
+    def _generate_shared(self, images: Sequence[Any], jobs: Sequence[tuple[int, str]], batch_size: int) -> list:
+        """The shared-prefix path: each used image preprocessed once (with its first job's text, which fixes its
+        number of image tokens), every job's text tokenised with that many image tokens, then ``generate_shared``
+        with a prefill that runs the model (vision tower included) on the prefixes of a set of images."""
+        import torch
+
+        from annotators.shared_prefix import PrefixJobs, cache_layers, generate_shared
+
+        texts = self.chat_texts([p for _, p in jobs])
+        used = sorted({i for i, _ in jobs})
+        first = {i: next(j for j, (k, _) in enumerate(jobs) if k == i) for i in used}
+        encoded = self.processor(images=[images[i] for i in used], text=[texts[first[i]] for i in used],
+                                 padding=True, return_tensors="pt")
+        row_of = {i: r for r, i in enumerate(used)}
+        image_id = self.processor.image_token_id
+        n_image_tokens = {i: int((encoded["input_ids"][row_of[i]] == image_id).sum()) for i in used}
+        tokenizer = self.processor.tokenizer
+        # the image token is a special token: tokenise each text with one, then repeat it as the processor does
+        rows = [expand_token(ids, image_id, n_image_tokens[i])
+                for (i, _), ids in zip(jobs, tokenizer(texts, add_special_tokens=True)["input_ids"], strict=True)]
+        for i in used:  # the text-only tokenisation must give the processor's own tokens
+            mask = encoded["attention_mask"][row_of[i]].bool()
+            if encoded["input_ids"][row_of[i]][mask].tolist() != rows[first[i]]:
+                raise AnnotatorError(f"{self.model_path}: shared_prefix cannot reproduce the processor's tokens; set "
+                                     "shared_prefix: false for this model")
+        pixels = {k: v for k, v in encoded.items() if k not in ("input_ids", "attention_mask")}
+
+        def prefill(new: list[int], ids: Any, mask: Any, positions: Any) -> list:
+            picked = torch.tensor([row_of[i] for i in new])
+            extra = {k: v[picked].to(self.device, self.dtype if v.is_floating_point() else v.dtype)
+                     for k, v in pixels.items()}
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
+            layers = cache_layers(out.cache)
+            return [[(k[r : r + 1], v[r : r + 1]) for k, v in layers] for r in range(len(new))]
+
+        new_tokens = generate_shared(
+            PrefixJobs(rows=rows, image_of=[i for i, _ in jobs]), prefill=prefill, model=self.model,
+            gen_kwargs=self.gen_kwargs, pad_id=tokenizer.pad_token_id, batch_size=batch_size, device=self.device,
+        )
+        return [self.processor.batch_decode(t, skip_special_tokens=True) for t in new_tokens]
+
+
+def expand_token(ids: Sequence[int], token_id: int, n: int) -> list[int]:
+    """``ids`` with every ``token_id`` repeated ``n`` times (a processor's image placeholder -> its image tokens)."""
+    out: list[int] = []
+    for t in ids:
+        out += [t] * n if t == token_id else [t]
+    return out
 
 
 class VlmBackend(Backend):
@@ -188,6 +263,7 @@ class VlmBackend(Backend):
         device: str,
         dtype: str,
         batch_size: int,
+        shared_prefix: bool = True,
     ) -> None:
         self.generator = ImageTextGenerator(
             model=model,
@@ -197,6 +273,7 @@ class VlmBackend(Backend):
             generate_kwargs=generate_kwargs or {},
             device=device,
             dtype=dtype,
+            shared_prefix=shared_prefix,
         )
         self.prompts, self.batch_size = prompts, batch_size
 
@@ -244,9 +321,10 @@ def save_tiny(model_cls: Any, config: Any, processor: Any, out_dir: str | Path) 
     processor.save_pretrained(out_dir)
 
 
-def write_tiny_llava(out_dir: str | Path) -> None:
-    """Save a random LLaVA (CLIP ViT 32 px / patch 8, 2-layer Llama; width 32) with a ``LlavaProcessor`` (tiny BPE
-    tokenizer, ``CLIPImageProcessor`` at 32x32, ``TINY_CHAT_TEMPLATE``) to ``out_dir``."""
+def write_tiny_llava(out_dir: str | Path, image_size: int = 32, patch_size: int = 8) -> None:
+    """Save a random LLaVA (CLIP ViT ``image_size`` px / patch ``patch_size``, 2-layer Llama; width 32) with a
+    ``LlavaProcessor`` (tiny BPE tokenizer, ``CLIPImageProcessor`` at ``image_size``, ``TINY_CHAT_TEMPLATE``) to
+    ``out_dir``. Default: 16 image tokens; ``image_size=336, patch_size=14``: LLaVA-1.5's 576 image tokens."""
     from transformers import (
         CLIPImageProcessor,
         CLIPVisionConfig,
@@ -259,23 +337,26 @@ def write_tiny_llava(out_dir: str | Path) -> None:
     from annotators.tiny_text import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer(extra_special_tokens=["<image>"])
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    # 16 patches + CLS from the vision tower; the "default" strategy drops CLS -> 16 "<image>" tokens per image.
+    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                         crop_size={"height": image_size, "width": image_size})
+    # (image_size / patch_size)^2 patches + CLS from the vision tower; the "default" strategy drops CLS -> that many
+    # "<image>" tokens per image.
+    n_image_tokens = (image_size // patch_size) ** 2
     processor = LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        patch_size=8,
+        patch_size=patch_size,
         vision_feature_select_strategy="default",
         chat_template=TINY_CHAT_TEMPLATE,
         num_additional_image_tokens=1,
     )
     # initializer_range 0.2 (not 0.02): outputs then depend visibly on image and prompt, so batching bugs show.
-    vision = CLIPVisionConfig(**TINY_TOWER, image_size=32, patch_size=8, initializer_range=0.2)
+    vision = CLIPVisionConfig(**TINY_TOWER, image_size=image_size, patch_size=patch_size, initializer_range=0.2)
     text = LlamaConfig(
         **TINY_TOWER,
         **token_config(tokenizer),
         num_key_value_heads=2,
-        max_position_embeddings=256,
+        max_position_embeddings=max(256, n_image_tokens + 192),
         initializer_range=0.2,
     )
     config = LlavaConfig(

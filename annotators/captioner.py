@@ -10,10 +10,12 @@ content, each answered separately. ``prompt`` instead gives every image one fixe
 
 - ``Blip2Captioner`` (``blip2``): ``Blip2ForConditionalGeneration`` + ``Blip2Processor`` (paper: BLIP-2, e.g.
   ``Salesforce/blip2-opt-2.7b``). A prompt conditions the language model (left-padded in a batch); only the
-  generated continuation is returned.
+  generated continuation is returned. With an OPT language model each image's query tokens + shared prompt
+  prefix are computed once for all its prompts (``shared_prefix``, ``annotators/shared_prefix.py``).
 - ``VlmCaptioner`` (``vlm``): a Shikra-style chat VLM through ``AutoModelForImageTextToText`` + ``AutoProcessor``
   (e.g. ``llava-hf/llava-1.5-7b-hf``; Shikra's own delta checkpoints are not a transformers architecture, any
-  image-text-to-text chat checkpoint with a chat template works), prompted in the chat template.
+  image-text-to-text chat checkpoint with a chat template works), prompted in the chat template; LLaVA models
+  encode each image once for all its prompts (``shared_prefix``).
 """
 
 from __future__ import annotations
@@ -92,8 +94,10 @@ class Blip2Captioner(Backend):
         device: str = "auto",
         dtype: str = "auto",
         batch_size: int = 8,
+        shared_prefix: bool = True,
     ) -> None:
         self.gen_kwargs = generation_kwargs(max_new_tokens, num_beams, num_return_sequences, generate_kwargs or {})
+        self.shared_prefix = bool(shared_prefix)
         self.prompts = PromptChoice(prompt, prompts, prompts_per_image, seed, default="")
         self.model_path, self.batch_size = model, batch_size
         self.num_return_sequences = num_return_sequences
@@ -140,6 +144,9 @@ class Blip2Captioner(Backend):
             raise AnnotatorError("call load() before captioning")
         rgb = [im.convert("RGB") for im in images]
         jobs = prompt_jobs(rgb, self.prompts)
+        if self.shares_prefix:
+            texts = self._generate_shared(rgb, jobs)
+            return to_captions(gather(len(rgb), jobs, texts, [p or None for _, p in jobs]), self.name)
         texts: list[list[str]] = []
         for batch in chunks(jobs, self.batch_size):
             inputs = self.processor(images=[rgb[i] for i, _ in batch], text=[p for _, p in batch], padding=True,
@@ -151,6 +158,51 @@ class Blip2Captioner(Backend):
             n_prompt = inputs["input_ids"].shape[1] if self.model.config.use_decoder_only_language_model else 0
             texts += decode_generated(self.processor, output_ids, n_prompt, len(batch), self.num_return_sequences)
         return to_captions(gather(len(rgb), jobs, texts, [p or None for _, p in jobs]), self.name)
+
+    @property
+    def shares_prefix(self) -> bool:
+        """``shared_prefix`` with a decoder-only language model (OPT; Flan-T5 reads the prompt bidirectionally)."""
+        return self.shared_prefix and bool(self.model.config.use_decoder_only_language_model)
+
+    def _generate_shared(self, rgb: list[Image.Image], jobs: list[tuple[int, str]]) -> list[list[str]]:
+        """Each image through the vision tower and Q-Former once; its prefix (query tokens + BOS + the text its
+        prompts share) filled once in the language model; every job continues from it
+        (``annotators/shared_prefix.py``). Rows as ``Blip2Processor`` makes them: ``num_query_tokens`` image
+        tokens, then the tokenised prompt."""
+        import torch
+
+        from annotators.shared_prefix import PrefixJobs, cache_layers, generate_shared
+
+        if not jobs:
+            return []
+        used = sorted({i for i, _ in jobs})
+        first = {i: next(j for j, (k, _) in enumerate(jobs) if k == i) for i in used}
+        encoded = self.processor(images=[rgb[i] for i in used], text=[jobs[first[i]][1] for i in used],
+                                 padding=True, return_tensors="pt")
+        image_id, n_query = self.model.config.image_token_id, self.model.config.num_query_tokens
+        rows = [[image_id] * n_query + ids for ids in self.processor.tokenizer([p for _, p in jobs])["input_ids"]]
+        for r, i in enumerate(used):  # the text-only tokenisation must give the processor's own tokens
+            if encoded["input_ids"][r][encoded["attention_mask"][r].bool()].tolist() != rows[first[i]]:
+                raise AnnotatorError(f"{self.model_path}: shared_prefix cannot reproduce Blip2Processor's tokens; "
+                                     "set shared_prefix: false")
+        row_of = {i: r for r, i in enumerate(used)}
+        language_model = self.model.language_model
+
+        def prefill(new: list[int], ids: Any, mask: Any, positions: Any) -> list:
+            pixels = encoded["pixel_values"][[row_of[i] for i in new]].to(self.device, self.dtype)
+            queries = self.model.get_image_features(pixels).pooler_output  # (n, num_query_tokens, hidden)
+            embeds = self.model.get_input_embeddings()(ids)
+            embeds = embeds.masked_scatter((ids == image_id).unsqueeze(-1), queries.to(embeds.dtype))
+            out = language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
+            layers = cache_layers(out.cache)
+            return [[(k[r : r + 1], v[r : r + 1]) for k, v in layers] for r in range(len(new))]
+
+        new_tokens = generate_shared(
+            PrefixJobs(rows=rows, image_of=[i for i, _ in jobs]), prefill=prefill, model=language_model,
+            gen_kwargs=self.gen_kwargs, pad_id=self.processor.tokenizer.pad_token_id, batch_size=self.batch_size,
+            device=self.device,
+        )
+        return [self.processor.batch_decode(t, skip_special_tokens=True) for t in new_tokens]
 
 
 class VlmCaptioner(VlmBackend):
@@ -174,19 +226,19 @@ class VlmCaptioner(VlmBackend):
         device: str = "auto",
         dtype: str = "auto",
         batch_size: int = 8,
+        shared_prefix: bool = True,
     ) -> None:
         super().__init__(
             model=model, prompts=PromptChoice(prompt, prompts, prompts_per_image, seed, "Describe the image briefly."),
             max_new_tokens=max_new_tokens, num_beams=num_beams, num_return_sequences=num_return_sequences,
             generate_kwargs=generate_kwargs, device=device, dtype=dtype, batch_size=batch_size,
+            shared_prefix=shared_prefix,
         )
 
     def __call__(self, images: Sequence[Image.Image]) -> list[list[Caption]]:
         rgb = [im.convert("RGB") for im in images]
         jobs = prompt_jobs(rgb, self.prompts)
-        texts: list[list[str]] = []
-        for batch in chunks(jobs, self.batch_size):
-            texts += self.generator.generate([rgb[i] for i, _ in batch], [p for _, p in batch])
+        texts = self.generator.generate_jobs(rgb, jobs, self.batch_size)
         return to_captions(gather(len(rgb), jobs, texts, [p for _, p in jobs]), self.name)
 
 

@@ -6,8 +6,9 @@ deduplicated and non-empty (a box may get an empty list when the model produced 
 - ``VlmBoxCaptioner`` (``vlm-box``): Shikra-style box-in-prompt. The box is written into the prompt in the frame of
   the pixels the model receives (``annotators/box_prompt.py``: pad to square for Shikra / LLaVA-1.5, then the
   processor's resize and centre crop), normalised ``[x1,y1,x2,y2]`` in the family's format (Shikra:
-  ``[0.102,0.250,0.480,0.911]``); prompts fixed or sampled per box from a set (built-in ``region``); all jobs of the
-  batch are flattened and generated in chunks of ``batch_size``.
+  ``[0.102,0.250,0.480,0.911]``); prompts fixed or sampled per box from a set (built-in ``region``); all (box, prompt)
+  jobs of the batch are generated ``batch_size`` per ``generate``, each image encoded once and its prompt prefix
+  computed once (``shared_prefix``, ``annotators/shared_prefix.py``; ``false``: each job with its full image).
 - ``CropCaptioner`` (``crop``): the portable backend; crops each box (padded by ``pad`` x box size per side, grown
   to at least ``min_size`` px) and captions all crops of the batch with a wrapped captioner backend.
 - ``gpt4roi``: the paper's GPT4RoI, in ``annotators/region_captioner_gpt4roi.py``.
@@ -25,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from annotators import box_prompt
-from annotators._hf import VlmBackend, chunks, clean_pairs
+from annotators._hf import VlmBackend, clean_pairs
 from annotators.base import AnnotatorError, Backend, check_batch, config_kwargs
 from annotators.prompts import PromptChoice, image_digest
 from data_schemas import RegionCaption
@@ -109,13 +110,14 @@ class VlmBoxCaptioner(VlmBackend):
         device: str = "auto",
         dtype: str = "auto",
         batch_size: int = 16,
+        shared_prefix: bool = True,
     ) -> None:
         choice = PromptChoice(prompt, prompts, prompts_per_region, seed, default=DEFAULT_REGION_PROMPT,
                               placeholder="{box}")
         super().__init__(
             model=model, prompts=choice, max_new_tokens=max_new_tokens, num_beams=num_beams,
             num_return_sequences=num_return_sequences, generate_kwargs=generate_kwargs, device=device, dtype=dtype,
-            batch_size=batch_size,
+            batch_size=batch_size, shared_prefix=shared_prefix,
         )
         self.box_format = box_prompt.box_format(box_format)
         self.frame: box_prompt.ProcessorFrame | None = None
@@ -149,10 +151,9 @@ class VlmBoxCaptioner(VlmBackend):
                 prompts = self.prompts.for_item(keys[i], box_texts[i][j])
                 jobs += [(flat_index, i, p.format(box=box_texts[i][j])) for p in prompts]
         pairs: list[list[tuple[str, str | None]]] = [[] for _ in range(sum(len(b) for b in boxes))]
-        for batch in chunks(jobs, self.batch_size):
-            texts = self.generator.generate([inputs[i] for _, i, _ in batch], [p for _, _, p in batch])
-            for (flat_index, _, prompt), job_texts in zip(batch, texts, strict=True):
-                pairs[flat_index] += [(t, prompt) for t in job_texts]
+        texts = self.generator.generate_jobs(inputs, [(i, p) for _, i, p in jobs], self.batch_size)
+        for (flat_index, _, prompt), job_texts in zip(jobs, texts, strict=True):
+            pairs[flat_index] += [(t, prompt) for t in job_texts]
         flat = [[RegionCaption(text=t, annotator=self.name, prompt=p) for t, p in clean_pairs(ps)] for ps in pairs]
         return _regroup(boxes, flat)
 

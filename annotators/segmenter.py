@@ -1,7 +1,8 @@
 """Box-prompted foreground masks (stage 5, paper §3): ``segmenter(images, boxes[, jittered]) -> list[SegmentOutput]``.
 
-Backend ``sam`` (:class:`SamSegmenter`): ``segment_anything.SamPredictor``. Per image: ``set_image`` once
-(the expensive image encoder), then its boxes through the light mask decoder, ``box_chunk`` prompts per call
+Backend ``sam`` (:class:`SamSegmenter`): ``segment_anything.SamPredictor``. The images of a call go through the
+expensive image encoder together, ``encoder_batch`` at a time (what ``set_image`` does, batched); then each image's
+boxes go through the light mask decoder, ``box_chunk`` prompts per call
 (full-resolution masks are upsampled per chunk, which bounds memory on large images). Given each box's jittered
 copies, the same call decodes those too and returns every mask's jitter stability, computed at the model's input
 resolution (longest side 1024, not the original 12 MP): the image is encoded once for masks and stability, and no
@@ -137,6 +138,11 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise AnnotatorError(f"cannot read SAM checkpoint {path}: {exc}") from exc
 
 
+def _pixel_key(pixels: np.ndarray) -> tuple:
+    """Cache key of an image: its shape and a digest of its pixels (Ray workers receive copies, not the object)."""
+    return pixels.shape, hashlib.blake2b(pixels.data, digest_size=16).digest()
+
+
 def overlap_counts(masks_a: torch.Tensor, masks_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Pairwise intersection and union pixel counts of ``(M, h, w)`` bool masks: two ``(M,)`` float64 tensors."""
     a, b = masks_a.flatten(1), masks_b.flatten(1)
@@ -158,6 +164,8 @@ class SamSegmenter(Backend):
             float32); 0 disables the cache. A call never needs it: masks and jitter stability share one encoding.
         box_chunk: boxes per mask-decoder call and per full-resolution upsample: peak memory is about
             ``box_chunk * H * W * 4`` bytes (16 boxes of a 12 MP image: 0.8 GB) instead of all boxes at once.
+        encoder_batch: images per image-encoder pass (each resized to a longest side of 1024 and padded, as
+            ``set_image`` does); 1 encodes one image at a time.
     """
 
     kind: ClassVar[str] = "segmenter"
@@ -173,6 +181,7 @@ class SamSegmenter(Backend):
         multimask: bool = False,
         embedding_cache: int = 16,
         box_chunk: int = 16,
+        encoder_batch: int = 4,
     ) -> None:
         if model_type not in SAM_BUILDERS:
             raise AnnotatorError(f"unknown SAM model_type {model_type!r}; known: {', '.join(sorted(SAM_BUILDERS))}")
@@ -182,6 +191,9 @@ class SamSegmenter(Backend):
         if int(box_chunk) < 1:
             raise AnnotatorError(f"sam: box_chunk must be >= 1, got {box_chunk}")
         self.box_chunk = int(box_chunk)
+        if int(encoder_batch) < 1:
+            raise AnnotatorError(f"sam: encoder_batch must be >= 1, got {encoder_batch}")
+        self.encoder_batch = int(encoder_batch)
         self._lock = threading.Lock()  # the predictor holds one image at a time: one call at a time
         self.predictor: Any = None
         self._dtype = torch.float32
@@ -238,8 +250,9 @@ class SamSegmenter(Backend):
         """
         check_batch(images, boxes, *([jittered] if jittered is not None else []))
         with self._lock:
+            encoded = self._encode([image for image, b in zip(images, boxes, strict=True) if len(b)])
             return [
-                self._segment(image, image_boxes, None if jittered is None else jittered[i])
+                self._segment(image, image_boxes, None if jittered is None else jittered[i], encoded)
                 for i, (image, image_boxes) in enumerate(zip(images, boxes, strict=True))
             ]
 
@@ -248,7 +261,35 @@ class SamSegmenter(Backend):
         with self._lock:
             return self._segment(image, boxes_xyxy, None).masks
 
-    def _segment(self, image: Image.Image, boxes_xyxy: np.ndarray, jittered: np.ndarray | None) -> SegmentOutput:
+    def _encode(self, images: Sequence[Image.Image]) -> dict[tuple, tuple[torch.Tensor, tuple, tuple]]:
+        """Image embeddings of ``images``: pixel digest -> (features ``(1, C, h, w)``, original size, input size), as
+        ``SamPredictor.set_image`` would set them; from the cache, or encoded ``encoder_batch`` per encoder pass."""
+        if self.predictor is None:
+            raise AnnotatorError("segmenter is not loaded: call load() first")
+        predictor, model = self.predictor, self.predictor.model
+        pending: dict[tuple, np.ndarray] = {}
+        encoded: dict[tuple, tuple[torch.Tensor, tuple, tuple]] = {}
+        for image in images:
+            pixels = np.ascontiguousarray(np.asarray(rgb(image)))
+            key = _pixel_key(pixels)
+            if key in self._embeddings:  # held for this call even if the LRU drops it meanwhile
+                encoded[key] = self._embeddings[key]
+            elif key not in pending:
+                pending[key] = pixels
+        keys = list(pending)
+        for start in range(0, len(keys), self.encoder_batch):
+            chunk = keys[start : start + self.encoder_batch]
+            resized = [predictor.transform.apply_image(pending[key]) for key in chunk]  # longest side 1024
+            batch = torch.cat([model.preprocess(torch.as_tensor(r, device=predictor.device).permute(2, 0, 1)[None])
+                               for r in resized])  # normalised, padded to 1024 x 1024: (B, 3, 1024, 1024)
+            with torch.inference_mode(), self._autocast():
+                features = model.image_encoder(batch)
+            for i, (key, small) in enumerate(zip(chunk, resized, strict=True)):
+                encoded[key] = (features[i : i + 1], pending[key].shape[:2], small.shape[:2])
+        return encoded
+
+    def _segment(self, image: Image.Image, boxes_xyxy: np.ndarray, jittered: np.ndarray | None,
+                 encoded: dict[tuple, tuple[torch.Tensor, tuple, tuple]] | None = None) -> SegmentOutput:
         if self.predictor is None:
             raise AnnotatorError("segmenter is not loaded: call load() first")
         boxes = np.asarray(boxes_xyxy, dtype=np.float32)
@@ -267,7 +308,7 @@ class SamSegmenter(Backend):
             return SegmentOutput(masks, scores, None if jittered is None else np.zeros(0, dtype=np.float64))
         model, at_input = self.predictor.model, []
         with torch.inference_mode(), self._autocast():
-            self._set_image(image)
+            self._set_image(image, encoded or {})
             for start in range(0, n, self.box_chunk):
                 logits, iou = self._decode(boxes[start : start + self.box_chunk])
                 full = model.postprocess_masks(logits, self.predictor.input_size, self.predictor.original_size)
@@ -326,25 +367,34 @@ class SamSegmenter(Backend):
             return contextlib.nullcontext()
         return torch.autocast(self.predictor.device.type, dtype=self._dtype)
 
-    def _set_image(self, image: Image.Image) -> None:
-        """Make the predictor hold ``image``'s embedding: from the cache, or by running the image encoder."""
+    def _set_image(self, image: Image.Image, encoded: dict[tuple, tuple[torch.Tensor, tuple, tuple]]) -> None:
+        """Make the predictor hold ``image``'s embedding: from this call's batched ``encoded``, the cache, or by
+        running the image encoder."""
         pixels = np.ascontiguousarray(np.asarray(rgb(image)))
-        key = (pixels.shape, hashlib.blake2b(pixels.data, digest_size=16).digest())
+        key = _pixel_key(pixels)
         predictor = self.predictor
         if self._current is not None and self._current[0] == key and predictor.features is self._current[1]:
             return
-        cached = self._embeddings.get(key)
-        if cached is not None:
+        cached = encoded.get(key)
+        if cached is not None and self.embedding_cache:
+            self._remember(key, cached)
+        elif cached is None and key in self._embeddings:  # segment_boxes: one image, no batched encoding
             self._embeddings.move_to_end(key)
+            cached = self._embeddings[key]
+        if cached is not None:
             predictor.features, predictor.original_size, predictor.input_size = cached
             predictor.is_image_set = True
         else:
             predictor.set_image(pixels, image_format="RGB")
             if self.embedding_cache:
-                self._embeddings[key] = (predictor.features, predictor.original_size, predictor.input_size)
-                while len(self._embeddings) > self.embedding_cache:
-                    self._embeddings.popitem(last=False)
+                self._remember(key, (predictor.features, predictor.original_size, predictor.input_size))
         self._current = (key, predictor.features)
+
+    def _remember(self, key: tuple, embedding: tuple[torch.Tensor, tuple, tuple]) -> None:
+        self._embeddings[key] = embedding
+        self._embeddings.move_to_end(key)
+        while len(self._embeddings) > self.embedding_cache:
+            self._embeddings.popitem(last=False)
 
     @classmethod
     def create_tiny(cls, out_dir: str | Path) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One prepared GPU run (time limits add up to 7.6 minutes; one H200): the `gpu`-marked tests, SAM ViT-H batching with random weights
+# One prepared GPU run (time limits add up to 10.0 minutes; one H200): the `gpu`-marked tests, SAM ViT-H batching with random weights
 # (same compute as the release), per-stage throughput of the paper-scale models (random weights), and the bf16
-# training step time / MFU of a CLIP ViT-B/16. Every figure goes to $OUT (default benchmarks/out/gpu_suite):
+# training step time / MFU of a CLIP ViT-B/16, and region captions job by job vs from the shared image prefix. Every figure goes to $OUT (default benchmarks/out/gpu_suite):
 # one log per part and summary.txt. Run from the repository root:  benchmarks/gpu_suite.sh
 # Without CUDA it stops at once with exit code 2 (nothing here means anything on a CPU).
 set -uo pipefail
@@ -47,11 +47,17 @@ torch.save(sam_model_registry['vit_h']().state_dict(), '$SAM_CKPT')
 print('random SAM ViT-H state dict written')"
 part sam_batching 60 "$PYTHON" benchmarks/sam_batching.py --model-type vit_h --checkpoint "$SAM_CKPT" \
     --device cuda --dtype bfloat16 --boxes 50 --width 1500 --height 1000
+part sam_encoder_batching 60 "$PYTHON" benchmarks/sam_batching.py --model-type vit_h --checkpoint "$SAM_CKPT" \
+    --device cuda --dtype bfloat16 --boxes 10 --width 1500 --height 1000 --encoder-images 8
 rm -f "$SAM_CKPT"
 
 part stage_throughput 170 "$PYTHON" benchmarks/stage_throughput.py --device cuda --dtype bfloat16 \
-    --json "$OUT/stage_throughput.json"
+    --json "$OUT/stage_throughput.json" --costs-out "$OUT/costs.json"
+# then: umg plan-resources --config configs/umg41m.yaml --gpus 8 --cpus-per-node 88 --costs "$OUT/costs.json"
 part train_step_mfu 60 "$PYTHON" benchmarks/train_step_mfu.py --device cuda --batch 256 --steps 10
+# Region captions, LLaVA-1.5-7B shape (random weights, built in memory): job by job vs the shared image prefix.
+part region_captions 85 "$PYTHON" benchmarks/region_captions.py --paper-scale --device cuda --dtype bfloat16 \
+    --images 2 --boxes 20 --prompts 5 --batch-size 32 --repeats 2
 
 echo "summary: $SUMMARY"
 exit $status

@@ -1,8 +1,12 @@
-"""SAM box prompts: one batched ``predict_torch`` call with N boxes vs a loop of N single-box calls.
+"""SAM batching: box prompts (one ``predict_torch`` call with N boxes vs N single-box calls), or with
+``--encoder-images K`` the image encoder (``SamSegmenter`` on K images, ``encoder_batch`` K vs 1).
 
 Both sides use the same image embedding (``set_image`` once, outside the timed region), so the figure is
 the mask-decoder + post-processing throughput that ``SamSegmenter`` gains by batching an image's boxes.
 Each side runs ``--repeats`` times alternately after one warm-up; the best time counts.
+
+``--encoder-images K``: the segmenter is called on K images of ``--boxes`` boxes each, with the image encoder
+batched across them vs one image per encoder pass (no embedding cache); last line: that throughput ratio.
 
 Usage: ``python benchmarks/sam_batching.py`` (tiny random SAM on CPU) or
 ``python benchmarks/sam_batching.py --model-type vit_h --checkpoint sam_vit_h_4b8939.pth --device cuda``.
@@ -43,6 +47,29 @@ def best_time(fn, repeats: int, device: torch.device) -> float:
     return min(times)
 
 
+def encoder_batching(segmenter: SamSegmenter, args: argparse.Namespace) -> float:
+    """Seconds of ``segmenter(images, boxes)`` with ``encoder_batch`` K vs 1 (best of ``--repeats``); the ratio."""
+    rng = np.random.default_rng(0)
+    k = args.encoder_images
+    images = [Image.fromarray(rng.integers(0, 256, size=(args.height, args.width, 3), dtype=np.uint8))
+              for _ in range(k)]
+    boxes = [random_boxes(args.boxes, args.width, args.height, seed=i) for i in range(k)]
+    segmenter.embedding_cache = 0
+    device = segmenter.predictor.device
+    seconds = {}
+    for batch in (1, k, 1, k):  # alternate; the first round is a warm-up
+        segmenter.encoder_batch = batch
+        seconds[batch] = min(seconds.get(batch, float("inf")),
+                             best_time(lambda: segmenter(images, boxes), args.repeats, device))
+    print(f"SAM {args.model_type} on {device} ({args.dtype}): {k} images {args.width}x{args.height}, "
+          f"{args.boxes} boxes each")
+    for batch in (1, k):
+        print(f"encoder_batch {batch}: {seconds[batch]:.3f} s = {k / seconds[batch]:.2f} images/s")
+    ratio = seconds[1] / seconds[k]
+    print(f"throughput ratio encoder batched/one image at a time: {ratio:.2f}")
+    return ratio
+
+
 def main(argv: list[str] | None = None) -> float:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-type", default="vit_tiny")
@@ -53,6 +80,7 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--width", type=int, default=640)
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--encoder-images", type=int, default=0, help="compare encoder batching on K images")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -64,6 +92,8 @@ def main(argv: list[str] | None = None) -> float:
             cfg = {"backend": "sam", "model_type": args.model_type, "checkpoint": args.checkpoint}
         segmenter = SamSegmenter.from_config(cfg | {"device": args.device, "dtype": args.dtype})
         segmenter.load()
+        if args.encoder_images:
+            return encoder_batching(segmenter, args)
 
     predictor = segmenter.predictor
     device = predictor.device

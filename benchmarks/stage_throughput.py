@@ -102,6 +102,28 @@ def decoder_rates(tiny: bool, device, dtype, batch: int, prompt_tokens: int, new
     return batch / seconds, seconds
 
 
+#: costs-file pools measured here -> the rate that stands for them (ViTDet-H: its ViT-H backbone only, a lower bound)
+MEASURED_POOLS = {"tagger": "tagger (Swin-L 384)", "scorer": "scorer (EVA02-L-14 image)",
+                  "segmenter": "segmenter / ViTDet-H backbone (ViT-H 1024)",
+                  "detector_bigdet": "segmenter / ViTDet-H backbone (ViT-H 1024)"}
+
+
+def write_costs(rates: dict[str, float], base: str, out: str, device: str, tiny: bool) -> None:
+    """``base`` (a costs file) with the pools of ``MEASURED_POOLS`` at the measured seconds per image."""
+    with open(base, encoding="utf-8") as handle:
+        costs = json.load(handle)
+    for pool, stage in MEASURED_POOLS.items():
+        if pool in costs["stages"]:
+            costs["stages"][pool].update(seconds_per_image=round(1 / rates[stage], 6),
+                                         basis=f"measured: {stage}, benchmarks/stage_throughput.py on {device}"
+                                               + (" (--tiny: meaningless)" if tiny else ""))
+    measured = [p for p, c in costs["stages"].items() if c["basis"].startswith("measured:")]
+    costs["measured"] = len(measured) == len(costs["stages"]) and not tiny
+    costs["note"] = f"measured on {device}: {', '.join(measured)}; the rest from {base}: " + costs.get("note", "")
+    with open(out, "w", encoding="utf-8") as handle:
+        json.dump(costs, handle, indent=1)
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
@@ -109,6 +131,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--tiny", action="store_true", help="tiny models: checks the script, figures mean nothing")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", default=None, help="also write the figures here")
+    parser.add_argument("--costs-out", default=None, help="also write a costs file for `umg plan-resources`: "
+                        "--costs-base with the measured vision stages' seconds per image replaced")
+    parser.add_argument("--costs-base", default="configs/costs/umg41m_estimates.json")
     parser.add_argument("--caption-prompts", type=int, default=2, help="prompts per image (umg41m.yaml: 2)")
     parser.add_argument("--region-prompts", type=int, default=5, help="prompts per region (umg41m.yaml vlm-box: 5)")
     args = parser.parse_args(argv)
@@ -144,6 +169,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump({"device": str(device), "name": torch.cuda.get_device_name(device) if device.type == "cuda"
                        else "cpu", "tiny": args.tiny, "images_per_s": rates}, handle, indent=1)
+    if args.costs_out:
+        write_costs(rates, args.costs_base, args.costs_out, torch.cuda.get_device_name(device)
+                    if device.type == "cuda" else "cpu", args.tiny)
     slowest = min(rates, key=rates.get)
     print(f"slowest stage: {slowest}: {rates[slowest]:.2f} images/s per device")
     return rates

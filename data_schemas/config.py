@@ -148,6 +148,10 @@ class AnnotateConfig(_Config):
         return out
 
 
+#: Annotator kinds whose outputs carry no pixel coordinates: they may take downscaled images (``max_side``).
+IMAGE_LEVEL_KINDS = ("tagger", "captioner", "scorer")
+
+
 class StageResources(_Config):
     """Ray actors for one annotator stage (``ray.resources[<stage name or kind>]``)."""
 
@@ -155,6 +159,9 @@ class StageResources(_Config):
     num_gpus: float = Field(default=0.0, ge=0.0, description="GPUs per actor; 0.5 packs two actors on one GPU")
     pool_size: int = Field(default=1, gt=0, description="actors (model copies) in the stage's pool")
     batch_size: int = Field(default=8, gt=0, description="images per actor call")
+    max_side: int | None = Field(
+        default=None, gt=0, description="send this stage its images downscaled to this longest side at the source "
+        "(only stages of the kinds in IMAGE_LEVEL_KINDS, whose outputs carry no pixel coordinates)")
     runtime_env: dict[str, Any] | None = Field(
         default=None, description="Ray runtime_env of this stage's actors, merged over ray.runtime_env: e.g. "
         "{py_executable: /opt/gpt4roi-venv/bin/python} or {image_uri: ...} for a backend with conflicting pins")
@@ -181,6 +188,8 @@ class RayConfig(_Config):
     batch_size: int = Field(default=16, gt=0, description="images per batch streamed through the chain")
     max_in_flight: int = Field(default=4, gt=0, description="batches of a shard in the chain at once")
     actor_start_timeout_s: float = Field(default=300.0, gt=0.0, description="model load deadline per actor")
+    share_images: bool = Field(default=True, description="put each image into the object store once and pass "
+                               "references to every pool (false: pickle the pixels into every actor call)")
     default: StageResources = Field(default_factory=StageResources)
     resources: dict[str, StageResources] = Field(
         default_factory=dict, description="per stage: key is a stage name (detector_bigdet) or a kind (detector)"
@@ -210,6 +219,8 @@ class FlowConfig(_Config):
     shard_retries: int = Field(default=2, ge=0, description="retries of a failed shard task")
     retry_delay_s: list[float] = Field(default_factory=lambda: [2.0, 10.0, 30.0], description="backoff per retry")
     overlays: int = Field(default=3, ge=0, description="overlay pictures in the QA report")
+    key_partitions: int = Field(default=0, ge=0, description="Ray actors sharing the build's key ledger when "
+                                "shards run as tasks (0: one per million planned inputs, at least 2)")
 
 
 class BuildConfig(_Config):
@@ -236,6 +247,12 @@ class BuildConfig(_Config):
         if unknown:
             raise ValueError(f"ray.resources: {unknown} name no configured stage; stages: {sorted(stages)} "
                              f"(or their kinds, or 'chain')")
+        kinds = {stage: kind for stage, (kind, _) in stages.items()}
+        geometric = sorted(key for key, res in self.ray.resources.items()
+                           if res.max_side is not None and kinds.get(key, key) not in IMAGE_LEVEL_KINDS)
+        if geometric:
+            raise ValueError(f"ray.resources: max_side on {geometric}: their outputs are pixel boxes or masks of the "
+                             f"full image; only {list(IMAGE_LEVEL_KINDS)} stages take downscaled images")
         return self
 
 

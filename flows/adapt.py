@@ -2,7 +2,9 @@
 ``model.dense.train``).
 
 ``task="global"`` trains on the shard build ``shards``; ``task="seg"`` trains the FC-CLIP-style dense
-model on COCO-format masks under ``data`` (``annotations/instances_<split>.json`` + ``images/<split>/``).
+model on COCO-format masks under ``data`` (``annotations/panoptic_<split>.json`` + PNGs when present, else
+``annotations/instances_<split>.json``; ``images/<split>/``). ``config`` defaults to the smoke schedule
+(logged); the paper's dense recipe is ``configs/adapt_fcclip.yaml``.
 The flow loads the ``adapt_global:`` / ``adapt_seg:`` section of ``config`` (plus ``overrides``), runs the
 adaptation into ``out`` (rerunning resumes a global run) and adds a markdown artifact with the parameter
 counts, the final losses and the checkpoint path. Its last step emits ``umg.adapt.completed`` (payload: the
@@ -38,6 +40,7 @@ def adapt(task: str, checkpoint: str, out: str = "out/adapt", shards: str | None
     logger = get_run_logger()
     if upstream:
         logger.info("triggered by flow run %s", upstream)
+    logger.info("adapt %s: schedule from config %s", task, config)
     if task == "global":
         from data_schemas.adapt_config import GlobalAdaptConfig
         from model.adapt_global import adapt_global

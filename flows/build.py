@@ -40,6 +40,7 @@ from flows.chain import BUILD_COMPLETED, announce
 from flows.progress import shard_progress
 from pipeline.chain_runner import ChainMetrics, PipelinedChain
 from pipeline.completion import COMPLETED_NAME, already_announced, record_completion
+from pipeline.key_ledger import partitions_for
 from pipeline.overlay import render_overlay
 from pipeline.ray_pool import RemoteChain, build_ray_chain, start_ray
 from pipeline.ray_shards import ShardRunner
@@ -119,7 +120,8 @@ def build_umg41m(config: str = "configs/smoke.yaml", input: str | None = None, o
         if work and (cfg.annotate is not None or concurrent > 1):
             owns_ray = start_ray(cfg.ray)
         runner = ShardRunner(source, str(build_dir), cfg.images, keys_in_use, None, cfg.breaker, remote=concurrent > 1,
-                             num_cpus=cfg.flow.shard_num_cpus, warm_workers=min(concurrent, len(work)))
+                             num_cpus=cfg.flow.shard_num_cpus, warm_workers=min(concurrent, len(work)),
+                             key_partitions=partitions_for(sum(len(s.refs) for s in plan), cfg.flow.key_partitions))
         if work and cfg.annotate is not None:  # the shard workers warm up while the models load
             chain = runner.chain = build_ray_chain(cfg.annotate, cfg.ray)
         runner.wait_warm()

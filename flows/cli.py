@@ -203,8 +203,8 @@ app.command("adapt")(adapt)
 @app.command("export-coco")
 def export_coco(
     build_dir: Annotated[str, typer.Argument(help="build directory with finished shards (path or URL)")],
-    out: Annotated[Path, typer.Option("--out", help="COCO JSON file to write")],
-    images: Annotated[Optional[Path], typer.Option(help="also write the JPEGs into this folder")] = None,
+    out: Annotated[str, typer.Option("--out", help="COCO JSON file to write (path or URL)")],
+    images: Annotated[Optional[str], typer.Option(help="also write the JPEGs into this folder (path or URL)")] = None,
 ) -> None:
     """Regions, masks and captions of a build as COCO JSON (pycocotools loads it); counts as JSON last."""
     from pipeline.export_coco import export_coco as run_export
@@ -212,7 +212,7 @@ def export_coco(
 
     try:
         counts = run_export(build_dir, out, images_dir=images)
-    except (ShardError, FileNotFoundError) as exc:
+    except (ShardError, OSError) as exc:
         _fail(str(exc))
     typer.echo(json.dumps({"out": str(out), **counts}))
 

@@ -157,6 +157,10 @@ def seg(
     dense_features: Annotated[str, typer.Option(
         "--dense-features", help="training-free mode: tokens (final-layer tokens) or maskclip (MaskCLIP's "
                                  "value-embedding path in the last block)")] = "tokens",
+    short_side: Annotated[Optional[int], typer.Option(
+        "--short-side", min=1, help="detectron2's test geometry instead of the squash: shorter side N (FC-CLIP: "
+                                    "800), aspect kept, padded; one image per forward")] = None,
+    max_side: Annotated[int, typer.Option("--max-side", min=1, help="with --short-side: longer side cap")] = 1333,
     batch_size: BatchSize = 8,
     limit: Limit = None,
     out: Out = None,
@@ -176,5 +180,5 @@ def seg(
     _run(run_seg, out, checkpoint=checkpoint, images=images, masks=masks, classes=classes, templates_file=templates,
          panoptic=panoptic, panoptic_masks=panoptic_masks, ignore_index=ignore_index,
          reduce_zero_label=reduce_zero_label, miou_convention=miou_convention, dense_features=dense_features,
-         batch_size=batch_size,
+         short_side=short_side, max_side=max_side, batch_size=batch_size,
          limit=limit, device=device, cluster_in_eval=cluster_in_eval)

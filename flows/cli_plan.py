@@ -21,6 +21,8 @@ def plan_resources(
     cpus_per_node: Annotated[Optional[float], typer.Option(
         help="CPUs per node the actors may take (caps num_cpus per actor by its GPU share)")] = None,
     out: Annotated[Optional[Path], typer.Option(help="write the ray section (YAML) here instead of stdout")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="config override, e.g. "
+                                                      "flow.concurrent_shards=16 (max_in_flight is per shard)")] = None,
 ) -> None:
     """Write the `ray` section (max_in_flight, resources per pool) that keeps every GPU busy; with --out, prints
     the plan's figures as JSON last."""
@@ -32,7 +34,7 @@ def plan_resources(
         _fail(f"--nodes must be >= 1, got {nodes}")
     try:
         table = load_costs(costs)
-        plan, section = plan_for_config(load_config(config), table, gpus * nodes, slots_per_gpu,
+        plan, section = plan_for_config(load_config(config, set_), table, gpus * nodes, slots_per_gpu,
                                         None if cpus_per_node is None else cpus_per_node * nodes)
     except (ConfigError, ValueError) as exc:
         _fail(str(exc))

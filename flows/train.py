@@ -37,7 +37,7 @@ def train(shards: str, config: str = "configs/smoke.yaml", out: str = "out/train
     if upstream:
         logger.info("triggered by build flow run %s", upstream)
     cfg = load_config(config, overrides, model=TrainConfig, section="train")
-    result = run_training(cfg, Path(shards), Path(out))
+    result = run_training(cfg, shards, Path(out))  # shards: a path or URL (s3://…), as the build announced it
     logger.info("trained %d steps; checkpoint %s", result.steps, result.checkpoint)
     create_markdown_artifact(key="umg-train-result", markdown=result_markdown(result, shards, config, upstream),
                              description="UMG-CLIP training: final losses and checkpoint")

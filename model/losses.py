@@ -134,8 +134,8 @@ def contrastive_sum(a: torch.Tensor, b: torch.Tensor, all_a: torch.Tensor, all_b
         same[torch.arange(n, device=a.device), labels] = False
         logits_ab, logits_ba = logits_ab.masked_fill_(same, -torch.inf), logits_ba.masked_fill_(same, -torch.inf)
     elif mode == "multi_positive":
-        return sum((torch.logsumexp(_at_least_fp32(logits), dim=1) - _mean_positive(rows, columns, logit_scale, group[labels],
-                                                                            group, counts)).sum()
+        return sum((torch.logsumexp(_at_least_fp32(logits), dim=1)
+                    - _mean_positive(rows, columns, logit_scale, group[labels], group, counts)).sum()
                    for rows, columns, logits in ((a, all_b, logits_ab), (b, all_a, logits_ba)))
     return (F.cross_entropy(logits_ab, labels, reduction="sum")
             + F.cross_entropy(logits_ba, labels, reduction="sum"))

@@ -86,3 +86,36 @@ def scale_boxes_to_input(boxes_xyxy: torch.Tensor, orig_hw: tuple[int, int], siz
     height, width = orig_hw
     scale = boxes_xyxy.new_tensor([size / width, size / height, size / width, size / height])
     return boxes_xyxy * scale
+
+
+def patch_size(model: nn.Module) -> tuple[int, int]:
+    """(ph, pw) of a UMG-CLIP's image tower (or of a dense model's ``.umg``)."""
+    tokens = getattr(model, "umg", model).tokens
+    size = tokens.trunk.patch_embed.patch_size if hasattr(tokens, "trunk") else tokens.visual.patch_size
+    return int(size[0]), int(size[1])
+
+
+def short_side_transform(model: nn.Module, short_side: int, max_side: int, divisor: int
+                         ) -> Callable[[Image.Image], tuple[torch.Tensor, tuple[int, int]]]:
+    """detectron2's test geometry (``ResizeShortestEdge(short_side, max_side)``, bilinear, aspect kept; the
+    normalised image zero-padded bottom/right to a multiple of ``divisor``, as ``ImageList.from_tensors``).
+
+    Returns:
+        PIL -> ((3, Hp, Wp) padded tensor, (h, w) of the image inside it).
+    """
+    from torchvision.transforms import functional as TF
+
+    cfg = preprocess_cfg(model)
+
+    def transform(image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
+        width, height = image.size
+        scale = short_side / min(height, width)
+        if max(height, width) * scale > max_side:
+            scale = max_side / max(height, width)
+        h, w = int(height * scale + 0.5), int(width * scale + 0.5)
+        pixels = TF.to_tensor(image.convert("RGB").resize((w, h), Image.BILINEAR))
+        pixels = TF.normalize(pixels, list(cfg["mean"]), list(cfg["std"]))
+        pad_h, pad_w = (-h) % divisor, (-w) % divisor
+        return torch.nn.functional.pad(pixels, (0, pad_w, 0, pad_h)), (h, w)
+
+    return transform

@@ -21,13 +21,13 @@ With ``images_dir`` the JPEGs are written there under their ``file_name``.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from data_schemas import PIPELINE_VERSION, ImageRecord
 from pipeline.masks import mask_area
 from pipeline.shards import ShardError, finished_shards, iter_records
+from pipeline.storage import as_path, is_local, write_bytes_whole
 
 
 def _image_entry(image_id: int, record: ImageRecord) -> dict[str, Any]:
@@ -65,8 +65,9 @@ def build_coco(build_dir: str | Path, images_dir: str | Path | None = None) -> d
     if not finished_shards(build_dir):
         raise ShardError(f"{build_dir}: no finished shards to export")
     images, regions, background = [], [], []
-    if images_dir is not None:
-        Path(images_dir).mkdir(parents=True, exist_ok=True)
+    images_dir = as_path(images_dir) if images_dir is not None else None
+    if images_dir is not None and is_local(images_dir):
+        images_dir.mkdir(parents=True, exist_ok=True)
     for image_id, (record, jpg) in enumerate(iter_records(build_dir), start=1):
         images.append(_image_entry(image_id, record))
         regions += [(image_id, region) for region in record.regions]
@@ -74,12 +75,12 @@ def build_coco(build_dir: str | Path, images_dir: str | Path | None = None) -> d
                         "segmentation": {"size": list(bg.rle.size), "counts": bg.rle.counts}}
                        for bg in record.background]
         if images_dir is not None:
-            (Path(images_dir) / f"{record.key}.jpg").write_bytes(jpg)
+            (images_dir / f"{record.key}.jpg").write_bytes(jpg)
     category_ids = {label: i for i, label in enumerate(sorted({r.label for _, r in regions}), start=1)}
     annotations = [{"id": ann_id, **_region_entry(image_id, region, category_ids[region.label])}
                    for ann_id, (image_id, region) in enumerate(regions, start=1)]
     return {
-        "info": {"description": f"UMG-41M-style annotations exported from {Path(build_dir).name}",
+        "info": {"description": f"UMG-41M-style annotations exported from {as_path(build_dir).name}",
                  "version": PIPELINE_VERSION},
         "licenses": [],
         "images": images,
@@ -90,13 +91,12 @@ def build_coco(build_dir: str | Path, images_dir: str | Path | None = None) -> d
 
 
 def export_coco(build_dir: str | Path, out_file: str | Path, images_dir: str | Path | None = None) -> dict[str, int]:
-    """Write ``build_coco(build_dir)`` to ``out_file`` atomically; returns counts."""
+    """Write ``build_coco(build_dir)`` to ``out_file`` whole (paths or URLs, ``pipeline.storage``); returns counts."""
     coco = build_coco(build_dir, images_dir)
-    out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_name(out_file.name + ".tmp")
-    tmp.write_text(json.dumps(coco), encoding="utf-8")
-    os.replace(tmp, out_file)
+    out_file = as_path(out_file)
+    if is_local(out_file):
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_whole(out_file, json.dumps(coco).encode("utf-8"))
     return {"images": len(coco["images"]), "annotations": len(coco["annotations"]),
             "categories": len(coco["categories"]), "background": len(coco["umg_background"]),
             "masks": sum("segmentation" in a for a in coco["annotations"])}

@@ -16,6 +16,10 @@ error); a dead actor raises ``annotators.WorkerLost`` and the pool starts a repl
 retries the call bisected (``pipeline.worker_deaths``: a poison input ends as one error row). A shard task's
 ``PoolClient`` cannot start actors: it drops dead ones, and once none is left the shard fails and is retried
 after the driver's pool heals (``heal``). Nothing here imports Prefect.
+
+Images enter Ray once (``ray.share_images``, default on): a caller puts each image into the object store once and
+every pool gets its reference (``pipeline.ray_images``); ``ray.resources.<stage>.max_side`` sends a stage the image
+downscaled at the source.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import annotators
 import ray_runtime
+from pipeline import ray_images
 from data_schemas import PIPELINE_VERSION, AnnotateConfig
 from data_schemas.config import RayConfig, StageResources
 from pipeline.chain_runner import ChainMetrics, PipelinedChain, run_chain_measured
@@ -74,7 +79,7 @@ class AnnotatorActor:
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
     def call(self, *batch: Sequence[Any]) -> list[Any]:
-        return list(self.backend(*batch))
+        return list(self.backend(*ray_images.resolve(batch)))  # images may come as object-store references
 
 
 def _load_error(exc: BaseException) -> str:
@@ -103,8 +108,10 @@ class PoolClient:
     #: error) and replaced. Bisecting one bad input in a batch of 2^k fails at most k + 1 calls in a row.
     max_consecutive_errors = 10
 
-    def __init__(self, label: str, name: str, version: str, actors: Sequence[Any], batch_size: int) -> None:
+    def __init__(self, label: str, name: str, version: str, actors: Sequence[Any], batch_size: int,
+                 share_images: bool = True, max_side: int | None = None) -> None:
         self.label, self.name, self.version, self.batch_size = label, name, version, batch_size
+        self.share_images, self.max_side = share_images, max_side
         self._lock = threading.Lock()
         self._busy: dict[Any, int] = dict.fromkeys(actors, 0)  # actor handle -> calls in flight
         self._errors: dict[Any, int] = {}  # actor handle -> calls failed in a row
@@ -177,7 +184,8 @@ class PoolClient:
         pending = []
         for start in range(0, n, step):
             actor = self._acquire()
-            pending.append((actor, actor.call.remote(*(list(arg[start:start + step]) for arg in batch))))
+            chunk = ray_images.share_batch([arg[start:start + step] for arg in batch], self.max_side, self.share_images)
+            pending.append((actor, actor.call.remote(*chunk)))
         outputs: list[Any] = []
         failure: BaseException | None = None
         for actor, ref in pending:  # wait for every chunk so no call outlives this one
@@ -196,7 +204,8 @@ class PoolClient:
         return outputs
 
     def __reduce__(self):
-        return (PoolClient, (self.label, self.name, self.version, self.actors, self.batch_size))
+        return (PoolClient, (self.label, self.name, self.version, self.actors, self.batch_size, self.share_images,
+                             self.max_side))
 
 
 class ActorPool(PoolClient):
@@ -204,10 +213,10 @@ class ActorPool(PoolClient):
     die. Pickled (into a shard task), it travels as a ``PoolClient`` of the same actors."""
 
     def __init__(self, label: str, backend_cls: type, cfg: dict[str, Any], resources: StageResources,
-                 start_timeout_s: float = 300.0) -> None:
+                 start_timeout_s: float = 300.0, share_images: bool = True) -> None:
         import ray
 
-        super().__init__(label, "", "", [], resources.batch_size)
+        super().__init__(label, "", "", [], resources.batch_size, share_images, resources.max_side)
         self.resources, self.start_timeout_s = resources, start_timeout_s
         self._remote = ray.remote(AnnotatorActor)
         self._options = {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus}
@@ -472,7 +481,7 @@ def build_ray_chain(annotate_cfg: AnnotateConfig, ray_cfg: RayConfig) -> Pipelin
             kind, backend_cfg = backends[stage.name]
             backend_cls = annotators.registry.resolve(kind, backend_cfg["backend"])
             pools.append(ActorPool(stage.name, backend_cls, backend_cfg, stage_resources(ray_cfg, stage.name, kind),
-                                   ray_cfg.actor_start_timeout_s))
+                                   ray_cfg.actor_start_timeout_s, ray_cfg.share_images))
             proxies[id(stage.annotator)] = RemoteAnnotator(pools[-1])
         stage.annotator = proxies[id(stage.annotator)]
     _ready(pools)

@@ -4,9 +4,10 @@ With one driver processing shards one after another, the driver decodes every im
 long before the GPUs do. ``ShardRunner.run(shard)`` runs ``pipeline.shard_build.process_shard`` in a Ray task
 (``num_cpus`` each) instead; the orchestrator keeps several in flight (``flow.concurrent_shards``). The task
 gets the annotation chain pickled — its pools travel as ``PoolClient``s of the same actors (models are loaded
-once, in the pools, never per task) — and the build's key ledger as a Ray actor (``RemoteKeyLedger``), so a key
-is still written once per build. Exactly-once of inputs is unchanged: each shard commits by atomic rename from
-its own task; a task that dies leaves only temp files.
+once, in the pools, never per task) — and the build's key ledger as Ray actors (``RemoteKeyLedger``, keys partitioned over
+``key_partitions`` actors), so a key is still written once per build. Exactly-once of inputs is unchanged: each
+shard publishes its files from its own task, the stats file (its done-marker) last; a task that dies leaves an
+unfinished shard that the next run discards and redoes.
 
 A failure inside the task comes back as the original exception (``ShardTripped``, ``WorkerLost`` ...); on
 ``WorkerLost`` the driver's pools replace their dead actors (``heal``), on ``ShardTripped`` every actor of the
@@ -18,6 +19,7 @@ Nothing here imports Prefect.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -55,19 +57,19 @@ class ShardRunner:
     whatever the caller does next (loading the model pools); ``wait_warm`` waits for them.
     """
 
-    def __init__(self, source: Source, build_dir: Path, limits: ImageLimits, taken_keys: set[str], chain: Any,
-                 breaker: BreakerConfig | None, remote: bool = False, num_cpus: float = 1.0,
-                 warm_workers: int = 0) -> None:
+    def __init__(self, source: Source, build_dir: str | Path, limits: ImageLimits, taken_keys: Iterable[Any],
+                 chain: Any, breaker: BreakerConfig | None, remote: bool = False, num_cpus: float = 1.0,
+                 warm_workers: int = 0, key_partitions: int = 2) -> None:
         self.source, self.build_dir, self.limits, self.chain, self.breaker = source, build_dir, limits, chain, breaker
         self.remote = remote
         self._warming: list[Any] = []
         if remote:
             import ray
 
-            self.keys: Any = RemoteKeyLedger(taken_keys)
+            self.keys: Any = RemoteKeyLedger(taken_keys, partitions=key_partitions)
             self._task = ray.remote(_shard_task).options(num_cpus=num_cpus, max_retries=0)  # retries: the caller's
             warm = ray.remote(_warm_up).options(num_cpus=num_cpus)
-            self._warming = [warm.remote() for _ in range(warm_workers)] + [self.keys.handle.size.remote()]
+            self._warming = [warm.remote() for _ in range(warm_workers)] + self.keys.ready()
         else:
             self.keys = KeyLedger(taken_keys)
 

@@ -26,7 +26,14 @@ from pipeline.canary import failure_is_systematic
 from pipeline.images import ImageError
 from pipeline.ingest import IngestedItem, ingest_item
 from pipeline.key_ledger import KeyLedger
-from pipeline.shards import ShardError, ShardWriter, discard_partial, finished_shards, taken_keys, write_build_manifest
+from pipeline.shards import (
+    FinishedKeys,
+    ShardError,
+    ShardWriter,
+    discard_partial,
+    finished_shards,
+    write_build_manifest,
+)
 from pipeline.sources.base import InputShard, Source, SourceItem, plan_shards, printable_id
 from pipeline.storage import StoragePath, as_path, is_local, names_in, write_bytes_whole
 
@@ -158,10 +165,11 @@ def _describe(plan: Any) -> str:
 
 
 def prepare_build(build_dir: str | StoragePath, source: Source,
-                  shard_size: int) -> tuple[list[InputShard], set[str], set[str]]:
+                  shard_size: int) -> tuple[list[InputShard], set[str], FinishedKeys]:
     """Check the output, discard partial files, pin the plan.
 
-    Returns ``(plan, finished shard names, keys already written)``; a caller with nothing left to do
+    Returns ``(plan, finished shard names, keys already written)`` — the keys are read shard by shard when a
+    key ledger takes them (``FinishedKeys``), not here; a caller with nothing left to do
     (every planned shard finished) can stop before loading any model.
 
     Takes the output's lock (``lock_build``): a second build into it is refused until this one ends.
@@ -175,7 +183,8 @@ def prepare_build(build_dir: str | StoragePath, source: Source,
     lock_build(build_dir)
     discard_partial(build_dir)
     plan = pin_plan(build_dir, source, shard_size)
-    return plan, set(finished_shards(build_dir)), taken_keys(build_dir)
+    done = finished_shards(build_dir)
+    return plan, set(done), FinishedKeys(build_dir, tuple(done))
 
 
 def _error_reason(exc: Exception) -> str:
@@ -281,9 +290,9 @@ def build_shards(
     on_plan: Callable[[int, int], None] | None = None,
     breaker: BreakerConfig | None = None,
     retry_errors: bool = False,
-    prepared: tuple[list[InputShard], set[str], set[str]] | None = None,
+    prepared: tuple[list[InputShard], set[str], FinishedKeys] | None = None,
 ) -> BuildSummary:
-    """Write every unfinished planned shard of ``source`` into ``build_dir`` and refresh the manifest.
+    """Write every unfinished planned shard of ``source`` into ``build_dir``, then the build manifest (once).
 
     ``on_plan(n_planned, n_finished)`` is called once after planning, ``on_shard(stats)`` per written shard.
     ``retry_errors``: then rebuild the error rows of an infrastructure kind in finished shards
@@ -301,7 +310,6 @@ def build_shards(
             summary.skipped.append(shard.name)
             continue
         stats = process_shard(source, shard, build_dir, limits, keys, annotate, breaker)
-        write_build_manifest(build_dir)
         summary.written.append(stats)
         if on_shard is not None:
             on_shard(stats)
@@ -310,7 +318,6 @@ def build_shards(
 
         for shard in shards_to_repair(build_dir, plan):
             summary.repaired.append(repair_shard(source, shard, build_dir, limits, keys, annotate, breaker))
-            write_build_manifest(build_dir)
-    write_build_manifest(build_dir)
+    write_build_manifest(build_dir)  # once per run: per shard it would re-read every finished shard (O(N^2))
     release_build(build_dir)  # after a failure the lock stays until the process ends (re-entrant here)
     return summary

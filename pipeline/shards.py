@@ -266,13 +266,28 @@ def _read_parquet(path: StoragePath, columns: list[str] | None = None) -> pa.Tab
         return pq.read_table(handle, columns=columns)
 
 
+def shard_keys(build_dir: str | StoragePath, name: str) -> list[str]:
+    """Keys of the ``ok`` samples of one finished shard (from its parquet's key and status columns)."""
+    table = _read_parquet(shard_paths(build_dir, name)[".parquet"], columns=["key", "status"])
+    return [k for k, s in zip(table["key"].to_pylist(), table["status"].to_pylist()) if s == "ok"]
+
+
+@dataclass(frozen=True)
+class FinishedKeys:
+    """The ``ok`` keys of finished shards, read one shard at a time when iterated (yields one list per shard),
+    so a caller feeding a key ledger never holds them all."""
+
+    build_dir: str | StoragePath
+    names: tuple[str, ...]
+
+    def __iter__(self) -> Iterator[list[str]]:
+        for name in self.names:
+            yield shard_keys(self.build_dir, name)
+
+
 def taken_keys(build_dir: str | StoragePath) -> set[str]:
-    """Keys of ``ok`` samples in the finished shards (for duplicate detection across shards)."""
-    keys: set[str] = set()
-    for name in finished_shards(build_dir):
-        table = _read_parquet(shard_paths(build_dir, name)[".parquet"], columns=["key", "status"])
-        keys.update(k for k, s in zip(table["key"].to_pylist(), table["status"].to_pylist()) if s == "ok")
-    return keys
+    """Keys of ``ok`` samples in the finished shards, as one set (small builds and tests; see ``FinishedKeys``)."""
+    return {key for keys in FinishedKeys(build_dir, tuple(finished_shards(build_dir))) for key in keys}
 
 
 @dataclass

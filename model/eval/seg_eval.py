@@ -10,8 +10,9 @@ The model: ``model`` itself when it has ``segment_semantic`` (an adapted dense m
 else :class:`model.eval.segmenter.TrainingFreeSegmenter` on it (``dense_features``: final tokens or MaskCLIP's
 value path). Text embeddings are the prompt-ensembled class names through ``model.umg`` (or the model), a
 name split into synonyms at commas and scored by the best one (FC-CLIP); default prompts: FC-CLIP's ViLD
-templates for an adapted model, ``DEFAULT_TEMPLATES`` for the training-free probe. Predictions at input
-resolution S x S are mapped back to each label map's size — class probabilities bilinearly (then argmax),
+templates for an adapted model, ``DEFAULT_TEMPLATES`` for the training-free probe. Inputs: the model's
+preprocess (squashed to S x S), or with ``short_side`` detectron2's test geometry (shorter side N, aspect
+kept, zero-padded; the padding is cropped off the predictions). Predictions are mapped back to each label map's size — class probabilities bilinearly (then argmax),
 panoptic segment ids by nearest neighbour, instance mask logits bilinearly (then > 0) — and scored there
 (``model.eval.seg_metrics``; mask AP: ``model.eval.mask_ap``, when the model outputs instances).
 """
@@ -39,6 +40,7 @@ from model.eval.report import TABLE_COLUMNS, make_result
 from model.eval.seg_metrics import IGNORE_INDEX, PanopticQuality, SemanticConfusion
 from model.eval.segmenter import TrainingFreeSegmenter
 from model.loading import create_model_and_transforms
+from model.preprocess import patch_size, short_side_transform
 
 TASK = "semantic_segmentation"
 TABLE_COLUMNS[TASK] = [("miou", "mIoU"), ("fwiou", "fwIoU"), ("pixel_acc", "pixel acc"), ("macc", "mean class acc"),
@@ -151,6 +153,20 @@ def upsampled_argmax(probs: torch.Tensor, size: tuple[int, int], chunk: int = 64
     return best_idx
 
 
+def _load_batch(batch: Sequence[tuple[Path, Path]], preprocess: Callable
+                ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Images of ``batch`` through ``preprocess`` -> (B, 3, H, W) and each image's (h, w) inside it (the
+    whole input, or the unpadded part for :func:`model.preprocess.short_side_transform`)."""
+    tensors, valid = [], []
+    for image_path, _ in batch:
+        with Image.open(image_path) as image:
+            out = preprocess(image.convert("RGB"))
+        tensor, hw = out if isinstance(out, tuple) else (out, tuple(out.shape[-2:]))
+        tensors.append(tensor)
+        valid.append(hw)
+    return torch.stack(tensors), valid
+
+
 def _finite(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
 
@@ -171,6 +187,8 @@ def evaluate_segmentation(
     reduce_zero_label: bool = False,
     miou_convention: str = "detectron2",
     dense_features: str = "tokens",
+    short_side: int | None = None,
+    max_side: int = 1333,
     batch_size: int = 8,
     device: str | torch.device = "cpu",
     limit: int | None = None,
@@ -195,17 +213,18 @@ def evaluate_segmentation(
     panoptic_gt, isthing = load_panoptic(panoptic, classnames, panoptic_masks) if panoptic else ({}, {})
     thing_mask = torch.tensor([isthing.get(i, False) for i in range(len(classnames))], device=device)
 
+    if short_side is not None:  # detectron2's test geometry, one image at a time (sizes differ)
+        preprocess = short_side_transform(model, short_side, max_side, 2 * max(patch_size(model)))
+        batch_size = 1
     confusion, pq = SemanticConfusion(len(classnames), ignore_index, miou_convention), PanopticQuality()
     mask_ap = MaskAP(isthing) if panoptic and hasattr(segmenter, "segment_instances") else None
     panoptic_images = 0
     for start in range(0, len(pairs), batch_size):
         batch = pairs[start:start + batch_size]
-        tensors = []
-        for image_path, _ in batch:
-            with Image.open(image_path) as image:
-                tensors.append(preprocess(image.convert("RGB")))
-        batch_images = torch.stack(tensors).to(device)
-        probs = segmenter.segment_semantic(batch_images, text_emb)
+        batch_images, valid = _load_batch(batch, preprocess)
+        batch_images = batch_images.to(device)
+        probs = [p[:, :h, :w] for p, (h, w) in zip(segmenter.segment_semantic(batch_images, text_emb), valid,
+                                                    strict=True)]
         for (_, mask_path), image_probs in zip(batch, probs, strict=True):
             target = _label_map(mask_path)
             if reduce_zero_label:
@@ -225,11 +244,13 @@ def evaluate_segmentation(
                 png, gt_segments = panoptic_gt[batch[i][0].stem]
                 with Image.open(png) as image:
                     gt_seg = rgb_to_id(np.array(image.convert("RGB")))
-                pred_seg = _resize(seg[None], gt_seg.shape, "nearest")[0].long().cpu().numpy()
+                h, w = valid[i]
+                pred_seg = _resize(seg[None, :h, :w], gt_seg.shape, "nearest")[0].long().cpu().numpy()
                 pq.update(pred_seg, segments, gt_seg, gt_segments)
                 panoptic_images += 1
                 if mask_ap is not None:
-                    mask_ap.update(gt_seg, gt_segments, *instances[i])
+                    logits, scores, labels = instances[i]
+                    mask_ap.update(gt_seg, gt_segments, logits[:, :h, :w], scores, labels)
         if progress is not None:
             progress(start + len(batch), len(pairs))
     if panoptic and panoptic_images == 0:
@@ -243,6 +264,7 @@ def evaluate_segmentation(
         metrics.update(mask_ap.compute())
     iou = {name: (None if math.isnan(v) else v) for name, v in zip(classnames, scores["iou_per_class"], strict=True)}
     info = {"mode": "adapted" if adapted else "training-free", "n_images": len(pairs),
+            "input": f"short side {short_side}, max {max_side}" if short_side else "squashed",
             "n_panoptic_images": panoptic_images, "n_classes": len(classnames), "iou_per_class": iou,
             "miou_convention": miou_convention, **({} if adapted else {"dense_features": dense_features}),
             "templates": list(templates)}

@@ -142,6 +142,8 @@ class _FakeModel(torch.nn.Module):
 
     def forward(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
         SEEN.setdefault("shapes", []).extend(tuple(item["image"].shape) for item in batch)
+        # the dtype a layer computes in here (bf16 when the backend runs the model under autocast)
+        SEEN.setdefault("compute_dtypes", []).append(torch.nn.functional.linear(torch.ones(1, 1), self.weight[None]).dtype)
         return [self.predict(item["height"], item["width"]) for item in batch]
 
     def predict(self, h: int, w: int) -> dict[str, Any]:

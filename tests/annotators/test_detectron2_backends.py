@@ -10,6 +10,7 @@ from pathlib import Path
 
 import fake_detectron2
 import pytest
+import torch
 import yaml
 
 import annotators
@@ -85,6 +86,23 @@ def test_maskdino_runs_only_the_panoptic_head(fake, tmp_path, make_images):
     segments = background(make_images([(64, 48)]))
     assert fake["shapes"] == [(3, 32, 43)]
     assert [(s.label, s.mask.shape, int(s.mask.sum())) for s in segments[0]] == [("sky", (48, 64), 48 * 32)]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_dtype_reaches_the_detectron2_models_on_cpu(fake, tmp_path, make_images, dtype):
+    """ViTDet and Mask DINO run under autocast in bf16 (weights stay float32): a layer inside the model computes
+    in the configured dtype, on the CPU as on a GPU."""
+    detector = _vitdet(tmp_path, class_names=["a", "b"], dtype=dtype)
+    detector.load()
+    detector(make_images([(64, 48)]))
+    config_file = tmp_path / "maskdino.yaml"
+    config_file.write_text(yaml.safe_dump({"INPUT": {"MIN_SIZE_TEST": 32, "MAX_SIZE_TEST": 48}}))
+    background = annotators.build("background", {"backend": "maskdino", "config_file": str(config_file),
+                                                 "checkpoint": str(tmp_path / "m.pth"), "device": "cpu",
+                                                 "dtype": dtype})
+    background.load()
+    background(make_images([(64, 48)]))
+    assert fake["compute_dtypes"] == [getattr(torch, dtype)] * 2
 
 
 def _documented_backends() -> list[tuple[str, dict]]:

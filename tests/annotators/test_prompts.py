@@ -71,8 +71,8 @@ def test_image_captioners_sample_prompts_per_image(request, fixture, prompt_set,
     captioner = load("captioner", cfg, batch_size=4)
     seen = []
     if fixture == "vlm_cfg":
-        generate = captioner.generator.generate
-        captioner.generator.generate = lambda imgs, texts: seen.extend(texts) or generate(imgs, texts)
+        chat_texts = captioner.generator.chat_texts
+        captioner.generator.chat_texts = lambda texts: seen.extend(texts) or chat_texts(texts)
     out = captioner(images)
     prompts = set(load_prompts(prompt_set))
     sampler = PromptSampler(load_prompts(prompt_set), 3, 7)
@@ -92,8 +92,8 @@ def test_region_captioner_samples_distinct_prompts_per_box(tmp_path, images, loa
     cfg = VlmBoxCaptioner.create_tiny(tmp_path) | {"device": "cpu", "prompts": "region", "prompts_per_region": 4}
     captioner = load("region_captioner", cfg, batch_size=5)
     seen = []
-    generate = captioner.generator.generate
-    captioner.generator.generate = lambda imgs, texts: seen.extend(texts) or generate(imgs, texts)
+    chat_texts = captioner.generator.chat_texts  # every job's prompt goes through it, on either path
+    captioner.generator.chat_texts = lambda texts: seen.extend(texts) or chat_texts(texts)
     boxes = [np.array([[2, 3, 30, 40], [10, 10, 20, 20]], np.float32), np.zeros((0, 4), np.float32),
              np.array([[5, 60, 12, 70]], np.float32)]
     out = captioner(images, boxes)
@@ -113,8 +113,8 @@ def test_region_captioner_skips_a_box_the_centre_crop_removes(tmp_path, load, ma
     cfg = VlmBoxCaptioner.create_tiny(tmp_path) | {"device": "cpu", "box_format": "plain"}
     captioner = load("region_captioner", cfg)
     seen = []
-    generate = captioner.generator.generate
-    captioner.generator.generate = lambda imgs, texts: seen.extend(texts) or generate(imgs, texts)
+    chat_texts = captioner.generator.chat_texts
+    captioner.generator.chat_texts = lambda texts: seen.extend(texts) or chat_texts(texts)
     (image,) = make_images(sizes=[(128, 32)])  # the 32 px centre crop keeps x 48..80
     out = captioner([image], [np.array([[0, 0, 40, 32], [50, 0, 70, 32]], np.float32)])
     assert out[0][0] == [] and len(seen) == 1

@@ -68,13 +68,13 @@ def test_crop_box_pads_grows_and_clips():
 def test_vlm_box_structure_batching_and_prompts(vlm_box_cfg, images, load):
     captioner = load("region_captioner", vlm_box_cfg, batch_size=3)
     prompts: list[str] = []
-    generate = captioner.generator.generate
+    chat_texts = captioner.generator.chat_texts
 
-    def spy(imgs, texts):
+    def spy(texts):
         prompts.extend(texts)
-        return generate(imgs, texts)
+        return chat_texts(texts)
 
-    captioner.generator.generate = spy
+    captioner.generator.chat_texts = spy
     out = captioner(images, BOXES)
     _check(out, [2, 0, 1], 1, "vlm-box")
     # Shikra's frame: 64x48 padded to 64x64 (8 px on top), 37x81 to 81x81 (22 px on the left)

@@ -58,7 +58,7 @@ def test_closure_follows_extras_and_markers_of_installed_distributions():
         lock_requirements.closure([lock_requirements.Requirement("pytest<1")])
 
 
-@pytest.mark.parametrize("path", ["Makefile"])
+@pytest.mark.parametrize("path", ["Makefile", "docker/Dockerfile.cpu", "docker/Dockerfile.cuda"])
 def test_every_install_uses_the_lock(path):
     text = (ROOT / path).read_text()
     assert "requirements/lock" in text or "$(LOCK)" in text, f"{path} installs without requirements/lock.txt"

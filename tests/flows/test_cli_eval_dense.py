@@ -60,6 +60,8 @@ def test_seg_cli_maskclip_and_mmseg_options(tiny_checkpoint, digits):
     assert result["dense_features"] == "maskclip" and result["miou_convention"] == "mmseg"
     assert _in_unit_interval(result["metrics"])
     assert "--dense-features must be one of tokens, maskclip" in _error(_invoke(*args, "--dense-features", "x"))
+    short = _last_json(_invoke(*args, "--short-side", 80, "--max-side", 100, "--panoptic", ann / "panoptic_train.json"))
+    assert short["input"] == "short side 80, max 100" and _in_unit_interval(short["metrics"])
     assert "--miou-convention must be one of detectron2, mmseg" in _error(_invoke(*args, "--miou-convention", "voc"))
 
 

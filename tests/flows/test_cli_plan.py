@@ -18,7 +18,7 @@ UMG41M, COSTS = ROOT / "configs" / "umg41m.yaml", ROOT / "configs" / "costs" / "
 def test_writes_a_ray_section_for_two_nodes(tmp_path):
     out = tmp_path / "ray.yaml"
     result = CliRunner().invoke(app, ["plan-resources", "--config", str(UMG41M), "--gpus", "8", "--nodes", "2",
-                                      "--costs", str(COSTS), "--out", str(out)])
+                                      "--costs", str(COSTS), "--out", str(out), "--set", "flow.concurrent_shards=1"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["gpus"] == 16 and summary["costs_measured"] is False
@@ -29,6 +29,10 @@ def test_writes_a_ray_section_for_two_nodes(tmp_path):
     cfg = load_config(UMG41M, [f"ray.resources={json.dumps(section['resources'])}",
                                f"ray.max_in_flight={section['max_in_flight']}"])
     gpus = sum(r.num_gpus * r.pool_size for r in cfg.ray.resources.values())
+    one_shard = section["max_in_flight"]
+    four = yaml.safe_load(CliRunner().invoke(app, ["plan-resources", "--config", str(UMG41M), "--gpus", "8",
+                                                   "--nodes", "2", "--costs", str(COSTS)]).stdout)["ray"]
+    assert four["max_in_flight"] == -(-one_shard // 4)  # umg41m.yaml runs 4 shards at once
     assert 15 < gpus <= 16
 
 

@@ -92,3 +92,32 @@ def test_zero1_flattens_groups_so_lamb_trust_ratios_differ_from_per_tensor_lamb(
     zero.train_step([batch]), plain.train_step([batch])
     diff = max((a - b).abs().max().item() for a, b in zip(plain.model.parameters(), zero.model.parameters()))
     assert diff > 1e-5
+
+
+def test_zero1_with_deepspeed_lamb_is_fused_lamb_on_each_flat_group_partition(tars, tmp_path):
+    """``optim.lamb: deepspeed`` under ZeRO-1 = EVA-CLIP's setup: FusedLamb's math on each group's flat partition
+    (one rank: the whole group flattened), i.e. one trust ratio per group, not per tensor."""
+    from model.lamb import deepspeed_hyper, deepspeed_lamb_update_
+
+    optim = {"lr": 1e-2, "grad_clip_norm": 1.0, "lamb": "deepspeed"}
+    plain = _trainer(_config(optim=optim), tars, tmp_path / "plain")
+    zero = _trainer(_config(optim=optim, deepspeed={"enabled": True, "zero_stage": 1}), tars, tmp_path / "zero")
+    before = [p.detach().clone() for p in plain.model.parameters()]
+    index = {id(p): i for i, p in enumerate(plain.model.parameters())}
+    lrs = [group["lr"] for group in plain.optimizer.param_groups]  # the scheduler moves them after the step
+    batch = next(plain.batches())
+    plain.train_step([batch]), zero.train_step([batch])  # plain's clipped gradients stay in .grad
+    after = list(zero.model.parameters())
+    for lr, group in zip(lrs, plain.optimizer.param_groups):
+        ids = [index[id(p)] for p in group["params"]]
+        flat = torch.cat([before[i].reshape(-1) for i in ids])
+        grad = torch.cat([p.grad.reshape(-1) for p in group["params"]])
+        hyper = torch.tensor(deepspeed_hyper(lr, group["weight_decay"], group["betas"], group["eps"], 1,
+                                             True, group["trust_range"]))
+        deepspeed_lamb_update_(flat, grad, torch.zeros_like(flat), torch.zeros_like(flat), hyper,
+                               eps_inside_sqrt=False)
+        got = torch.cat([after[i].detach().reshape(-1) for i in ids])
+        torch.testing.assert_close(got, flat, rtol=1e-4, atol=1e-6, msg=lambda m: f"{group['name']}: {m}")
+        per_tensor = torch.cat([p.detach().reshape(-1) for p in group["params"]])  # plain: one ratio per tensor
+        if len(ids) > 1:
+            assert (per_tensor - flat).abs().max() > 1e-5, group["name"]

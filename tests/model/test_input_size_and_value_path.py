@@ -91,9 +91,25 @@ def test_value_last_block_is_maskclips_value_path_by_hand(vit):
     assert not torch.allclose(grid, plain, atol=1e-3)
 
 
-def test_value_last_block_on_eva_runs_and_differs(eva):
+def test_value_last_block_on_eva_is_the_value_path_by_hand(eva):
+    """EVA02 block (fused qkv, q/v biases, no k bias; rope only touches q and k): proj(norm(v)) replaces attention."""
+    block = eva.tokens.trunk.blocks[-1]
+    attn = block.attn
+    assert attn.qkv is not None and attn.gate is None and block.gamma_1 is None  # the structure computed below
+    captured = {}
+    hook = block.register_forward_pre_hook(lambda module, args: captured.setdefault("x", args[0].detach()))
     images = torch.randn(1, 3, 112, 112)
     with torch.no_grad():
+        try:
+            value = eva.encode_image(images, value_last_block=True)[1]
+        finally:
+            hook.remove()
         plain = eva.encode_image(images)[1]
-        value = eva.encode_image(images, value_last_block=True)[1]
-    assert value.shape == plain.shape and not torch.allclose(value, plain, atol=1e-3)
+        x = captured["x"]
+        width = x.shape[-1]
+        v = torch.nn.functional.linear(block.norm1(x), attn.qkv.weight[2 * width:], attn.v_bias)
+        y = x + attn.proj(attn.norm(v))
+        y = y + block.mlp(block.norm2(y))
+    assert value.shape == plain.shape == (1, 8, 8, width)
+    assert torch.allclose(value.reshape(1, 64, width), y[:, eva.tokens.num_prefix:], atol=1e-5)
+    assert not torch.allclose(value, plain, atol=1e-3)

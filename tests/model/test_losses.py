@@ -182,8 +182,8 @@ def test_chunked_contrastive_sum_equals_unchunked_for_local_rows_in_value_and_gr
 def test_umg_loss_with_contrastive_chunk_equals_unchunked():
     torch.manual_seed(2)
     e = lambda n: F.normalize(torch.randn(n, 8), dim=-1)
-    args = (e(4), e(4), e(9), e(9), e(3), torch.randint(0, 2, (4, 3)).float(), e(2), torch.randint(0, 2, (9, 2)).float(),
-            torch.tensor(10.0))
+    args = (e(4), e(4), e(9), e(9), e(3), torch.randint(0, 2, (4, 3)).float(), e(2),
+            torch.randint(0, 2, (9, 2)).float(), torch.tensor(10.0))
     ids = dict(caption_ids=torch.tensor([1, 2, 1, 3]), region_caption_ids=torch.tensor([5, 5, 6, 7, 5, 8, 9, 6, 1]))
     want = UMGLoss()(*args, **ids)
     got = UMGLoss(contrastive_chunk=2)(*args, **ids)

@@ -34,3 +34,19 @@ def test_scale_boxes_to_input_is_a_per_axis_scale():
     out = scale_boxes_to_input(boxes, (100, 200), 128)
     assert torch.allclose(out, torch.tensor([[0.0, 0.0, 128.0, 128.0], [32.0, 12.8, 64.0, 76.8]]))
     assert scale_boxes_to_input(torch.zeros(0, 4), (10, 10), 128).shape == (0, 4)
+
+
+def test_short_side_transform_is_detectron2s_resize_shortest_edge_plus_padding():
+    from PIL import Image
+
+    from model.factory import create_umg_clip
+    from model.preprocess import patch_size, short_side_transform
+
+    model = create_umg_clip("umg-tiny-vit")
+    assert patch_size(model) == (16, 16)
+    transform = short_side_transform(model, 800, 1333, 32)
+    pixels, (h, w) = transform(Image.new("RGB", (640, 480), (255, 0, 0)))
+    assert (h, w) == (800, 1067) and pixels.shape == (3, 800, 1088)  # 640 * 800 / 480 = 1066.7; padded to /32
+    assert pixels[:, :, 1067:].eq(0).all() and not pixels[:, :, :1067].eq(0).all()
+    _, (h, w) = transform(Image.new("RGB", (2000, 500)))  # the long side caps: 1333 / 2000
+    assert (h, w) == (333, 1333)

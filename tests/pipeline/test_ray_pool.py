@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 import annotators
-from data_schemas import AnnotateConfig, ImageLimits
+from data_schemas import AnnotateConfig, ConfigError, ImageLimits, load_config
 from data_schemas.config import RayConfig, StageResources
+from pipeline import ray_images
 from pipeline.chain_runner import ChainMetrics
 from pipeline.ingest import ingest_item
 from pipeline.ray_pool import build_ray_chain, stage_backends, stage_resources, start_ray
@@ -74,24 +77,63 @@ def test_stage_names_and_resources_follow_the_config(monkeypatch):
     assert stage_resources(ray_cfg, "tagger", "tagger") == ray_cfg.default
 
 
-@pytest.mark.parametrize("mode", ["stages", "chain"])
-def test_ray_chain_gives_the_same_records_and_error_rows_as_in_process(local_ray, mode):
+@pytest.mark.parametrize(("mode", "share"), [("stages", True), ("stages", False), ("chain", True)])
+def test_ray_chain_gives_the_same_records_and_error_rows_as_in_process(local_ray, mode, share):
     annotate = _annotate(fail_width=BAD, oom_width=OOM)
     local = Chain.from_config(annotate)
     local.load()
     expected = local(_items())
-    chain = build_ray_chain(annotate, _ray_cfg(mode=mode, resources={"chain": StageResources(pool_size=2)}))
+    chain = build_ray_chain(annotate, _ray_cfg(mode=mode, share_images=share,
+                                               resources={"chain": StageResources(pool_size=2)}))
+    items = _items()
+    ray_images.STATS.reset()
     try:
         metrics = ChainMetrics()
-        got = chain.run(_items(), metrics)
+        got = chain.run(items, metrics)
     finally:
         chain.close()
     assert _summary(got) == _summary(expected)
+    pixels = sum(ray_images.pixel_bytes(it.decoded.image) for it in items)
+    if mode == "stages" and share:  # tagger and detector (and the tagger's retries) share one put per image
+        assert (ray_images.STATS.put, ray_images.STATS.inline) == (pixels, 0)
+    elif mode == "stages":  # every call pickles its images: the tagger's 7, its retries, the detector's 5
+        assert ray_images.STATS.put == 0 and ray_images.STATS.inline > pixels + 5 / 7 * pixels
     errors = {it.record.key: it.error for it in got if it.error}
     assert set(errors) == {f"k{BAD}", f"k{OOM}"}
     assert errors[f"k{OOM}"].startswith("annotator_failed: tagger: RuntimeError: CUDA out of memory")
     assert metrics.boxes_detected == 2 * 5 and metrics.boxes_kept == 5  # detector runs on the 5 good images
     assert metrics.stage_failed["tagger"] == 2
+
+
+def test_shared_images_are_put_once_per_size_and_resolve_in_place(local_ray):
+    big, small = Image.new("RGB", (400, 100), (1, 2, 3)), Image.new("RGB", (20, 10))
+    shared = ray_images.SharedImages()
+    first = shared.refs([big, small])
+    assert shared.refs([big, small]) == first and len(shared) == 2
+    scaled = shared.refs([big, small], max_side=64)
+    assert scaled[0] != first[0] and scaled[1] != first[1] and len(shared) == 4
+    got = ray_images.resolve([scaled, [np.zeros(4)] * 2])
+    assert got[0][0].size == (64, 16) and got[0][0].getpixel((3, 3)) == (1, 2, 3)
+    assert got[0][1].size == (20, 10)  # already small: sent as it is
+    assert got[1][0].shape == (4,)  # non-image arguments pass unchanged
+    del big
+    gc.collect()
+    assert len(shared) == 2  # the entries of an image go with it
+
+
+def test_shared_images_stay_under_their_capacity(local_ray):
+    images = [Image.new("RGB", (100, 100)) for _ in range(5)]
+    shared = ray_images.SharedImages(capacity_bytes=3 * 100 * 100 * 3)
+    shared.refs(images)
+    assert len(shared) == 3  # the two oldest were dropped; asking again puts them again
+
+
+def test_max_side_is_refused_on_stages_with_pixel_outputs(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("annotate: {tagger: {backend: t}, detectors: {a: {backend: d}}}\n"
+                    "ray: {resources: {tagger: {max_side: 512}, detector_a: {max_side: 512}}}\n")
+    with pytest.raises(ConfigError, match=r"max_side on \['detector_a'\]: their outputs are pixel boxes"):
+        load_config(path)
 
 
 def test_pool_fans_a_batch_out_over_its_actors(local_ray, tmp_path):

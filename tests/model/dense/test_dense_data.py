@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -103,7 +104,8 @@ def test_multistep_schedule_is_detectron2s():
 
 
 def test_fcclip_config_has_fcclips_sizes_and_builds():
-    cfg = load_config("configs/adapt_fcclip.yaml", [], model=SegAdaptConfig, section="adapt_seg")
+    config = Path(__file__).resolve().parents[3] / "configs" / "adapt_fcclip.yaml"
+    cfg = load_config(config, [], model=SegAdaptConfig, section="adapt_seg")
     head = cfg.head
     assert (head.hidden_dim, head.num_queries, head.decoder_layers, head.encoder_layers) == (256, 250, 10, 6)
     assert (cfg.input_size, cfg.scale_range, cfg.steps, cfg.batch_size) == (1024, (0.1, 2.0), 368750, 16)

@@ -120,6 +120,13 @@ def test_umg_adapt_seg_cli_trains_on_digits_0_4_and_segments_0_9(tmp_path, tiny_
     assert report["mode"] == "adapted" and report["n_classes"] == 10
     assert 0 <= report["metrics"]["miou"] <= 1 and 0 <= report["metrics"]["pq"] <= 1
     assert 0 <= report["metrics"]["mask_ap"] <= 1 and 0 <= report["metrics"]["mask_ap50"] <= 1
+    short = CliRunner().invoke(app, [
+        "eval", "seg", "--checkpoint", str(out), "--images", str(data / "images" / "train"), "--masks",
+        str(notes / "semantic_train"), "--classes", str(notes / "classes.txt"), "--panoptic",
+        str(notes / "panoptic_train.json"), "--limit", "2", "--short-side", "100"])  # non-square, padded inputs
+    assert short.exit_code == 0, short.output
+    report = json.loads(short.output.strip().splitlines()[-1])
+    assert report["input"] == "short side 100, max 1333" and {"miou", "pq", "mask_ap"} <= set(report["metrics"])
 
 
 def test_umg_adapt_seg_errors(tmp_path):

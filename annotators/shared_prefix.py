@@ -1,0 +1,166 @@
+"""Shared image prefix for VLM generation: each image is encoded once and its prompt prefix computed once; every
+(box x prompt) job of that image continues from the prefix's key/value cache.
+
+A box-in-prompt region captioner asks up to 50 boxes x 5 prompts of one image. Run job by job, each ``generate``
+re-runs the vision tower and re-fills ~600 prefix tokens (LLaVA-1.5: 576 image tokens + the chat template) to
+write ~20 new ones. Here, per image, the token rows of its jobs share their longest common prefix (the template,
+the image tokens and any fixed prompt text); one forward over the prefixes of the images in play (vision tower
+included, images batched) fills a ``DynamicCache``; each batch of jobs then calls ``generate`` with its rows'
+prefix caches (left-padded to one length, copied per row) and only the suffix tokens as new input. With greedy
+decoding the captions are the per-job path's (same tokens, same positions; float rounding aside).
+
+Row layout of a continuation batch (``join_rows``), ``P`` the longest prefix and ``S`` the longest suffix in it::
+
+    [pad .. pad | prefix_i | pad .. pad | suffix_i]      attention mask 0 on the pads
+     `------- P tokens ---' `----- S tokens -----'      cache covers the first P tokens
+
+Positions come from the attention mask (``mask.cumsum(-1) - 1``), as ``generate`` computes them for left padding,
+so a row's tokens sit at the positions they have without padding: the padding is invisible to the model.
+
+Engines do the same with paged memory (vLLM's automatic prefix caching, SGLang's radix cache); this is the
+Hugging Face path for models whose positions are plain 1-D token positions (``SHARED_PREFIX_MODEL_TYPES``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+# Model types whose prefix cache can be reused as is: 1-D rotary/learned positions, one image-token run per image.
+# (Qwen2-VL's M-RoPE positions depend on the image grid; those models keep the per-job path.)
+SHARED_PREFIX_MODEL_TYPES = frozenset({"llava"})
+
+
+def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
+    """Length of the longest common prefix of ``rows``, short enough that every row keeps >= 1 token after it
+    (``generate`` needs a new input token to start from)."""
+    if not rows:
+        return 0
+    limit = min(len(r) for r in rows) - 1
+    first, n = rows[0], 0
+    while n < limit and all(r[n] == first[n] for r in rows):
+        n += 1
+    return max(n, 0)
+
+
+def join_rows(prefixes: Sequence[Sequence[int]], suffixes: Sequence[Sequence[int]], pad_id: int) -> tuple[list, list]:
+    """Token rows and attention masks (lists of ints) laid out as the module docstring shows: prefixes left-padded
+    to the longest prefix, then suffixes left-padded to the longest suffix."""
+    n_prefix = max(len(p) for p in prefixes)
+    n_suffix = max(len(s) for s in suffixes)
+    ids, mask = [], []
+    for prefix, suffix in zip(prefixes, suffixes, strict=True):
+        gap_p, gap_s = n_prefix - len(prefix), n_suffix - len(suffix)
+        ids.append([pad_id] * gap_p + list(prefix) + [pad_id] * gap_s + list(suffix))
+        mask.append([0] * gap_p + [1] * len(prefix) + [0] * gap_s + [1] * len(suffix))
+    return ids, mask
+
+
+def mask_positions(mask: Any) -> Any:
+    """Position ids (B, L) of a left/mid-padded attention mask (B, L): running count of real tokens - 1, 0 on pads
+    (``generate``'s own rule)."""
+    positions = mask.long().cumsum(-1) - 1
+    return positions.masked_fill(mask == 0, 0)
+
+
+@dataclass
+class PrefixJobs:
+    """The jobs of one call, tokenised: ``rows[j]`` the full prompt tokens of job j, ``image_of[j]`` its image;
+    ``prefix_len[i]`` the shared prefix length of image i (set by ``split``)."""
+
+    rows: list[list[int]]
+    image_of: list[int]
+    prefix_len: dict[int, int] = field(default_factory=dict)
+
+    def split(self) -> None:
+        """Set each image's prefix: the longest common prefix of its jobs' rows."""
+        by_image: dict[int, list[list[int]]] = {}
+        for row, i in zip(self.rows, self.image_of, strict=True):
+            by_image.setdefault(i, []).append(row)
+        self.prefix_len = {i: common_prefix_length(rows) for i, rows in by_image.items()}
+
+    def prefix(self, job: int) -> list[int]:
+        return self.rows[job][: self.prefix_len[self.image_of[job]]]
+
+    def suffix(self, job: int) -> list[int]:
+        return self.rows[job][self.prefix_len[self.image_of[job]] :]
+
+
+# prefill(image indices, ids (n, P), mask (n, P), positions (n, P)) -> per image: [(keys, values) per layer], each
+# (1, heads, P, head_dim) as the forward filled them (left padding included).
+Prefill = Callable[[list[int], Any, Any, Any], list[list[tuple[Any, Any]]]]
+
+
+def generate_shared(
+    jobs: PrefixJobs,
+    *,
+    prefill: Prefill,
+    model: Any,
+    gen_kwargs: dict[str, Any],
+    pad_id: int,
+    batch_size: int,
+    device: Any,
+) -> list[Any]:
+    """Generate every job of ``jobs`` from its image's shared prefix, ``batch_size`` jobs per ``generate``.
+
+    Jobs are taken in order; a batch may span images. The prefixes of the images a batch needs are computed by
+    one ``prefill`` call over those images and kept until their last job is done. ``model.generate`` runs on the
+    joined rows (``join_rows``) with a ``DynamicCache`` of the rows' prefixes, repeated ``max(num_beams,
+    num_return_sequences)`` times per row as ``generate`` expands its inputs.
+
+    Returns:
+        per job, the generated token ids (``num_return_sequences``, n_new) after the prompt, in job order.
+    """
+    import torch
+    from transformers import DynamicCache
+
+    jobs.split()
+    n_return = int(gen_kwargs.get("num_return_sequences", 1))
+    expand = max(int(gen_kwargs.get("num_beams", 1)), n_return)
+    last_job = {i: j for j, i in enumerate(jobs.image_of)}
+    cached: dict[int, list[tuple[Any, Any]]] = {}  # image -> [(keys, values)] per layer, unpadded (1, H, P_i, D)
+    out: list[Any] = []
+    for start in range(0, len(jobs.rows), batch_size):
+        batch = list(range(start, min(start + batch_size, len(jobs.rows))))
+        new = sorted({jobs.image_of[j] for j in batch} - set(cached))
+        if new:
+            prefixes = [jobs.rows[next(j for j in batch if jobs.image_of[j] == i)][: jobs.prefix_len[i]] for i in new]
+            ids, mask = join_rows(prefixes, [[] for _ in new], pad_id)
+            ids_t, mask_t = torch.tensor(ids, device=device), torch.tensor(mask, device=device)
+            with torch.inference_mode():
+                layers = prefill(new, ids_t, mask_t, mask_positions(mask_t))
+            for i, kv in zip(new, layers, strict=True):  # drop the left padding of this prefill
+                n = jobs.prefix_len[i]
+                cached[i] = [(k[:, :, k.shape[2] - n :], v[:, :, v.shape[2] - n :]) for k, v in kv]
+        ids, mask = join_rows([jobs.prefix(j) for j in batch], [jobs.suffix(j) for j in batch], pad_id)
+        n_prefix = max(jobs.prefix_len[jobs.image_of[j]] for j in batch)
+        cache = DynamicCache(_stack_prefixes([cached[jobs.image_of[j]] for j in batch], n_prefix, expand))
+        ids_t, mask_t = torch.tensor(ids, device=device), torch.tensor(mask, device=device)
+        with torch.inference_mode():
+            output = model.generate(input_ids=ids_t, attention_mask=mask_t, cache=cache, **gen_kwargs)
+        new_tokens = output[:, ids_t.shape[1] :]
+        out += [new_tokens[k * n_return : (k + 1) * n_return] for k in range(len(batch))]
+        for i in {jobs.image_of[j] for j in batch}:
+            if last_job[i] <= batch[-1]:
+                del cached[i]
+    return out
+
+
+def cache_layers(cache: Any) -> list[tuple[Any, Any]]:
+    """``[(keys, values)]`` per layer of a filled ``DynamicCache`` (B, H, L, D) each."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _stack_prefixes(per_row: list[list[tuple[Any, Any]]], length: int, expand: int) -> list[tuple[Any, Any]]:
+    """Per layer: the rows' prefix keys/values left-padded with zeros to ``length`` (masked out), stacked on the
+    batch axis, each row repeated ``expand`` times -> (rows * expand, H, length, D)."""
+    import torch
+    import torch.nn.functional as F
+
+    layers = []
+    for layer in zip(*per_row, strict=True):
+        keys = torch.cat([F.pad(k, (0, 0, length - k.shape[2], 0)) for k, _ in layer])
+        values = torch.cat([F.pad(v, (0, 0, length - v.shape[2], 0)) for _, v in layer])
+        layers.append((keys.repeat_interleave(expand, 0), values.repeat_interleave(expand, 0)))
+    return layers
