@@ -10,7 +10,7 @@ LOCK := requirements/lock.txt
 DEMO_DIR ?= out/demo
 PYTEST_ARGS ?=
 
-.PHONY: install test demo clean-demo lock
+.PHONY: install test demo clean-demo cluster-smoke lock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	DEMO_DIR=$(DEMO_DIR) scripts/demo.sh
+
+# The cluster path on this machine (root): PostgreSQL-backed Prefect, Ray head + 2 worker nodes, SeaweedFS (S3),
+# the deployments of prefect.yaml on a process worker; docs/orchestration.md "Scaling out".
+cluster-smoke: $(STAMP)
+	BIN=$(BIN) scripts/cluster_smoke.sh
 
 # Rewrite requirements/lock*.txt from the venv after adding or upgrading a dependency (install it first).
 lock: | $(BIN)/python

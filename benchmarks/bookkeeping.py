@@ -10,7 +10,9 @@ For contrast, ``--before`` shards (default 2,000, in a second folder) run the wa
 manifest rewritten and the folder listed after every shard, which re-reads every finished shard's stats.
 
 Usage: ``python benchmarks/bookkeeping.py [--shards 40000] [--keys 32] [--window 1000]``.
-Times are CPU times of this process. Last line: the median per-shard time of the last ``--window`` shards over that of the first (goal <= 1.2).
+Times are CPU times of this process; after each shard a control (the same bookkeeping in a build that stays
+empty) is timed too. Last line: the median per-shard time of the last ``--window`` shards over that of the first,
+each divided by its window's control median (goal <= 1.2); the raw medians are printed above it.
 """
 
 from __future__ import annotations
@@ -26,27 +28,42 @@ from pipeline.key_ledger import KeyLedger, PartitionedKeyLedger, partitions_for
 from pipeline.shards import ShardWriter, finished_shards, write_build_manifest
 
 
-def simulate(build_dir: Path, n_shards: int, keys_per_shard: int, ledger, per_shard_extra=None) -> list[float]:
-    """CPU seconds of bookkeeping of each simulated shard, in order (``time.process_time``: this process's user +
-    system time, so other processes on a shared machine do not show up as growth)."""
+def shard_bookkeeping(build_dir: Path, name: str, keys: list[str], ledger, rows: dict) -> None:
+    """One shard's bookkeeping: claim its keys, write its files (stats last), add its table row."""
+    taken = ledger.claim(name, keys)
+    with ShardWriter(build_dir, name, taken_keys=taken) as writer:
+        for key in keys:
+            writer.write_error(key, f"{key}.jpg", "simulated: no image")
+        stats = writer.commit()
+    rows[name] = _table_row(stats)
+
+
+def simulate(build_dir: Path, n_shards: int, keys_per_shard: int, ledger, per_shard_extra=None,
+             control_dir: Path | None = None) -> tuple[list[float], list[float]]:
+    """CPU seconds of bookkeeping of each simulated shard, in order, and of a control right after it.
+
+    The control is the same bookkeeping for one shard in a build that stays empty (its files are removed
+    again, a new ledger each time): the work that does not depend on how far the build is. Times are
+    ``time.process_time`` (this process's user + system time), and the figure divides each window's median by
+    its control's, so a machine shared with other jobs that slows down during the run does not read as growth.
+    """
     rows: dict[str, dict] = {}
-    n_done = 0
-    seconds = []
+    seconds, control = [], []
     for i in range(n_shards):
         name = f"{i:05d}"
         keys = [f"s{i:05d}_{j:03d}" for j in range(keys_per_shard)]
         started = time.process_time()
-        taken = ledger.claim(name, keys)
-        with ShardWriter(build_dir, name, taken_keys=taken) as writer:
-            for key in keys:
-                writer.write_error(key, f"{key}.jpg", "simulated: no image")
-            stats = writer.commit()
-        rows[name] = _table_row(stats)
-        n_done += 1
+        shard_bookkeeping(build_dir, name, keys, ledger, rows)
         if per_shard_extra is not None:
             per_shard_extra(build_dir)
         seconds.append(time.process_time() - started)
-    return seconds
+        if control_dir is not None:
+            started = time.process_time()
+            shard_bookkeeping(control_dir, name, keys, KeyLedger(), {})
+            control.append(time.process_time() - started)
+            for path in control_dir.iterdir():
+                path.unlink()
+    return seconds, control
 
 
 def _before(build_dir: Path) -> None:
@@ -54,9 +71,8 @@ def _before(build_dir: Path) -> None:
     len(finished_shards(build_dir))
 
 
-def window_ratio(seconds: list[float], window: int) -> tuple[float, float, float]:
-    first, last = statistics.median(seconds[:window]), statistics.median(seconds[-window:])
-    return first, last, last / first
+def window_medians(seconds: list[float], window: int) -> tuple[float, float]:
+    return statistics.median(seconds[:window]), statistics.median(seconds[-window:])
 
 
 def main() -> None:
@@ -71,27 +87,30 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="umg-bookkeeping-", dir=args.dir) as tmp:
         if args.before:
-            before = simulate(Path(tmp) / "before", args.before, args.keys, KeyLedger(), per_shard_extra=_before)
+            before, _ = simulate(Path(tmp) / "before", args.before, args.keys, KeyLedger(), per_shard_extra=_before)
             window = min(args.window, args.before // 4)
-            first, last, ratio = window_ratio(before, window)
+            first, last = window_medians(before, window)
             print(f"before (manifest rewritten + folder listed per shard), {args.before} shards: median "
-                  f"{1e3 * first:.2f} ms (first {window}) -> {1e3 * last:.2f} ms (last {window}): x{ratio:.2f}")
+                  f"{1e3 * first:.2f} ms (first {window}) -> {1e3 * last:.2f} ms (last {window}): x{last / first:.2f}")
         n_partitions = partitions_for(args.shards * args.keys)
         ledger = PartitionedKeyLedger([KeyLedger() for _ in range(n_partitions)])
         started = time.perf_counter()
-        seconds = simulate(Path(tmp) / "now", args.shards, args.keys, ledger)
+        seconds, control = simulate(Path(tmp) / "now", args.shards, args.keys, ledger,
+                                    control_dir=Path(tmp) / "control")
         loop_s = time.perf_counter() - started
         started = time.perf_counter()
         write_build_manifest(Path(tmp) / "now")
         manifest_s = time.perf_counter() - started
     sizes = ledger.sizes()
-    print(f"now: {args.shards} shards x {args.keys} keys in {loop_s:.1f} s; key ledger: {n_partitions} partitions, "
-          f"the largest holds {max(sizes):,} of {sum(sizes):,} keys; manifest written once at the end: "
-          f"{manifest_s:.1f} s")
-    first, last, ratio = window_ratio(seconds, args.window)
-    print(f"now: median per-shard bookkeeping {1e3 * first:.2f} ms (first {args.window}) -> "
-          f"{1e3 * last:.2f} ms (last {args.window})")
-    print(f"per-shard overhead, last {args.window} / first {args.window} shards: {ratio:.3f}")
+    print(f"now: {args.shards} shards x {args.keys} keys in {loop_s:.1f} s (with controls); key ledger: "
+          f"{n_partitions} partitions, the largest holds {max(sizes):,} of {sum(sizes):,} keys; manifest written "
+          f"once at the end: {manifest_s:.1f} s")
+    (first, last), (control_first, control_last) = window_medians(seconds, args.window), window_medians(
+        control, args.window)
+    print(f"now: median per-shard bookkeeping {1e3 * first:.3f} ms (first {args.window}) -> {1e3 * last:.3f} ms "
+          f"(last {args.window}); control {1e3 * control_first:.3f} -> {1e3 * control_last:.3f} ms")
+    ratio = (last / control_last) / (first / control_first)
+    print(f"per-shard overhead (vs control), last {args.window} / first {args.window} shards: {ratio:.3f}")
 
 
 if __name__ == "__main__":

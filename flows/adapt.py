@@ -48,7 +48,7 @@ def adapt(task: str, checkpoint: str, out: str = "out/adapt", shards: str | None
         if shards is None:
             raise ValueError("task global needs shards")
         cfg = load_config(config, overrides, model=GlobalAdaptConfig, section="adapt_global")
-        result = adapt_global(cfg, checkpoint, Path(shards), Path(out))
+        result = adapt_global(cfg, checkpoint, shards, Path(out))  # shards: a path or URL
     elif task == "seg":
         from data_schemas.adapt_config import SegAdaptConfig
         from model.dense.data import coco_source

@@ -138,7 +138,12 @@ def validate(build_dir: Annotated[str, typer.Argument(help="build directory (pat
     """Schema-check every shard; prints counts as JSON last; exits 1 naming any broken shard."""
     from pipeline.validate import validate_build
 
-    report = validate_build(build_dir)
+    from pipeline.storage import StorageError
+
+    try:
+        report = validate_build(build_dir)
+    except StorageError as exc:
+        _fail(str(exc))
     for problem in report.problems:
         console.print("[red]broken:[/red]", escape(problem))
     typer.echo(json.dumps(report.summary()))
@@ -181,11 +186,12 @@ def train(
 
     from data_schemas import ConfigError, TrainConfig, load_config
     from model.trainer import train as run_training
+    from pipeline.storage import StorageError
 
     try:
         cfg = load_config(config, set_, model=TrainConfig, section="train")
         result = run_training(cfg, shards, out)
-    except (ConfigError, FileNotFoundError, RuntimeError) as exc:
+    except (ConfigError, FileNotFoundError, RuntimeError, StorageError) as exc:
         _fail(str(exc))
     if os.environ.get("RANK", "0") == "0":
         typer.echo(json.dumps({"checkpoint": str(result.checkpoint), "steps": result.steps,

@@ -1,7 +1,8 @@
 """``umg eval …``: evaluation commands (thin wrappers over ``model.eval``).
 
 Each command prints its result as ONE JSON line last, and with ``--out FILE.json`` also writes
-``FILE.json`` and the markdown table ``FILE.md`` next to it (``model.eval.report``).
+``FILE.json`` and the markdown table ``FILE.md`` next to it (``model.eval.report``). Data options take local paths
+or URLs (``s3://bucket/eval/…``, ``pipeline.storage``).
 """
 
 from __future__ import annotations
@@ -64,10 +65,10 @@ Preprocess = Annotated[str, typer.Option(
 @eval_app.command()
 def zeroshot(
     checkpoint: Checkpoint,
-    data: Annotated[Path, typer.Option("--data", help="ImageFolder: one sub-folder per class")],
-    classnames: Annotated[Optional[Path], typer.Option(
+    data: Annotated[str, typer.Option("--data", help="ImageFolder: one sub-folder per class")],
+    classnames: Annotated[Optional[str], typer.Option(
         "--classnames", help="one class name per line, sorted folder order (default DATA/classnames.txt)")] = None,
-    templates: Annotated[Optional[Path], typer.Option(
+    templates: Annotated[Optional[str], typer.Option(
         "--templates", help="one prompt per line with {} (default DATA/templates.txt, else built-in)")] = None,
     batch_size: BatchSize = 64,
     out: Out = None,
@@ -87,8 +88,8 @@ def zeroshot(
 @eval_app.command()
 def retrieval(
     checkpoint: Checkpoint,
-    images: Annotated[Path, typer.Option("--images", help="folder the captions' file_name values are under")],
-    captions: Annotated[Path, typer.Option("--captions", help="COCO captions JSON (any number per image)")],
+    images: Annotated[str, typer.Option("--images", help="folder the captions' file_name values are under")],
+    captions: Annotated[str, typer.Option("--captions", help="COCO captions JSON (any number per image)")],
     batch_size: BatchSize = 64,
     out: Out = None,
     device: Device = "cpu",
@@ -108,7 +109,7 @@ def retrieval(
          preprocess=preprocess)
 
 
-Templates = Annotated[Optional[Path], typer.Option(
+Templates = Annotated[Optional[str], typer.Option(
     "--templates", help="one prompt per line with {} (default: templates.txt beside the annotations/classes)")]
 Limit = Annotated[Optional[int], typer.Option("--limit", min=1, help="evaluate only the first N images")]
 
@@ -116,8 +117,8 @@ Limit = Annotated[Optional[int], typer.Option("--limit", min=1, help="evaluate o
 @eval_app.command()
 def regions(
     checkpoint: Checkpoint,
-    images: Annotated[Path, typer.Option("--images", help="folder the annotations' file_name values are under")],
-    annotations: Annotated[Path, typer.Option("--annotations", help="COCO instances JSON (GT boxes, categories)")],
+    images: Annotated[str, typer.Option("--images", help="folder the annotations' file_name values are under")],
+    annotations: Annotated[str, typer.Option("--annotations", help="COCO instances JSON (GT boxes, categories)")],
     templates: Templates = None,
     topk: Annotated[Optional[int], typer.Option(
         "--topk", min=1, help="categories submitted per box for box AP (default: all)")] = None,
@@ -140,12 +141,12 @@ def regions(
 @eval_app.command()
 def seg(
     checkpoint: Checkpoint,
-    images: Annotated[Path, typer.Option("--images", help="folder of the images")],
-    masks: Annotated[Path, typer.Option("--masks", help="PNG label maps, same stems as the images")],
-    classes: Annotated[Path, typer.Option("--classes", help="class names, line i = label value i")],
-    panoptic: Annotated[Optional[Path], typer.Option(
+    images: Annotated[str, typer.Option("--images", help="folder of the images")],
+    masks: Annotated[str, typer.Option("--masks", help="PNG label maps, same stems as the images")],
+    classes: Annotated[str, typer.Option("--classes", help="class names, line i = label value i")],
+    panoptic: Annotated[Optional[str], typer.Option(
         "--panoptic", help="COCO panoptic JSON: also PQ / SQ / RQ")] = None,
-    panoptic_masks: Annotated[Optional[Path], typer.Option(
+    panoptic_masks: Annotated[Optional[str], typer.Option(
         "--panoptic-masks", help="folder of the panoptic PNGs (default: the JSON's path without .json)")] = None,
     templates: Templates = None,
     ignore_index: Annotated[int, typer.Option("--ignore-index", min=0, help="label value of ignored pixels")] = 255,

@@ -8,6 +8,7 @@ Command line (used by ``scripts/demo.sh``)::
     python -m flows.services wait-healthy URL [--timeout S] [--pid PID]
     python -m flows.services wait-deployments build-umg41m/local train/local [--timeout S]
     python -m flows.services wait-run train/local --since ISO8601 [--timeout S]   # exit 1 unless Completed
+    python -m flows.services count-runs train/local --since ISO8601               # runs created since then
     python -m flows.services stop PID [PID ...]
 """
 
@@ -184,19 +185,24 @@ def wait_deployments(names: Sequence[str], api_url: str | None = None, timeout: 
 
 def wait_run(deployment: str, since: dt.datetime, api_url: str | None = None, timeout: float = 600.0):
     """The first flow run of ``deployment`` created after ``since``, once it is in a terminal state."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = runs_since(deployment, since, api_url)
+        if runs and runs[0].state_type is not None and runs[0].state_type.value in TERMINAL:
+            return runs[0]
+        time.sleep(1.0)
+    raise TimeoutError(f"no finished run of {deployment} created after {since.isoformat()} in {timeout:.0f} s")
+
+
+def runs_since(deployment: str, since: dt.datetime, api_url: str | None = None) -> list:
+    """The flow runs of ``deployment`` created after ``since``, oldest first."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
 
-    deadline = time.monotonic() + timeout
     with api(api_url) as client:
         deployment_id = client.read_deployment_by_name(deployment).id
-        while time.monotonic() < deadline:
-            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                deployment_id=FlowRunFilterDeploymentId(any_=[deployment_id])))
-            runs = sorted((r for r in runs if r.created and r.created >= since), key=lambda r: r.created)
-            if runs and runs[0].state_type is not None and runs[0].state_type.value in TERMINAL:
-                return runs[0]
-            time.sleep(1.0)
-    raise TimeoutError(f"no finished run of {deployment} created after {since.isoformat()} in {timeout:.0f} s")
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            deployment_id=FlowRunFilterDeploymentId(any_=[deployment_id])))
+    return sorted((r for r in runs if r.created and r.created >= since), key=lambda r: r.created)
 
 
 def delete_automations(deployment_names: Sequence[str], api_url: str | None = None) -> int:
@@ -256,6 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("deployment")
     run.add_argument("--since", required=True, help="ISO 8601 time, e.g. from date -u +%%FT%%TZ")
     run.add_argument("--timeout", type=float, default=600.0)
+    count = sub.add_parser("count-runs")
+    count.add_argument("deployment")
+    count.add_argument("--since", required=True, help="ISO 8601 time")
     stopper = sub.add_parser("stop")
     stopper.add_argument("pids", nargs="+", type=int)
     args = parser.parse_args(argv)
@@ -270,6 +279,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         flow_run = wait_run(args.deployment, since, timeout=args.timeout)
         print(f"{args.deployment}: run {flow_run.name} ({flow_run.id}) {flow_run.state_type.value}")
         return 0 if flow_run.state_type.value == "COMPLETED" else 1
+    elif args.command == "count-runs":
+        since = dt.datetime.fromisoformat(args.since.replace("Z", "+00:00"))
+        print(len(runs_since(args.deployment, since)))
     elif args.command == "stop":
         for pid in args.pids:
             stop(pid)

@@ -32,6 +32,10 @@ _LISTING_CACHED = {"s3", "s3a", "gs", "gcs", "abfs", "az"}
 StoragePath = Union[Path, Any]  # pathlib.Path or upath.UPath (Any: upath is imported lazily)
 
 
+class StorageError(ValueError):
+    """A location that cannot be opened: unknown protocol or its fsspec package missing (names the package)."""
+
+
 def scheme(location: str | os.PathLike) -> str:
     """The URL scheme of ``location`` (``"s3"``), or ``""`` for a plain path."""
     if isinstance(location, Path):
@@ -51,7 +55,7 @@ def as_path(location: str | os.PathLike | Any) -> StoragePath:
     """``Path`` for a local location (plain path, ``file://``), ``UPath`` for a remote URL (see module doc).
 
     Raises:
-        ValueError: the URL's protocol has no fsspec implementation installed (names the package to install).
+        StorageError: the URL's protocol has no fsspec implementation installed (names the package to install).
     """
     if isinstance(location, Path):
         return location
@@ -67,10 +71,12 @@ def as_path(location: str | os.PathLike | Any) -> StoragePath:
 
     options = {"use_listings_cache": False} if proto in _LISTING_CACHED else {}
     try:
-        return UPath(text.rstrip("/") if text.rstrip("/") != f"{proto}:/" else text, **options)
+        path = UPath(text.rstrip("/") if text.rstrip("/") != f"{proto}:/" else text, **options)
+        path.fs  # noqa: B018 - creates the filesystem now, so a missing package is reported here
     except (ImportError, ValueError) as exc:
-        raise ValueError(f"{text}: no filesystem for {proto}:// ({exc}); install its fsspec package "
-                         "(s3fs for s3://, gcsfs for gs://)") from exc
+        raise StorageError(f"{text}: no filesystem for {proto}:// ({exc}); install its fsspec package "
+                           "(s3fs for s3://, gcsfs for gs://: pip install 'umg-clip[gcs]')") from exc
+    return path
 
 
 def is_local(path: StoragePath) -> bool:

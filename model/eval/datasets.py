@@ -9,6 +9,8 @@
   "caption"}]}`` (COCO ``captions_*.json``, Karpathy splits converted the same way), any number of
   captions per image, file names relative to the images dir. An image listed without captions is left
   out; a caption of an unknown image id, or a listed image file that does not exist, is an error.
+
+Every folder and file may be a local path or a URL (``s3://bucket/eval/…``, ``pipeline.storage``).
 """
 
 from __future__ import annotations
@@ -16,11 +18,14 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+import io
 from pathlib import Path
 
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+
+from pipeline.storage import StoragePath, as_path, find_files, is_local
 
 CLASSNAMES_FILE = "classnames.txt"
 TEMPLATES_FILE = "templates.txt"
@@ -30,13 +35,22 @@ class EvalDataError(ValueError):
     """Evaluation data that does not fit its layout (message names the file or folder)."""
 
 
-def read_lines(path: Path) -> list[str]:
+def read_lines(path: str | StoragePath) -> list[str]:
     """Non-empty stripped lines of a UTF-8 text file."""
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [line.strip() for line in as_path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def _require_dir(path: Path, what: str) -> Path:
-    path = Path(path)
+def open_image(path: str | StoragePath) -> Image.Image:
+    """``Image.open`` for a path or URL (a remote file is read whole first); use as a context manager."""
+    path = as_path(path)
+    if is_local(path):
+        return Image.open(path)
+    with path.open("rb") as handle:
+        return Image.open(io.BytesIO(handle.read()))
+
+
+def _require_dir(path: str | StoragePath, what: str) -> StoragePath:
+    path = as_path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{what} {path}: no such directory")
     return path
@@ -62,14 +76,14 @@ def read_image_folder(root: Path, transform: Callable, classnames_file: Path | N
     if not any(p.is_dir() for p in root.iterdir()):
         raise EvalDataError(f"{root}: no class sub-folders (ImageFolder layout: DIR/<class>/<image>)")
     try:
-        folder = ImageFolder(str(root), transform=transform)
+        folder = ImageFolder(str(root), transform=transform) if is_local(root) else RemoteImageFolder(root, transform)
     except FileNotFoundError as exc:  # torchvision: "Found no valid file for the classes ..."
         raise EvalDataError(f"{root}: {exc}") from exc
     for given in (classnames_file, templates_file):
-        if given is not None and not Path(given).is_file():
+        if given is not None and not as_path(given).is_file():
             raise FileNotFoundError(f"{given}: no such file")
-    classnames_file = Path(classnames_file or root / CLASSNAMES_FILE)
-    templates_file = Path(templates_file or root / TEMPLATES_FILE)
+    classnames_file = as_path(classnames_file or root / CLASSNAMES_FILE)
+    templates_file = as_path(templates_file or root / TEMPLATES_FILE)
     if classnames_file.exists():
         classnames = read_lines(classnames_file)
         if len(classnames) != len(folder.classes):
@@ -86,15 +100,38 @@ def read_image_folder(root: Path, transform: Callable, classnames_file: Path | N
 class ImageFiles(Dataset):
     """Image files -> transformed tensors (items: (tensor, index))."""
 
-    def __init__(self, paths: list[Path], transform: Callable):
+    def __init__(self, paths: list[StoragePath], transform: Callable):
         self.paths, self.transform = paths, transform
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        with Image.open(self.paths[index]) as image:
+        with open_image(self.paths[index]) as image:
             return self.transform(image.convert("RGB")), index
+
+
+class RemoteImageFolder(Dataset):
+    """``torchvision.datasets.ImageFolder`` over an object-store prefix: classes are the sorted sub-prefixes,
+    images the objects below each with torchvision's image extensions (items: (tensor, class index))."""
+
+    def __init__(self, root: StoragePath, transform: Callable):
+        from torchvision.datasets.folder import IMG_EXTENSIONS
+
+        self.classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+        self.samples = [(root / name / key, i) for i, name in enumerate(self.classes)
+                        for key in find_files(root / name) if key.lower().endswith(IMG_EXTENSIONS)]
+        empty = sorted(set(self.classes) - {path.parent.name for path, _ in self.samples})
+        if empty:
+            raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}")
+        self.targets = [target for _, target in self.samples]
+        self.images = ImageFiles([path for path, _ in self.samples], transform)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index][0], self.targets[index]
 
 
 @dataclass
@@ -106,10 +143,11 @@ class CaptionSet:
     caption_image: list[int]
 
 
-def read_coco_captions(images_dir: Path, captions_file: Path, transform: Callable) -> CaptionSet:
+def read_coco_captions(images_dir: str | StoragePath, captions_file: str | StoragePath,
+                       transform: Callable) -> CaptionSet:
     """Read a COCO captions JSON whose ``file_name`` values are relative to ``images_dir``."""
     images_dir = _require_dir(images_dir, "images")
-    captions_file = Path(captions_file)
+    captions_file = as_path(captions_file)
     if not captions_file.is_file():
         raise FileNotFoundError(f"captions {captions_file}: no such file")
     try:

@@ -34,13 +34,14 @@ import torch
 from PIL import Image
 from torch import nn
 
-from model.eval.datasets import EvalDataError, read_lines
+from model.eval.datasets import EvalDataError, open_image, read_lines
 from model.eval.features import Progress
 from model.eval.metrics import classification_metrics
 from model.eval.prompts import DEFAULT_TEMPLATES, class_text_embeddings
 from model.eval.report import TABLE_COLUMNS, make_result
 from model.loading import create_model_and_transforms
 from model.preprocess import scale_boxes_to_input
+from pipeline.storage import as_path
 
 TASK = "zeroshot_region_classification"
 TEMPLATES_FILE = "templates.txt"
@@ -52,7 +53,7 @@ def load_coco(annotations: str | Path):
     """A pycocotools ``COCO`` for an instances JSON (quietly; missing ``area`` filled with w * h)."""
     from pycocotools.coco import COCO
 
-    path = Path(annotations)
+    path = as_path(annotations)
     if not path.is_file():
         raise FileNotFoundError(f"annotations {path}: no such file")
     try:
@@ -114,10 +115,10 @@ def read_templates(path: Path) -> list[str]:
 def default_templates(data_file: Path, templates_file: Path | None) -> list[str] | None:
     """``templates_file``, else ``templates.txt`` beside ``data_file`` if there is one, else None (built-in)."""
     if templates_file is not None:
-        if not Path(templates_file).is_file():
+        if not as_path(templates_file).is_file():
             raise FileNotFoundError(f"templates {templates_file}: no such file")
-        return read_templates(Path(templates_file))
-    beside = Path(data_file).parent / TEMPLATES_FILE
+        return read_templates(as_path(templates_file))
+    beside = as_path(data_file).parent / TEMPLATES_FILE
     return read_templates(beside) if beside.is_file() else None
 
 
@@ -227,10 +228,10 @@ def evaluate_regions(
         batch = work[start:start + batch_size]
         tensors, boxes = [], []
         for image, anns in batch:
-            path = Path(images) / image["file_name"]
+            path = as_path(images) / image["file_name"]
             if not path.is_file():
                 raise FileNotFoundError(f"image {path} (id {image['id']}) not found under {images}")
-            with Image.open(path) as pil:
+            with open_image(path) as pil:
                 tensor = preprocess(pil.convert("RGB"))
                 orig_hw = (pil.height, pil.width)
             tensors.append(tensor)
@@ -264,12 +265,12 @@ def run_regions(checkpoint: str, images: str | Path, annotations: str | Path, *,
 
     Templates: ``templates_file``, else ``templates.txt`` beside the annotations, else the built-in ones.
     """
-    templates = default_templates(Path(annotations), templates_file)
+    templates = default_templates(as_path(annotations), templates_file)
     model, preprocess, tokenizer = create_model_and_transforms(checkpoint, device=device,
                                                                cluster_in_eval=cluster_in_eval)
     metrics, info = evaluate_regions(model, preprocess, tokenizer, images, annotations, templates=templates,
                                      device=device, **kwargs)
-    dataset = Path(annotations).stem + (f":{kwargs['attribute']}" if kwargs.get("attribute") else "")
+    dataset = as_path(annotations).stem + (f":{kwargs['attribute']}" if kwargs.get("attribute") else "")
     return make_result(TASK, dataset, str(checkpoint), metrics, **info)
 
 

@@ -35,6 +35,7 @@ from model.eval.metrics import multi_positive_retrieval_metrics, retrieval_metri
 from model.eval.report import make_result
 from model.loading import create_model_and_transforms
 from model.preprocess import image_preprocess
+from pipeline.storage import as_path
 
 TASK = "zeroshot_retrieval"
 KS = (1, 5, 10)
@@ -54,7 +55,7 @@ def evaluate_retrieval(model, preprocess, tokenizer, images: str | Path, caption
         for k in 1, 5, 10; info holds the image and caption counts (grouped: also ``n_distinct_texts``
         and ``protocol``).
     """
-    data_set = read_coco_captions(Path(images), Path(captions), preprocess)
+    data_set = read_coco_captions(images, captions, preprocess)
     umg = getattr(model, "umg", model)
     image_emb, rows = encode_images(umg, data_set.images, batch_size=batch_size, device=device, workers=workers,
                                     progress=progress)
@@ -87,4 +88,4 @@ def run_retrieval(checkpoint: str, images: str | Path, captions: str | Path, *, 
     model, _, tokenizer = create_model_and_transforms(checkpoint, device=device, cluster_in_eval=cluster_in_eval)
     metrics, info = evaluate_retrieval(model, image_preprocess(model, preprocess), tokenizer, images, captions,
                                        device=device, **kwargs)
-    return make_result(TASK, Path(captions).stem, str(checkpoint), metrics, preprocess=preprocess, **info)
+    return make_result(TASK, as_path(captions).stem, str(checkpoint), metrics, preprocess=preprocess, **info)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from model.eval.datasets import EvalDataError
+from model.eval.datasets import EvalDataError, open_image
 from model.eval.features import Progress
 from model.dense.vocabulary import VILD_TEMPLATES, synonym_text_embeddings
 from model.eval.mask_ap import MaskAP
@@ -41,6 +41,7 @@ from model.eval.seg_metrics import IGNORE_INDEX, PanopticQuality, SemanticConfus
 from model.eval.segmenter import TrainingFreeSegmenter
 from model.loading import create_model_and_transforms
 from model.preprocess import patch_size, short_side_transform
+from pipeline.storage import as_path
 
 TASK = "semantic_segmentation"
 TABLE_COLUMNS[TASK] = [("miou", "mIoU"), ("fwiou", "fwIoU"), ("pixel_acc", "pixel acc"), ("macc", "mean class acc"),
@@ -58,9 +59,9 @@ def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
 def read_classes(path: str | Path, ignore_index: int = IGNORE_INDEX) -> list[str]:
     """Class names, one a line (line i = label value i); blank lines are an error (they shift indices), and
     so is a class whose index would be the ignore value."""
-    if not Path(path).is_file():
+    if not as_path(path).is_file():
         raise FileNotFoundError(f"classes {path}: no such file")
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    lines = as_path(path).read_text(encoding="utf-8").splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
     blank = [i + 1 for i, line in enumerate(lines) if not line.strip()]
@@ -74,7 +75,7 @@ def read_classes(path: str | Path, ignore_index: int = IGNORE_INDEX) -> list[str
 
 def pair_images_and_masks(images_dir: str | Path, masks_dir: str | Path) -> list[tuple[Path, Path]]:
     """``(image, label map)`` pairs by file stem, in label-map name order; every label map needs its image."""
-    images_dir, masks_dir = Path(images_dir), Path(masks_dir)
+    images_dir, masks_dir = as_path(images_dir), as_path(masks_dir)
     for folder in (images_dir, masks_dir):
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder}: no such directory")
@@ -92,7 +93,7 @@ def load_panoptic(path: str | Path, classnames: Sequence[str], png_dir: str | Pa
                   ) -> tuple[dict[str, tuple[Path, list[dict]]], dict[int, bool]]:
     """A COCO panoptic JSON as ``{image stem: (png, segments with category_id = class index)}`` and
     ``{class index: isthing}`` for its categories (matched to ``classnames`` by name)."""
-    path = Path(path)
+    path = as_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"panoptic {path}: no such file")
     try:
@@ -102,7 +103,7 @@ def load_panoptic(path: str | Path, classnames: Sequence[str], png_dir: str | Pa
     missing = [k for k in ("images", "annotations", "categories") if k not in document]
     if missing:
         raise EvalDataError(f"{path}: not a COCO panoptic file, no {missing} lists")
-    png_dir = Path(png_dir) if png_dir is not None else path.with_suffix("")
+    png_dir = as_path(png_dir) if png_dir is not None else path.with_suffix("")
     if not png_dir.is_dir():
         raise FileNotFoundError(f"panoptic PNG folder {png_dir} not found (pass --panoptic-masks)")
     index = {name: i for i, name in enumerate(classnames)}
@@ -120,7 +121,7 @@ def load_panoptic(path: str | Path, classnames: Sequence[str], png_dir: str | Pa
 
 
 def _label_map(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
+    with open_image(path) as image:
         if image.mode not in ("L", "P", "I;16", "I"):
             raise EvalDataError(f"label map {path} has mode {image.mode}: need one channel of class indices")
         return np.array(image).astype(np.int64)
@@ -159,7 +160,7 @@ def _load_batch(batch: Sequence[tuple[Path, Path]], preprocess: Callable
     whole input, or the unpadded part for :func:`model.preprocess.short_side_transform`)."""
     tensors, valid = [], []
     for image_path, _ in batch:
-        with Image.open(image_path) as image:
+        with open_image(image_path) as image:
             out = preprocess(image.convert("RGB"))
         tensor, hw = out if isinstance(out, tuple) else (out, tuple(out.shape[-2:]))
         tensors.append(tensor)
@@ -242,7 +243,7 @@ def evaluate_segmentation(
                                      strict=True))
             for i, (seg, segments) in zip(with_gt, outputs, strict=True):
                 png, gt_segments = panoptic_gt[batch[i][0].stem]
-                with Image.open(png) as image:
+                with open_image(png) as image:
                     gt_seg = rgb_to_id(np.array(image.convert("RGB")))
                 h, w = valid[i]
                 pred_seg = _resize(seg[None, :h, :w], gt_seg.shape, "nearest")[0].long().cpu().numpy()
@@ -277,9 +278,9 @@ def run_seg(checkpoint: str, images: str | Path, masks: str | Path, classes: str
     """Load ``checkpoint`` (any form ``create_model_and_transforms`` takes, adapted dense models included)
     and evaluate it; the result dict. Templates: ``templates_file``, else ``templates.txt`` beside the
     classes file, else the built-in ones."""
-    templates = default_templates(Path(classes), templates_file)
+    templates = default_templates(as_path(classes), templates_file)
     model, preprocess, tokenizer = create_model_and_transforms(checkpoint, device=device,
                                                                cluster_in_eval=cluster_in_eval)
     metrics, info = evaluate_segmentation(model, preprocess, tokenizer, images, masks, classes,
                                           templates=templates, device=device, **kwargs)
-    return make_result(TASK, Path(masks).name, str(checkpoint), metrics, **info)
+    return make_result(TASK, as_path(masks).name, str(checkpoint), metrics, **info)

@@ -31,6 +31,7 @@ from model.eval.prompts import DEFAULT_TEMPLATES, class_text_embeddings
 from model.eval.report import make_result
 from model.loading import create_model_and_transforms
 from model.preprocess import image_preprocess
+from pipeline.storage import as_path
 
 TASK = "zeroshot_classification"
 
@@ -44,7 +45,7 @@ def evaluate_zeroshot(model, preprocess, tokenizer, data: str | Path, *, classna
         ``(metrics, info)``: ``acc1``, ``acc5``, ``mean_per_class_recall``; info holds the image and
         class counts and the templates used.
     """
-    data_set = read_image_folder(Path(data), preprocess, classnames_file, templates_file)
+    data_set = read_image_folder(data, preprocess, classnames_file, templates_file)
     umg = getattr(model, "umg", model)
     classifier = class_text_embeddings(umg, tokenizer, data_set.classnames, data_set.templates).cpu()
     images, targets = encode_images(umg, data_set.images, batch_size=batch_size, device=device, workers=workers,
@@ -62,4 +63,4 @@ def run_zeroshot(checkpoint: str, data: str | Path, *, device: str = "cpu", clus
     model, _, tokenizer = create_model_and_transforms(checkpoint, device=device, cluster_in_eval=cluster_in_eval)
     metrics, info = evaluate_zeroshot(model, image_preprocess(model, preprocess), tokenizer, data, device=device,
                                       **kwargs)
-    return make_result(TASK, Path(data).name, str(checkpoint), metrics, preprocess=preprocess, **info)
+    return make_result(TASK, as_path(data).name, str(checkpoint), metrics, preprocess=preprocess, **info)

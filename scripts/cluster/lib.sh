@@ -44,13 +44,14 @@ cluster_start() {
     setsid "$@" >>"$RUN/logs/$name.log" 2>&1 </dev/null &
   fi
   echo $! >"$RUN/pids/$name.pid"
+  disown $!  # stopped by pid (cluster_stop), never waited for: no job messages from this shell
 }
 
 cluster_pid() { cat "$RUN/pids/$1.pid" 2>/dev/null; }
 
 # cluster_stop NAME [TIMEOUT]: SIGTERM the service's pid, then SIGKILL its process group (its own session).
 cluster_stop() {
-  local name=$1 timeout=${2:-20} pid
+  local name=$1 timeout=${2:-10} pid
   pid=$(cluster_pid "$name") || return 0
   [[ -n $pid ]] || return 0
   if kill -0 "$pid" 2>/dev/null; then
@@ -118,9 +119,10 @@ cluster_prefect_server() {
   export PREFECT_HOME=$RUN/prefect PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_RUNNER_POLL_FREQUENCY=2 \
          PREFECT_API_URL=http://127.0.0.1:$port/api
   mkdir -p "$PREFECT_HOME"
-  PREFECT_API_DATABASE_CONNECTION_URL=$PREFECT_DB_URL cluster_start prefect-server \
-    env PREFECT_API_DATABASE_CONNECTION_URL="$PREFECT_DB_URL" "$BIN/prefect" server start --host 127.0.0.1 \
-    --port "$port"
+  (  # the database URL (with its password) only in the server's environment, not on a command line
+    export PREFECT_API_DATABASE_CONNECTION_URL=$PREFECT_DB_URL
+    cluster_start prefect-server "$BIN/prefect" server start --host 127.0.0.1 --port "$port"
+  )
   in_ns "$BIN/python" -m flows.services wait-healthy "$PREFECT_API_URL" --pid "$(cluster_pid prefect-server)" \
     --timeout 180
   cluster_log "Prefect server $PREFECT_API_URL (database: PostgreSQL)"
@@ -135,20 +137,18 @@ cluster_prefect_worker() {
 }
 
 # ---------------------------------------------------------------------------------------------- SeaweedFS
-# cluster_seaweedfs S3_PORT: master + volume + filer + S3 gateway in one `weed server`, on 127.0.0.1, data in
-# $RUN/seaweed. Ports: master S3_PORT+1, volume S3_PORT+2, filer S3_PORT+3 (gRPC: each + 10000).
-# Sets S3_ENDPOINT and exports AWS_* credentials (the gateway runs without identities: any key is accepted).
+# cluster_seaweedfs BUCKET: SeaweedFS (master, volume, filer, S3 gateway; `python -m flows.object_store`) on free
+# 127.0.0.1 ports, data in $RUN/s3, one identity with a random key; creates BUCKET. Exports the client
+# variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL) from $RUN/s3/s3.env, and S3_ENDPOINT.
 cluster_seaweedfs() {
-  local port=$1
-  mkdir -p "$RUN/seaweed"
-  cluster_start seaweedfs "$BIN/weed" server -ip=127.0.0.1 -ip.bind=127.0.0.1 -dir="$RUN/seaweed" \
-    -master.port=$((port + 1)) -volume.port=$((port + 2)) -filer.port=$((port + 3)) -s3 -s3.port="$port" \
-    -volume.max=0 -master.volumeSizeLimitMB=64
-  cluster_wait_port "$port" seaweedfs 90
-  S3_ENDPOINT=http://127.0.0.1:$port
-  export AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-umg-smoke} AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-umg-smoke} \
-         AWS_ENDPOINT_URL=$S3_ENDPOINT AWS_DEFAULT_REGION=us-east-1
-  cluster_log "SeaweedFS S3 gateway $S3_ENDPOINT (master :$((port + 1)), volume :$((port + 2)), filer :$((port + 3)))"
+  local bucket=$1 started
+  mkdir -p "$RUN/s3"
+  started=$(in_ns "$BIN/python" -m flows.object_store start "$RUN/s3" --bucket "$bucket")
+  "$BIN/python" -c "import json, sys; print(json.loads(sys.argv[1])['pid'])" "$started" >"$RUN/pids/seaweedfs.pid"
+  # shellcheck disable=SC1091
+  source "$RUN/s3/s3.env"
+  S3_ENDPOINT=$AWS_ENDPOINT_URL
+  cluster_log "SeaweedFS S3 gateway $S3_ENDPOINT (pid $(cluster_pid seaweedfs), bucket s3://$bucket, data $RUN/s3)"
 }
 
 # ---------------------------------------------------------------------------------------------- Ray
@@ -172,7 +172,7 @@ cluster_ray_head() {
     --min-worker-port=$((port + 100)) --max-worker-port=$((port + 199))
   cluster_wait_port "$port" ray-head 90
   RAY_ADDRESS_HEAD=127.0.0.1:$port
-  cluster_log "Ray head 127.0.0.1:$port (GCS; $cpus CPUs for the driver's shard tasks)"
+  cluster_log "Ray head 127.0.0.1:$port (GCS; $cpus CPUs: with 0, every actor and task runs on a worker node)"
 }
 
 # cluster_ray_worker INDEX CPUS [GPUS]: worker node INDEX joins the head; its own raylet, object store and ports

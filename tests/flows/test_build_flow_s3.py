@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
 from helpers_backends import write_config
 
 from flows.build import build_umg41m
@@ -12,6 +13,8 @@ from pipeline.shards import finished_shards, read_shard_rows
 from pipeline.storage import as_path, names_in
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_build_flow_from_s3_to_s3_with_shard_tasks(prefect_server, s3_server, s3_bucket, sample_raw, tmp_path):
     import ray
 

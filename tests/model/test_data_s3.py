@@ -40,6 +40,7 @@ def test_batches_from_s3_equal_batches_from_disk(shards_on_s3):
     assert _keys(remote_tars) == _keys(resolve_tars(local))
 
 
+@pytest.mark.slow
 def test_umg_train_reads_shards_from_s3(shards_on_s3, tmp_path):
     _, url = shards_on_s3
     config = tmp_path / "train.yaml"
