@@ -79,14 +79,19 @@ watch_status=$?
 set -e
 seconds=$(( $(date +%s) - start ))
 tail -n 5 "/tmp/$COMPOSE_PROJECT_NAME-run.log" >&2
-state=$(grep -o "finished in state [A-Za-z]*" "/tmp/$COMPOSE_PROJECT_NAME-run.log" | tail -1 | awk '{print $4}')
-flow_run=$(grep -o "Flow run '[^']*'" "/tmp/$COMPOSE_PROJECT_NAME-run.log" | head -1 | cut -d"'" -f2)
-nodes=$("${COMPOSE[@]}" exec -T ray-head bash -c 'ray status --address=$(hostname -i):6379' | grep -c ' node_')
+# `prefect deployment run --watch` ends with "Flow run finished successfully in 'Completed'." (or "... in state X").
+state=$(grep -oE "finished .*in ('[A-Za-z]+'|state [A-Za-z]+)" "/tmp/$COMPOSE_PROJECT_NAME-run.log" | tail -1 \
+  | grep -oE "[A-Za-z]+'?$" | tr -d "'" || true)
+flow_run=$(grep -oE "Created flow run '[^']+'" "/tmp/$COMPOSE_PROJECT_NAME-run.log" | head -1 | cut -d"'" -f2 || true)
+nodes=$("${COMPOSE[@]}" exec -T ray-head bash -c 'ray status --address=$(hostname -i):6379' | grep -c ' node_' || true)
+# The addresses the annotator actors ran at (Ray prefixes their log lines with pid and ip).
+actor_ips=$("${COMPOSE[@]}" logs --no-color prefect-worker | grep -oE "AnnotatorActor pid=[0-9]+, ip=[0-9.]+" \
+  | sed 's/.*ip=//' | sort -u | paste -sd, - || true)
 validate=$(run "umg validate s3://$BUCKET/shards" | tail -1) || validate='{}'
 python3 -c 'import json, sys
-state, run, seconds, nodes, status = sys.argv[1:6]
+state, run, seconds, nodes, ips, validate = sys.argv[1:7]
 print(json.dumps({"compose": "docker/compose.yaml", "deployment": "build-umg41m/cluster", "flow_run": run,
-                  "state": state or None, "seconds": int(seconds), "ray_nodes": int(nodes),
-                  "validate": json.loads(sys.argv[6] or "{}")}))' \
-  "$state" "$flow_run" "$seconds" "$nodes" "$watch_status" "$validate"
+                  "state": state or None, "seconds": int(seconds), "ray_nodes": int(nodes or 0),
+                  "actor_ips": [ip for ip in ips.split(",") if ip], "validate": json.loads(validate or "{}")}))' \
+  "$state" "$flow_run" "$seconds" "$nodes" "$actor_ips" "$validate"
 [[ $watch_status == 0 && $state == Completed ]]
