@@ -5,8 +5,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# The tested versions (scripts/lock_requirements.py writes it from a venv): constraints for every install.
+# The tested versions (`make lock` writes them from the venv): constraints for every install.
 LOCK := requirements/lock.txt
+DEV_LOCK := requirements/lock-dev.txt
 DEMO_DIR ?= out/demo
 PYTEST_ARGS ?=
 
@@ -16,8 +17,8 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-$(STAMP): pyproject.toml $(LOCK) | $(BIN)/python
-	$(BIN)/pip install --quiet --progress-bar off -c $(LOCK) -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
+$(STAMP): pyproject.toml $(LOCK) $(DEV_LOCK) | $(BIN)/python
+	$(BIN)/pip install --quiet --progress-bar off -c $(LOCK) -c $(DEV_LOCK) -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
 	$(BIN)/python -c "import torch, torchvision, open_clip, prefect, ray, webdataset, pycocotools" \
 		|| { echo "install failed: see pip output above"; exit 1; }
 	touch $(STAMP)

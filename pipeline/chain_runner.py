@@ -143,6 +143,12 @@ class PipelinedChain:
         """Replace pool actors that died serving calls from elsewhere (shard tasks); returns how many."""
         return sum(pool.heal() for pool in self.pools)
 
+    def recycle(self, stage: str | None = None) -> int:
+        """Replace every actor of ``stage``'s pool (all pools when no pool is named so), e.g. after the breaker
+        tripped on it; returns how many."""
+        pools = [pool for pool in self.pools if getattr(pool, "label", None) == stage] or self.pools
+        return sum(pool.recycle() for pool in pools)
+
     def close(self) -> None:
         for pool in self.pools:
             pool.close()

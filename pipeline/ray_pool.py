@@ -11,8 +11,11 @@ Two layouts (``ray.mode``):
   run on the actors in parallel. One process loads every model: the fastest start on a small CPU machine.
 
 Failures: an annotator error comes back as the backend's own exception (the stage splits the batch down to
-per-image error rows); a dead actor raises ``annotators.WorkerLost`` (the shard fails and is retried by the
-orchestrator) and the pool starts a replacement. Nothing here imports Prefect.
+per-image error rows); an actor failing ``max_consecutive_errors`` calls in a row is replaced (a sticky CUDA
+error); a dead actor raises ``annotators.WorkerLost`` and the pool starts a replacement, on which the caller
+retries the call bisected (``pipeline.worker_deaths``: a poison input ends as one error row). A shard task's
+``PoolClient`` cannot start actors: it drops dead ones, and once none is left the shard fails and is retried
+after the driver's pool heals (``heal``). Nothing here imports Prefect.
 
 Images enter Ray once (``ray.share_images``, default on): a caller puts each image into the object store once and
 every pool gets its reference (``pipeline.ray_images``); ``ray.resources.<stage>.max_side`` sends a stage the image
@@ -37,6 +40,7 @@ from pipeline import ray_images
 from data_schemas import PIPELINE_VERSION, AnnotateConfig
 from data_schemas.config import RayConfig, StageResources
 from pipeline.chain_runner import ChainMetrics, PipelinedChain, run_chain_measured
+from pipeline.worker_deaths import call_bisecting, poison_reason
 
 if TYPE_CHECKING:  # the stage chain imports torch: actors of plain backends start faster without it
     from pipeline.ingest import IngestedItem
@@ -100,12 +104,18 @@ class PoolClient:
     (``pipeline.ray_shards``): it uses the pool's actors but never starts any; a dead actor raises
     ``WorkerLost`` and the pool in the driver replaces it (``ActorPool.heal``) before the shard is retried."""
 
+    #: An actor failing this many calls in a row, with no success between, is taken for broken (a sticky CUDA
+    #: error) and replaced. Bisecting one bad input in a batch of 2^k fails at most k + 1 calls in a row.
+    max_consecutive_errors = 10
+
     def __init__(self, label: str, name: str, version: str, actors: Sequence[Any], batch_size: int,
                  share_images: bool = True, max_side: int | None = None) -> None:
         self.label, self.name, self.version, self.batch_size = label, name, version, batch_size
         self.share_images, self.max_side = share_images, max_side
         self._lock = threading.Lock()
         self._busy: dict[Any, int] = dict.fromkeys(actors, 0)  # actor handle -> calls in flight
+        self._errors: dict[Any, int] = {}  # actor handle -> calls failed in a row
+        self._retiring: dict[Any, int] = {}  # actor taken for broken -> its calls still in flight (killed at 0)
 
     @property
     def actors(self) -> list[Any]:
@@ -119,16 +129,51 @@ class PoolClient:
         """Only the driver's ``ActorPool`` starts actors; here nothing to do."""
         return 0
 
+    def recycle(self) -> int:
+        """Only the driver's ``ActorPool`` replaces actors; here nothing to do."""
+        return 0
+
     def _acquire(self):
         with self._lock:
+            if not self._busy:
+                raise annotators.WorkerLost(f"{self.label}: no live actor left in this process's view of the pool")
             actor = min(self._busy, key=self._busy.__getitem__)
             self._busy[actor] += 1
             return actor
 
-    def _release(self, actor, dead: bool) -> None:
+    def _release(self, actor, dead: bool, failed: bool = False) -> None:
+        """One call on ``actor`` ended. A dead actor leaves the set (``_drop``); an actor that failed
+        ``max_consecutive_errors`` calls in a row leaves it too and is killed once its calls in flight end (a kill
+        now would turn the other threads' calls on it into worker deaths)."""
+        kill = False
         with self._lock:
-            if actor in self._busy:
+            if actor in self._retiring:
+                self._retiring[actor] -= 1
+                kill = self._retiring[actor] <= 0
+                if kill:
+                    del self._retiring[actor]
+            elif actor in self._busy:
                 self._busy[actor] -= 1
+                errors = self._errors[actor] = self._errors.get(actor, 0) + 1 if failed and not dead else 0
+                if dead:
+                    self._drop(actor)
+                elif errors >= self.max_consecutive_errors:
+                    log.warning("pool %s: an actor failed %d calls in a row; replacing it", self.label, errors)
+                    in_flight = self._busy[actor]
+                    self._drop(actor)
+                    kill = in_flight == 0
+                    if not kill:
+                        self._retiring[actor] = in_flight
+            if dead or kill:
+                self._errors.pop(actor, None)
+        if kill:
+            import ray
+
+            ray.kill(actor, no_restart=True)
+
+    def _drop(self, actor) -> None:  # with self._lock held
+        """Here: forget it (only the driver's ``ActorPool`` starts a replacement)."""
+        del self._busy[actor]
 
     def call(self, *batch: Sequence[Any]) -> list[Any]:
         """Run the backend on ``batch`` (per-image argument lists); one output per image, in order."""
@@ -151,7 +196,7 @@ class PoolClient:
                 self._release(actor, dead=True)
                 failure = failure or annotators.WorkerLost(f"{self.label}: {type(exc).__name__}: {exc}")
             except ray.exceptions.RayTaskError as exc:
-                self._release(actor, dead=False)
+                self._release(actor, dead=False, failed=True)
                 cause = exc.cause if isinstance(exc.cause, Exception) else exc
                 failure = failure if isinstance(failure, annotators.WorkerLost) else (failure or cause)
         if failure is not None:
@@ -208,20 +253,26 @@ class ActorPool(PoolClient):
         log.info("pool %s: %d actors ready (%s@%s; pids %s, GPUs %s)", self.label, len(infos), self.name,
                  self.version, [i["pid"] for i in infos], [i["cuda_visible_devices"] for i in infos])
 
-    def _release(self, actor, dead: bool) -> None:
-        with self._lock:
-            if actor not in self._busy:
-                return  # already replaced by another caller
-            if dead:
-                self._replace(actor)
-            else:
-                self._busy[actor] -= 1
+    def _drop(self, actor) -> None:  # with self._lock held
+        self._replace(actor)
 
     def _replace(self, actor) -> None:  # with self._lock held
         del self._busy[actor]
         self._busy[self._spawn()] = 0
         self.replaced += 1
-        log.warning("pool %s: actor died; started a replacement (%d so far)", self.label, self.replaced)
+        log.warning("pool %s: actor died or broke; started a replacement (%d so far)", self.label, self.replaced)
+
+    def recycle(self) -> int:
+        """Replace every actor (after a breaker trip: the stage failed on an ordinary image, its actors are taken
+        for broken); returns how many were replaced."""
+        import ray
+
+        with self._lock:
+            old = list(self._busy)
+            for actor in old:
+                ray.kill(actor, no_restart=True)
+                self._replace(actor)
+        return len(old)
 
     def heal(self, probe_timeout_s: float = 2.0) -> int:
         """Replace the actors that died while serving calls from other processes (shard tasks); returns how many.
@@ -361,7 +412,14 @@ class RemoteChain:
 
     def run(self, items: list[IngestedItem], metrics: ChainMetrics | None = None) -> list[IngestedItem]:
         metrics = metrics if metrics is not None else ChainMetrics()
-        for item, (record, error, counts) in zip(items, self.pool.call(items), strict=True):
+
+        def poisoned(item: IngestedItem, exc: BaseException) -> None:
+            item.error = poison_reason(self.pool.label, exc)
+
+        for item, output in zip(items, call_bisecting(items, self.pool.call, poisoned), strict=True):
+            if output is None:  # a poison input: its error is set
+                continue
+            record, error, counts = output
             item.record, item.error = record, error
             item.scratch.clear()
             if counts:
@@ -372,6 +430,10 @@ class RemoteChain:
 
     def heal(self) -> int:
         return self.pool.heal()
+
+    def recycle(self, stage: str | None = None) -> int:
+        """Replace the chain actors (every stage runs in each of them)."""
+        return self.pool.recycle()
 
     def close(self) -> None:
         self.pool.close()

@@ -10,7 +10,9 @@ shard publishes its files from its own task, the stats file (its done-marker) la
 unfinished shard that the next run discards and redoes.
 
 A failure inside the task comes back as the original exception (``ShardTripped``, ``WorkerLost`` ...); on
-``WorkerLost`` the driver's pools replace their dead actors (``heal``) before the caller retries the shard.
+``WorkerLost`` the driver's pools replace their dead actors (``heal``), on ``ShardTripped`` every actor of the
+tripped stage (``recycle``: a stage failing on an ordinary control image has a broken device or state) before
+the caller retries the shard.
 Nothing here imports Prefect.
 """
 
@@ -24,6 +26,7 @@ from typing import Any
 import annotators
 from data_schemas import ImageLimits, ShardStats
 from data_schemas.config import BreakerConfig
+from pipeline.breaker import ShardTripped
 from pipeline.chain_runner import ChainMetrics
 from pipeline.key_ledger import KeyLedger, RemoteKeyLedger
 from pipeline.repair import repair_shard
@@ -83,7 +86,12 @@ class ShardRunner:
         are added to ``metrics``."""
         metrics = metrics if metrics is not None else ChainMetrics()
         args = (self.source, shard, self.build_dir, self.limits, self.keys, self.chain, self.breaker, repair)
-        stats, counts = self._run_remote(shard, args) if self.remote else _shard_task(*args)
+        try:
+            stats, counts = self._run_remote(shard, args) if self.remote else _shard_task(*args)
+        except ShardTripped as exc:  # the stage failed on an ordinary image too: its actors are taken for broken
+            if self.chain is not None and hasattr(self.chain, "recycle"):
+                self.chain.recycle(exc.stage)
+            raise
         metrics.merge(counts)
         return stats
 

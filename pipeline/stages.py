@@ -6,7 +6,8 @@ A ``Stage`` splits its work in two so orchestrators can move the model call else
 data), the annotator runs on them, and ``apply(item, output)`` writes the result into the record.
 ``run_stage`` calls the annotator on the whole batch; when it raises, the batch is split in halves
 and retried down to single images, and an image that still fails gets ``item.error`` (an error row)
-while the rest of the shard goes on. Stages are independent of Prefect and Ray.
+while the rest of the shard goes on; a call whose worker process dies is bisected the same way across
+worker restarts (``pipeline.worker_deaths``). Stages are independent of Prefect and Ray.
 
 Provenance keys: single-instance stages use their kind (``tagger``, ``scorer``, ``segmenter``,
 ``stability``, ``background``, ``merge``); named instances use ``<kind>_<name>`` (``captioner_blip2``,
@@ -37,6 +38,7 @@ from pipeline.filters import (
 )
 from pipeline.ingest import IngestedItem
 from pipeline.masks import encode_mask
+from pipeline.worker_deaths import call_bisecting, poison_reason
 
 log = logging.getLogger(__name__)
 
@@ -285,17 +287,28 @@ def build_chain(cfg: AnnotateConfig) -> list[Stage]:
 def call_annotator(stage: Stage, items: Sequence[IngestedItem]) -> list[Any]:
     """One batched call for ``items``; on failure split in halves down to single images.
 
-    Returns one output per item (None for items that failed; their ``error`` is set).
+    Returns one output per item (None for items that failed; their ``error`` is set). A worker that dies
+    (``annotators.WorkerLost``) is bisected across restarts (``pipeline.worker_deaths``): an input that kills
+    its worker twice alone is one ``worker_lost`` error row; more deaths than that re-raise ``WorkerLost``.
     """
     if stage.annotator is None:
         return [None] * len(items)
+
+    def poisoned(item: IngestedItem, exc: BaseException) -> None:
+        item.error = poison_reason(stage.name, exc)
+        log.warning("%s: %s killed its worker twice: one error row", stage.name, item.record.key)
+
+    return call_bisecting(items, lambda batch: _call_splitting(stage, batch), poisoned)
+
+
+def _call_splitting(stage: Stage, items: Sequence[IngestedItem]) -> list[Any]:
     try:
         outputs = list(stage.annotator(*stage.arguments(items)))
         if len(outputs) != len(items):
             raise ValueError(f"{stage.name} returned {len(outputs)} outputs for {len(items)} images")
         return outputs
     except annotators.WorkerLost:
-        raise  # the worker died, not the image: let the orchestrator retry the shard
+        raise  # the worker died: ``call_bisecting`` retries on a replacement
     except Exception as exc:  # noqa: BLE001 - an annotator failure must not stop the shard
         if len(items) == 1:
             items[0].error = f"annotator_failed: {stage.name}: {type(exc).__name__}: {exc}"
@@ -303,7 +316,7 @@ def call_annotator(stage: Stage, items: Sequence[IngestedItem]) -> list[Any]:
             return [None]
         half = len(items) // 2
         log.info("%s failed on a batch of %d (%s); retrying in halves", stage.name, len(items), exc)
-        return call_annotator(stage, items[:half]) + call_annotator(stage, items[half:])
+        return _call_splitting(stage, items[:half]) + _call_splitting(stage, items[half:])
 
 
 def run_stage(stage: Stage, items: Sequence[IngestedItem]) -> None:

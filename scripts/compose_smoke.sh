@@ -46,7 +46,13 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 echo "== compose up" >&2
-"${COMPOSE[@]}" up -d --no-build >&2
+# docker-compose v1 gives up as soon as a dependency reports unhealthy, which a Ray node does for a moment when it
+# restarts (restart: on-failure, compose.yaml); `up` is idempotent, so ask again.
+for attempt in 1 2 3 4 5; do
+  "${COMPOSE[@]}" up -d --no-build >&2 && break
+  [[ $attempt == 5 ]] && { echo "compose up failed 5 times" >&2; exit 1; }
+  sleep 10
+done
 container=$("${COMPOSE[@]}" ps -q prefect-worker)
 for _ in $(seq 180); do  # up -d returns before the last service is healthy
   health=$(docker inspect --format '{{.State.Health.Status}}' "$container")

@@ -17,7 +17,10 @@ _spec.loader.exec_module(lock_requirements)
 PIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*==[A-Za-z0-9.+!_-]+$")
 
 
-@pytest.mark.parametrize("path", [lock_requirements.LOCK, lock_requirements.TORCH_LOCK], ids=lambda p: p.name)
+LOCKS = [lock_requirements.LOCK, lock_requirements.DEV_LOCK, lock_requirements.TORCH_LOCK]
+
+
+@pytest.mark.parametrize("path", LOCKS, ids=lambda p: p.name)
 def test_lock_lines_are_exact_pins_without_duplicates(path):
     lines = [ln for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
     assert lines, f"{path} is empty"
@@ -27,10 +30,14 @@ def test_lock_lines_are_exact_pins_without_duplicates(path):
     assert len(names) == len(set(names)), "a package is pinned twice"
 
 
-def test_every_pyproject_dependency_is_pinned_in_the_lock_within_its_bounds():
+@pytest.mark.parametrize("extras", [(), lock_requirements.EXTRAS], ids=["dependencies", "dev"])
+def test_every_pyproject_dependency_is_pinned_in_the_lock_within_its_bounds(extras):
+    # The runtime dependencies in lock.txt (what the images install), the dev extra's in lock-dev.txt.
     lock = lock_requirements.read_lock()
+    if extras:
+        lock |= lock_requirements.read_lock(lock_requirements.DEV_LOCK)
     missing, outside = [], []
-    for req in lock_requirements.project_requirements(ROOT / "pyproject.toml"):
+    for req in lock_requirements.project_requirements(ROOT / "pyproject.toml", extras=extras):
         version = lock.get(canonicalize_name(req.name))
         if version is None:
             missing.append(str(req))
@@ -39,6 +46,11 @@ def test_every_pyproject_dependency_is_pinned_in_the_lock_within_its_bounds():
     hint = "install it into the venv, then `make lock` (scripts/lock_requirements.py)"
     assert not missing, f"pyproject dependencies not in requirements/lock.txt ({hint}): {missing}"
     assert not outside, f"lock pins outside pyproject bounds ({hint}): {outside}"
+
+
+def test_dev_lock_only_adds_to_the_lock():
+    overlap = set(lock_requirements.read_lock()) & set(lock_requirements.read_lock(lock_requirements.DEV_LOCK))
+    assert not overlap, f"pinned in both lock.txt and lock-dev.txt: {sorted(overlap)}"
 
 
 def test_torch_lock_is_the_same_versions_as_the_lock():
@@ -61,4 +73,4 @@ def test_closure_follows_extras_and_markers_of_installed_distributions():
 @pytest.mark.parametrize("path", ["Makefile", "docker/Dockerfile.cpu", "docker/Dockerfile.cuda"])
 def test_every_install_uses_the_lock(path):
     text = (ROOT / path).read_text()
-    assert "requirements/lock" in text or "$(LOCK)" in text, f"{path} installs without requirements/lock.txt"
+    assert "requirements/lock.txt" in text or "$(LOCK)" in text, f"{path} installs without requirements/lock.txt"

@@ -325,13 +325,20 @@ def coco_corpus(root: Path, outside: Path) -> list[Expect]:
 def vg_corpus(root: Path, outside: Path) -> list[Expect]:
     root.mkdir(parents=True)
     (root / "1.jpg").write_bytes(jpeg())
+    (root / "5.jpg").write_bytes(jpeg((20, 40, 60)))
     regions = [{"region_id": 1, "phrase": "a red thing", "x": 2, "y": 2, "width": 10, "height": 10},
-               {"region_id": 2, "phrase": "nowhere", "x": float("nan"), "y": 2, "width": 10, "height": 10}]
+               {"region_id": 2, "phrase": "nowhere", "x": "NaN", "y": 2, "width": 10, "height": 10}]
     document = [{"id": 1, "regions": regions}, {"id": f"../{outside.name}/theirs", "regions": []},
-                {"regions": []}, {"id": 4, "regions": []}]
-    (root / "region_descriptions.json").write_text(json.dumps(document), encoding="utf-8")
+                {"regions": []}, {"id": 4, "regions": []},
+                # issue 20 class 2: one malformed region never discards the image's valid ones
+                {"id": 5, "regions": ["not a region", {"region_id": 9, "phrase": "ok", "x": 1, "y": 1, "width": 4,
+                                                       "height": 4}]},
+                {"id": 6, "regions": "not a list"}]
+    # strict JSON ("NaN" as a string, not the bare literal): the file is streamed (issue 20 class 8)
+    (root / "region_descriptions.json").write_text(json.dumps(document, allow_nan=False), encoding="utf-8")
     return [Expect("1.jpg", "ok", "is not finite"), Expect(f"../{outside.name}/theirs.jpg", "outside_root"),
-            Expect("!entries/2", "bad_annotation"), Expect("4.jpg", "missing_image")]
+            Expect("!entries/2", "bad_annotation"), Expect("4.jpg", "missing_image"),
+            Expect("5.jpg", "ok", "skipped region 0"), Expect("!entries/5", "bad_annotation")]
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,8 @@ def gpu_ray():
 
 def _pool(label: str, resources: StageResources, backend: str = "test-tagger", **cfg) -> ActorPool:
     cls = annotators.registry.resolve("tagger", backend)
-    pool = ActorPool(label, cls, {"backend": backend, **cfg}, resources, start_timeout_s=60)
+    # a deadline, not a timing: the planned umg41m layout starts 31 actors, slow on 2 busy cores
+    pool = ActorPool(label, cls, {"backend": backend, **cfg}, resources, start_timeout_s=600)
     pool.wait_ready()
     return pool
 

@@ -132,9 +132,11 @@ def test_shipped_umg41m_layout_is_the_plan():
     cfg = load_config(ROOT / "configs" / "umg41m.yaml")
     table = load_costs(ROOT / "configs" / "costs" / "umg41m_estimates.json")
     _, section = plan_for_config(cfg, table, gpus=8, cpus=96)
-    assert cfg.ray.max_in_flight == section["max_in_flight"]
+    rerun = ("configs/umg41m.yaml's ray section is not the plan: rerun `umg plan-resources --config "
+             "configs/umg41m.yaml --gpus 8 --cpus-per-node 88 --costs configs/costs/umg41m_estimates.json`")
+    assert cfg.ray.max_in_flight == section["max_in_flight"], rerun
     for stage, planned in section["resources"].items():
-        assert cfg.ray.resources[stage].model_dump(exclude_none=True) == planned
+        assert cfg.ray.resources[stage].model_dump(exclude_none=True) == planned, rerun
 
 
 def test_costs_must_match_the_pools(tmp_path):
