@@ -51,7 +51,7 @@ from model.metrics import MetricsLog, plot_losses, progress_bar
 from model.schedule import build_optimizer, build_scheduler
 from model.umg_clip import UMGCLIP
 from pipeline.shards import shard_tars
-from pipeline.storage import as_path, is_local, location
+from pipeline.storage import as_path, is_local
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def resolve_tars(shards: Path | str | Sequence[Path | str]) -> list[Path | str]:
         if str(item) in piped:
             tars.append(str(item))
         else:
-            tars.extend(tar if is_local(tar) else location(tar) for tar in shard_tars(item))
+            tars.extend(tar if is_local(tar) else str(tar) for tar in shard_tars(item))  # a URL string
     if not tars:
         raise FileNotFoundError(f"no finished shard tars in {[str(i) for i in items]}")
     return tars

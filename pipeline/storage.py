@@ -83,16 +83,6 @@ def is_local(path: StoragePath) -> bool:
     return isinstance(path, Path)
 
 
-def location(path: StoragePath) -> str:
-    """The string a user would pass for ``path``: the plain path, or the full URL (``s3://bucket/key``)."""
-    return str(path)
-
-
-def fs_key(path: StoragePath) -> str:
-    """``path`` as its filesystem sees it: the local path, or ``bucket/key`` (no protocol)."""
-    return str(path) if is_local(path) else path.path
-
-
 def names_in(folder: StoragePath) -> list[str]:
     """Names of the entries directly in ``folder`` (files and sub-folders), sorted; ``[]`` if it does not exist.
 
