@@ -272,7 +272,7 @@ def test_batches_in_flight_encode_each_image_once(tmp_path, monkeypatch):
     sam.load()
     encodings = []
     encode = sam.predictor.model.image_encoder.forward
-    monkeypatch.setattr(sam.predictor.model.image_encoder, "forward", lambda x: encodings.append(1) or encode(x))
+    monkeypatch.setattr(sam.predictor.model.image_encoder, "forward", lambda x: encodings.extend([1] * len(x)) or encode(x))  # images, not calls: SAM encodes in batches
     items = _items([(64 + i, 48) for i in range(6)])
     for item in items:
         item.record.regions = [Region(id=0, box_xyxy=(4, 4, 40, 30), label="a", annotator="t"),
