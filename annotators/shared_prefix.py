@@ -5,14 +5,17 @@ A box-in-prompt region captioner asks up to 50 boxes x 5 prompts of one image. R
 re-runs the vision tower and re-fills ~600 prefix tokens (LLaVA-1.5: 576 image tokens + the chat template) to
 write ~20 new ones. Here, per image, the token rows of its jobs share their longest common prefix (the template,
 the image tokens and any fixed prompt text); one forward over the prefixes of the images in play (vision tower
-included, images batched) fills a ``DynamicCache``; each batch of jobs then calls ``generate`` with its rows'
-prefix caches (left-padded to one length, copied per row) and only the suffix tokens as new input. With greedy
-decoding the captions are the per-job path's (same tokens, same positions; float rounding aside).
+included, images batched) fills a ``DynamicCache``, kept once per image; each batch of jobs then calls
+``generate`` with a ``SharedPrefixCache`` that points every row at its image's prefix, and only the suffix tokens as
+new input. Under ``cascade_attention`` (``annotators/cascade_attention.py``) each row's queries attend to its image's
+prefix (read once for all rows of that image, no per-row copy) and to its own tokens, merged by log-sum-exp; the
+per-step cache growth is the rows' own few tokens, not ``rows x ~600``. With greedy decoding the captions are the
+per-job path's (same tokens, same positions; float rounding aside).
 
 Row layout of a continuation batch (``join_rows``), ``P`` the longest prefix and ``S`` the longest suffix in it::
 
     [pad .. pad | prefix_i | pad .. pad | suffix_i]      attention mask 0 on the pads
-     `------- P tokens ---' `----- S tokens -----'      cache covers the first P tokens
+     `------- P tokens ---' `----- S tokens -----'      the cache stands for the first P tokens
 
 Positions come from the attention mask (``mask.cumsum(-1) - 1``), as ``generate`` computes them for left padding,
 so a row's tokens sit at the positions they have without padding: the padding is invisible to the model.
@@ -27,6 +30,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 # Model types whose prefix cache can be reused as is: 1-D rotary/learned positions, one image-token run per image.
 # (Qwen2-VL's M-RoPE positions depend on the image grid; those models keep the per-job path.)
 SHARED_PREFIX_MODEL_TYPES = frozenset({"llava"})
@@ -38,10 +43,11 @@ def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
     if not rows:
         return 0
     limit = min(len(r) for r in rows) - 1
-    first, n = rows[0], 0
-    while n < limit and all(r[n] == first[n] for r in rows):
-        n += 1
-    return max(n, 0)
+    if limit <= 0:
+        return 0
+    heads = np.array([r[:limit] for r in rows])  # (rows, limit)
+    differs = (heads != heads[0]).any(axis=0)
+    return int(differs.argmax()) if differs.any() else limit
 
 
 def join_rows(prefixes: Sequence[Sequence[int]], suffixes: Sequence[Sequence[int]], pad_id: int) -> tuple[list, list]:
@@ -105,15 +111,17 @@ def generate_shared(
     """Generate every job of ``jobs`` from its image's shared prefix, ``batch_size`` jobs per ``generate``.
 
     Jobs are taken in order; a batch may span images. The prefixes of the images a batch needs are computed by
-    one ``prefill`` call over those images and kept until their last job is done. ``model.generate`` runs on the
-    joined rows (``join_rows``) with a ``DynamicCache`` of the rows' prefixes, repeated ``max(num_beams,
-    num_return_sequences)`` times per row as ``generate`` expands its inputs.
+    one ``prefill`` call over those images and kept, once per image, until their last job is done. ``model.generate``
+    runs on the joined rows (``join_rows``) with a ``SharedPrefixCache`` that points each row (repeated
+    ``max(num_beams, num_return_sequences)`` times, as ``generate`` expands its inputs) at its image's prefix, under
+    ``cascade_attention`` (``annotators/cascade_attention.py``): no row holds a copy of its prefix.
 
     Returns:
         per job, the generated token ids (``num_return_sequences``, n_new) after the prompt, in job order.
     """
     import torch
-    from transformers import DynamicCache
+
+    from annotators.cascade_attention import SharedPrefixCache, cascade_attention
 
     jobs.split()
     n_return = int(gen_kwargs.get("num_return_sequences", 1))
@@ -134,33 +142,23 @@ def generate_shared(
                 n = jobs.prefix_len[i]
                 cached[i] = [(k[:, :, k.shape[2] - n :], v[:, :, v.shape[2] - n :]) for k, v in kv]
         ids, mask = join_rows([jobs.prefix(j) for j in batch], [jobs.suffix(j) for j in batch], pad_id)
-        n_prefix = max(jobs.prefix_len[jobs.image_of[j]] for j in batch)
-        cache = DynamicCache(_stack_prefixes([cached[jobs.image_of[j]] for j in batch], n_prefix, expand))
+        images = list(dict.fromkeys(jobs.image_of[j] for j in batch))  # the batch's images, in order: its groups
+        group = {i: g for g, i in enumerate(images)}
+        row_group = [group[jobs.image_of[j]] for j in batch for _ in range(expand)]
+        cache = SharedPrefixCache([cached[i] for i in images], row_group, max(jobs.prefix_len[i] for i in images))
         ids_t, mask_t = torch.tensor(ids, device=device), torch.tensor(mask, device=device)
-        with torch.inference_mode():
+        with torch.inference_mode(), cascade_attention(model, cache):
             output = model.generate(input_ids=ids_t, attention_mask=mask_t, cache=cache, **gen_kwargs)
         new_tokens = output[:, ids_t.shape[1] :]
         out += [new_tokens[k * n_return : (k + 1) * n_return] for k in range(len(batch))]
-        for i in {jobs.image_of[j] for j in batch}:
+        for i in images:
             if last_job[i] <= batch[-1]:
                 del cached[i]
     return out
 
 
-def cache_layers(cache: Any) -> list[tuple[Any, Any]]:
-    """``[(keys, values)]`` per layer of a filled ``DynamicCache`` (B, H, L, D) each."""
-    return [(layer.keys, layer.values) for layer in cache.layers]
-
-
-def _stack_prefixes(per_row: list[list[tuple[Any, Any]]], length: int, expand: int) -> list[tuple[Any, Any]]:
-    """Per layer: the rows' prefix keys/values left-padded with zeros to ``length`` (masked out), stacked on the
-    batch axis, each row repeated ``expand`` times -> (rows * expand, H, length, D)."""
-    import torch
-    import torch.nn.functional as F
-
-    layers = []
-    for layer in zip(*per_row, strict=True):
-        keys = torch.cat([F.pad(k, (0, 0, length - k.shape[2], 0)) for k, _ in layer])
-        values = torch.cat([F.pad(v, (0, 0, length - v.shape[2], 0)) for _, v in layer])
-        layers.append((keys.repeat_interleave(expand, 0), values.repeat_interleave(expand, 0)))
-    return layers
+def prefix_rows(cache: Any) -> list[list[tuple[Any, Any]]]:
+    """A prefill's filled ``DynamicCache`` (B rows) -> per row ``[(keys, values)]`` per layer, each (1, H, L, D)
+    (what a ``Prefill`` returns)."""
+    layers = [(layer.keys, layer.values) for layer in cache.layers]
+    return [[(k[r : r + 1], v[r : r + 1]) for k, v in layers] for r in range(layers[0][0].shape[0])]
