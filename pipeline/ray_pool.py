@@ -13,7 +13,8 @@ Two layouts (``ray.mode``):
 Failures: an annotator error comes back as the backend's own exception (the stage splits the batch down to
 per-image error rows); an actor failing ``max_consecutive_errors`` calls in a row is replaced (a sticky CUDA
 error); a dead actor raises ``annotators.WorkerLost`` and the pool starts a replacement, on which the caller
-retries the call bisected (``pipeline.worker_deaths``: a poison input ends as one error row). A shard task's
+retries the call bisected (``pipeline.worker_deaths``: a poison input ends as one error row); calls that were
+only queued on the dead actor are sent again, not blamed (``pipeline.call_ledger``). A shard task's
 ``PoolClient`` cannot start actors: it drops dead ones, and once none is left the shard fails and is retried
 after the driver's pool heals (``heal``). Nothing here imports Prefect.
 
@@ -36,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import annotators
 import ray_runtime
-from pipeline import ray_images
+from pipeline import call_ledger, ray_images
 from data_schemas import PIPELINE_VERSION, AnnotateConfig
 from data_schemas.config import RayConfig, StageResources
 from pipeline.chain_runner import ChainMetrics, PipelinedChain, run_chain_measured
@@ -78,7 +79,8 @@ class AnnotatorActor:
                 "python": sys.executable, "gpu_ids": [str(i) for i in ray.get_gpu_ids()],
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
-    def call(self, *batch: Sequence[Any]) -> list[Any]:
+    def call(self, call_id: str, *batch: Sequence[Any]) -> list[Any]:
+        call_ledger.mark_started(call_id)  # a death from now on is this call's (``pipeline.call_ledger``)
         return list(self.backend(*ray_images.resolve(batch)))  # images may come as object-store references
 
 
@@ -175,25 +177,39 @@ class PoolClient:
         """Here: forget it (only the driver's ``ActorPool`` starts a replacement)."""
         del self._busy[actor]
 
+    #: How often one chunk is sent again after the actor it waited for died before running it (a death of the
+    #: call queued ahead of it); past this the death counts as the chunk's own.
+    max_resends = 16
+
     def call(self, *batch: Sequence[Any]) -> list[Any]:
-        """Run the backend on ``batch`` (per-image argument lists); one output per image, in order."""
+        """Run the backend on ``batch`` (per-image argument lists); one output per image, in order.
+
+        A chunk whose actor died while it was still queued there (``pipeline.call_ledger``) is sent again to a
+        live actor; a death during its own run raises ``WorkerLost`` once every chunk has ended."""
         import ray
 
         n = len(batch[0]) if batch else 0
         step = self.batch_size
-        pending = []
-        for start in range(0, n, step):
-            actor = self._acquire()
-            chunk = ray_images.share_batch([arg[start:start + step] for arg in batch], self.max_side, self.share_images)
-            pending.append((actor, actor.call.remote(*chunk)))
-        outputs: list[Any] = []
+        chunks = [ray_images.share_batch([arg[start:start + step] for arg in batch], self.max_side,
+                                         self.share_images) for start in range(0, n, step)]
+        results: list[list[Any] | None] = [None] * len(chunks)
+        pending = [self._send(index, chunk) for index, chunk in enumerate(chunks)]
+        resends = [0] * len(chunks)
         failure: BaseException | None = None
-        for actor, ref in pending:  # wait for every chunk so no call outlives this one
+        while pending:  # wait for every chunk so no call outlives this one
+            index, actor, call_id, ref = pending.pop(0)
             try:
-                outputs.extend(ray.get(ref))
+                results[index] = ray.get(ref)
                 self._release(actor, dead=False)
             except _lost_errors() as exc:
                 self._release(actor, dead=True)
+                if not call_ledger.was_running(actor, call_id) and resends[index] < self.max_resends:
+                    resends[index] += 1
+                    try:
+                        pending.append(self._send(index, chunks[index]))
+                        continue
+                    except annotators.WorkerLost as lost:  # no live actor left to send it to
+                        exc = lost
                 failure = failure or annotators.WorkerLost(f"{self.label}: {type(exc).__name__}: {exc}")
             except ray.exceptions.RayTaskError as exc:
                 self._release(actor, dead=False, failed=True)
@@ -201,7 +217,12 @@ class PoolClient:
                 failure = failure if isinstance(failure, annotators.WorkerLost) else (failure or cause)
         if failure is not None:
             raise failure
-        return outputs
+        return [output for chunk in results for output in chunk]
+
+    def _send(self, index: int, chunk: list[Any]) -> tuple[int, Any, str, Any]:
+        """Chunk ``index`` to the least-busy actor: ``(index, actor, call id, object ref)``."""
+        actor, call_id = self._acquire(), call_ledger.new_call_id()
+        return index, actor, call_id, actor.call.remote(call_id, *chunk)
 
     def __reduce__(self):
         return (PoolClient, (self.label, self.name, self.version, self.actors, self.batch_size, self.share_images,
@@ -226,6 +247,7 @@ class ActorPool(PoolClient):
         self._prefix = f"umg-{label}-{uuid.uuid4().hex[:6]}"  # actor names, e.g. for ray.get_actor in tests
         self._spawned = 0
         self.replaced = 0
+        self._gone: list[Any] = []  # actors replaced so far
         for _ in range(resources.pool_size):
             self._busy[self._spawn()] = 0
         self.placements: list[dict[str, Any]] = []  # AnnotatorActor.info() of each actor, once ready
@@ -258,6 +280,7 @@ class ActorPool(PoolClient):
 
     def _replace(self, actor) -> None:  # with self._lock held
         del self._busy[actor]
+        self._gone.append(actor)  # its ledger entry is still read by the calls it failed; dropped at close
         self._busy[self._spawn()] = 0
         self.replaced += 1
         log.warning("pool %s: actor died or broke; started a replacement (%d so far)", self.label, self.replaced)
@@ -300,7 +323,10 @@ class ActorPool(PoolClient):
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         with self._lock:
+            for actor in [*self._busy, *self._gone]:
+                call_ledger.forget(actor)
             self._busy.clear()
+            self._gone.clear()
 
 
 class RemoteAnnotator:

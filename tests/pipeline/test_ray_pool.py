@@ -179,6 +179,28 @@ def test_a_poison_input_that_kills_every_worker_is_one_error_row(local_ray, mode
         chain.close()
 
 
+def test_a_call_queued_behind_a_poison_call_is_sent_again_not_blamed(local_ray, tmp_path):
+    """A death fails every call queued on the actor; only the running one is the input's fault
+    (``pipeline.call_ledger``). The queued chunk runs once, on the replacement; the poison chunk raises."""
+    log = tmp_path / "calls.log"
+    cfg = _ray_cfg(resources={"tagger": StageResources(pool_size=1, batch_size=1, num_cpus=0.25)})
+    chain = build_ray_chain(AnnotateConfig(tagger={"backend": "test-tagger", "exit_width": BAD, "log": str(log),
+                                                   "delay_s": 0.2}), cfg)
+    try:
+        pool = chain.pools[0]
+        images = [item.decoded.image for item in _items() if item.decoded.image.width in (BAD, 40)]
+        assert [image.width for image in images] == [40, BAD]
+        with pytest.raises(annotators.WorkerLost):
+            pool.call(images[::-1])  # the poison first, then a good image queued behind it on the same actor
+        calls = [line.split() for line in log.read_text().splitlines()]
+        poison_pid = next(pid for pid, _, width in calls if int(width) == BAD)
+        good = [pid for pid, _, width in calls if int(width) == 40]
+        assert len(good) == 1 and good[0] != poison_pid  # ran once, on the replacement
+        assert pool.replaced == 1
+    finally:
+        chain.close()
+
+
 def test_an_actor_failing_call_after_call_is_replaced(local_ray, tmp_path):
     """Issue 20 class 7: a sticky device error (every call fails) gets the actor replaced, not reused forever."""
     broken = tmp_path / "gpu-broken"
