@@ -7,15 +7,16 @@ holds, per decoder layer, each image's prefix keys/values once ``(1, H_kv, P_g, 
 after it ``(rows, H_kv, L, D)``; the attention function registered under ``ATTENTION`` (transformers'
 ``AttentionInterface``) attends each row's queries
 
-- to its image's prefix: the queries of all rows of that image are stacked into one ``(H_kv, rows * heads per kv
-  head * q, D)`` matrix product with the prefix, which is read once per image (no mask: every prefix token precedes
+- to its image's prefix: the queries of all rows of that image are stacked into one ``(1, H_kv, rows * heads per
+  kv head * q, D)`` attention with the prefix, which is read once per image (no mask: every prefix token precedes
   every query);
 - to its own tokens: causal, with the padding mask ``generate`` builds for the columns after the prefix;
 
 and merges both parts by their log-sum-exp (the cascade / shared-prefix attention of FlashInfer and Hydragen):
 ``out = out_p * exp(lse_p - lse) + out_s * exp(lse_s - lse)``, ``lse = logaddexp(lse_p, lse_s)``. That is exactly
 softmax attention over the concatenated keys, so greedy tokens are those of the copied-prefix path up to float
-rounding.
+rounding. Each part runs PyTorch's fused CPU flash-attention kernel on CPU (it returns the log-sum-exp too) and
+plain matrix products + softmax elsewhere (``attend_fused_cpu`` / ``attend_matmul``).
 
 Use: ``with cascade_attention(model, cache): model.generate(..., cache=cache)``. The block makes ``cache`` the one
 the attention function reads (by ``module.layer_idx``) in this context (a ``ContextVar``: threads do not see each
@@ -131,11 +132,11 @@ class SharedPrefixCache(Cache):
         raise NotImplementedError("SharedPrefixCache cannot be cropped (assisted decoding is not supported)")
 
 
-def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
-            mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention ``(..., Q, D) x (..., K, D)`` -> (output ``(..., Q, D)`` float32, log-sum-exp of the scaled
-    scores ``(..., Q)`` float32). ``mask`` (bool, True = attend) broadcasts to ``(..., Q, K)``; masked scores are the
-    float32 minimum (as transformers' eager attention does), so a query with every key masked stays finite and its
+def attend_matmul(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
+                  mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention (B, H, Q, D) x (B, H, K, D) -> (output (B, H, Q, D) float32, log-sum-exp of the scaled
+    scores (B, H, Q) float32). ``mask`` (bool, True = attend) broadcasts to (B, H, Q, K); masked scores are the
+    dtype's minimum (as transformers' eager attention does), so a query with every key masked stays finite and its
     log-sum-exp is ~-3.4e38: it weighs nothing once merged. The log-sum-exp comes from the softmax itself:
     ``lse = max_j s_j - log(max_j p_j)`` (the largest probability is >= 1/K, so this is well conditioned)."""
     scores = torch.matmul(query * scaling, key.transpose(-1, -2)).float()
@@ -146,6 +147,25 @@ def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling
     return torch.matmul(probs.to(value.dtype), value).float(), lse
 
 
+def attend_fused_cpu(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
+                     mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``attend_matmul`` in one blocked pass: PyTorch's CPU flash-attention kernel, which returns the log-sum-exp
+    with the output (``aten._scaled_dot_product_flash_attention_for_cpu``, what ``sdpa`` runs on CPU). The mask is
+    made additive with the dtype's minimum, not -inf: the kernel gives a fully masked query log-sum-exp 0 under
+    -inf, but ~-3.4e38 (no weight once merged) under the minimum."""
+    if mask is not None:
+        mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+            ~mask, torch.finfo(query.dtype).min)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, attn_mask=mask,
+                                                                          scale=scaling)
+    return out.float(), lse
+
+
+def _attend(query: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    fused = query.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+    return (attend_fused_cpu if fused else attend_matmul)(query, *args, **kwargs)
+
+
 def _own_mask(attention_mask: torch.Tensor | None, q_len: int, kv_len: int, device: Any) -> torch.Tensor | None:
     """The rows' own-token mask: ``generate``'s (B, 1, q, kv) boolean one, or where it was skipped (no padding) the
     plain causal mask aligned to the last query (none for one query)."""
@@ -154,18 +174,18 @@ def _own_mask(attention_mask: torch.Tensor | None, q_len: int, kv_len: int, devi
     if q_len == 1:
         return None
     q_pos = torch.arange(kv_len - q_len, kv_len, device=device)
-    return q_pos[:, None] >= torch.arange(kv_len, device=device)[None, :]
+    return (q_pos[:, None] >= torch.arange(kv_len, device=device)[None, :]).view(1, 1, q_len, kv_len)
 
 
 def _heads_first(x: torch.Tensor, n_kv: int) -> torch.Tensor:
-    """``(n, H, q, D)`` -> ``(H_kv, n * H/H_kv * q, D)``: the queries of n rows that read the same key/value head."""
+    """(n, H, q, D) -> (1, H_kv, n * H/H_kv * q, D): the queries of n rows that read the same key/value head."""
     n, heads, q_len, dim = x.shape
-    return x.reshape(n, n_kv, heads // n_kv, q_len, dim).transpose(0, 1).reshape(n_kv, -1, dim)
+    return x.reshape(n, n_kv, heads // n_kv, q_len, dim).transpose(0, 1).reshape(1, n_kv, -1, dim)
 
 
 def _rows_first(x: torch.Tensor, n: int, heads: int, q_len: int) -> torch.Tensor:
-    """Inverse of ``_heads_first`` for ``(H_kv, N, ...)`` -> ``(n, H, q, ...)``."""
-    n_kv, rest = x.shape[0], x.shape[2:]
+    """Inverse of ``_heads_first`` for (1, H_kv, N, ...) -> (n, H, q, ...)."""
+    n_kv, rest = x.shape[1], x.shape[3:]
     return x.reshape(n_kv, n, heads // n_kv, q_len, *rest).transpose(0, 1).reshape(n, heads, q_len, *rest)
 
 
@@ -198,10 +218,10 @@ def shared_prefix_attention(
         prefix_k, prefix_v = layer.prefixes[g]
         q_rows = query[rows]
         n = q_rows.shape[0]
-        p_out, p_lse = _attend(_heads_first(q_rows, n_kv), prefix_k[0], prefix_v[0], scaling)
+        p_out, p_lse = _attend(_heads_first(q_rows, n_kv), prefix_k, prefix_v, scaling)
         p_out, p_lse = _rows_first(p_out, n, heads, q_len), _rows_first(p_lse.unsqueeze(-1), n, heads, q_len)[..., 0]
         s_out, s_lse = out[rows], lse[rows]
-        total = torch.logaddexp(p_lse, s_lse)
+        total = torch.logaddexp(p_lse, s_lse)  # finite: so are both parts (masked: ~-3.4e38)
         merged = p_out * torch.exp(p_lse - total).unsqueeze(-1) + s_out * torch.exp(s_lse - total).unsqueeze(-1)
         out[rows] = merged
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
