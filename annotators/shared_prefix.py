@@ -50,16 +50,20 @@ def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
     return int(differs.argmax()) if differs.any() else limit
 
 
-def join_rows(prefixes: Sequence[Sequence[int]], suffixes: Sequence[Sequence[int]], pad_id: int) -> tuple[list, list]:
-    """Token rows and attention masks (lists of ints) laid out as the module docstring shows: prefixes left-padded
-    to the longest prefix, then suffixes left-padded to the longest suffix."""
+def join_rows(prefixes: Sequence[Sequence[int]], suffixes: Sequence[Sequence[int]],
+              pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token rows and attention masks, int64 arrays (B, P + S), laid out as the module docstring shows: prefixes
+    left-padded to the longest prefix, then suffixes left-padded to the longest suffix. (Filled by slices: a
+    ~600-token prefix held as an array is copied, not re-read int by int.)"""
     n_prefix = max(len(p) for p in prefixes)
     n_suffix = max(len(s) for s in suffixes)
-    ids, mask = [], []
-    for prefix, suffix in zip(prefixes, suffixes, strict=True):
-        gap_p, gap_s = n_prefix - len(prefix), n_suffix - len(suffix)
-        ids.append([pad_id] * gap_p + list(prefix) + [pad_id] * gap_s + list(suffix))
-        mask.append([0] * gap_p + [1] * len(prefix) + [0] * gap_s + [1] * len(suffix))
+    ids = np.full((len(prefixes), n_prefix + n_suffix), pad_id, dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for r, (prefix, suffix) in enumerate(zip(prefixes, suffixes, strict=True)):
+        ids[r, n_prefix - len(prefix) : n_prefix] = prefix
+        ids[r, ids.shape[1] - len(suffix) :] = suffix
+        mask[r, n_prefix - len(prefix) : n_prefix] = 1
+        mask[r, ids.shape[1] - len(suffix) :] = 1
     return ids, mask
 
 
@@ -78,16 +82,19 @@ class PrefixJobs:
     rows: list[list[int]]
     image_of: list[int]
     prefix_len: dict[int, int] = field(default_factory=dict)
+    prefixes: dict[int, np.ndarray] = field(default_factory=dict)
 
     def split(self) -> None:
-        """Set each image's prefix: the longest common prefix of its jobs' rows."""
+        """Set each image's prefix: the longest common prefix of its jobs' rows (``prefix_len``, and the tokens as
+        an int64 array in ``prefixes``)."""
         by_image: dict[int, list[list[int]]] = {}
         for row, i in zip(self.rows, self.image_of, strict=True):
             by_image.setdefault(i, []).append(row)
         self.prefix_len = {i: common_prefix_length(rows) for i, rows in by_image.items()}
+        self.prefixes = {i: np.array(rows[0][: self.prefix_len[i]], dtype=np.int64) for i, rows in by_image.items()}
 
-    def prefix(self, job: int) -> list[int]:
-        return self.rows[job][: self.prefix_len[self.image_of[job]]]
+    def prefix(self, job: int) -> np.ndarray:
+        return self.prefixes[self.image_of[job]]
 
     def suffix(self, job: int) -> list[int]:
         return self.rows[job][self.prefix_len[self.image_of[job]] :]
@@ -133,9 +140,8 @@ def generate_shared(
         batch = list(range(start, min(start + batch_size, len(jobs.rows))))
         new = sorted({jobs.image_of[j] for j in batch} - set(cached))
         if new:
-            prefixes = [jobs.rows[next(j for j in batch if jobs.image_of[j] == i)][: jobs.prefix_len[i]] for i in new]
-            ids, mask = join_rows(prefixes, [[] for _ in new], pad_id)
-            ids_t, mask_t = torch.tensor(ids, device=device), torch.tensor(mask, device=device)
+            ids, mask = join_rows([jobs.prefixes[i] for i in new], [[] for _ in new], pad_id)
+            ids_t, mask_t = torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
             with torch.inference_mode():
                 layers = prefill(new, ids_t, mask_t, mask_positions(mask_t))
             for i, kv in zip(new, layers, strict=True):  # drop the left padding of this prefill
@@ -146,7 +152,7 @@ def generate_shared(
         group = {i: g for g, i in enumerate(images)}
         row_group = [group[jobs.image_of[j]] for j in batch for _ in range(expand)]
         cache = SharedPrefixCache([cached[i] for i in images], row_group, max(jobs.prefix_len[i] for i in images))
-        ids_t, mask_t = torch.tensor(ids, device=device), torch.tensor(mask, device=device)
+        ids_t, mask_t = torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
         with torch.inference_mode(), cascade_attention(model, cache):
             output = model.generate(input_ids=ids_t, attention_mask=mask_t, cache=cache, **gen_kwargs)
         new_tokens = output[:, ids_t.shape[1] :]

@@ -91,7 +91,7 @@ def test_logits_equal_full_attention_and_cache_holds_no_prefix_copy(model, refer
             row = jobs.rows[next(j for j in batch if jobs.image_of[j] == image)][:n]
             kept[image] = prefix_rows(model(input_ids=torch.tensor([row]), use_cache=True).cache)[0]
         ids, mask = join_rows([jobs.prefix(j) for j in batch], [jobs.suffix(j) for j in batch], pad_id=0)
-        ids, mask = torch.tensor(ids), torch.tensor(mask)
+        ids, mask = torch.from_numpy(ids), torch.from_numpy(mask)
         n_prefix = max(PREFIX_LENGTHS)
         cache = SharedPrefixCache([kept[i] for i in range(3)], [jobs.image_of[j] for j in batch], n_prefix)
         with cascade_attention(model, cache):
