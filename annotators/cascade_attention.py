@@ -253,3 +253,6 @@ def cascade_attention(model: Any, cache: SharedPrefixCache) -> Iterator[None]:
         yield
     finally:
         _ACTIVE.reset(token)
+
+
+register()  # on import: a decoder already switched (e.g. unpickled in a worker) finds its attention function
