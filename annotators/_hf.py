@@ -199,7 +199,7 @@ class ImageTextGenerator:
         with a prefill that runs the model (vision tower included) on the prefixes of a set of images."""
         import torch
 
-        from annotators.shared_prefix import PrefixJobs, cache_layers, generate_shared
+        from annotators.shared_prefix import PrefixJobs, generate_shared, prefix_rows
 
         texts = self.chat_texts([p for _, p in jobs])
         used = sorted({i for i, _ in jobs})
@@ -225,8 +225,7 @@ class ImageTextGenerator:
             extra = {k: v[picked].to(self.device, self.dtype if v.is_floating_point() else v.dtype)
                      for k, v in pixels.items()}
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
-            layers = cache_layers(out.cache)
-            return [[(k[r : r + 1], v[r : r + 1]) for k, v in layers] for r in range(len(new))]
+            return prefix_rows(out.cache)
 
         new_tokens = generate_shared(
             PrefixJobs(rows=rows, image_of=[i for i, _ in jobs]), prefill=prefill, model=self.model,

@@ -171,7 +171,7 @@ class Blip2Captioner(Backend):
         tokens, then the tokenised prompt."""
         import torch
 
-        from annotators.shared_prefix import PrefixJobs, cache_layers, generate_shared
+        from annotators.shared_prefix import PrefixJobs, generate_shared, prefix_rows
 
         if not jobs:
             return []
@@ -194,8 +194,7 @@ class Blip2Captioner(Backend):
             embeds = self.model.get_input_embeddings()(ids)
             embeds = embeds.masked_scatter((ids == image_id).unsqueeze(-1), queries.to(embeds.dtype))
             out = language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
-            layers = cache_layers(out.cache)
-            return [[(k[r : r + 1], v[r : r + 1]) for k, v in layers] for r in range(len(new))]
+            return prefix_rows(out.cache)
 
         new_tokens = generate_shared(
             PrefixJobs(rows=rows, image_of=[i for i, _ in jobs]), prefill=prefill, model=language_model,

@@ -4,7 +4,8 @@ prompts per image, the same captioner config run both ways in one process (``sha
 Job by job, every (box, prompt) job preprocesses its image, runs the vision tower and fills the whole prompt
 (image tokens + chat template + box prompt) before it writes its few new tokens. With the shared prefix
 (``annotators/shared_prefix.py``) each image is preprocessed and encoded once and its prompt prefix filled once;
-every job continues from that prefix's cache. Both sides must give the same greedy captions (checked here).
+every job continues from that prefix's cache, held once per image (``annotators/cascade_attention.py``). Both sides
+must give the same greedy captions (checked here).
 
 The tiny random LLaVA comes in two geometries: the test model's (32 px, patch 8: 16 image tokens) and
 LLaVA-1.5's (336 px, patch 14: 576 image tokens, the prefix the paper-scale captioner pays for on every job), both

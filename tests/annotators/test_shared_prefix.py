@@ -23,8 +23,8 @@ def test_common_prefix_keeps_a_token_per_row():
 
 def test_join_rows_pads_prefix_and_suffix_apart_and_positions_ignore_pads():
     ids, mask = join_rows([[1, 2, 3], [4]], [[5], [6, 7]], pad_id=0)
-    assert ids == [[1, 2, 3, 0, 5], [0, 0, 4, 6, 7]]
-    assert mask == [[1, 1, 1, 0, 1], [0, 0, 1, 1, 1]]
+    assert ids.tolist() == [[1, 2, 3, 0, 5], [0, 0, 4, 6, 7]]
+    assert mask.tolist() == [[1, 1, 1, 0, 1], [0, 0, 1, 1, 1]]
     positions = mask_positions(torch.tensor(mask))
     assert positions.tolist() == [[0, 1, 2, 0, 3], [0, 0, 0, 1, 2]]  # each row's tokens at their unpadded positions
 
