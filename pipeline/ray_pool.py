@@ -14,9 +14,11 @@ Failures: an annotator error comes back as the backend's own exception (the stag
 per-image error rows); an actor failing ``max_consecutive_errors`` calls in a row is replaced (a sticky CUDA
 error); a dead actor raises ``annotators.WorkerLost`` and the pool starts a replacement, on which the caller
 retries the call bisected (``pipeline.worker_deaths``: a poison input ends as one error row); calls that were
-only queued on the dead actor are sent again, not blamed (``pipeline.call_ledger``). A shard task's
-``PoolClient`` cannot start actors: it drops dead ones, and once none is left the shard fails and is retried
-after the driver's pool heals (``heal``). Nothing here imports Prefect.
+only queued on the dead actor are sent again, not blamed (``pipeline.call_ledger``). Replacements are started by
+the pool's ``ActorSet``: in the driver, or — once the pool is shared with shard tasks (``ActorPool.share``,
+``flow.concurrent_shards > 1``) — in a keeper actor the driver owns, which a shard task's ``PoolClient`` asks for a
+replacement (one per death, however many tasks report it) and for the live set; a poison input is then bisected
+to one error row inside the shard task too. Nothing here imports Prefect.
 
 Images enter Ray once (``ray.share_images``, default on): a caller puts each image into the object store once and
 every pool gets its reference (``pipeline.ray_images``); ``ray.resources.<stage>.max_side`` sends a stage the image
@@ -100,24 +102,128 @@ def _lost_errors() -> tuple[type[BaseException], ...]:
             rex.OutOfMemoryError, rex.ObjectLostError)
 
 
+class ActorSet:
+    """The actors of one pool and how to start more: the one place replacements are started.
+
+    Lives in the driver's ``ActorPool`` or, once the pool is shared with shard tasks (``ActorPool.share``), in a
+    keeper actor the driver owns (``ray.remote(ActorSet)``), which every process's view of the pool asks for a
+    replacement of a dead actor and for the live set. ``replace`` is keyed by the dead actor: several clients
+    reporting the same death get one replacement. The backend and its config travel as object-store references
+    resolved only in the annotator actors, so the keeper never imports the backend (its stage may run in another
+    environment, ``ray.resources.<stage>.runtime_env``).
+    """
+
+    def __init__(self, label: str, options: dict[str, Any], args: list[Any], prefix: str, spawned: int = 0,
+                 actors: Sequence[Any] = (), gone: Sequence[Any] = (), replaced: int = 0) -> None:
+        import ray
+
+        self.label, self.options, self.args, self.prefix = label, options, list(args), prefix
+        self.spawned, self.replaced = spawned, replaced
+        self.live, self.gone = list(actors), list(gone)  # gone: their ledger entries are dropped at close
+        self._remote = ray.remote(AnnotatorActor)
+        self._lock = threading.Lock()  # in the driver, the chain's threads replace actors concurrently
+
+    def start(self, n: int) -> list[Any]:
+        """Start ``n`` more actors; returns the live set."""
+        with self._lock:
+            for _ in range(n):
+                self.live.append(self._spawn())
+            return list(self.live)
+
+    def _spawn(self):
+        self.spawned += 1
+        return self._remote.options(name=f"{self.prefix}-{self.spawned}", **self.options).remote(*self.args)
+
+    def actors(self) -> list[Any]:
+        return list(self.live)
+
+    def replace(self, actor: Any) -> list[Any]:
+        """``actor`` died or broke: start one replacement unless that was done already; returns the live set."""
+        with self._lock:
+            if actor in self.live:
+                self.live.remove(actor)
+                self.gone.append(actor)
+                self.live.append(self._spawn())
+                self.replaced += 1
+                log.warning("pool %s: actor died or broke; started a replacement (%d so far)", self.label,
+                            self.replaced)
+            return list(self.live)
+
+    def replaced_count(self) -> int:
+        return self.replaced
+
+    def state(self) -> dict[str, Any]:
+        """Constructor arguments of a copy (how the set moves into a keeper actor)."""
+        return {"label": self.label, "options": self.options, "args": self.args, "prefix": self.prefix,
+                "spawned": self.spawned, "actors": self.live, "gone": self.gone, "replaced": self.replaced}
+
+    def close(self) -> None:
+        """Kill every live actor; drop the ledger entries of every actor this set had."""
+        import ray
+
+        for actor in self.live:
+            ray.kill(actor, no_restart=True)
+        for actor in [*self.live, *self.gone]:
+            call_ledger.forget(actor)
+        self.live, self.gone = [], []
+
+
+class KeptSet:
+    """An ``ActorSet`` held by a keeper actor, called over Ray: the same methods, blocking."""
+
+    def __init__(self, keeper: Any) -> None:
+        self.keeper = keeper
+
+    def _get(self, ref):
+        import ray
+
+        return ray.get(ref)
+
+    def start(self, n: int) -> list[Any]:
+        return self._get(self.keeper.start.remote(n))
+
+    def actors(self) -> list[Any]:
+        return self._get(self.keeper.actors.remote())
+
+    def replace(self, actor: Any) -> list[Any]:
+        return self._get(self.keeper.replace.remote(actor))
+
+    def replaced_count(self) -> int:
+        return self._get(self.keeper.replaced_count.remote())
+
+    def close(self) -> None:
+        import ray
+
+        try:
+            self._get(self.keeper.close.remote())
+        finally:
+            ray.kill(self.keeper, no_restart=True)  # the replacements it started share its fate
+
+
 class PoolClient:
     """Calls into a set of actors of one backend: ``call`` fans a batch out in chunks of ``batch_size`` to the
     least-busy actors. What an ``ActorPool`` becomes when it is pickled into a shard task on another process
-    (``pipeline.ray_shards``): it uses the pool's actors but never starts any; a dead actor raises
-    ``WorkerLost`` and the pool in the driver replaces it (``ActorPool.heal``) before the shard is retried."""
+    (``pipeline.ray_shards``): it uses the pool's actors; a dead actor is replaced through the pool's keeper
+    (``ActorPool.share``: every process asks the same ``ActorSet``, so one death gets one replacement) and the
+    call is bisected onto the replacement as in the driver. Without a keeper (a pool pickled unshared) a dead
+    actor is only dropped, and once none is left ``WorkerLost`` fails the shard until the driver heals the pool."""
 
     #: An actor failing this many calls in a row, with no success between, is taken for broken (a sticky CUDA
     #: error) and replaced. Bisecting one bad input in a batch of 2^k fails at most k + 1 calls in a row.
     max_consecutive_errors = 10
 
     def __init__(self, label: str, name: str, version: str, actors: Sequence[Any], batch_size: int,
-                 share_images: bool = True, max_side: int | None = None) -> None:
+                 share_images: bool = True, max_side: int | None = None, keeper: Any = None) -> None:
         self.label, self.name, self.version, self.batch_size = label, name, version, batch_size
         self.share_images, self.max_side = share_images, max_side
         self._lock = threading.Lock()
         self._busy: dict[Any, int] = dict.fromkeys(actors, 0)  # actor handle -> calls in flight
         self._errors: dict[Any, int] = {}  # actor handle -> calls failed in a row
         self._retiring: dict[Any, int] = {}  # actor taken for broken -> its calls still in flight (killed at 0)
+        self._dropped: set[Any] = set()  # actors this view saw die or retired: never taken back from a live set
+        self._keeper = keeper
+        self._set: ActorSet | KeptSet | None = KeptSet(keeper) if keeper is not None else None
+        self._synced = keeper is None  # a pickled view reads the keeper's live set before its first call
 
     @property
     def actors(self) -> list[Any]:
@@ -128,15 +234,29 @@ class PoolClient:
         """The actors were ready when the pool was pickled."""
 
     def heal(self) -> int:
-        """Only the driver's ``ActorPool`` starts actors; here nothing to do."""
+        """Only the driver's ``ActorPool`` probes actors; here nothing to do."""
         return 0
 
     def recycle(self) -> int:
-        """Only the driver's ``ActorPool`` replaces actors; here nothing to do."""
+        """Only the driver's ``ActorPool`` replaces every actor; here nothing to do."""
         return 0
+
+    def _sync(self, live: Sequence[Any]) -> None:
+        with self._lock:
+            self._take(live)
+
+    def _take(self, live: Sequence[Any]) -> None:  # with self._lock held
+        """Take ``live`` (the set's current actors) as this view's: new ones join idle, replaced ones leave."""
+        for actor in live:
+            if actor not in self._busy and actor not in self._dropped:
+                self._busy[actor] = 0
+        for actor in [a for a in self._busy if a not in live]:
+            del self._busy[actor]
 
     def _acquire(self):
         with self._lock:
+            if not self._busy and self._set is not None:
+                self._take(self._set.actors())
             if not self._busy:
                 raise annotators.WorkerLost(f"{self.label}: no live actor left in this process's view of the pool")
             actor = min(self._busy, key=self._busy.__getitem__)
@@ -144,8 +264,8 @@ class PoolClient:
             return actor
 
     def _release(self, actor, dead: bool, failed: bool = False) -> None:
-        """One call on ``actor`` ended. A dead actor leaves the set (``_drop``); an actor that failed
-        ``max_consecutive_errors`` calls in a row leaves it too and is killed once its calls in flight end (a kill
+        """One call on ``actor`` ended. A dead actor leaves the set and is replaced (``_replace``); an actor that
+        failed ``max_consecutive_errors`` calls in a row too, and is killed once its calls in flight end (a kill
         now would turn the other threads' calls on it into worker deaths)."""
         kill = False
         with self._lock:
@@ -158,11 +278,11 @@ class PoolClient:
                 self._busy[actor] -= 1
                 errors = self._errors[actor] = self._errors.get(actor, 0) + 1 if failed and not dead else 0
                 if dead:
-                    self._drop(actor)
+                    self._replace(actor)
                 elif errors >= self.max_consecutive_errors:
                     log.warning("pool %s: an actor failed %d calls in a row; replacing it", self.label, errors)
                     in_flight = self._busy[actor]
-                    self._drop(actor)
+                    self._replace(actor)
                     kill = in_flight == 0
                     if not kill:
                         self._retiring[actor] = in_flight
@@ -173,9 +293,13 @@ class PoolClient:
 
             ray.kill(actor, no_restart=True)
 
-    def _drop(self, actor) -> None:  # with self._lock held
-        """Here: forget it (only the driver's ``ActorPool`` starts a replacement)."""
-        del self._busy[actor]
+    def _replace(self, actor) -> None:  # with self._lock held
+        """Drop ``actor`` from this view; have it replaced in the pool's set and take the set's live actors (a
+        round trip to the keeper when shared: under the lock, so no thread finds the view empty meanwhile)."""
+        self._busy.pop(actor, None)
+        self._dropped.add(actor)
+        if self._set is not None:
+            self._take(self._set.replace(actor))
 
     #: How often one chunk is sent again after the actor it waited for died before running it (a death of the
     #: call queued ahead of it); past this the death counts as the chunk's own.
@@ -188,6 +312,9 @@ class PoolClient:
         live actor; a death during its own run raises ``WorkerLost`` once every chunk has ended."""
         import ray
 
+        if not self._synced and self._set is not None:
+            self._sync(self._set.actors())
+            self._synced = True
         n = len(batch[0]) if batch else 0
         step = self.batch_size
         chunks = [ray_images.share_batch([arg[start:start + step] for arg in batch], self.max_side,
@@ -226,12 +353,13 @@ class PoolClient:
 
     def __reduce__(self):
         return (PoolClient, (self.label, self.name, self.version, self.actors, self.batch_size, self.share_images,
-                             self.max_side))
+                             self.max_side, self._keeper))
 
 
 class ActorPool(PoolClient):
     """``size`` actors of one backend, started here; ``call`` fans a batch out in chunks, replaces actors that
-    die. Pickled (into a shard task), it travels as a ``PoolClient`` of the same actors."""
+    die. Pickled (into a shard task), it travels as a ``PoolClient`` of the same actors; ``share()`` first moves
+    its ``ActorSet`` into a keeper actor so that the shard tasks can have dead actors replaced too."""
 
     def __init__(self, label: str, backend_cls: type, cfg: dict[str, Any], resources: StageResources,
                  start_timeout_s: float = 300.0, share_images: bool = True) -> None:
@@ -239,22 +367,32 @@ class ActorPool(PoolClient):
 
         super().__init__(label, "", "", [], resources.batch_size, share_images, resources.max_side)
         self.resources, self.start_timeout_s = resources, start_timeout_s
-        self._remote = ray.remote(AnnotatorActor)
-        self._options = {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus}
+        options = {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus}
         if resources.runtime_env:  # merged by Ray over the job's runtime_env (env_vars merge, other keys replace)
-            self._options["runtime_env"] = dict(resources.runtime_env)
-        self._args = (backend_cls, dict(cfg))
-        self._prefix = f"umg-{label}-{uuid.uuid4().hex[:6]}"  # actor names, e.g. for ray.get_actor in tests
-        self._spawned = 0
-        self.replaced = 0
-        self._gone: list[Any] = []  # actors replaced so far
-        for _ in range(resources.pool_size):
-            self._busy[self._spawn()] = 0
+            options["runtime_env"] = dict(resources.runtime_env)
+        self._args = [ray.put(backend_cls), ray.put(dict(cfg))]  # held here: the driver owns them
+        prefix = f"umg-{label}-{uuid.uuid4().hex[:6]}"  # actor names, e.g. for ray.get_actor in tests
+        self._set = ActorSet(label, options, self._args, prefix)
+        self._sync(self._set.start(resources.pool_size))
         self.placements: list[dict[str, Any]] = []  # AnnotatorActor.info() of each actor, once ready
 
-    def _spawn(self):
-        self._spawned += 1
-        return self._remote.options(name=f"{self._prefix}-{self._spawned}", **self._options).remote(*self._args)
+    @property
+    def replaced(self) -> int:
+        """Actors replaced so far (by any process's view of the pool)."""
+        return self._set.replaced_count()
+
+    def share(self) -> None:
+        """Move the actor set into a keeper actor (CPU-less, owned by this process), so that every ``PoolClient``
+        pickled from now on has dead actors replaced through it. Idempotent."""
+        import ray
+
+        with self._lock:
+            if self._keeper is not None:
+                return
+            keeper = ray.remote(ActorSet).options(num_cpus=0).remote(**self._set.state())
+            self._keeper, self._set = keeper, KeptSet(keeper)
+        log.info("pool %s: actor set moved to a keeper actor (shard tasks replace dead actors through it)",
+                 self.label)
 
     def wait_ready(self) -> None:
         """Block until every actor has loaded its model; raise ``AnnotatorError`` naming a failed load."""
@@ -275,23 +413,13 @@ class ActorPool(PoolClient):
         log.info("pool %s: %d actors ready (%s@%s; pids %s, GPUs %s)", self.label, len(infos), self.name,
                  self.version, [i["pid"] for i in infos], [i["cuda_visible_devices"] for i in infos])
 
-    def _drop(self, actor) -> None:  # with self._lock held
-        self._replace(actor)
-
-    def _replace(self, actor) -> None:  # with self._lock held
-        del self._busy[actor]
-        self._gone.append(actor)  # its ledger entry is still read by the calls it failed; dropped at close
-        self._busy[self._spawn()] = 0
-        self.replaced += 1
-        log.warning("pool %s: actor died or broke; started a replacement (%d so far)", self.label, self.replaced)
-
     def recycle(self) -> int:
         """Replace every actor (after a breaker trip: the stage failed on an ordinary image, its actors are taken
         for broken); returns how many were replaced."""
         import ray
 
         with self._lock:
-            old = list(self._busy)
+            old = self._set.actors()
             for actor in old:
                 ray.kill(actor, no_restart=True)
                 self._replace(actor)
@@ -302,6 +430,7 @@ class ActorPool(PoolClient):
         A busy actor that does not answer within ``probe_timeout_s`` counts as alive."""
         import ray
 
+        self._sync(self._set.actors())  # replacements started by the shard tasks through the keeper
         probes = [(actor, actor.info.remote()) for actor in self.actors]
         dead = []
         for actor, ref in probes:
@@ -313,20 +442,20 @@ class ActorPool(PoolClient):
                 pass
         with self._lock:
             for actor in dead:
-                if actor in self._busy:
-                    self._replace(actor)
+                self._replace(actor)
         return len(dead)
 
     def close(self) -> None:
         import ray
 
-        for actor in self.actors:
+        for actor in self.actors:  # this view's, should the set's keeper be gone
             ray.kill(actor, no_restart=True)
+        try:
+            self._set.close()
+        except ray.exceptions.RayError as exc:
+            log.warning("pool %s: closing its keeper failed: %s", self.label, exc)
         with self._lock:
-            for actor in [*self._busy, *self._gone]:
-                call_ledger.forget(actor)
             self._busy.clear()
-            self._gone.clear()
 
 
 class RemoteAnnotator:

@@ -9,16 +9,20 @@ once, in the pools, never per task) — and the build's key ledger as Ray actors
 shard publishes its files from its own task, the stats file (its done-marker) last; a task that dies leaves an
 unfinished shard that the next run discards and redoes.
 
-A failure inside the task comes back as the original exception (``ShardTripped``, ``WorkerLost`` ...); on
-``WorkerLost`` the driver's pools replace their dead actors (``heal``), on ``ShardTripped`` every actor of the
-tripped stage (``recycle``: a stage failing on an ordinary control image has a broken device or state) before
-the caller retries the shard.
+Before the first task the pools are shared (``ActorPool.share``): each pool's actor set moves into a keeper actor
+the driver owns, so a shard task whose actor dies has it replaced there (one replacement per death, whichever
+task saw it first) and bisects a poison input down to one ``worker_lost`` row as the driver would. A failure
+inside the task comes back as the original exception (``ShardTripped``, ``WorkerLost`` ...); on ``WorkerLost``
+the driver's pools probe and replace dead actors (``heal``), on ``ShardTripped`` every actor of the tripped stage
+(``recycle``: a stage failing on an ordinary control image has a broken device or state) before the caller
+retries the shard.
 Nothing here imports Prefect.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -63,6 +67,8 @@ class ShardRunner:
         self.source, self.build_dir, self.limits, self.chain, self.breaker = source, build_dir, limits, chain, breaker
         self.remote = remote
         self._warming: list[Any] = []
+        self._share_lock = threading.Lock()
+        self._shared: Any = None  # the chain whose pools were shared
         if remote:
             import ray
 
@@ -85,6 +91,8 @@ class ShardRunner:
         """Build ``shard`` (``repair``: rebuild its retryable error rows, ``pipeline.repair``); its chain metrics
         are added to ``metrics``."""
         metrics = metrics if metrics is not None else ChainMetrics()
+        if self.remote:
+            self._share_pools()
         args = (self.source, shard, self.build_dir, self.limits, self.keys, self.chain, self.breaker, repair)
         try:
             stats, counts = self._run_remote(shard, args) if self.remote else _shard_task(*args)
@@ -94,6 +102,16 @@ class ShardRunner:
             raise
         metrics.merge(counts)
         return stats
+
+    def _share_pools(self) -> None:
+        """Once per chain: give its pools keepers, so shard tasks can have dead actors replaced."""
+        with self._share_lock:
+            if self.chain is None or self._shared is self.chain:
+                return
+            for pool in getattr(self.chain, "pools", ()):
+                if hasattr(pool, "share"):
+                    pool.share()
+            self._shared = self.chain
 
     def _run_remote(self, shard: InputShard, args: tuple) -> tuple[ShardStats, dict[str, Any]]:
         import ray

@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from helpers_backends import kill_9_build_when, wait_gone, write_config
 
 from data_schemas import SourceConfig
@@ -174,12 +175,14 @@ def test_kill_9_of_the_whole_build_then_rerun_gives_every_input_once(flow_env, s
     assert not list(out.glob("*.tmp"))
 
 
-def test_an_input_that_kills_its_worker_every_time_is_one_error_row(prefect_server, sample_raw, tmp_path):
+@pytest.mark.parametrize("flow", [{}, {"concurrent_shards": 2, "shard_num_cpus": 0.5}], ids=["driver", "shard-tasks"])
+def test_an_input_that_kills_its_worker_every_time_is_one_error_row(prefect_server, sample_raw, tmp_path, flow):
     """Issue 20 class 7: a poison input (its worker process exits on it, every time) used to fail its shard after
-    every retry, good inputs included. It is now bisected across worker restarts to one ``worker_lost`` row."""
+    every retry, good inputs included. It is now bisected across worker restarts to one ``worker_lost`` row, also
+    inside concurrent shard tasks (their pool clients have dead actors replaced by the pool's keeper actor)."""
     poison_ref, poison_w = next(iter(_widths(sample_raw).items()))
     cfg = write_config(tmp_path / "c.yaml", {"tagger": {"backend": "test-tagger", "exit_width": poison_w}},
-                       flow={"shard_retries": 0})
+                       flow={"shard_retries": 0, **flow})
     out = tmp_path / "out"
     state = build_umg41m(str(cfg), str(sample_raw), str(out), return_state=True)
     assert state.is_completed(), state.message

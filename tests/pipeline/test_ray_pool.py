@@ -201,6 +201,71 @@ def test_a_call_queued_behind_a_poison_call_is_sent_again_not_blamed(local_ray, 
         chain.close()
 
 
+def _run_in_task(chain, items):
+    """``chain.run(items)`` in a Ray task, as a concurrent shard task runs it (the chain's pools pickled)."""
+    import ray
+
+    def run(chain, items):
+        return [(it.record.key, it.error, [t.name for t in it.record.tags]) for it in chain.run(items)]
+
+    return ray.remote(run).options(num_cpus=0.25, max_retries=0).remote(chain, items)
+
+
+def _wait_dead(actor, timeout_s: float = 60.0) -> None:
+    import time
+
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.info.remote(), timeout=timeout_s)
+        except ray.exceptions.RayActorError:
+            return
+    raise AssertionError("the killed actor still answers")
+
+
+@pytest.mark.parametrize("mode", ["stages", "chain"])
+def test_a_poison_input_in_a_shard_task_is_one_error_row_through_the_pools_keeper(local_ray, mode):
+    """Issue 20 class 7 in concurrent-shard mode: a shard task cannot start actors, so with one actor per pool a
+    poison input used to leave it none (``WorkerLost``: the whole shard failed). Shared, the pool's keeper actor
+    starts the replacements the task's bisection needs; the driver's view counts them too."""
+    one = StageResources(pool_size=1, batch_size=2, num_cpus=0.25)
+    cfg = _ray_cfg(mode=mode, resources={"tagger": one, "chain": one})
+    chain = build_ray_chain(AnnotateConfig(tagger={"backend": "test-tagger", "exit_width": BAD}), cfg)
+    try:
+        pool = chain.pools[0]
+        pool.share()
+        rows = local_ray.get(_run_in_task(chain, _items()))
+        errors = {key: error for key, error, _ in rows if error}
+        assert list(errors) == [f"k{BAD}"] and errors[f"k{BAD}"].startswith(f"worker_lost: {pool.label}: ")
+        assert all(tags == [f"w{key[1:]}"] for key, error, tags in rows if error is None)
+        assert pool.replaced >= 2  # the poison killed a worker at least twice; the keeper replaced each
+        assert pool.heal() == 0 and len(pool.actors) == 1  # one live actor, the same in the driver's view
+    finally:
+        chain.close()
+
+
+def test_one_dead_actor_reported_by_two_shard_tasks_is_replaced_once(local_ray):
+    """The keeper replaces a dead actor once, however many processes report it; both tasks' calls, queued on the
+    dead actor and never run there, are sent again to the replacement (``pipeline.call_ledger``)."""
+    cfg = _ray_cfg(resources={"tagger": StageResources(pool_size=1, batch_size=7, num_cpus=0.25)})
+    chain = build_ray_chain(AnnotateConfig(tagger={"backend": "test-tagger"}), cfg)
+    try:
+        pool = chain.pools[0]
+        pool.share()
+        dead = pool.actors[0]
+        local_ray.kill(dead, no_restart=True)  # the keeper is not told: the tasks find out by calling it
+        _wait_dead(dead)
+        runs = [_run_in_task(chain, _items()) for _ in range(2)]
+        for rows in local_ray.get(runs):
+            assert [(key, error) for key, error, _ in rows] == [(f"k{w}", None) for w in WIDTHS]
+        assert pool.replaced == 1
+        assert pool.heal() == 0 and len(pool.actors) == 1 and dead not in pool.actors
+    finally:
+        chain.close()
+
+
 def test_an_actor_failing_call_after_call_is_replaced(local_ray, tmp_path):
     """Issue 20 class 7: a sticky device error (every call fails) gets the actor replaced, not reused forever."""
     broken = tmp_path / "gpu-broken"
