@@ -16,7 +16,9 @@ and merges both parts by their log-sum-exp (the cascade / shared-prefix attentio
 ``out = out_p * exp(lse_p - lse) + out_s * exp(lse_s - lse)``, ``lse = logaddexp(lse_p, lse_s)``. That is exactly
 softmax attention over the concatenated keys, so greedy tokens are those of the copied-prefix path up to float
 rounding. Each part runs PyTorch's fused CPU flash-attention kernel on CPU (it returns the log-sum-exp too) and
-plain matrix products + softmax elsewhere (``attend_fused_cpu`` / ``attend_matmul``).
+plain matrix products + softmax elsewhere (``attend_fused_cpu`` / ``attend_matmul``), both parts and the merge in
+float32 (bf16/fp16 queries and own keys upcast per call, the prefixes once per cache), rounded once at the end.
+In bf16 that is not the per-job path's rounding, so its greedy captions can differ where bf16 itself flips them.
 
 Use: ``with cascade_attention(model, cache): model.generate(..., cache=cache)``. The block makes ``cache`` the one
 the attention function reads (by ``module.layer_idx``) in this context (a ``ContextVar``: threads do not see each
@@ -95,6 +97,8 @@ class SharedPrefixCache(Cache):
             raise ValueError(f"every prefix needs the same number of layers, got {sorted(n_layers)}")
         if any(k.shape[2] > n_prefix for p in prefixes for k, _ in p):
             raise ValueError(f"a prefix is longer than n_prefix={n_prefix}")
+        # float32 once per cache (a no-op for float32 models): the attention runs in float32
+        prefixes = [[(k.float(), v.float()) for k, v in p] for p in prefixes]
         layers = [SharedPrefixLayer([p[i] for p in prefixes], n_prefix) for i in range(n_layers.pop())]
         super().__init__(layers=layers)
         self.row_group = torch.as_tensor(list(row_group), dtype=torch.long)
@@ -211,12 +215,13 @@ def shared_prefix_attention(
     n_kv = key.shape[1]
     scaling = dim**-0.5 if scaling is None else scaling
     rep = heads // n_kv
-    own_k = key.repeat_interleave(rep, dim=1) if rep > 1 else key
-    own_v = value.repeat_interleave(rep, dim=1) if rep > 1 else value
-    out, lse = _attend(query, own_k, own_v, scaling, _own_mask(attention_mask, q_len, key.shape[2], query.device))
+    q32 = query.float()  # both parts and their merge in float32, rounded once at the end (as sdpa's kernels do)
+    own_k = (key.repeat_interleave(rep, dim=1) if rep > 1 else key).float()
+    own_v = (value.repeat_interleave(rep, dim=1) if rep > 1 else value).float()
+    out, lse = _attend(q32, own_k, own_v, scaling, _own_mask(attention_mask, q_len, key.shape[2], query.device))
     for g, rows in cache.groups:
         prefix_k, prefix_v = layer.prefixes[g]
-        q_rows = query[rows]
+        q_rows = q32[rows]
         n = q_rows.shape[0]
         p_out, p_lse = _attend(_heads_first(q_rows, n_kv), prefix_k, prefix_v, scaling)
         p_out, p_lse = _rows_first(p_out, n, heads, q_len), _rows_first(p_lse.unsqueeze(-1), n, heads, q_len)[..., 0]

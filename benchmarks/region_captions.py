@@ -111,9 +111,12 @@ def compare(label: str, model_dir: str | None, args, in_memory=None) -> float:
             times[shared].append(time.perf_counter() - start)
     per_job, shared = min(times[False]), min(times[True])
     n_jobs = args.images * args.boxes * args.prompts
+    equal = texts[False] == texts[True]
+    box_pairs = [(a, b) for x, y in zip(texts[False], texts[True], strict=True) for a, b in zip(x, y, strict=True)]
+    differ = "" if equal else f" ({sum(a != b for a, b in box_pairs)} of {len(box_pairs)} boxes differ)"
     print(f"{label}: {args.images} images x {args.boxes} boxes x {args.prompts} prompts = {n_jobs} jobs, "
           f"batch {args.batch_size}: per-job {per_job:.3f} s, shared prefix {shared:.3f} s, "
-          f"captions equal: {texts[False] == texts[True]}")
+          f"captions equal: {equal}{differ}")
     return per_job / shared
 
 
