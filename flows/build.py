@@ -104,7 +104,7 @@ def build_umg41m(config: str = "configs/smoke.yaml", input: str | None = None, o
     build_dir = as_path(output if output is not None else cfg.output)
     build_dir = build_dir.resolve() if is_local(build_dir) else build_dir
     source = build_source(cfg.source)
-    plan, done, keys_in_use = prepare_build(build_dir, source, cfg.shard_size)
+    plan, done, keys_in_use = prepare_build(build_dir, source, cfg.shard_size, cfg.lease_ttl_s, cfg.lock_output)
     todo = [shard for shard in plan if shard.name not in done]
     repairs = shards_to_repair(build_dir, plan) if retry_errors else []
     work = [(shard, False) for shard in todo] + [(shard, True) for shard in repairs]

@@ -99,7 +99,8 @@ def build(
         if refusal:
             _fail(f"{config}: {refusal}")
         source = build_source(cfg.source)
-        prepared = prepare_build(output, source, cfg.shard_size)  # output and plan checked before any model loads
+        prepared = prepare_build(output, source, cfg.shard_size, cfg.lease_ttl_s,
+                                 cfg.lock_output)  # output and plan checked before any model loads
     except (ConfigError, ValueError, OSError, ShardError) as exc:  # OSError: e.g. an object store refusing access
         _fail(str(exc))
     except MemoryError:

@@ -8,6 +8,7 @@ refused instead of writing some inputs twice.
 
 from __future__ import annotations
 
+import atexit
 import errno
 import fcntl
 import hashlib
@@ -26,6 +27,7 @@ from pipeline.canary import failure_is_systematic
 from pipeline.images import ImageError
 from pipeline.ingest import IngestedItem, ingest_item
 from pipeline.key_ledger import KeyLedger
+from pipeline.output_lease import LEASE_NAME, ObjectLease, unsupported
 from pipeline.shards import (
     FinishedKeys,
     ShardError,
@@ -41,7 +43,9 @@ log = logging.getLogger(__name__)
 
 PLAN_NAME = "_plan.json"
 LOCK_NAME = "_build.lock"
-_HELD_LOCKS: dict[Path, int] = {}  # resolved build dir -> fd of its flock'd lock file, while this process builds
+#: Seconds a build's lease on an object-store output lives without renewal (``pipeline.output_lease``).
+LEASE_TTL_S = 60.0
+_HELD_LOCKS: dict[str, int | ObjectLease] = {}  # build dir -> fd of its flock'd lock file or its lease, while held
 
 #: Optional annotation step: takes the ingested items of one shard, returns them annotated (same order).
 Annotate = Callable[[list[IngestedItem]], list[IngestedItem]]
@@ -77,7 +81,7 @@ def check_output_dir(build_dir: StoragePath) -> None:
     """
     if build_dir.is_file():
         raise ShardError(f"output {build_dir} exists and is not a directory")
-    others = [name for name in names_in(build_dir) if name != LOCK_NAME]
+    others = [name for name in names_in(build_dir) if name != LOCK_NAME and not name.startswith(LEASE_NAME)]
     if others and PLAN_NAME not in others:
         shown = ", ".join(others[:3]) + (", …" if len(others) > 3 else "")
         raise ShardError(f"output {build_dir} is not empty ({shown}) and holds no build ({PLAN_NAME}); "
@@ -92,20 +96,29 @@ def check_output_dir(build_dir: StoragePath) -> None:
         raise ShardError(f"output {build_dir} is not a writable directory: {exc.strerror or exc}") from exc
 
 
-def lock_build(build_dir: Path) -> None:
-    """Hold an exclusive ``flock`` on ``build_dir/_build.lock`` until ``release_build`` or this process ends.
+def lock_build(build_dir: StoragePath, lease_ttl_s: float = LEASE_TTL_S) -> None:
+    """Keep other builds out of ``build_dir`` until ``release_build`` or this process ends.
 
-    A second build into the same output is refused at once (not after it trips over the first one's temp files);
-    the kernel drops the lock when its process dies, so a killed build never leaves a stale lock. Re-entrant
-    within one process (the flow and ``build_shards`` both prepare).
+    Local: an exclusive ``flock`` on ``build_dir/_build.lock``; the kernel drops it when its process dies, so a
+    killed build never leaves a stale lock. ``s3://``: a lease object, ``build_dir/_build.lease``, taken with a
+    conditional PUT and renewed while the build runs (``pipeline.output_lease``); a killed build's lease is
+    taken over once it was not renewed for ``lease_ttl_s``. A second build is refused at once (not after it trips
+    over the first one's temp files). Re-entrant within one process (the flow and ``build_shards`` both prepare).
 
     Raises:
-        ShardError: another process holds the lock (the message names its pid when it wrote one).
+        ShardError: another build holds the output (the message names its pid, and host for a lease), or an
+            object store that cannot be leased (no conditional writes, not ``s3://``).
     """
-    if not is_local(build_dir):
-        return  # an object store has no flock: concurrent builds into one bucket prefix are not detected
-    key = build_dir.resolve()
+    key = str(build_dir.resolve() if is_local(build_dir) else build_dir)
     if key in _HELD_LOCKS:
+        return
+    if not is_local(build_dir):
+        refusal = unsupported(build_dir)
+        if refusal:
+            raise ShardError(refusal)
+        lease = ObjectLease(build_dir, lease_ttl_s)
+        lease.acquire()
+        _HELD_LOCKS[key] = lease
         return
     path = build_dir / LOCK_NAME
     try:
@@ -126,13 +139,33 @@ def lock_build(build_dir: Path) -> None:
     _HELD_LOCKS[key] = fd
 
 
-def release_build(build_dir: Path) -> None:
-    """Drop the lock ``lock_build`` took (no-op when this process holds none)."""
-    if not is_local(as_path(build_dir)):
-        return
-    fd = _HELD_LOCKS.pop(as_path(build_dir).resolve(), None)
-    if fd is not None:
-        os.close(fd)  # closing the descriptor releases the flock
+def _release_leases() -> None:
+    """At exit (a build that failed before ``release_build``): delete this process's leases, so the next run need
+    not wait out their TTL. (Like an ``flock``, which the kernel drops at exit.)"""
+    for key, held in list(_HELD_LOCKS.items()):
+        if isinstance(held, ObjectLease):
+            _HELD_LOCKS.pop(key, None)
+            try:
+                held.release()
+            except Exception as exc:  # noqa: BLE001 - at exit: report, never mask the process's own outcome
+                log.warning("output %s: could not release its lease at exit: %s", key, exc)
+
+
+atexit.register(_release_leases)
+
+
+def release_build(build_dir: StoragePath) -> None:
+    """Drop the lock or lease ``lock_build`` took (no-op when this process holds none).
+
+    Raises:
+        ShardError: the output's lease was taken over by another build while this one ran.
+    """
+    build_dir = as_path(build_dir)
+    held = _HELD_LOCKS.pop(str(build_dir.resolve() if is_local(build_dir) else build_dir), None)
+    if isinstance(held, ObjectLease):
+        held.release()
+    elif held is not None:
+        os.close(held)  # closing the descriptor releases the flock
 
 
 def pin_plan(build_dir: StoragePath, source: Source, shard_size: int) -> list[InputShard]:
@@ -164,15 +197,17 @@ def _describe(plan: Any) -> str:
             f"input list sha256 {str(plan.get('refs_sha256'))[:12]}")
 
 
-def prepare_build(build_dir: str | StoragePath, source: Source,
-                  shard_size: int) -> tuple[list[InputShard], set[str], FinishedKeys]:
+def prepare_build(build_dir: str | StoragePath, source: Source, shard_size: int, lease_ttl_s: float = LEASE_TTL_S,
+                  lock: bool = True) -> tuple[list[InputShard], set[str], FinishedKeys]:
     """Check the output, discard partial files, pin the plan.
 
     Returns ``(plan, finished shard names, keys already written)`` — the keys are read shard by shard when a
     key ledger takes them (``FinishedKeys``), not here; a caller with nothing left to do
     (every planned shard finished) can stop before loading any model.
 
-    Takes the output's lock (``lock_build``): a second build into it is refused until this one ends.
+    Takes the output's lock (``lock_build``; ``lease_ttl_s`` for an ``s3://`` output's lease): a second build
+    into it is refused until this one ends. ``lock=False`` (config ``lock_output: false``) takes none: the caller
+    keeps one build per output itself.
 
     Raises:
         ShardError: the output is not a usable folder (``check_output_dir``), another build holds it, or it
@@ -180,7 +215,11 @@ def prepare_build(build_dir: str | StoragePath, source: Source,
     """
     build_dir = as_path(build_dir)
     check_output_dir(build_dir)
-    lock_build(build_dir)
+    if lock:
+        lock_build(build_dir, lease_ttl_s)
+    else:
+        log.warning("output %s: not locked (lock_output: false); a second build into it would not be refused",
+                    build_dir)
     discard_partial(build_dir)
     plan = pin_plan(build_dir, source, shard_size)
     done = finished_shards(build_dir)
