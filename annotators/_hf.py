@@ -6,7 +6,8 @@
   ``generation_kwargs``: checked ``generate`` settings.
 - ``ImageTextGenerator``: ``AutoModelForImageTextToText`` + ``AutoProcessor`` chat-prompted batched generation
   (left padding); ``VlmBackend``: the base of the backends that prompt one (the ``vlm`` captioner, the
-  ``vlm-box`` region captioner), with their tiny LLaVA (``write_tiny_llava``).
+  ``vlm-box`` region captioner), with their tiny LLaVA (``write_tiny_llava``). ``engine: vllm`` swaps the
+  generator for ``annotators.vllm_engine.VllmGenerator`` (same prompts, vLLM's engine; ``ENGINES``).
 - ``PretrainedVisionBackend``: the base of the transformers image backends (``hf`` detector, ``mask2former``).
 - Tiny random models: ``TINY_TOWER`` (layer sizes), ``token_config`` (a tokenizer's vocabulary size and special
   ids), ``save_tiny`` (init from seed 0 and ``save_pretrained`` with the processor).
@@ -242,12 +243,31 @@ def expand_token(ids: Sequence[int], token_id: int, n: int) -> list[int]:
     return out
 
 
+# The generators a ``VlmBackend`` can run on (``engine`` config key), as "module:Class" so vLLM's module loads lazily.
+ENGINES = {
+    "hf": "annotators._hf:ImageTextGenerator",
+    "vllm": "annotators.vllm_engine:VllmGenerator",
+}
+
+
+def engine_class(engine: str) -> type:
+    """The generator class of ``engine`` (a key of ``ENGINES``); ``AnnotatorError`` naming the known ones."""
+    import importlib
+
+    if engine not in ENGINES:
+        raise AnnotatorError(f"unknown engine {engine!r}; known: {', '.join(sorted(ENGINES))}")
+    module_name, _, class_name = ENGINES[engine].partition(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
 class VlmBackend(Backend):
     """Base of the backends that prompt one ``ImageTextGenerator`` (``prompts``: a ``PromptChoice``), ``batch_size``
     inputs a call.
 
     A subclass keeps its own keyword-only ``__init__`` (its config keys and their defaults) and passes them
-    on here; ``version`` is the model path, ``create_tiny`` writes the tiny LLaVA.
+    on here; ``version`` is the model path (plus `` (vllm)`` on that engine), ``create_tiny`` writes the tiny
+    LLaVA. ``engine`` picks the generator (``ENGINES``): ``hf`` (transformers, this process) or ``vllm``
+    (``annotators/vllm_engine.py``: the same prompts through vLLM, whose ``LLM`` takes ``engine_kwargs``).
     """
 
     def __init__(
@@ -263,8 +283,15 @@ class VlmBackend(Backend):
         dtype: str,
         batch_size: int,
         shared_prefix: bool = True,
+        engine: str = "hf",
+        engine_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
-        self.generator = ImageTextGenerator(
+        extra = {}
+        if engine_kwargs is not None:
+            if engine == "hf":
+                raise AnnotatorError("engine_kwargs configure an engine's own runtime; engine hf takes none")
+            extra["engine_kwargs"] = engine_kwargs
+        self.generator = engine_class(engine)(
             model=model,
             max_new_tokens=max_new_tokens,
             num_beams=num_beams,
@@ -273,7 +300,9 @@ class VlmBackend(Backend):
             device=device,
             dtype=dtype,
             shared_prefix=shared_prefix,
+            **extra,
         )
+        self.engine = engine
         self.prompts, self.batch_size = prompts, batch_size
 
     @classmethod
@@ -283,7 +312,7 @@ class VlmBackend(Backend):
 
     @property
     def version(self) -> str:
-        return self.generator.model_path
+        return self.generator.model_path if self.engine == "hf" else f"{self.generator.model_path} ({self.engine})"
 
     def load(self) -> None:
         self.generator.load()

@@ -15,7 +15,8 @@ content, each answered separately. ``prompt`` instead gives every image one fixe
 - ``VlmCaptioner`` (``vlm``): a Shikra-style chat VLM through ``AutoModelForImageTextToText`` + ``AutoProcessor``
   (e.g. ``llava-hf/llava-1.5-7b-hf``; Shikra's own delta checkpoints are not a transformers architecture, any
   image-text-to-text chat checkpoint with a chat template works), prompted in the chat template; LLaVA models
-  encode each image once for all its prompts (``shared_prefix``).
+  encode each image once for all its prompts (``shared_prefix``); ``engine: vllm`` runs the same prompts through
+  vLLM (``annotators/vllm_engine.py``).
 """
 
 from __future__ import annotations
@@ -226,12 +227,14 @@ class VlmCaptioner(VlmBackend):
         dtype: str = "auto",
         batch_size: int = 8,
         shared_prefix: bool = True,
+        engine: str = "hf",
+        engine_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(
             model=model, prompts=PromptChoice(prompt, prompts, prompts_per_image, seed, "Describe the image briefly."),
             max_new_tokens=max_new_tokens, num_beams=num_beams, num_return_sequences=num_return_sequences,
             generate_kwargs=generate_kwargs, device=device, dtype=dtype, batch_size=batch_size,
-            shared_prefix=shared_prefix,
+            shared_prefix=shared_prefix, engine=engine, engine_kwargs=engine_kwargs,
         )
 
     def __call__(self, images: Sequence[Image.Image]) -> list[list[Caption]]:

@@ -9,6 +9,8 @@ deduplicated and non-empty (a box may get an empty list when the model produced 
   ``[0.102,0.250,0.480,0.911]``); prompts fixed or sampled per box from a set (built-in ``region``); all (box, prompt)
   jobs of the batch are generated ``batch_size`` per ``generate``, each image encoded once and its prompt prefix
   computed once (``shared_prefix``, ``annotators/shared_prefix.py``; ``false``: each job with its full image).
+  ``engine: vllm`` runs the same prompts through vLLM, all jobs of a call in one request list, its automatic
+  prefix caching sharing each image's prefix (``annotators/vllm_engine.py``; its own stage environment).
 - ``CropCaptioner`` (``crop``): the portable backend; crops each box (padded by ``pad`` x box size per side, grown
   to at least ``min_size`` px) and captions all crops of the batch with a wrapped captioner backend.
 - ``gpt4roi``: the paper's GPT4RoI, in ``annotators/region_captioner_gpt4roi.py``.
@@ -111,13 +113,15 @@ class VlmBoxCaptioner(VlmBackend):
         dtype: str = "auto",
         batch_size: int = 16,
         shared_prefix: bool = True,
+        engine: str = "hf",
+        engine_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         choice = PromptChoice(prompt, prompts, prompts_per_region, seed, default=DEFAULT_REGION_PROMPT,
                               placeholder="{box}")
         super().__init__(
             model=model, prompts=choice, max_new_tokens=max_new_tokens, num_beams=num_beams,
             num_return_sequences=num_return_sequences, generate_kwargs=generate_kwargs, device=device, dtype=dtype,
-            batch_size=batch_size, shared_prefix=shared_prefix,
+            batch_size=batch_size, shared_prefix=shared_prefix, engine=engine, engine_kwargs=engine_kwargs,
         )
         self.box_format = box_prompt.box_format(box_format)
         self.frame: box_prompt.ProcessorFrame | None = None

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# One prepared GPU run (time limits add up to 10.0 minutes; one H200): the `gpu`-marked tests, SAM ViT-H batching with random weights
+# One prepared GPU run (time limits add up to 10.0 minutes, plus 3.0 for the vLLM part where vLLM's venv exists; one
+# H200): the `gpu`-marked tests, SAM ViT-H batching with random weights
 # (same compute as the release), per-stage throughput of the paper-scale models (random weights), and the bf16
-# training step time / MFU of a CLIP ViT-B/16, and region captions job by job vs from the shared image prefix. Every figure goes to $OUT (default benchmarks/out/gpu_suite):
+# training step time / MFU of a CLIP ViT-B/16, and region captions job by job vs from the shared image prefix
+# (Hugging Face path, then the vLLM engine run by $PYTHON_VLLM). Every figure goes to $OUT (default benchmarks/out/gpu_suite):
 # one log per part and summary.txt. Run from the repository root:  benchmarks/gpu_suite.sh
 # Without CUDA it stops at once with exit code 2 (nothing here means anything on a CPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python}"
+PYTHON_VLLM="${PYTHON_VLLM:-/opt/vllm-venv/bin/python}"  # vLLM's own venv (docker/Dockerfile.cuda, stage vllm-env)
 OUT="${OUT:-benchmarks/out/gpu_suite}"
 mkdir -p "$OUT"
 SUMMARY="$OUT/summary.txt"
@@ -58,6 +61,15 @@ part train_step_mfu 60 "$PYTHON" benchmarks/train_step_mfu.py --device cuda --ba
 # Region captions, LLaVA-1.5-7B shape (random weights, built in memory): job by job vs the shared image prefix.
 part region_captions 85 "$PYTHON" benchmarks/region_captions.py --paper-scale --device cuda --dtype bfloat16 \
     --images 2 --boxes 20 --prompts 5 --batch-size 32 --repeats 2
+# The same at 20 boxes x 5 prompts: HF job by job vs the vLLM engine (prefix caching, all jobs in one generate), in
+# vLLM's venv; vLLM gets the model's config with dummy weights. Skipped (not failed) where that venv is absent.
+if "$PYTHON_VLLM" -c "import vllm" > /dev/null 2>&1; then
+    part region_captions_vllm 180 "$PYTHON_VLLM" benchmarks/region_captions.py --engine vllm --paper-scale \
+        --device cuda --dtype bfloat16 --images 2 --boxes 20 --prompts 5 --batch-size 32 --repeats 2
+else
+    echo "== region_captions_vllm: skipped, $PYTHON_VLLM cannot import vllm (vLLM runs in its own venv:" \
+        "docker/Dockerfile.cuda stage vllm-env; or set PYTHON_VLLM)" | tee -a "$SUMMARY"
+fi
 
 echo "summary: $SUMMARY"
 exit $status

@@ -12,14 +12,27 @@ LLaVA-1.5's (336 px, patch 14: 576 image tokens, the prefix the paper-scale capt
 with the tiny 2-layer width-32 towers. ``--paper-scale`` instead builds a LLaVA-1.5-7B-shaped model with random
 weights in memory (CLIP ViT-L/14-336 + LLaMA-7B; needs a GPU).
 
+``--engine vllm`` puts the engine in place of the Hugging Face shared prefix: the same ``vlm-box`` config with
+``engine: vllm`` (annotators/vllm_engine.py: every job of a call in one ``LLM.generate``, automatic prefix caching)
+against the HF per-job path. The sides run one after the other (the HF model is freed before vLLM takes the
+GPU), each timed on images it has not seen (vLLM's prefix cache would otherwise remember the warm-up's images);
+at ``--paper-scale`` vLLM gets the model's config with ``load_format: dummy`` (random weights of its own), so only
+the tiny models' captions are compared. Needs vllm importable (its own venv, docker/Dockerfile.cuda: run this
+script with /opt/vllm-venv/bin/python) and, for vLLM's kernels, a GPU.
+
 Usage: ``python benchmarks/region_captions.py`` (CPU, both tiny geometries);
-``python benchmarks/region_captions.py --paper-scale --device cuda --dtype bfloat16 --images 4``.
-Last line: per-job time / shared time of the last geometry (> 1: the shared prefix is faster).
+``python benchmarks/region_captions.py --paper-scale --device cuda --dtype bfloat16 --images 4``;
+``/opt/vllm-venv/bin/python benchmarks/region_captions.py --engine vllm --paper-scale --device cuda --dtype bfloat16``.
+Last line: per-job time / shared time of the last geometry (> 1: the shared prefix is faster), with ``--engine
+vllm`` per-job time / vLLM time.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import importlib.util
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -72,11 +85,13 @@ def paper_scale_llava(device: torch.device, dtype: torch.dtype, layers: tuple[in
     return model, processor
 
 
-def build(model_dir: str | None, shared: bool, args, in_memory=None) -> VlmBoxCaptioner:
+def build(model_dir: str | None, shared: bool, args, in_memory=None, **engine) -> VlmBoxCaptioner:
+    """The benchmark's ``vlm-box`` captioner, loaded: from ``model_dir``, or around the ``in_memory`` (model,
+    processor); ``engine``: ``engine`` / ``engine_kwargs`` config keys (vLLM loads ``model_dir`` itself)."""
     captioner = VlmBoxCaptioner(
         model=model_dir or "in-memory", box_format="llava-1.5", prompts="region", prompts_per_region=args.prompts,
         max_new_tokens=args.new_tokens, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
-        shared_prefix=shared,
+        shared_prefix=shared, **engine,
     )
     if in_memory is None:
         captioner.load()
@@ -120,6 +135,64 @@ def compare(label: str, model_dir: str | None, args, in_memory=None) -> float:
     return per_job / shared
 
 
+def timed(captioner: VlmBoxCaptioner, scene_sets: list, device: torch.device) -> tuple[list, float]:
+    """Captions of the first scene set (the warm-up) and the best time over the others, each new to the captioner."""
+    texts, times = None, []
+    for n, (images, boxes) in enumerate(scene_sets):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        out = captioner(images, boxes)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if n == 0:
+            texts = [[[c.text for c in caps] for caps in per_image] for per_image in out]
+        else:
+            times.append(time.perf_counter() - start)
+    return texts, min(times)
+
+
+def compare_engine(label: str, model_dir: str, args, in_memory=None) -> float:
+    """HF job by job, then the vLLM engine (prefix caching on) on the same scene sets: per-job time / vLLM time."""
+    scene_sets = []
+    for r in range(args.repeats + 1):  # set 0: warm-up; seeds apart so no set repeats an image
+        scenes = [random_scene(args.boxes, args.width, args.height, 1000 * r + i) for i in range(args.images)]
+        scene_sets.append(([s[0] for s in scenes], [s[1] for s in scenes]))
+    device = torch.device(args.device)
+    hf = build(None if in_memory else model_dir, False, args, in_memory)
+    hf_texts, per_job = timed(hf, scene_sets, device)
+    del hf
+    if in_memory is not None:
+        in_memory[0].to("meta")  # drop the HF weights from the GPU in place (the caller still holds the model)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    engine_kwargs = {"gpu_memory_utilization": args.gpu_memory_utilization, "seed": 0}
+    if args.paper_scale:
+        engine_kwargs["load_format"] = "dummy"  # random weights from the config (vLLM's own init)
+    vllm_side = build(model_dir, True, args, engine="vllm", engine_kwargs=engine_kwargs)
+    vllm_texts, engine_time = timed(vllm_side, scene_sets, device)
+    n_jobs = args.images * args.boxes * args.prompts
+    if args.paper_scale:
+        same = "not compared (vLLM's dummy weights are not the HF model's random weights)"
+    else:
+        box_pairs = [(a, b) for x, y in zip(hf_texts, vllm_texts, strict=True) for a, b in zip(x, y, strict=True)]
+        same = f"{sum(a == b for a, b in box_pairs)} of {len(box_pairs)} boxes equal"
+    print(f"{label}: {args.images} images x {args.boxes} boxes x {args.prompts} prompts = {n_jobs} jobs: "
+          f"HF per-job (batch {args.batch_size}) {per_job:.3f} s, vLLM (prefix caching, one generate) "
+          f"{engine_time:.3f} s; captions: {same}")
+    return per_job / engine_time
+
+
+def save_for_engine(in_memory, out_dir: str) -> str:
+    """The in-memory model's config and processor in ``out_dir`` (no weights: vLLM loads with ``load_format:
+    dummy``)."""
+    model, processor = in_memory
+    model.config.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
 def main(argv: list[str] | None = None) -> float:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--geometry", choices=[*GEOMETRIES, "all"], default="all")
@@ -137,21 +210,33 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier on a shared machine)")
+    parser.add_argument("--engine", choices=["hf", "vllm"], default="hf",
+                        help="shared side: hf (annotators/shared_prefix.py) or vllm (annotators/vllm_engine.py)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.8,
+                        help="--engine vllm: the share of GPU memory vLLM may take (after the HF side is freed)")
     args = parser.parse_args(argv)
+    if args.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        print(f"error: --engine vllm needs the vllm package, which {sys.executable} cannot import; run this script "
+              "with vLLM's own environment (/opt/vllm-venv/bin/python of docker/Dockerfile.cuda)", file=sys.stderr)
+        raise SystemExit(2)
     torch.set_num_threads(args.threads)
+    run = compare_engine if args.engine == "vllm" else compare
 
-    if args.paper_scale:
-        device = torch.device(args.device)
-        in_memory = paper_scale_llava(device, getattr(torch, args.dtype), tuple(args.paper_layers))
-        ratio = compare("LLaVA-1.5-7B shape, random weights", None, args, in_memory)
-    else:
-        names = list(GEOMETRIES) if args.geometry == "all" else [args.geometry]
-        with tempfile.TemporaryDirectory(prefix="region-captions-") as tmp:
-            for name in names:
+    with tempfile.TemporaryDirectory(prefix="region-captions-") as tmp:
+        if args.paper_scale:
+            device = torch.device(args.device)
+            in_memory = paper_scale_llava(device, getattr(torch, args.dtype), tuple(args.paper_layers))
+            model_dir = save_for_engine(in_memory, tmp) if args.engine == "vllm" else None
+            ratio = run("LLaVA-1.5-7B shape, random weights", model_dir, args, in_memory)
+        else:
+            for name in list(GEOMETRIES) if args.geometry == "all" else [args.geometry]:
                 side, patch = GEOMETRIES[name]
                 model_dir = str(Path(tmp) / name)
                 write_tiny_llava(model_dir, image_size=side, patch_size=patch)
-                ratio = compare(f"tiny LLaVA, {name} geometry ({(side // patch) ** 2} image tokens)", model_dir, args)
+                ratio = run(f"tiny LLaVA, {name} geometry ({(side // patch) ** 2} image tokens)", model_dir, args)
+    if args.engine == "vllm":
+        print(f"HF per-job / vLLM engine: {ratio:.2f}x")
+        return ratio
     print(f"per-job / shared prefix: {ratio:.2f}x")
     return ratio
 
