@@ -8,7 +8,8 @@ batches in flight on one pool, an innocent input could end as a ``worker_lost`` 
 The ledger tells them apart. Each call carries a fresh id; the actor writes it under its own actor id in the
 cluster's key-value store (Ray's GCS, the store Ray's own libraries keep such state in) before it runs the
 backend. After a death the caller reads the entry back: the call was running if the entry holds its id; otherwise
-it never started, and the caller sends it again to a live actor (``pipeline.ray_pool.PoolClient.call``).
+it never started, and the caller sends it again to a live actor (``pipeline.ray_pool.PoolClient.call``). An actor
+the pool kills on purpose (``retire``) blames none of its calls.
 
 The store is read and written through ``ray.experimental.internal_kv`` (no public API offers a cluster-wide
 key-value store to actors); should it be unavailable, every death counts as the running call's, as before.
@@ -23,6 +24,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 NAMESPACE = "umg-call-ledger"
+RETIRED = "retired"  # the entry of an actor the pool kills on purpose: none of its calls is to blame
 
 
 def new_call_id() -> str:
@@ -54,6 +56,15 @@ def was_running(actor: Any, call_id: str) -> bool:
     except Exception:  # noqa: BLE001
         return True
     return entry is not None and entry.decode() == call_id
+
+
+def retire(actor: Any) -> None:
+    """Before the pool kills ``actor`` on purpose (a breaker trip, a sticky error): the calls it fails that way,
+    running or queued, are no input's fault and are sent again."""
+    try:
+        _kv()._internal_kv_put(actor._actor_id.hex(), RETIRED, overwrite=True, namespace=NAMESPACE)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("call ledger unavailable (%s): calls of a retired actor will count as its deaths", exc)
 
 
 def forget(actor: Any) -> None:

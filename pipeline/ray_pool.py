@@ -291,6 +291,7 @@ class PoolClient:
         if kill:
             import ray
 
+            call_ledger.retire(actor)
             ray.kill(actor, no_restart=True)
 
     def _replace(self, actor) -> None:  # with self._lock held
@@ -421,6 +422,7 @@ class ActorPool(PoolClient):
         with self._lock:
             old = self._set.actors()
             for actor in old:
+                call_ledger.retire(actor)  # calls other threads and shard tasks still have on it are sent again
                 ray.kill(actor, no_restart=True)
                 self._replace(actor)
         return len(old)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import io
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -264,6 +265,39 @@ def test_one_dead_actor_reported_by_two_shard_tasks_is_replaced_once(local_ray):
         assert pool.heal() == 0 and len(pool.actors) == 1 and dead not in pool.actors
     finally:
         chain.close()
+
+
+def test_a_call_running_on_a_recycled_actor_is_sent_again_not_blamed(local_ray, tmp_path):
+    """The pool kills its actors on purpose after a breaker trip (``recycle``); the calls they fail that way are
+    no input's fault (``call_ledger.retire``): a call running meanwhile in another thread ends on the replacement."""
+    import threading
+
+    log = tmp_path / "calls.log"
+    cfg = _ray_cfg(resources={"tagger": StageResources(pool_size=1, batch_size=1, num_cpus=0.25)})
+    chain = build_ray_chain(AnnotateConfig(tagger={"backend": "test-tagger", "log": str(log), "delay_s": 5}), cfg)
+    try:
+        pool = chain.pools[0]
+        image = _items()[0].decoded.image
+        result: dict = {}
+        caller = threading.Thread(target=lambda: result.update(out=_outcome(pool.call, [image])), daemon=True)
+        caller.start()
+        deadline = time.monotonic() + 60
+        while not (log.exists() and log.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the call has started (the backend logs, then sleeps 5 s)
+        assert pool.recycle() == 1
+        caller.join(timeout=120)
+        assert not isinstance(result["out"], BaseException), result["out"]
+        assert len(result["out"]) == 1
+        assert len({line.split()[0] for line in log.read_text().splitlines()}) == 2  # it ran again, elsewhere
+    finally:
+        chain.close()
+
+
+def _outcome(call, *args):
+    try:
+        return call(*args)
+    except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+        return exc
 
 
 def test_an_actor_failing_call_after_call_is_replaced(local_ray, tmp_path):
