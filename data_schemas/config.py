@@ -229,12 +229,12 @@ class BuildConfig(_Config):
     source: SourceConfig = Field(default_factory=SourceConfig)
     output: Location | None = Field(default=None, description="build directory: a local path or a URL")
     shard_size: int = Field(default=256, gt=0, description="inputs per shard; fixes the deterministic plan")
-    lease_ttl_s: float = Field(default=60.0, gt=0.0, description="s3:// outputs: seconds a build's lease on the "
-                               "output lives unrenewed (renewed every third of it); a killed build's lease is "
-                               "taken over after this")
+    lease_ttl_s: float = Field(default=60.0, gt=0.0, description="s3:// and gs:// outputs: seconds a build's "
+                               "lease on the output lives unrenewed (renewed every third of it); a killed build's "
+                               "lease is taken over after this")
     lock_output: bool = Field(default=True, description="keep other builds out of the output (flock locally, a "
-                              "lease on s3://); false only where you ensure one build per output yourself, e.g. "
-                              "an object store without conditional writes")
+                              "lease on s3:// and gs://); false only where you ensure one build per output "
+                              "yourself, e.g. an object store without conditional writes")
     images: ImageLimits = Field(default_factory=ImageLimits)
     annotate: AnnotateConfig | None = Field(default=None, description="null: ground truth only (no models)")
     ray: RayConfig = Field(default_factory=RayConfig, description="annotator actor pools (flows/build.py)")

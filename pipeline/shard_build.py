@@ -100,14 +100,14 @@ def lock_build(build_dir: StoragePath, lease_ttl_s: float = LEASE_TTL_S) -> None
     """Keep other builds out of ``build_dir`` until ``release_build`` or this process ends.
 
     Local: an exclusive ``flock`` on ``build_dir/_build.lock``; the kernel drops it when its process dies, so a
-    killed build never leaves a stale lock. ``s3://``: a lease object, ``build_dir/_build.lease``, taken with a
-    conditional PUT and renewed while the build runs (``pipeline.output_lease``); a killed build's lease is
+    killed build never leaves a stale lock. ``s3://`` and ``gs://``: a lease object, ``build_dir/_build.lease``,
+    taken with a conditional write and renewed while the build runs (``pipeline.output_lease``); a killed build's lease is
     taken over once it was not renewed for ``lease_ttl_s``. A second build is refused at once (not after it trips
     over the first one's temp files). Re-entrant within one process (the flow and ``build_shards`` both prepare).
 
     Raises:
         ShardError: another build holds the output (the message names its pid, and host for a lease), or an
-            object store that cannot be leased (no conditional writes, not ``s3://``).
+            object store that cannot be leased (no conditional writes, neither ``s3://`` nor ``gs://``).
     """
     key = str(build_dir.resolve() if is_local(build_dir) else build_dir)
     if key in _HELD_LOCKS:
@@ -205,7 +205,7 @@ def prepare_build(build_dir: str | StoragePath, source: Source, shard_size: int,
     key ledger takes them (``FinishedKeys``), not here; a caller with nothing left to do
     (every planned shard finished) can stop before loading any model.
 
-    Takes the output's lock (``lock_build``; ``lease_ttl_s`` for an ``s3://`` output's lease): a second build
+    Takes the output's lock (``lock_build``; ``lease_ttl_s`` for an ``s3://`` or ``gs://`` output's lease): a second build
     into it is refused until this one ends. ``lock=False`` (config ``lock_output: false``) takes none: the caller
     keeps one build per output itself.
 

@@ -87,28 +87,74 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory):
-    """A real S3 server (SeaweedFS on free loopback ports, ``flows.object_store``), stopped by pid at the end."""
-    from flows.object_store import start_s3
+def _serve(start, directory):
+    """The server ``start(directory)`` returns, for a session; stopped by pid at the end."""
     from flows.services import stop
 
-    server = start_s3(tmp_path_factory.mktemp("seaweedfs"))
+    server = start(directory)
     try:
         yield server
     finally:
         stop(server.pid, timeout=5)
 
 
+def _new_bucket(server, monkeypatch, request, filesystem_class) -> str:
+    """A bucket named for the test on ``server``, the client variables (``server.env``) set for this test only."""
+    from flows.object_store import make_bucket
+
+    for name, value in server.env.items():
+        monkeypatch.setenv(name, value)
+    filesystem_class.clear_instance_cache()  # clients are cached per process with the variables they were made with
+    digest = hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:12]
+    return make_bucket(server, f"t-{digest}")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server (SeaweedFS on free loopback ports, ``flows.object_store``), stopped by pid at the end."""
+    from flows.object_store import start_s3
+
+    yield from _serve(start_s3, tmp_path_factory.mktemp("seaweedfs"))
+
+
 @pytest.fixture
 def s3_bucket(s3_server, monkeypatch, request) -> str:
     """``s3://<new bucket>`` on ``s3_server``, with the client variables (``AWS_*``) set for this test only."""
-    from flows.object_store import make_bucket
-
     from s3fs import S3FileSystem
 
-    for name, value in s3_server.env.items():
-        monkeypatch.setenv(name, value)
-    S3FileSystem.clear_instance_cache()  # clients are cached per process with the variables they were made with
-    digest = hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:12]
-    return make_bucket(s3_server, f"t-{digest}")
+    return _new_bucket(s3_server, monkeypatch, request, S3FileSystem)
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory):
+    """A real GCS JSON-API server (fake-gcs-server on a free loopback port, ``flows.object_store``), stopped by pid.
+
+    gcsfs is bound to its plain JSON-API class for the session (``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false`` in
+    ``gcs_server.env`` does the same in subprocesses): its default class asks a gRPC control API, which no
+    emulator serves, for each bucket.
+    """
+    import fsspec
+    from gcsfs.core import GCSFileSystem
+
+    from flows.object_store import start_gcs
+
+    for protocol in ("gs", "gcs"):
+        fsspec.register_implementation(protocol, GCSFileSystem, clobber=True)
+    yield from _serve(start_gcs, tmp_path_factory.mktemp("fake-gcs"))
+
+
+@pytest.fixture
+def gcs_bucket(gcs_server, monkeypatch, request) -> str:
+    """``gs://<new bucket>`` on ``gcs_server``, with ``STORAGE_EMULATOR_HOST`` set for this test only."""
+    from gcsfs.core import GCSFileSystem
+
+    return _new_bucket(gcs_server, monkeypatch, request, GCSFileSystem)
+
+
+@pytest.fixture(params=["s3", "gs"])
+def store_bucket(request) -> tuple[str, object]:
+    """A new bucket on each real object store of the tests, as ``(url, filesystem)``: ``s3://`` on SeaweedFS
+    (``s3_bucket``), ``gs://`` on fake-gcs-server (``gcs_bucket``); the filesystem uploads test data."""
+    server = request.getfixturevalue({"s3": "s3_server", "gs": "gcs_server"}[request.param])
+    url = request.getfixturevalue({"s3": "s3_bucket", "gs": "gcs_bucket"}[request.param])
+    return url, server.filesystem()

@@ -1,4 +1,5 @@
-"""The lease on an ``s3://`` output (``pipeline.output_lease``) on a real S3 server (SeaweedFS, ``s3_bucket``).
+"""The lease on an object-store output (``pipeline.output_lease``), on each real server of the tests
+(``store_bucket``): ``s3://`` on SeaweedFS, ``gs://`` on fake-gcs-server.
 
 Issue 20 class 5: two builds into one bucket prefix; the second is refused at once, naming the holder; a killed
 build's lease is taken over once it has not been renewed for its TTL; a build whose lease was taken over finds out.
@@ -59,8 +60,8 @@ def _wait_stale(out: str, ttl_s: float, timeout_s: float = 60.0) -> None:
         time.sleep(0.25)
 
 
-def test_a_second_build_is_refused_at_once_naming_the_holder(s3_bucket, tmp_path):
-    out = f"{s3_bucket}/shards"
+def test_a_second_build_is_refused_at_once_naming_the_holder(store_bucket, tmp_path):
+    out = f"{store_bucket[0]}/shards"
     holder = _holder(out, 60, "time.sleep(120)")
     try:
         with pytest.raises(ShardError, match=rf"being written by another build \(\S+ pid {holder.pid}, lease "):
@@ -75,8 +76,8 @@ def test_a_second_build_is_refused_at_once_naming_the_holder(s3_bucket, tmp_path
     assert LEASE_NAME in names_in(as_path(out))  # SIGKILL: nothing released it
 
 
-def test_a_killed_builds_lease_is_taken_over_after_its_ttl(s3_bucket):
-    out = f"{s3_bucket}/shards"
+def test_a_killed_builds_lease_is_taken_over_after_its_ttl(store_bucket):
+    out = f"{store_bucket[0]}/shards"
     holder = _holder(out, 1.0, "os.kill(os.getpid(), signal.SIGKILL)")
     holder.wait()
     _wait_stale(out, 1.0)
@@ -91,22 +92,22 @@ def test_a_killed_builds_lease_is_taken_over_after_its_ttl(s3_bucket):
     release_build(as_path(out))
 
 
-def test_a_build_that_exits_on_an_error_releases_its_lease(s3_bucket):
-    out = f"{s3_bucket}/shards"
+def test_a_build_that_exits_on_an_error_releases_its_lease(store_bucket):
+    out = f"{store_bucket[0]}/shards"
     holder = _holder(out, 60, "raise SystemExit(2)")  # e.g. `umg build` stopping with an error: line
     assert holder.wait() == 2
     assert LEASE_NAME not in names_in(as_path(out))  # released at exit: the rerun need not wait out the TTL
 
 
-def test_a_running_build_renews_its_lease_and_a_stalled_one_learns_it_was_taken_over(s3_bucket):
-    running = ObjectLease(as_path(f"{s3_bucket}/running"), 0.6)  # renewed every 0.2 s by its thread
+def test_a_running_build_renews_its_lease_and_a_stalled_one_learns_it_was_taken_over(store_bucket):
+    running = ObjectLease(as_path(f"{store_bucket[0]}/running"), 0.6)  # renewed every 0.2 s by its thread
     running.acquire()
-    etag, deadline = running._etag, time.monotonic() + 60
-    while running._etag == etag:  # each renewal is a new object, a new ETag
+    version, deadline = running._version, time.monotonic() + 60
+    while running._version == version:  # each renewal is a new object version
         assert time.monotonic() < deadline, "the lease was never renewed"
         time.sleep(0.05)
     running.release()
-    out = as_path(f"{s3_bucket}/shards")
+    out = as_path(f"{store_bucket[0]}/shards")
     first = ObjectLease(out, 1.0, owner={"host": "a", "pid": 1}, heartbeat=False)
     first.acquire()
     _wait_stale(str(out), 1.0)  # ``first`` stalls past its TTL
@@ -121,7 +122,7 @@ def test_a_running_build_renews_its_lease_and_a_stalled_one_learns_it_was_taken_
 
 
 def test_outputs_without_conditional_writes_are_refused_unless_locking_is_turned_off_explicitly(tmp_path):
-    with pytest.raises(ShardError, match=r"memory:// outputs cannot be locked .* s3:// only"):
+    with pytest.raises(ShardError, match=r"memory:// outputs cannot be locked .* for gs://, s3:// only"):
         lock_build(as_path("memory://bucket/out"))
     args = ["build", "--input", str(_one_image_folder(tmp_path / "in")), "--output", "memory://bucket/out"]
     refused = CliRunner().invoke(app, args)

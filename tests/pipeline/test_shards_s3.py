@@ -1,4 +1,5 @@
-"""Shards on a real S3 server (SeaweedFS): written under final names, stats last; resume discards pieces."""
+"""Shards on real object stores (SeaweedFS for s3://, fake-gcs-server for gs://, ``store_bucket``): written
+under final names, stats last; resume discards pieces."""
 
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ def _write(build_dir: str, name: str, records) -> None:
         writer.commit()
 
 
-def test_shards_round_trip_on_s3(s3_bucket, record_factory):
-    build = f"{s3_bucket}/builds/one"
+def test_shards_round_trip_on_an_object_store(store_bucket, record_factory):
+    build = f"{store_bucket[0]}/builds/one"
     _write(build, "00000", [record_factory("a"), record_factory("b", seed=1)])
     _write(build, "00001", [record_factory("c")])
     assert names_in(as_path(build)) == ["00000.parquet", "00000.stats.json", "00000.tar",
@@ -43,8 +44,8 @@ def test_shards_round_trip_on_s3(s3_bucket, record_factory):
     assert (report.shards, report.samples, report.errors) == (2, 3, 2)
 
 
-def test_a_shard_without_its_stats_is_unfinished_and_discarded(s3_bucket, record_factory):
-    build = f"{s3_bucket}/b"
+def test_a_shard_without_its_stats_is_unfinished_and_discarded(store_bucket, record_factory):
+    build = f"{store_bucket[0]}/b"
     _write(build, "00000", [record_factory("a")])
     _write(build, "00001", [record_factory("b")])
     shard_paths(build, "00001")[".stats.json"].unlink()  # as if killed before the done-marker
@@ -55,8 +56,8 @@ def test_a_shard_without_its_stats_is_unfinished_and_discarded(s3_bucket, record
     assert names_in(as_path(build)) == ["00000.parquet", "00000.stats.json", "00000.tar"]
 
 
-def test_a_failed_writer_leaves_nothing_in_the_bucket(s3_bucket, record_factory):
-    build = f"{s3_bucket}/c"
+def test_a_failed_writer_leaves_nothing_in_the_bucket(store_bucket, record_factory):
+    build = f"{store_bucket[0]}/c"
     try:
         with ShardWriter(build, "00000") as writer:
             writer.write(*record_factory("a"))
