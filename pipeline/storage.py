@@ -11,7 +11,9 @@ name, and several files become visible one after another (``publish``).
 Credentials and endpoints come from where fsspec and the cloud SDKs look for them, never from our config
 files: for S3 ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` (or ``~/.aws/credentials``, an instance role),
 ``AWS_ENDPOINT_URL`` for an S3-compatible server (SeaweedFS, MinIO), or fsspec's own configuration
-(``FSSPEC_S3_ENDPOINT_URL``, ``~/.config/fsspec/*.json``); for GCS ``GOOGLE_APPLICATION_CREDENTIALS``.
+(``FSSPEC_S3_ENDPOINT_URL``, ``~/.config/fsspec/*.json``); for GCS ``GOOGLE_APPLICATION_CREDENTIALS``, and for
+a GCS emulator ``STORAGE_EMULATOR_HOST`` (with ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false``: see
+``flows.object_store``).
 A URL is printed and stored as given (``s3://bucket/prefix``), which holds no secret.
 """
 
