@@ -44,6 +44,12 @@ from typing import ClassVar
 
 from flows.services import LOOPBACK, free_port, pid_alive, spawn, stop, venv_bin
 
+#: Volumes the volume server may create. SeaweedFS's default (``-volume.max=0``) derives it from the disk's free
+#: space / volume size, and every bucket is a collection that takes several volumes of its own: on a nearly full disk
+#: the 10th bucket got "No writable volumes and no free volumes left". Volume files grow as written (sparse), so a
+#: fixed count costs no space up front.
+MAX_VOLUMES = 1000
+
 _PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
           "s3.port", "s3.port.grpc", "s3.port.iceberg", "s3.port.lance")
 
@@ -102,7 +108,7 @@ def start_s3(directory: Path, timeout: float = 60.0) -> S3Server:
         {"accessKey": key, "secretKey": secret}], "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
     ports = {name: free_port() for name in _PORTS}
     cmd = [venv_bin("weed"), "server", f"-ip={LOOPBACK}", f"-ip.bind={LOOPBACK}", f"-dir={directory / 'data'}",
-           "-s3", f"-s3.config={config}", "-master.telemetry=false", "-volume.max=0",
+           "-s3", f"-s3.config={config}", "-master.telemetry=false", f"-volume.max={MAX_VOLUMES}",
            "-master.volumeSizeLimitMB=64", *(f"-{name}={port}" for name, port in ports.items())]
     log = directory / "weed.log"
     service = spawn("seaweedfs", cmd, dict(os.environ), log, directory)

@@ -120,12 +120,12 @@ def test_follow_symlinks_lets_links_into_the_named_folder_only(images, tmp_path,
 
 
 def test_paper_config_is_refused_in_process_naming_the_flow(images, tmp_path, loads) -> None:
-    """configs/umg41m.yaml puts RAM and GPT4RoI in their own venvs and spreads the models over ~8 GPUs:
+    """configs/umg41m.yaml puts RAM and GPT4RoI in their own venvs and spreads the models over 8 GPUs:
     one process cannot hold that, so `umg build` says so and names the flow before loading anything."""
     paper = SMOKE.with_name("umg41m.yaml")
     result = CliRunner().invoke(app, ["build", "--config", str(paper), "--input", str(images),
                                       "--output", str(tmp_path / "out")])
     line = _one_error_line(result)
     assert "tagger, region_captioner_gpt4roi run in their own environments" in line, line
-    assert re.search(r"reserve 7\.\d+ GPUs", line) and "build-umg41m" in line, line
+    assert re.search(r"reserve \d+(\.\d+)? GPUs", line) and "build-umg41m" in line, line
     assert loads == [] and not (tmp_path / "out").exists()
