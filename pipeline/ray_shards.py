@@ -22,7 +22,6 @@ Nothing here imports Prefect.
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -67,8 +66,6 @@ class ShardRunner:
         self.source, self.build_dir, self.limits, self.chain, self.breaker = source, build_dir, limits, chain, breaker
         self.remote = remote
         self._warming: list[Any] = []
-        self._share_lock = threading.Lock()
-        self._shared: Any = None  # the chain whose pools were shared
         if remote:
             import ray
 
@@ -104,14 +101,11 @@ class ShardRunner:
         return stats
 
     def _share_pools(self) -> None:
-        """Once per chain: give its pools keepers, so shard tasks can have dead actors replaced."""
-        with self._share_lock:
-            if self.chain is None or self._shared is self.chain:
-                return
-            for pool in getattr(self.chain, "pools", ()):
-                if hasattr(pool, "share"):
-                    pool.share()
-            self._shared = self.chain
+        """Give the chain's pools keepers, so shard tasks can have dead actors replaced (``ActorPool.share`` is
+        idempotent: only the first shard moves anything)."""
+        for pool in getattr(self.chain, "pools", ()):
+            if hasattr(pool, "share"):
+                pool.share()
 
     def _run_remote(self, shard: InputShard, args: tuple) -> tuple[ShardStats, dict[str, Any]]:
         import ray
